@@ -1,0 +1,341 @@
+//! Map keys and values shared by the eBPF datapath (`lb-ebpf`) and the userspace
+//! controller (`lb-userspace`).
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so the kernel and userspace
+//! agree on the byte layout; sizes are asserted at compile time.
+//!
+//! Byte order: addresses and ports are stored **in network byte order**, exactly as the
+//! kernel hands them to a `cgroup/connect*` program (`user_ip4`, `user_ip6`, `user_port`).
+//! An address is always 16 bytes: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so one
+//! map serves both families and an IPv6 socket dialling a mapped IPv4 ClusterIP is
+//! balanced like an IPv4 one.
+#![no_std]
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Pin names of the maps (files under the pin directory, e.g. `/sys/fs/bpf/lb/SERVICES`).
+pub mod map_names {
+    pub const SERVICES: &str = "LB_SERVICES";
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
+    pub const STATS: &str = "LB_STATS";
+    pub const FRONTEND_STATS: &str = "LB_FRONTEND_STATS";
+    pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+    pub const FRONTEND_NAMES: &str = "LB_FRONTEND_NAMES";
+}
+
+/// Capacity of `LB_SERVICES`: one entry per frontend plus one per backend slot.
+pub const SERVICE_MAP_SIZE: u32 = 1 << 19;
+/// Capacity of `LB_BACKENDS` and `LB_BACKEND_STATS`; backend ids are `1..MAX_BACKENDS`.
+pub const MAX_BACKENDS: u32 = 1 << 18;
+/// Capacity of `LB_FRONTEND_STATS`; frontend ids are `1..MAX_FRONTENDS`.
+pub const MAX_FRONTENDS: u32 = 1 << 16;
+/// Capacity of the `LB_SOCK_REVNAT` LRU (translated sockets remembered for reverse
+/// translation and for terminating sockets of removed backends).
+pub const SOCK_REVNAT_SIZE: u32 = 1 << 17;
+/// Largest number of backends one frontend may have (slots are u16, slot 0 is the
+/// frontend itself).
+pub const MAX_BACKENDS_PER_FRONTEND: u32 = u16::MAX as u32;
+
+/// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), in network
+/// byte order.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// A 16-byte address as four 32-bit words in network byte order.
+pub type Addr = [u32; 4];
+
+/// Builds the stored form of an IPv4 address given as the kernel's network-order `u32`.
+#[inline(always)]
+pub const fn addr_from_v4_raw(ip4: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, ip4]
+}
+
+/// Whether a stored address is IPv4-mapped.
+#[inline(always)]
+pub const fn addr_is_v4(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
+/// Converts an address to its stored form.
+pub fn addr_from_ip(ip: IpAddr) -> Addr {
+    let octets = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    let mut words = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        words[i] = u32::from_ne_bytes([
+            octets[i * 4],
+            octets[i * 4 + 1],
+            octets[i * 4 + 2],
+            octets[i * 4 + 3],
+        ]);
+        i += 1;
+    }
+    words
+}
+
+/// Converts a stored address back; IPv4-mapped addresses come back as IPv4.
+pub fn addr_to_ip(addr: &Addr) -> IpAddr {
+    let mut octets = [0u8; 16];
+    for (i, word) in addr.iter().enumerate() {
+        octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(octets);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Converts a host-order port to its stored (network-order) form.
+#[inline(always)]
+pub const fn port_to_net(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// Converts a stored (network-order) port to host order.
+#[inline(always)]
+pub const fn port_from_net(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+/// Returns an IPv4 address as the kernel's network-order `u32` (`user_ip4`).
+pub fn v4_raw(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// Key of `LB_SERVICES`.
+///
+/// Slot 0 is the frontend entry (its [`ServiceValue::count`] says how many backends the
+/// service has); slots `1..=count` point at backends. A lookup picks
+/// `slot = hash % count + 1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Frontend (ClusterIP) address, network order, IPv4-mapped for IPv4.
+    pub addr: Addr,
+    /// Frontend port, network order.
+    pub port: u16,
+    /// IP protocol number (`IPPROTO_TCP`, `IPPROTO_UDP`, `IPPROTO_SCTP`).
+    pub proto: u8,
+    /// Reserved for traffic-policy scopes (0 = all backends).
+    pub scope: u8,
+    /// 0 = frontend entry, `1..=count` = backend slots.
+    pub slot: u16,
+    pub _pad: u16,
+}
+
+impl ServiceKey {
+    pub const fn new(addr: Addr, port: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            scope: 0,
+            slot,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `LB_SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Backend id this slot points at (slots only; 0 in the frontend entry).
+    pub backend_id: u32,
+    /// Frontend id: index into `LB_FRONTEND_STATS`; also tags reverse-translation entries.
+    pub svc_id: u32,
+    /// Number of backend slots (frontend entry only). 0 = the service exists but has no
+    /// backends, and `connect()` is refused with ECONNREFUSED.
+    pub count: u16,
+    /// `SVC_F_*` flags (frontend entry only).
+    pub flags: u16,
+    pub _pad: u32,
+}
+
+/// Key of `LB_BACKENDS` is the backend id (`u32`, `1..MAX_BACKENDS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend {
+    /// Pod address, network order, IPv4-mapped for IPv4.
+    pub addr: Addr,
+    /// Pod port, network order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `BACKEND_F_*` flags.
+    pub flags: u8,
+    pub _pad: u32,
+}
+
+/// Key of `LB_SOCK_REVNAT`: one translated socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevKey {
+    /// `bpf_get_socket_cookie()` of the client socket.
+    pub cookie: u64,
+    /// Backend address, network order, IPv4-mapped for IPv4.
+    pub addr: Addr,
+    /// Backend port, network order.
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+
+/// Value of `LB_SOCK_REVNAT`: what the application originally dialled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevValue {
+    /// Frontend address, network order, IPv4-mapped for IPv4.
+    pub addr: Addr,
+    /// Frontend port, network order.
+    pub port: u16,
+    pub _pad: u16,
+    /// Frontend id the socket was translated for.
+    pub svc_id: u32,
+    /// `bpf_get_netns_cookie()` of the socket's network namespace.
+    pub netns_cookie: u64,
+}
+
+/// Per-frontend counters (`LB_FRONTEND_STATS`, indexed by frontend id, updated with
+/// atomic adds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FrontendStats {
+    /// Sockets or datagrams translated to a backend.
+    pub translated: u64,
+    /// `connect()`/`sendmsg()` calls refused because the service had no backends.
+    pub refused: u64,
+}
+
+/// Value of `LB_FRONTEND_NAMES` (frontend id -> "namespace/name:port-name"), written by
+/// userspace for `lb list` and `bpftool`; the programs never read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrontendName {
+    /// UTF-8, NUL-padded.
+    pub name: [u8; 128],
+}
+
+impl FrontendName {
+    /// Stores `text`, truncated at a character boundary to fit.
+    pub fn new(text: &str) -> Self {
+        let mut name = [0u8; 128];
+        let mut end = text.len().min(name.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        name[..end].copy_from_slice(&text.as_bytes()[..end]);
+        Self { name }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let end = self
+            .name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(self.name.len());
+        core::str::from_utf8(&self.name[..end]).unwrap_or("")
+    }
+}
+
+/// Indices of the per-CPU global counters in `LB_STATS`.
+pub mod stat {
+    /// Destination was a service and was rewritten to a backend.
+    pub const TRANSLATED: u32 = 0;
+    /// Destination was a service without backends: refused with ECONNREFUSED.
+    pub const REFUSED_NO_BACKEND: u32 = 1;
+    /// Destination was not a service: left untouched.
+    pub const NOT_SERVICE: u32 = 2;
+    /// A slot or backend vanished between lookups (a concurrent update); retried.
+    pub const RACE_RETRY: u32 = 3;
+    /// Still inconsistent after retries: refused rather than sent to the ClusterIP.
+    pub const LOOKUP_FAILED: u32 = 4;
+    /// A reply source or peer name was translated back to the ClusterIP.
+    pub const REVNAT_HIT: u32 = 5;
+    /// Recording a translated socket for reverse translation failed.
+    pub const REVNAT_UPDATE_FAILED: u32 = 6;
+    /// Number of counters.
+    pub const COUNT: u32 = 8;
+
+    /// Human names, indexed by counter.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "translated",
+        "refused_no_backend",
+        "not_service",
+        "race_retry",
+        "lookup_failed",
+        "revnat_hit",
+        "revnat_update_failed",
+        "reserved",
+    ];
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
+const _: () = assert!(core::mem::size_of::<SockRevValue>() == 32);
+const _: () = assert!(core::mem::size_of::<FrontendStats>() == 16);
+const _: () = assert!(core::mem::size_of::<FrontendName>() == 128);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], contain only integers, and have explicit
+    // padding fields, so every byte pattern is a valid value.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for FrontendStats {}
+    unsafe impl aya::Pod for FrontendName {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_round_trips_as_mapped() {
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10));
+        let stored = addr_from_ip(ip);
+        assert!(addr_is_v4(&stored));
+        // The last word is exactly what the kernel puts in `user_ip4`.
+        assert_eq!(stored[3], v4_raw(Ipv4Addr::new(10, 96, 0, 10)));
+        assert_eq!(stored, addr_from_v4_raw(stored[3]));
+        assert_eq!(addr_to_ip(&stored), ip);
+    }
+
+    #[test]
+    fn ipv6_round_trips() {
+        let ip: IpAddr = "fd00:96::a".parse().unwrap();
+        let stored = addr_from_ip(ip);
+        assert!(!addr_is_v4(&stored));
+        assert_eq!(addr_to_ip(&stored), ip);
+    }
+
+    #[test]
+    fn frontend_names_truncate_on_char_boundaries() {
+        assert_eq!(
+            FrontendName::new("pods/redis-master").as_str(),
+            "pods/redis-master"
+        );
+        let long = "é".repeat(100);
+        let stored = FrontendName::new(&long);
+        assert_eq!(stored.as_str(), "é".repeat(64));
+    }
+
+    #[test]
+    fn ports_are_network_order() {
+        assert_eq!(port_to_net(6379).to_ne_bytes(), 6379u16.to_be_bytes());
+        assert_eq!(port_from_net(port_to_net(53)), 53);
+    }
+}

@@ -1,0 +1,176 @@
+//! Host preconditions: privileges, cgroup2, bpffs.
+
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use tracing::info;
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+pub fn check_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "must run as root (loading eBPF programs needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+        );
+    }
+    Ok(())
+}
+
+fn fs_magic(path: &Path) -> Result<i64> {
+    let c_path = CString::new(path.as_os_str().as_bytes())?;
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a zeroed out-parameter.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(stat.f_type as i64)
+}
+
+pub fn check_cgroup2(path: &Path) -> Result<()> {
+    let magic =
+        fs_magic(path).with_context(|| format!("cgroup {} is not accessible", path.display()))?;
+    if magic != CGROUP2_SUPER_MAGIC {
+        bail!(
+            "{} is not a cgroup2 directory (pass --cgroup with a cgroup v2 path)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The cgroup2 mount point, read from /proc/self/mountinfo (`/sys/fs/cgroup` on pure-v2
+/// hosts, `/sys/fs/cgroup/unified` in hybrid mode).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    parse_cgroup2_mount(&mountinfo).ok_or_else(|| {
+        anyhow::anyhow!("no cgroup2 file system is mounted (mount one, or pass --cgroup)")
+    })
+}
+
+/// Finds the first cgroup2 mount point in mountinfo text.
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // Fields: id parent major:minor root mount-point options [optional...] - fstype source super-options
+        let (before, after) = line.split_once(" - ")?;
+        let fstype = after.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        let mount_point = before.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_mountinfo(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let bytes = field.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 4 <= bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let code = u8::from_str_radix(&field[i + 1..i + 4], 8).unwrap_or(b'?');
+            out.push(code as char);
+            i += 4;
+        } else {
+            out.push(bytes[i] as char);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Makes sure `pin_dir` can hold pins: its bpffs is mounted (mounting /sys/fs/bpf when
+/// absent) and the directory exists.
+pub fn bpffs_prepare(pin_dir: &Path) -> Result<()> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    let default_bpffs = Path::new("/sys/fs/bpf");
+    if !parent.exists() {
+        bail!("{} does not exist", parent.display());
+    }
+    if fs_magic(parent)? != BPF_FS_MAGIC {
+        if parent == default_bpffs {
+            mount_bpffs(default_bpffs)?;
+        } else {
+            bail!(
+                "{} is not on a bpf file system; choose a --pin-dir under /sys/fs/bpf",
+                pin_dir.display()
+            );
+        }
+    }
+    fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    Ok(())
+}
+
+fn mount_bpffs(target: &Path) -> Result<()> {
+    let target_c = CString::new(target.as_os_str().as_bytes())?;
+    let bpf = CString::new("bpf")?;
+    // SAFETY: valid NUL-terminated strings; no mount data.
+    let rc = unsafe {
+        libc::mount(
+            bpf.as_ptr(),
+            target_c.as_ptr(),
+            bpf.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting bpffs at {}", target.display()));
+    }
+    info!(path = %target.display(), "mounted bpffs");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_hybrid_cgroup2_mount() {
+        let mountinfo = "\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+33 25 0:28 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+35 33 0:30 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,xattr,name=systemd
+";
+        assert_eq!(
+            parse_cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn finds_pure_v2_mount_with_optional_fields_and_escapes() {
+        let mountinfo = "41 31 0:38 / /sys/fs/cgroup rw,relatime shared:1 master:2 - cgroup2 cgroup2 rw\n\
+                         42 31 0:39 / /mnt/my\\040cg rw - cgroup2 none rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(unescape_mountinfo("/mnt/my\\040cg"), "/mnt/my cg");
+    }
+
+    #[test]
+    fn no_cgroup2_mount() {
+        assert_eq!(
+            parse_cgroup2_mount("25 30 0:23 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+    }
+}

@@ -1,0 +1,749 @@
+//! The standalone source: a folder of Kubernetes YAML (or JSON) manifests holding
+//! `v1 Service` and `discovery.k8s.io/v1 EndpointSlice` objects, in multi-document files
+//! or `kind: List` documents as `kubectl get -o yaml` prints them.
+//!
+//! Files are re-read only when they change. Bad input never loses state: a file that no
+//! longer parses keeps all its previous objects, and an object that no longer validates
+//! keeps its last good version; both are reported with the file and object name.
+//! Unknown fields are errors (like `kubectl apply --validate=strict`): a misspelt
+//! `targetport` would otherwise silently send traffic to the wrong port.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt, fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, Result, bail};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use crate::model::{ObjectRef, ServiceSpec, SliceSpec};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+        })
+    }
+}
+
+pub type ObjectKey = (Kind, ObjectRef);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    Service(ServiceSpec),
+    Slice(SliceSpec),
+}
+
+/// Something wrong with the input, named precisely enough to fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// "Service pods/redis-master", or "document 3" when the object has no name.
+    pub object: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.object {
+            Some(object) => write!(f, "{}: {object}: {}", self.file.display(), self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+/// Changes to the effective object set, for the model.
+#[derive(Debug, Default)]
+pub struct SourceChanges {
+    pub upserted: Vec<Object>,
+    pub removed: Vec<ObjectKey>,
+    pub problems: Vec<Problem>,
+    /// Files re-read in this scan.
+    pub files_read: usize,
+}
+
+impl SourceChanges {
+    pub fn is_empty(&self) -> bool {
+        self.upserted.is_empty() && self.removed.is_empty()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+#[derive(Debug, Default)]
+struct FileState {
+    fingerprint: Option<Fingerprint>,
+    objects: BTreeMap<ObjectKey, Object>,
+}
+
+#[derive(Debug)]
+pub struct ManifestDir {
+    root: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    /// The effective object per key and the file it came from.
+    effective: BTreeMap<ObjectKey, PathBuf>,
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    // Editors' swap and backup files.
+    if name.starts_with('.') || name.ends_with('~') {
+        return false;
+    }
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let file_type = entry.file_type()?;
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if file_type.is_dir() && !hidden {
+            walk(&path, out)?;
+        } else if (file_type.is_file() || file_type.is_symlink()) && is_manifest(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(path).ok()?;
+    Some(Fingerprint {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        inode: meta.ino(),
+    })
+}
+
+impl ManifestDir {
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        if !root.is_dir() {
+            bail!(
+                "manifest directory {} does not exist or is not a directory",
+                root.display()
+            );
+        }
+        Ok(Self {
+            root,
+            files: BTreeMap::new(),
+            effective: BTreeMap::new(),
+        })
+    }
+
+    /// Re-reads changed, new and removed files and returns what changed.
+    pub fn scan(&mut self) -> Result<SourceChanges> {
+        let mut changes = SourceChanges::default();
+        let mut present = Vec::new();
+        walk(&self.root, &mut present)
+            .with_context(|| format!("reading manifest directory {}", self.root.display()))?;
+        let present: BTreeSet<PathBuf> = present.into_iter().collect();
+
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !present.contains(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            let old = self.files.remove(&path).unwrap_or_default();
+            self.replace_file_objects(&path, old.objects, BTreeMap::new(), &mut changes);
+        }
+
+        for path in present {
+            let fp = fingerprint(&path);
+            let known = self.files.get(&path).and_then(|f| f.fingerprint);
+            if fp.is_some() && fp == known {
+                continue;
+            }
+            changes.files_read += 1;
+            let previous = self.files.remove(&path).unwrap_or_default();
+            let text = match fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(err) => {
+                    changes.problems.push(Problem {
+                        file: path.clone(),
+                        object: None,
+                        message: format!("cannot read file ({err}); keeping its previous objects"),
+                    });
+                    self.files.insert(path, previous);
+                    continue;
+                }
+            };
+            let parsed = parse_file(&path, &text, &previous.objects, &mut changes.problems);
+            let objects = match parsed {
+                Some(objects) => objects,
+                // Unparseable: keep everything the file had.
+                None => previous.objects.clone(),
+            };
+            let old_objects = previous.objects;
+            self.files.insert(
+                path.clone(),
+                FileState {
+                    fingerprint: fp,
+                    objects: BTreeMap::new(),
+                },
+            );
+            self.replace_file_objects(&path, old_objects, objects, &mut changes);
+        }
+        Ok(changes)
+    }
+
+    /// Swaps one file's objects and updates the effective set, resolving objects defined
+    /// in two files (the file that had it first keeps it).
+    fn replace_file_objects(
+        &mut self,
+        path: &Path,
+        old: BTreeMap<ObjectKey, Object>,
+        new: BTreeMap<ObjectKey, Object>,
+        changes: &mut SourceChanges,
+    ) {
+        for key in old.keys().filter(|k| !new.contains_key(*k)) {
+            if self.effective.get(key).map(PathBuf::as_path) != Some(path) {
+                continue;
+            }
+            self.effective.remove(key);
+            // Another file may define it too: it takes over.
+            let other = self
+                .files
+                .iter()
+                .find(|(p, f)| p.as_path() != path && f.objects.contains_key(key))
+                .map(|(p, f)| (p.clone(), f.objects[key].clone()));
+            match other {
+                Some((other_path, object)) => {
+                    self.effective.insert(key.clone(), other_path);
+                    changes.upserted.push(object);
+                }
+                None => changes.removed.push(key.clone()),
+            }
+        }
+        for (key, object) in &new {
+            match self.effective.get(key) {
+                Some(owner) if owner.as_path() != path => {
+                    changes.problems.push(Problem {
+                        file: path.to_path_buf(),
+                        object: Some(format!("{} {}", key.0, key.1)),
+                        message: format!(
+                            "also defined in {}, which wins; this copy is ignored",
+                            owner.display()
+                        ),
+                    });
+                }
+                _ => {
+                    if old.get(key) != Some(object) || !self.effective.contains_key(key) {
+                        changes.upserted.push(object.clone());
+                    }
+                    self.effective.insert(key.clone(), path.to_path_buf());
+                }
+            }
+        }
+        if let Some(state) = self.files.get_mut(path) {
+            state.objects = new;
+        }
+    }
+}
+
+/// Parses one file. `None` when the file as a whole cannot be parsed (its previous
+/// objects are then kept); otherwise its valid objects, with invalid ones replaced by
+/// their previous version when there was one.
+fn parse_file(
+    path: &Path,
+    text: &str,
+    previous: &BTreeMap<ObjectKey, Object>,
+    problems: &mut Vec<Problem>,
+) -> Option<BTreeMap<ObjectKey, Object>> {
+    let mut documents = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        match <Value as serde::Deserialize>::deserialize(document) {
+            Ok(value) => documents.push(value),
+            Err(err) => {
+                problems.push(Problem {
+                    file: path.to_path_buf(),
+                    object: None,
+                    message: format!(
+                        "not valid YAML ({err}); keeping the {} object(s) this file had",
+                        previous.len()
+                    ),
+                });
+                return None;
+            }
+        }
+    }
+    let mut objects = BTreeMap::new();
+    let mut index = 0;
+    for document in documents {
+        index += 1;
+        let items = match list_items(&document) {
+            Some(items) => items,
+            None => vec![document],
+        };
+        for item in items {
+            if item.is_null() {
+                continue;
+            }
+            let label = describe(&item, index);
+            let report = |problems: &mut Vec<Problem>, message: String| {
+                problems.push(Problem {
+                    file: path.to_path_buf(),
+                    object: Some(label.clone()),
+                    message,
+                });
+            };
+            match parse_object(&item) {
+                Ok(Parsed::Object(key, object)) => {
+                    if let std::collections::btree_map::Entry::Vacant(slot) = objects.entry(key) {
+                        slot.insert(object);
+                    } else {
+                        report(
+                            problems,
+                            "defined twice in this file; the first one is used".into(),
+                        );
+                    }
+                }
+                Ok(Parsed::Ignored(why)) => report(problems, why),
+                Err(Invalid { key, message }) => {
+                    let kept = key.as_ref().and_then(|k| previous.get(k).map(|o| (k, o)));
+                    match kept {
+                        Some((key, old)) => {
+                            report(
+                                problems,
+                                format!("{message}; keeping its last good version"),
+                            );
+                            objects.insert(key.clone(), old.clone());
+                        }
+                        None => report(problems, format!("{message}; skipped")),
+                    }
+                }
+            }
+        }
+    }
+    Some(objects)
+}
+
+/// Items of a `kind: List` (or `ServiceList`, `EndpointSliceList`) document.
+fn list_items(document: &Value) -> Option<Vec<Value>> {
+    let kind = document.get("kind")?.as_str()?;
+    if !kind.ends_with("List") {
+        return None;
+    }
+    match document.get("items") {
+        Some(Value::Sequence(items)) => Some(items.clone()),
+        _ => Some(Vec::new()),
+    }
+}
+
+fn describe(value: &Value, index: usize) -> String {
+    let kind = value.get("kind").and_then(Value::as_str);
+    let meta = value.get("metadata");
+    let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str);
+    let namespace = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match (kind, name) {
+        (Some(kind), Some(name)) => format!("{kind} {namespace}/{name}"),
+        (Some(kind), None) => format!("{kind} (document {index}, no metadata.name)"),
+        _ => format!("document {index}"),
+    }
+}
+
+enum Parsed {
+    Object(ObjectKey, Object),
+    Ignored(String),
+}
+
+struct Invalid {
+    key: Option<ObjectKey>,
+    message: String,
+}
+
+/// Deserializes strictly: unknown fields are errors naming their path.
+fn strict<T: DeserializeOwned>(value: &Value) -> Result<T, String> {
+    let mut unknown = Vec::new();
+    let parsed: T = serde_ignored::deserialize(value.clone(), |path| {
+        unknown.push(field_path(&path.to_string()))
+    })
+    .map_err(|e| e.to_string())?;
+    if !unknown.is_empty() {
+        return Err(format!("unknown field(s): {}", unknown.join(", ")));
+    }
+    Ok(parsed)
+}
+
+/// Renders a serde_ignored path (`spec.?.ports.?.0.targetport`, where `?` marks an
+/// Option) the way kubectl names fields: `spec.ports[0].targetport`.
+fn field_path(raw: &str) -> String {
+    let mut out = String::new();
+    for segment in raw.split('.').filter(|s| *s != "?") {
+        if segment.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(segment);
+        }
+    }
+    out
+}
+
+fn parse_object(value: &Value) -> Result<Parsed, Invalid> {
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
+    let meta = value.get("metadata");
+    let key_for = |kind: Kind| {
+        let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str)?;
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        Some((kind, ObjectRef::new(namespace, name)))
+    };
+    let invalid = |kind: Kind, message: String| Invalid {
+        key: key_for(kind),
+        message,
+    };
+    match (api_version, kind) {
+        ("v1", "Service") => {
+            let service: Service = strict(value).map_err(|e| invalid(Kind::Service, e))?;
+            let spec = ServiceSpec::from_k8s(&service)
+                .map_err(|errors| invalid(Kind::Service, errors.join("; ")))?;
+            Ok(Parsed::Object(
+                (Kind::Service, spec.id.clone()),
+                Object::Service(spec),
+            ))
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let slice: EndpointSlice =
+                strict(value).map_err(|e| invalid(Kind::EndpointSlice, e))?;
+            match SliceSpec::from_k8s(&slice)
+                .map_err(|errors| invalid(Kind::EndpointSlice, errors.join("; ")))?
+            {
+                Some(spec) => Ok(Parsed::Object(
+                    (Kind::EndpointSlice, spec.id.clone()),
+                    Object::Slice(spec),
+                )),
+                None => Ok(Parsed::Ignored(format!(
+                    "has no {} label, so it belongs to no Service; ignored",
+                    crate::model::SERVICE_NAME_LABEL
+                ))),
+            }
+        }
+        (_, "Service") | (_, "EndpointSlice") => Err(Invalid {
+            key: None,
+            message: format!(
+                "apiVersion {api_version:?} is not supported for {kind} (use v1 for Service, \
+                 discovery.k8s.io/v1 for EndpointSlice); skipped"
+            ),
+        }),
+        ("", _) | (_, "") => Err(Invalid {
+            key: None,
+            message: "not a Kubernetes object (apiVersion and kind are required)".into(),
+        }),
+        ("v1", "Endpoints") => Ok(Parsed::Ignored(
+            "v1 Endpoints are not read; describe endpoints with discovery.k8s.io/v1 EndpointSlice"
+                .into(),
+        )),
+        _ => Ok(Parsed::Ignored(format!(
+            "kind {kind} is not read (only v1 Service and discovery.k8s.io/v1 EndpointSlice); ignored"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REDIS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: redis-master, namespace: pods}
+spec:
+  clusterIP: 10.96.0.100
+  ports: [{port: 6379, targetPort: 6379}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: redis-master-1
+  namespace: pods
+  labels: {kubernetes.io/service-name: redis-master}
+addressType: IPv4
+ports: [{port: 6379, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.11]
+- addresses: [10.244.1.12]
+"#;
+
+    fn dir_with(files: &[(&str, &str)]) -> (tempfile::TempDir, ManifestDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let path = tmp.path().join(name);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        }
+        let dir = ManifestDir::new(tmp.path()).unwrap();
+        (tmp, dir)
+    }
+
+    fn rewrite(tmp: &tempfile::TempDir, name: &str, text: &str) {
+        // A new inode, like editors that save by rename, so the change is always seen.
+        let path = tmp.path().join(name);
+        let staging = tmp.path().join(format!(".{name}.tmp"));
+        fs::write(&staging, text).unwrap();
+        fs::rename(staging, path).unwrap();
+    }
+
+    fn names(objects: &[Object]) -> Vec<String> {
+        objects
+            .iter()
+            .map(|o| match o {
+                Object::Service(s) => format!("Service {}", s.id),
+                Object::Slice(s) => format!("EndpointSlice {}", s.id),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reads_multi_document_files() {
+        let (_tmp, mut dir) = dir_with(&[("redis.yaml", REDIS)]);
+        let changes = dir.scan().unwrap();
+        assert!(changes.problems.is_empty(), "{:?}", changes.problems);
+        assert_eq!(
+            names(&changes.upserted),
+            vec![
+                "Service pods/redis-master",
+                "EndpointSlice pods/redis-master-1"
+            ]
+        );
+        // Unchanged files are not re-read.
+        let again = dir.scan().unwrap();
+        assert_eq!(again.files_read, 0);
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn reads_kubectl_list_output() {
+        let list = r#"
+apiVersion: v1
+kind: List
+metadata: {resourceVersion: ""}
+items:
+- apiVersion: v1
+  kind: Service
+  metadata:
+    name: kube-dns
+    namespace: kube-system
+    uid: 1b7a2a1c-0000-0000-0000-000000000000
+    resourceVersion: "245"
+    creationTimestamp: "2024-01-01T00:00:00Z"
+    labels: {k8s-app: kube-dns}
+  spec:
+    clusterIP: 10.96.0.10
+    clusterIPs: [10.96.0.10]
+    internalTrafficPolicy: Cluster
+    ipFamilies: [IPv4]
+    ipFamilyPolicy: SingleStack
+    ports:
+    - {name: dns, port: 53, protocol: UDP, targetPort: 53}
+    - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}
+    selector: {k8s-app: kube-dns}
+    sessionAffinity: None
+    type: ClusterIP
+  status: {loadBalancer: {}}
+"#;
+        let (_tmp, mut dir) = dir_with(&[("all.yaml", list)]);
+        let changes = dir.scan().unwrap();
+        assert!(changes.problems.is_empty(), "{:?}", changes.problems);
+        assert_eq!(
+            names(&changes.upserted),
+            vec!["Service kube-system/kube-dns"]
+        );
+    }
+
+    #[test]
+    fn other_kinds_are_reported_and_ignored() {
+        let deployment =
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: redis}\nspec: {}\n";
+        let (_tmp, mut dir) = dir_with(&[("redis.yaml", REDIS), ("deploy.yaml", deployment)]);
+        let changes = dir.scan().unwrap();
+        assert_eq!(changes.upserted.len(), 2);
+        assert_eq!(changes.problems.len(), 1);
+        let text = changes.problems[0].to_string();
+        assert!(
+            text.contains("deploy.yaml: Deployment default/redis: kind Deployment is not read"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn broken_yaml_keeps_the_files_previous_objects() {
+        let (tmp, mut dir) = dir_with(&[("redis.yaml", REDIS)]);
+        dir.scan().unwrap();
+        rewrite(
+            &tmp,
+            "redis.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n",
+        );
+        let changes = dir.scan().unwrap();
+        assert!(changes.is_empty(), "nothing removed: {changes:?}");
+        let text = changes.problems[0].to_string();
+        assert!(text.contains("redis.yaml: not valid YAML"), "{text}");
+        assert!(text.contains("keeping the 2 object(s)"), "{text}");
+        // Fixing the file again applies the new content.
+        rewrite(
+            &tmp,
+            "redis.yaml",
+            &REDIS.replace("10.244.1.12", "10.244.1.13"),
+        );
+        let changes = dir.scan().unwrap();
+        assert!(changes.problems.is_empty());
+        assert_eq!(
+            names(&changes.upserted),
+            vec!["EndpointSlice pods/redis-master-1"]
+        );
+    }
+
+    #[test]
+    fn an_invalid_object_keeps_its_last_good_version_and_others_apply() {
+        let (tmp, mut dir) = dir_with(&[("redis.yaml", REDIS)]);
+        dir.scan().unwrap();
+        let edited = REDIS
+            .replace(
+                "port: 6379, targetPort: 6379",
+                "port: 70000, targetPort: 6379",
+            )
+            .replace("10.244.1.12", "10.244.1.14");
+        rewrite(&tmp, "redis.yaml", &edited);
+        let changes = dir.scan().unwrap();
+        // The slice change applies; the broken Service keeps its previous version.
+        assert_eq!(
+            names(&changes.upserted),
+            vec!["EndpointSlice pods/redis-master-1"]
+        );
+        assert!(changes.removed.is_empty());
+        let text = changes.problems[0].to_string();
+        assert!(
+            text.contains("Service pods/redis-master: spec.ports[0].port 70000 is out of range"),
+            "{text}"
+        );
+        assert!(text.contains("keeping its last good version"), "{text}");
+    }
+
+    #[test]
+    fn a_new_invalid_object_is_skipped() {
+        let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{port: 53, protocol: ICMP}]\n";
+        let (_tmp, mut dir) = dir_with(&[("dns.yaml", bad)]);
+        let changes = dir.scan().unwrap();
+        assert!(changes.upserted.is_empty());
+        let text = changes.problems[0].to_string();
+        assert!(
+            text.contains("Service default/dns: spec.ports[0]: unknown protocol \"ICMP\""),
+            "{text}"
+        );
+        assert!(text.ends_with("skipped"), "{text}");
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        let typo = REDIS.replace("targetPort: 6379", "targetport: 6379");
+        let (_tmp, mut dir) = dir_with(&[("redis.yaml", &typo)]);
+        let changes = dir.scan().unwrap();
+        assert_eq!(
+            names(&changes.upserted),
+            vec!["EndpointSlice pods/redis-master-1"]
+        );
+        let text = changes.problems[0].to_string();
+        assert!(
+            text.contains("unknown field(s): spec.ports[0].targetport"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn deleting_a_file_removes_its_objects() {
+        let (tmp, mut dir) = dir_with(&[("redis.yaml", REDIS)]);
+        dir.scan().unwrap();
+        fs::remove_file(tmp.path().join("redis.yaml")).unwrap();
+        let changes = dir.scan().unwrap();
+        assert_eq!(changes.removed.len(), 2);
+    }
+
+    #[test]
+    fn objects_defined_in_two_files_are_reported_and_the_first_wins() {
+        let (tmp, mut dir) = dir_with(&[("a.yaml", REDIS)]);
+        dir.scan().unwrap();
+        rewrite(&tmp, "b.yaml", &REDIS.replace("10.96.0.100", "10.96.0.200"));
+        let changes = dir.scan().unwrap();
+        assert!(changes.upserted.is_empty());
+        assert_eq!(changes.problems.len(), 2);
+        assert!(
+            changes.problems[0].to_string().contains("also defined in"),
+            "{}",
+            changes.problems[0]
+        );
+        // Removing the first file hands the objects to the second.
+        fs::remove_file(tmp.path().join("a.yaml")).unwrap();
+        let changes = dir.scan().unwrap();
+        assert!(changes.removed.is_empty());
+        let ips: Vec<String> = changes
+            .upserted
+            .iter()
+            .filter_map(|o| match o {
+                Object::Service(s) => Some(s.cluster_ips[0].to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ips, vec!["10.96.0.200"]);
+    }
+
+    #[test]
+    fn subdirectories_json_and_editor_files() {
+        let json = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"pods"},"spec":{"clusterIP":"10.96.0.80","ports":[{"port":80}]}}"#;
+        let (_tmp, mut dir) = dir_with(&[
+            ("sub/web.json", json),
+            (".redis.yaml.swp", "garbage: ["),
+            ("notes.txt", "hi"),
+        ]);
+        let changes = dir.scan().unwrap();
+        assert!(changes.problems.is_empty(), "{:?}", changes.problems);
+        assert_eq!(names(&changes.upserted), vec!["Service pods/web"]);
+    }
+
+    #[test]
+    fn missing_directory_is_a_clear_error() {
+        let err = ManifestDir::new("/nonexistent/lb-manifests").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("/nonexistent/lb-manifests does not exist")
+        );
+    }
+}

@@ -1,0 +1,35 @@
+//! End-to-end tests on the real kernel: each test builds its own namespaces ("pods" on a
+//! bridge), cgroup and pin directory, runs real servers (redis-server, dnsmasq), runs the
+//! real `lb daemon` on manifests, and drives real clients (redis-cli, dig) from a client
+//! pod that has no route out of the sandbox. They need root, like the daemon.
+//!
+//! Tests run in parallel (each on its own cgroup subtree and pin directory); the number
+//! of threads defaults to 2 to keep timing assertions honest on small machines.
+
+mod clusterip;
+mod support;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+/// Wraps a test body returning anyhow::Result.
+fn trial(name: &'static str, body: fn() -> anyhow::Result<()>) -> Trial {
+    Trial::test(name, move || {
+        body().map_err(|e| Failed::from(format!("{e:#}")))
+    })
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    if args.test_threads.is_none() {
+        args.test_threads = Some(2);
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "the end-to-end tests load eBPF programs and create network namespaces: run them as root"
+        );
+        std::process::exit(1);
+    }
+    let mut trials = Vec::new();
+    trials.extend(clusterip::trials());
+    libtest_mimic::run(&args, trials).exit();
+}

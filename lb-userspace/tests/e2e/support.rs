@@ -1,0 +1,352 @@
+//! Shared pieces of the end-to-end tests: the daemon under test, manifest writers and
+//! clients.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_testbed::{Pod, Testbed};
+use serde_json::Value;
+
+pub const LB: &str = env!("CARGO_BIN_EXE_lb");
+
+/// A running `lb daemon` attached to a testbed's cgroup, with its own pin directory and
+/// manifest folder.
+pub struct Daemon {
+    child: Option<Child>,
+    pub pin_dir: PathBuf,
+    pub manifests: PathBuf,
+    pub log: PathBuf,
+    pub cgroup: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on `manifests` and waits until it reports ready.
+    pub fn start(tb: &Testbed, manifests: &Path) -> Result<Self> {
+        Self::start_with(tb, manifests, &[])
+    }
+
+    pub fn start_with(tb: &Testbed, manifests: &Path, extra: &[&str]) -> Result<Self> {
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", tb.id));
+        let log = tb.work_dir.join(format!("daemon-{}.log", unique()));
+        let mut daemon = Self {
+            child: None,
+            pin_dir,
+            manifests: manifests.to_path_buf(),
+            log,
+            cgroup: tb.cgroup().to_path_buf(),
+        };
+        daemon.spawn(extra)?;
+        Ok(daemon)
+    }
+
+    fn spawn(&mut self, extra: &[&str]) -> Result<()> {
+        let log_file = fs::File::create(&self.log)?;
+        let child = Command::new(LB)
+            .args(["daemon", "--manifests"])
+            .arg(&self.manifests)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(["--log-level", "debug", "--rescan-interval", "1"])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting lb daemon")?;
+        self.child = Some(child);
+        self.wait_for_log("ready", Duration::from_secs(20))
+    }
+
+    /// Restarts a stopped daemon with the same pin directory and manifests.
+    pub fn restart(&mut self, extra: &[&str]) -> Result<()> {
+        assert!(self.child.is_none(), "daemon still running");
+        self.log = self.log.with_file_name(format!("daemon-{}.log", unique()));
+        self.spawn(extra)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the daemon's log contains `needle`.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log_text().contains(needle) {
+                return Ok(());
+            }
+            if let Some(child) = &mut self.child
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "lb daemon exited ({status}) before logging {needle:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "lb daemon did not log {needle:?} within {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and asserts a clean exit (code 0).
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!("lb daemon exited with {status}:\n{}", self.log_text());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("lb daemon did not stop within 10 s");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// `lb list --json` for this daemon's pin directory.
+    pub fn list(&self) -> Result<Vec<Value>> {
+        let output = Command::new(LB)
+            .args(["list", "--json", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "lb list failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    /// The sorted backend `ip:port` list of one frontend in `lb list --json`.
+    pub fn backends_of(
+        &self,
+        address: &str,
+        port: u16,
+        protocol: &str,
+    ) -> Result<Option<Vec<String>>> {
+        Ok(self.list()?.iter().find_map(|fe| {
+            (fe["address"] == address && fe["port"] == port && fe["protocol"] == protocol).then(
+                || {
+                    let mut backends: Vec<String> = fe["backends"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|b| format!("{}:{}", b["address"].as_str().unwrap_or(""), b["port"]))
+                        .collect();
+                    backends.sort();
+                    backends
+                },
+            )
+        }))
+    }
+
+    /// Waits until `lb list` shows `expected` as the backends of a frontend.
+    pub fn wait_for_backends(
+        &self,
+        address: &str,
+        port: u16,
+        protocol: &str,
+        expected: &[&str],
+    ) -> Result<()> {
+        let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = self.backends_of(address, port, protocol)?;
+            if got.as_ref() == Some(&expected) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{address}:{port}/{protocol} has backends {got:?}, expected {expected:?}\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        // Whatever happened, leave no pins behind (a --keep-pinned run, a crash).
+        if self.pin_dir.exists() {
+            let _ = Command::new(LB)
+                .args(["cleanup", "--pin-dir"])
+                .arg(&self.pin_dir)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Writes a manifest atomically (write then rename), as editors and config tools do.
+pub fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<()> {
+    let staging = dir.join(format!(".{name}.{}.tmp", unique()));
+    fs::write(&staging, text)?;
+    fs::rename(&staging, dir.join(name))?;
+    Ok(())
+}
+
+pub fn manifest_dir(tb: &Testbed) -> Result<PathBuf> {
+    let dir = tb.work_dir.join(format!("manifests-{}", unique()));
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A Service port: (name, port, protocol, targetPort as YAML).
+pub type SvcPort<'a> = (&'a str, u32, &'a str, &'a str);
+
+pub fn service_yaml(name: &str, cluster_ips: &[&str], ports: &[SvcPort]) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: pods\nspec:\n  clusterIP: {}\n",
+        cluster_ips[0]
+    );
+    if cluster_ips.len() > 1 {
+        let _ = writeln!(
+            yaml,
+            "  clusterIPs: [{}]",
+            cluster_ips
+                .iter()
+                .map(|ip| format!("\"{ip}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    yaml.push_str("  ports:\n");
+    for (port_name, port, protocol, target) in ports {
+        let _ = writeln!(
+            yaml,
+            "  - {{name: \"{port_name}\", port: {port}, protocol: {protocol}, targetPort: {target}}}"
+        );
+    }
+    yaml
+}
+
+/// An EndpointSlice: ports (name, port, protocol), ready endpoint addresses.
+pub fn slice_yaml(
+    name: &str,
+    service: &str,
+    address_type: &str,
+    ports: &[(&str, u16, &str)],
+    addresses: &[String],
+) -> String {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: pods\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {address_type}\nports:\n"
+    );
+    for (port_name, port, protocol) in ports {
+        let _ = writeln!(
+            yaml,
+            "- {{name: \"{port_name}\", port: {port}, protocol: {protocol}}}"
+        );
+    }
+    if addresses.is_empty() {
+        yaml.push_str("endpoints: []\n");
+    } else {
+        yaml.push_str("endpoints:\n");
+        for address in addresses {
+            let _ = writeln!(
+                yaml,
+                "- addresses: [\"{address}\"]\n  conditions: {{ready: true}}"
+            );
+        }
+    }
+    yaml
+}
+
+/// The redis Service of the seed scenario, with its slice, as one multi-document file.
+pub fn redis_manifest(cluster_ip: &str, backends: &[&Pod]) -> String {
+    let addresses: Vec<String> = backends.iter().map(|p| p.ipv4.to_string()).collect();
+    format!(
+        "{}---\n{}",
+        service_yaml("redis-master", &[cluster_ip], &[("", 6379, "TCP", "6379")]),
+        slice_yaml(
+            "redis-master-1",
+            "redis-master",
+            "IPv4",
+            &[("", 6379, "TCP")],
+            &addresses
+        )
+    )
+}
+
+/// Runs redis-cli in a balanced client pod and returns (stdout, stderr, elapsed).
+pub fn redis_cli(
+    tb: &Testbed,
+    client: &Pod,
+    host: &str,
+    port: u16,
+    args: &[&str],
+) -> Result<(String, String, Duration)> {
+    let port = port.to_string();
+    let mut argv = vec!["redis-cli", "-h", host, "-p", &port];
+    argv.extend_from_slice(args);
+    let started = Instant::now();
+    let output = tb.output(client, true, &argv, Duration::from_secs(10))?;
+    Ok((
+        String::from_utf8_lossy(&output.stdout).trim().to_string(),
+        String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        started.elapsed(),
+    ))
+}
+
+/// Which backend answers a new connection to host:port (its `whoami` key).
+pub fn whoami(tb: &Testbed, client: &Pod, host: &str, port: u16) -> Result<String> {
+    let (out, err, _) = redis_cli(tb, client, host, port, &["GET", "whoami"])?;
+    if out.is_empty() || out.contains("Could not connect") {
+        bail!("no answer from {host}:{port}: {out} {err}");
+    }
+    Ok(out)
+}
+
+/// A testbed with `n` redis backend pods (redis-1 ..) and one client pod.
+pub fn redis_world(n: usize) -> Result<(Testbed, Vec<Pod>, Pod)> {
+    let mut tb = Testbed::new()?;
+    let mut backends = Vec::new();
+    for i in 1..=n {
+        let pod = tb.add_pod(&format!("redis-{i}"), 10 + i as u8)?;
+        tb.start_redis(&pod, 6379)?;
+        backends.push(pod);
+    }
+    let client = tb.add_pod("web", 100)?;
+    Ok((tb, backends, client))
+}
