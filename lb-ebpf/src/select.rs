@@ -30,7 +30,7 @@ pub fn select_backend(key: &mut ServiceKey, hash: u32) -> Selection {
     for _ in 0..ATTEMPTS {
         key.slot = 0;
         // Copy values out at once: nothing is held across map calls.
-        let Some(frontend) = (unsafe { LB_SERVICES.get(&*key) }).copied() else {
+        let Some(frontend) = (unsafe { LB_SERVICES.get(*key) }).copied() else {
             return Selection::NotService;
         };
         svc_id = frontend.svc_id;
@@ -38,7 +38,7 @@ pub fn select_backend(key: &mut ServiceKey, hash: u32) -> Selection {
             return Selection::NoBackend { svc_id };
         }
         key.slot = (hash % frontend.count as u32) as u16 + 1;
-        if let Some(slot) = (unsafe { LB_SERVICES.get(&*key) }).copied()
+        if let Some(slot) = (unsafe { LB_SERVICES.get(*key) }).copied()
             && let Some(backend) = (unsafe { LB_BACKENDS.get(slot.backend_id) }).copied()
         {
             return Selection::Backend {

@@ -184,8 +184,8 @@ fn translate(ctx: &SockAddrContext, hook: Hook, ipv4_socket: bool) -> i32 {
             };
             // Unconnected UDP passes here once per datagram: write only what is new.
             let known = hook == Hook::Sendmsg
-                && unsafe { LB_SOCK_REVNAT.get(&rev_key) }.is_some_and(|v| *v == rev_value);
-            if !known && let Err(err) = LB_SOCK_REVNAT.insert(&rev_key, &rev_value, 0) {
+                && unsafe { LB_SOCK_REVNAT.get(rev_key) }.is_some_and(|v| *v == rev_value);
+            if !known && let Err(err) = LB_SOCK_REVNAT.insert(rev_key, rev_value, 0) {
                 warn!(
                     ctx,
                     "frontend {}: recording the translated socket failed ({})", svc_id, err
@@ -221,7 +221,7 @@ fn reverse(ctx: &SockAddrContext, ipv4_socket: bool) -> i32 {
         port: read_port(sa),
         _pad: [0; 3],
     };
-    let Some(orig) = (unsafe { LB_SOCK_REVNAT.get(&rev_key) }).copied() else {
+    let Some(orig) = (unsafe { LB_SOCK_REVNAT.get(rev_key) }).copied() else {
         return ALLOW;
     };
     if ipv4_socket {

@@ -22,6 +22,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod sandbox;
+
 /// Prefix of every namespace, cgroup and pin directory a testbed creates.
 pub const PREFIX: &str = "lbt";
 

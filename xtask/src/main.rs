@@ -1,1 +1,414 @@
-fn main() {}
+//! `cargo xtask`: run the load balancer in a demo sandbox, run every test, benchmark.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+mod prereqs;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use lb_testbed::sandbox::{REDIS_CLUSTER_IP, Sandbox};
+use serde::{Deserialize, Serialize};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Run, test and benchmark the load balancer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build `lb`, start a sandbox of pods running real redis servers, run the daemon on
+    /// the bundled examples/ and show connections being balanced (Ctrl-C stops and
+    /// removes everything). With --manifests, run the daemon on your own manifests
+    /// instead, attached to this machine's cgroup2 root like a real deployment.
+    Run {
+        /// Your own folder of Service/EndpointSlice manifests (no sandbox).
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+        /// Extra arguments for `lb daemon` (after --).
+        #[arg(last = true)]
+        daemon_args: Vec<String>,
+    },
+    /// Run a command (default: a shell) in the sandbox's web pod, inside the balanced
+    /// cgroup, while `cargo xtask run` is running.
+    Client {
+        #[arg(trailing_var_arg = true)]
+        command: Vec<String>,
+    },
+    /// Everything CI runs: formatting, clippy (userspace and eBPF), unit tests and the
+    /// real-kernel end-to-end tests. Needs root.
+    Test,
+    /// Remove namespaces, cgroups and pins left by killed test or sandbox runs.
+    Cleanup,
+}
+
+/// Where `cargo xtask run` tells `cargo xtask client` how to enter the sandbox.
+const SANDBOX_STATE: &str = "/run/lb-sandbox.json";
+
+#[derive(Serialize, Deserialize)]
+struct SandboxState {
+    client_netns: String,
+    cgroup: PathBuf,
+    pid: u32,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Builds the `lb` binary and returns its path.
+pub fn build_lb(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "-p",
+        "lb-userspace",
+        "--bin",
+        "lb",
+        "--message-format=json-render-diagnostics",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    let output = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !output.status.success() {
+        bail!("cargo build failed");
+    }
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        if let Ok(msg) = serde_json::from_str::<serde_json::Value>(line)
+            && msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == "lb"
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            return Ok(PathBuf::from(exe));
+        }
+    }
+    bail!("cargo build did not report the lb executable")
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (it loads eBPF programs and creates network namespaces)");
+    }
+    Ok(())
+}
+
+fn ctrl_c_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let _ = signal_hook_flag(signal, stop.clone());
+    }
+    stop
+}
+
+/// Minimal signal-to-flag registration (no extra dependency): the handler only stores.
+fn signal_hook_flag(signal: i32, flag: Arc<AtomicBool>) -> Result<()> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    let _ = FLAG.set(flag);
+    extern "C" fn handler(_: i32) {
+        if let Some(flag) = FLAG.get() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+    // SAFETY: the handler only performs an atomic store.
+    unsafe { libc::signal(signal, handler as *const () as libc::sighandler_t) };
+    Ok(())
+}
+
+struct DaemonProcess {
+    child: std::process::Child,
+}
+
+impl DaemonProcess {
+    /// Starts `lb daemon`, echoing its log to our stderr, and waits for "ready".
+    fn start(lb: &Path, args: &[String]) -> Result<Self> {
+        let mut child = Command::new(lb)
+            .arg("daemon")
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting lb daemon")?;
+        let stderr = child.stderr.take().expect("piped");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("  [lb] {line}");
+                if line.contains(" ready ") || line.ends_with(" ready") {
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if ready_rx.try_recv().is_ok() {
+                return Ok(Self { child });
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("lb daemon exited with {status}");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("lb daemon did not become ready");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(mut self) -> Result<()> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("lb daemon exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+fn run_task(manifests: Option<PathBuf>, daemon_args: Vec<String>) -> Result<()> {
+    require_root("cargo xtask run")?;
+    prereqs::ensure()?;
+    let lb = build_lb(false)?;
+    let stop = ctrl_c_flag();
+
+    if let Some(dir) = manifests {
+        // The real thing on the user's manifests: the default cgroup is the host root.
+        let mut args = vec!["--manifests".to_string(), dir.display().to_string()];
+        args.extend(daemon_args);
+        eprintln!("Starting lb daemon on {} (Ctrl-C to stop)", dir.display());
+        let daemon = DaemonProcess::start(&lb, &args)?;
+        while !stop.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(100));
+        }
+        return daemon.stop();
+    }
+
+    eprintln!(
+        "Creating the sandbox: pods redis-master-1..3 (10.244.1.11-13, real redis-server) and web (10.244.1.100)"
+    );
+    let sandbox = Sandbox::start()?;
+    let tb = &sandbox.testbed;
+    let pin_dir = format!("/sys/fs/bpf/{}", tb.id);
+    let mut args = vec![
+        "--manifests".to_string(),
+        workspace_root().join("examples").display().to_string(),
+        "--cgroup".to_string(),
+        tb.cgroup().display().to_string(),
+        "--pin-dir".to_string(),
+        pin_dir.clone(),
+    ];
+    args.extend(daemon_args);
+    let daemon = DaemonProcess::start(&lb, &args)?;
+    let state = SandboxState {
+        client_netns: sandbox.client.netns.clone(),
+        cgroup: tb.cgroup().to_path_buf(),
+        pid: std::process::id(),
+    };
+    fs::write(SANDBOX_STATE, serde_json::to_vec(&state)?)?;
+
+    let demo = (|| -> Result<()> {
+        println!(
+            "\nThe web pod connects to redis-master-sr at its ClusterIP {REDIS_CLUSTER_IP}:6379, ten new connections:"
+        );
+        let mut tally = std::collections::BTreeMap::new();
+        for _ in 0..10 {
+            let out = tb.output(
+                &sandbox.client,
+                true,
+                &[
+                    "redis-cli",
+                    "-h",
+                    REDIS_CLUSTER_IP,
+                    "-p",
+                    "6379",
+                    "GET",
+                    "whoami",
+                ],
+                Duration::from_secs(5),
+            )?;
+            let who = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            println!("  redis-cli -h {REDIS_CLUSTER_IP} GET whoami  ->  {who}");
+            *tally.entry(who).or_insert(0) += 1;
+        }
+        println!("  answered by: {tally:?}\n");
+        let list = Command::new(&lb)
+            .args(["list", "--pin-dir", &pin_dir])
+            .output()?;
+        println!(
+            "lb list --pin-dir {pin_dir}:\n{}",
+            String::from_utf8_lossy(&list.stdout)
+        );
+        Ok(())
+    })();
+    if let Err(err) = demo {
+        eprintln!("demo failed: {err:#}");
+    }
+    println!(
+        "Try it yourself (another terminal, as root):\n\
+         \x20 cargo xtask client redis-cli -h {REDIS_CLUSTER_IP} GET whoami\n\
+         \x20 cargo xtask client            # a shell in the web pod, balanced like a real pod\n\
+         \x20 target/debug/lb list --pin-dir {pin_dir}\n\
+         \x20 bpftool map dump pinned {pin_dir}/LB_SERVICES\n\
+         Edit examples/*.yaml and watch the daemon apply it. Ctrl-C stops and removes the sandbox."
+    );
+    while !stop.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("\nStopping: detaching the datapath and removing the sandbox");
+    let _ = fs::remove_file(SANDBOX_STATE);
+    daemon.stop()?;
+    drop(sandbox);
+    Ok(())
+}
+
+fn client_task(command: Vec<String>) -> Result<()> {
+    require_root("cargo xtask client")?;
+    let state: SandboxState = serde_json::from_slice(
+        &fs::read(SANDBOX_STATE)
+            .context("no sandbox is running (start one with `cargo xtask run`)")?,
+    )?;
+    if unsafe { libc::kill(state.pid as i32, 0) } != 0 {
+        bail!("the sandbox recorded in {SANDBOX_STATE} is gone; start one with `cargo xtask run`");
+    }
+    let argv: Vec<String> = if command.is_empty() {
+        vec!["bash".into()]
+    } else {
+        command
+    };
+    let mut cmd = lb_testbed::netns_command(&state.client_netns, Some(&state.cgroup), &argv[0])?;
+    let status = cmd.args(&argv[1..]).status()?;
+    if !status.success() {
+        bail!("{} exited with {status}", argv.join(" "));
+    }
+    Ok(())
+}
+
+fn step(name: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("==> {name}");
+    let started = Instant::now();
+    let status = cmd.status().with_context(|| format!("running {name}"))?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    eprintln!("    {name}: ok in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+fn test_task() -> Result<()> {
+    require_root("cargo xtask test")?;
+    let started = Instant::now();
+    prereqs::ensure()?;
+    step("rustfmt", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "clippy (userspace)",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    step(
+        "clippy (eBPF)",
+        Command::new("rustup")
+            .current_dir(workspace_root())
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "clippy",
+                "-p",
+                "lb-ebpf",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env_remove("RUSTC")
+            .env_remove("CARGO")
+            .env(
+                "CARGO_TARGET_DIR",
+                workspace_root().join("target/ebpf-clippy"),
+            ),
+    )?;
+    step(
+        "unit and end-to-end tests",
+        cargo().args(["test", "--workspace"]),
+    )?;
+    eprintln!("==> all checks passed in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+fn cleanup_task() -> Result<()> {
+    require_root("cargo xtask cleanup")?;
+    for removed in lb_testbed::cleanup_leftovers()? {
+        eprintln!("removed {removed}");
+    }
+    if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(lb_testbed::PREFIX) {
+                let lb = build_lb(false)?;
+                Command::new(lb)
+                    .args(["cleanup", "--pin-dir"])
+                    .arg(entry.path())
+                    .status()?;
+            }
+        }
+    }
+    let _ = fs::remove_file(SANDBOX_STATE);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Run {
+            manifests,
+            daemon_args,
+        } => run_task(manifests, daemon_args),
+        Task::Client { command } => client_task(command),
+        Task::Test => test_task(),
+        Task::Cleanup => cleanup_task(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -59,6 +59,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     options: DatapathOptions,
     links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    /// Held while this daemon owns the pin directory.
+    _instance_lock: fs::File,
 }
 
 impl Datapath {
@@ -69,9 +71,10 @@ impl Datapath {
     pub fn load(options: DatapathOptions) -> Result<Self> {
         check_root()?;
         sys::check_cgroup2(&options.cgroup)?;
+        let instance_lock = sys::lock_pin_dir(&options.pin_dir)?;
         let fresh = !options.pin_dir.exists();
         bpffs_prepare(&options.pin_dir)?;
-        let loaded = Self::load_into_pin_dir(options.clone());
+        let loaded = Self::load_into_pin_dir(options.clone(), instance_lock);
         if loaded.is_err() && fresh {
             // Leave no half-made pin directory behind.
             let _ = unpin_all(&options.pin_dir);
@@ -79,7 +82,7 @@ impl Datapath {
         loaded
     }
 
-    fn load_into_pin_dir(options: DatapathOptions) -> Result<Self> {
+    fn load_into_pin_dir(options: DatapathOptions, instance_lock: fs::File) -> Result<Self> {
         maps::drop_incompatible_pins(&options.pin_dir)?;
 
         let (mut ebpf, refuses_with_econnrefused) = load_object(&options.pin_dir)?;
@@ -125,6 +128,7 @@ impl Datapath {
             ebpf,
             options,
             links,
+            _instance_lock: instance_lock,
         })
     }
 

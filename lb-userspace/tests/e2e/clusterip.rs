@@ -511,6 +511,25 @@ fn startup_errors_are_one_line() -> Result<()> {
             "{args:?}: {stderr}"
         );
     }
+    // A second daemon on a pin directory in use is refused, and the first keeps going.
+    let manifests = manifest_dir(&tb)?;
+    let mut first = Daemon::start(&tb, &manifests)?;
+    let second = Command::new(LB)
+        .args(["daemon", "--manifests"])
+        .arg(&manifests)
+        .arg("--cgroup")
+        .arg(tb.cgroup())
+        .arg("--pin-dir")
+        .arg(&first.pin_dir)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    ensure!(
+        !second.status.success() && stderr.contains("another lb daemon (pid"),
+        "{stderr}"
+    );
+    ensure!(first.is_running());
+    first.stop()?;
+
     let missing = Command::new(LB)
         .args([
             "daemon",

@@ -7,6 +7,7 @@
 //! of threads defaults to 2 to keep timing assertions honest on small machines.
 
 mod clusterip;
+mod examples;
 mod support;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -31,5 +32,6 @@ fn main() {
     }
     let mut trials = Vec::new();
     trials.extend(clusterip::trials());
+    trials.extend(examples::trials());
     libtest_mimic::run(&args, trials).exit();
 }
