@@ -352,6 +352,99 @@ impl Testbed {
     }
 }
 
+impl Testbed {
+    /// Starts dnsmasq in `pod` on port 53 (UDP and TCP, both families). It answers
+    /// `whoami.test` with the pod's own addresses (A and AAAA), so clients can tell
+    /// which backend answered, and each `(name, address)` of `records`.
+    pub fn start_dnsmasq(&mut self, pod: &Pod, records: &[(&str, IpAddr)]) -> Result<u32> {
+        let mut argv: Vec<String> = [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--bind-interfaces",
+            "--port=53",
+            "--pid-file=",
+            "--user=root",
+            "--log-facility=-",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.push(format!("--listen-address={},{}", pod.ipv4, pod.ipv6));
+        argv.push(format!("--address=/whoami.test/{}", pod.ipv4));
+        argv.push(format!("--address=/whoami.test/{}", pod.ipv6));
+        for (name, address) in records {
+            argv.push(format!("--host-record={name},{address}"));
+        }
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let pid = self.spawn(pod, false, &refs)?;
+        let server = pod.ipv4.to_string();
+        self.wait_until(
+            pod,
+            &[
+                "dig",
+                &format!("@{server}"),
+                "+short",
+                "+time=1",
+                "+tries=1",
+                "whoami.test",
+            ],
+            &server,
+        )?;
+        Ok(pid)
+    }
+
+    /// Starts an HTTP server (python3 http.server) in `pod` on `port`, serving a file
+    /// `whoami` that holds `identity`.
+    pub fn start_http(&mut self, pod: &Pod, port: u16, identity: &str) -> Result<u32> {
+        let root = self.work_dir.join(format!("www-{}-{port}", pod.name));
+        fs::create_dir_all(&root)?;
+        fs::write(root.join("whoami"), identity)?;
+        let root_s = root.to_string_lossy().into_owned();
+        let port_s = port.to_string();
+        let pid = self.spawn(
+            pod,
+            false,
+            &[
+                "python3",
+                "-m",
+                "http.server",
+                &port_s,
+                "--bind",
+                "::",
+                "--directory",
+                &root_s,
+            ],
+        )?;
+        let url = format!("http://{}:{port}/whoami", pod.ipv4);
+        self.wait_until(pod, &["curl", "-s", "--max-time", "1", &url], identity)?;
+        Ok(pid)
+    }
+
+    /// Runs `argv` in `pod` (not balanced) until its output contains `expected`.
+    fn wait_until(&self, pod: &Pod, argv: &[&str], expected: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.output(pod, false, argv, Duration::from_secs(3));
+            if let Ok(out) = &out
+                && String::from_utf8_lossy(&out.stdout).contains(expected)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} in {} never answered {expected:?}: {out:?}",
+                    argv[0],
+                    pod.name
+                );
+            }
+            thread::sleep(Duration::from_millis(30));
+        }
+    }
+}
+
 fn blackhole_service_ranges(netns: &str) -> Result<()> {
     ip(&["-n", netns, "route", "add", "blackhole", SERVICE_RANGE_V4])?;
     ip(&[

@@ -17,7 +17,8 @@ use crate::{
     datapath::{Datapath, DatapathOptions, KernelMaps},
     manifests::{Kind, ManifestDir, Object, SourceChanges},
     model::Model,
-    reconcile::Reconciler,
+    reconcile::{GoneBackend, Reconciler},
+    sockets,
 };
 
 #[derive(Debug, Clone)]
@@ -71,20 +72,47 @@ impl Controller {
             .reconciler
             .apply(&mut self.maps, &frontend_changes.frontends)
         {
-            Ok(stats) => info!(
-                changed_frontends = frontend_changes.frontends.len(),
-                map_writes = stats.writes(),
-                frontends = self.reconciler.frontend_count(),
-                backends = self.reconciler.backend_count(),
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "services updated"
-            ),
+            Ok(stats) => {
+                info!(
+                    changed_frontends = frontend_changes.frontends.len(),
+                    map_writes = stats.writes(),
+                    frontends = self.reconciler.frontend_count(),
+                    backends = self.reconciler.backend_count(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "services updated"
+                );
+                self.terminate_gone(&stats.gone);
+            }
             Err(err) => {
                 error!(
                     "updating the kernel maps failed: {err:#}; resynchronising from the kernel's state"
                 );
                 self.resync();
             }
+        }
+    }
+
+    /// Ends sockets still connected to backends that left their Service (after the maps
+    /// changed, so clients that reconnect get a live backend).
+    fn terminate_gone(&mut self, gone: &[GoneBackend]) {
+        if gone.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let result = self
+            .maps
+            .take_sockets_of(gone)
+            .and_then(|sockets| Ok((sockets.len(), sockets::terminate(&sockets)?)));
+        match result {
+            Ok((tracked, report)) => info!(
+                removed_backends = gone.len(),
+                tracked_sockets = tracked,
+                destroyed = report.destroyed,
+                namespaces_searched = report.namespaces,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "terminated sockets of removed backends"
+            ),
+            Err(err) => warn!("terminating sockets of removed backends failed: {err:#}"),
         }
     }
 
@@ -117,13 +145,16 @@ impl Controller {
                 self.reconciler.apply(&mut self.maps, &changes)
             });
         match result {
-            Ok(stats) => info!(
-                frontends = self.reconciler.frontend_count(),
-                backends = self.reconciler.backend_count(),
-                map_writes = stats.writes(),
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "kernel maps synchronised"
-            ),
+            Ok(stats) => {
+                info!(
+                    frontends = self.reconciler.frontend_count(),
+                    backends = self.reconciler.backend_count(),
+                    map_writes = stats.writes(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "kernel maps synchronised"
+                );
+                self.terminate_gone(&stats.gone);
+            }
             Err(err) => error!(
                 "resynchronising the kernel maps failed: {err:#}; will retry on the next change"
             ),

@@ -6,6 +6,7 @@ mod list;
 mod manifests;
 mod model;
 mod reconcile;
+mod sockets;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 

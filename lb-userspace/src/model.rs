@@ -133,6 +133,10 @@ pub struct Frontend {
     pub port_name: String,
     /// Sorted, without duplicates.
     pub backends: Vec<BackendAddr>,
+    /// Endpoints still listed for this port but not chosen (not ready, or terminating
+    /// while others are ready). Connections to them are left to drain; only sockets to
+    /// endpoints that are gone altogether are terminated.
+    pub retained: Vec<BackendAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -509,11 +513,18 @@ pub fn service_frontends(service: &ServiceSpec, slices: &[&SliceSpec]) -> Vec<Fr
         for port in &service.ports {
             let mut ready = BTreeSet::new();
             let mut terminating = BTreeSet::new();
+            let mut listed = BTreeSet::new();
             for slice in slices.iter().filter(|s| s.address_type == Some(family)) {
                 let Some(target) = slice.port_for(port) else {
                     continue;
                 };
                 for endpoint in &slice.endpoints {
+                    listed.extend(
+                        endpoint
+                            .addresses
+                            .iter()
+                            .map(|&ip| BackendAddr { ip, port: target }),
+                    );
                     let set = if endpoint.ready {
                         &mut ready
                     } else if endpoint.serving && endpoint.terminating {
@@ -527,6 +538,7 @@ pub fn service_frontends(service: &ServiceSpec, slices: &[&SliceSpec]) -> Vec<Fr
                 }
             }
             let chosen = if ready.is_empty() { terminating } else { ready };
+            let retained = listed.difference(&chosen).copied().collect();
             frontends.push(Frontend {
                 key: FrontendKey {
                     ip: cluster_ip,
@@ -536,6 +548,7 @@ pub fn service_frontends(service: &ServiceSpec, slices: &[&SliceSpec]) -> Vec<Fr
                 service: service.id.clone(),
                 port_name: port.name.clone(),
                 backends: chosen.into_iter().collect(),
+                retained,
             });
         }
     }
@@ -845,10 +858,10 @@ spec:
                 ("10.244.1.12", Some(true), None, None),
             ],
         ));
-        assert_eq!(
-            service_frontends(&svc, &[&mixed])[0].backends,
-            vec![backend("10.244.1.12", 6379)]
-        );
+        let fe = &service_frontends(&svc, &[&mixed])[0];
+        assert_eq!(fe.backends, vec![backend("10.244.1.12", 6379)]);
+        // The terminating one is still listed: its connections may drain.
+        assert_eq!(fe.retained, vec![backend("10.244.1.11", 6379)]);
     }
 
     #[test]

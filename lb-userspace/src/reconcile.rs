@@ -131,6 +131,9 @@ impl IdAllocator {
 struct Programmed {
     svc_id: u32,
     name: String,
+    /// Backends taken out of rotation but still listed (terminating, unready): their
+    /// sockets drain, and are terminated once the endpoint disappears.
+    draining: BTreeSet<BackendAddr>,
     /// Backend id per slot (slot i + 1). 0 marks a slot that must be rewritten.
     slots: Vec<u32>,
 }
@@ -141,9 +144,18 @@ struct BackendEntry {
     refs: usize,
 }
 
-/// Counts of what one [`Reconciler::apply`] wrote.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// A backend that left a frontend altogether (not merely unready): sockets translated
+/// to it for that frontend should be terminated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GoneBackend {
+    pub svc_id: u32,
+    pub backend: BackendIdentity,
+}
+
+/// What one [`Reconciler::apply`] wrote.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyStats {
+    pub gone: Vec<GoneBackend>,
     pub frontends_written: usize,
     pub frontends_deleted: usize,
     pub slots_written: usize,
@@ -316,6 +328,7 @@ impl Reconciler {
                 Programmed {
                     svc_id: value.svc_id,
                     name: names.get(&value.svc_id).cloned().unwrap_or_default(),
+                    draining: BTreeSet::new(),
                     slots: programmed,
                 },
             );
@@ -441,15 +454,22 @@ impl Reconciler {
         let mut released: Vec<u32> = Vec::new();
         let mut shrinks: Vec<(FrontendKey, usize, usize)> = Vec::new();
         for (key, ids) in &wanted_ids {
-            let (svc_id, old_slots, old_name, is_new) = match self.frontends.get(key) {
-                Some(p) => (p.svc_id, p.slots.clone(), p.name.clone(), false),
+            let (svc_id, old_slots, old_name, old_draining, is_new) = match self.frontends.get(key)
+            {
+                Some(p) => (
+                    p.svc_id,
+                    p.slots.clone(),
+                    p.name.clone(),
+                    p.draining.clone(),
+                    false,
+                ),
                 None => {
                     let id = self
                         .svc_ids
                         .allocate()
                         .context("out of frontend ids: too many frontends")?;
                     maps.reset_frontend_stats(id)?;
-                    (id, Vec::new(), String::new(), true)
+                    (id, Vec::new(), String::new(), BTreeSet::new(), true)
                 }
             };
             let name = changes[key].as_ref().map(frontend_name).unwrap_or_default();
@@ -457,6 +477,31 @@ impl Reconciler {
                 maps.put_frontend_name(svc_id, &name)?;
             }
             let new_slots = layout(&old_slots, ids);
+            // Backends that may still have sockets: in rotation before, or draining.
+            let mut known: BTreeSet<BackendAddr> = old_slots
+                .iter()
+                .filter_map(|id| self.backend_by_id.get(id).map(|b| b.addr))
+                .collect();
+            known.extend(old_draining);
+            let mut draining = BTreeSet::new();
+            if let Some(frontend) = &changes[key] {
+                let in_rotation: BTreeSet<BackendAddr> =
+                    frontend.backends.iter().copied().collect();
+                let retained: BTreeSet<BackendAddr> = frontend.retained.iter().copied().collect();
+                for addr in known {
+                    if retained.contains(&addr) {
+                        draining.insert(addr);
+                    } else if !in_rotation.contains(&addr) {
+                        stats.gone.push(GoneBackend {
+                            svc_id,
+                            backend: BackendIdentity {
+                                addr,
+                                protocol: key.protocol,
+                            },
+                        });
+                    }
+                }
+            }
             for (i, &backend_id) in new_slots.iter().enumerate() {
                 if old_slots.get(i) != Some(&backend_id) {
                     maps.put_service(
@@ -490,6 +535,7 @@ impl Reconciler {
                 Programmed {
                     svc_id,
                     name,
+                    draining,
                     slots: new_slots,
                 },
             );
@@ -515,6 +561,20 @@ impl Reconciler {
                 maps.delete_service(&service_key(key, slot as u16))?;
                 stats.slots_deleted += 1;
             }
+            let in_rotation = programmed
+                .slots
+                .iter()
+                .filter_map(|id| self.backend_by_id.get(id).map(|b| b.addr));
+            let known: BTreeSet<BackendAddr> = in_rotation
+                .chain(programmed.draining.iter().copied())
+                .collect();
+            stats.gone.extend(known.into_iter().map(|addr| GoneBackend {
+                svc_id: programmed.svc_id,
+                backend: BackendIdentity {
+                    addr,
+                    protocol: key.protocol,
+                },
+            }));
             released.extend(programmed.slots.iter().copied().filter(|id| *id != 0));
             maps.delete_frontend_name(programmed.svc_id)?;
             self.svc_ids.release(programmed.svc_id);
@@ -707,6 +767,7 @@ mod tests {
                     port: 6379,
                 })
                 .collect(),
+            retained: Vec::new(),
         }
     }
 
@@ -804,6 +865,13 @@ mod tests {
             reachable_ips(&maps, &key),
             ips(&["10.244.1.11", "10.244.1.22", "10.244.1.13"])
         );
+        // The old pod is gone: its sockets are to be terminated.
+        let gone: Vec<String> = stats
+            .gone
+            .iter()
+            .map(|g| g.backend.addr.ip.to_string())
+            .collect();
+        assert_eq!(gone, vec!["10.244.1.12"]);
     }
 
     #[test]
@@ -873,6 +941,42 @@ mod tests {
         assert!(maps.services.is_empty() && maps.backends.is_empty());
         assert_eq!(rec.frontend_count(), 0);
         assert_eq!(rec.backend_count(), 0);
+    }
+
+    #[test]
+    fn retained_endpoints_are_not_gone() {
+        let mut maps = MemoryMaps::default();
+        let mut rec = Reconciler::new();
+        let key = fkey("10.96.0.100", 6379);
+        rec.apply(
+            &mut maps,
+            &change(frontend(key, &["10.244.1.11", "10.244.1.12"])),
+        )
+        .unwrap();
+        // .12 turns terminating: unselected but still listed, so it drains.
+        let mut draining = frontend(key, &["10.244.1.11"]);
+        draining.retained = vec![BackendAddr {
+            ip: "10.244.1.12".parse().unwrap(),
+            port: 6379,
+        }];
+        let stats = rec.apply(&mut maps, &change(draining)).unwrap();
+        assert!(stats.gone.is_empty(), "{:?}", stats.gone);
+        assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.11"]));
+        // Then the pod disappears from the slice: now its sockets must go.
+        let stats = rec
+            .apply(&mut maps, &change(frontend(key, &["10.244.1.11"])))
+            .unwrap();
+        let gone: Vec<String> = stats
+            .gone
+            .iter()
+            .map(|g| g.backend.addr.ip.to_string())
+            .collect();
+        assert_eq!(gone, vec!["10.244.1.12"]);
+        // Removing the whole frontend reports every backend it had.
+        let stats = rec
+            .apply(&mut maps, &BTreeMap::from([(key, None)]))
+            .unwrap();
+        assert_eq!(stats.gone.len(), 1);
     }
 
     #[test]

@@ -17,6 +17,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("iperf3", "iperf3"),
     ("setpriv", "util-linux"),
+    ("python3", "python3"),
+    ("curl", "curl"),
 ];
 
 /// The bpf-linker release that links with rustc's own LLVM (DESIGN.md section 6).

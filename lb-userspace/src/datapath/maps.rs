@@ -14,7 +14,10 @@ use lb_common::{
 };
 use tracing::warn;
 
-use crate::reconcile::MapSet;
+use crate::{
+    reconcile::{GoneBackend, MapSet},
+    sockets::TrackedSocket,
+};
 
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -114,6 +117,42 @@ impl KernelMaps {
             .map(|(id, name)| (id, name.as_str().to_string()))
             .collect();
         Ok((services, backends, names))
+    }
+
+    /// Removes the reverse-translation entries of sockets translated to backends that
+    /// left their frontend, and returns those sockets (to be terminated).
+    pub fn take_sockets_of(&mut self, gone: &[GoneBackend]) -> Result<Vec<TrackedSocket>> {
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted: std::collections::HashMap<(u32, lb_common::Addr, u16), &GoneBackend> = gone
+            .iter()
+            .map(|g| {
+                let key = (
+                    g.svc_id,
+                    lb_common::addr_from_ip(g.backend.addr.ip),
+                    lb_common::port_to_net(g.backend.addr.port),
+                );
+                (key, g)
+            })
+            .collect();
+        let mut found = Vec::new();
+        for (key, value) in collect_entries(self.sock_revnat.iter())? {
+            if let Some(g) = wanted.get(&(value.svc_id, key.addr, key.port)) {
+                found.push((key, *g, value.netns_cookie));
+            }
+        }
+        let mut sockets = Vec::with_capacity(found.len());
+        for (key, g, netns_cookie) in found {
+            ignore_missing(self.sock_revnat.remove(&key))?;
+            sockets.push(TrackedSocket {
+                cookie: key.cookie,
+                netns_cookie,
+                backend: std::net::SocketAddr::new(g.backend.addr.ip, g.backend.addr.port),
+                protocol: g.backend.protocol.number(),
+            });
+        }
+        Ok(sockets)
     }
 
     /// Reads every table. Entries can change while we iterate (the daemon keeps

@@ -8,7 +8,9 @@
 
 mod clusterip;
 mod examples;
+mod probe;
 mod support;
+mod udp;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -20,6 +22,10 @@ fn trial(name: &'static str, body: fn() -> anyhow::Result<()>) -> Trial {
 }
 
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(probe::PROBE_ARG) {
+        probe::main(&argv[2..]);
+    }
     let mut args = Arguments::from_args();
     if args.test_threads.is_none() {
         args.test_threads = Some(2);
@@ -33,5 +39,6 @@ fn main() {
     let mut trials = Vec::new();
     trials.extend(clusterip::trials());
     trials.extend(examples::trials());
+    trials.extend(udp::trials());
     libtest_mimic::run(&args, trials).exit();
 }
