@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     datapath::{Datapath, DatapathOptions, KernelMaps},
     manifests::{Kind, ManifestDir, Object, SourceChanges},
-    model::Model,
+    model::{Changes, Model, Protocol},
     reconcile::{GoneBackend, Reconciler},
     sockets,
 };
@@ -62,9 +62,7 @@ impl Controller {
         }
         self.apply_source_changes(changes);
         let frontend_changes = self.model.recompute();
-        for conflict in &frontend_changes.conflicts {
-            warn!("{conflict}");
-        }
+        report(&frontend_changes);
         if frontend_changes.frontends.is_empty() {
             return;
         }
@@ -162,6 +160,22 @@ impl Controller {
     }
 }
 
+/// Logs what the model could not apply, and protocols the socket hooks may not cover.
+fn report(changes: &Changes) {
+    for conflict in &changes.conflicts {
+        warn!("{conflict}");
+    }
+    for frontend in changes.frontends.values().flatten() {
+        if frontend.key.protocol == Protocol::Sctp {
+            warn!(
+                "Service {}: {} is programmed, but SCTP is not balanced by the socket hooks \
+                 (verified for TCP and UDP only); SCTP clients reach the ClusterIP untranslated",
+                frontend.service, frontend.key
+            );
+        }
+    }
+}
+
 pub async fn run(options: DaemonOptions) -> Result<()> {
     // Check the source before touching the kernel: a typo in the path should not leave
     // an empty datapath attached.
@@ -184,9 +198,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         warn!("{problem}");
     }
     controller.apply_source_changes(changes);
-    for conflict in controller.model.recompute().conflicts {
-        warn!("{conflict}");
-    }
+    report(&controller.model.recompute());
     controller.resync();
     info!(
         services = controller.model.service_count(),

@@ -18,7 +18,7 @@
 //! never a socket that dialled the pod directly, never an unconnected UDP socket.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs, io,
     mem::size_of,
     net::{IpAddr, SocketAddr},
@@ -31,7 +31,10 @@ use std::{
 };
 
 use anyhow::Result;
+use lb_common::{Addr, SockRevKey, SockRevValue, addr_from_ip, port_to_net};
 use tracing::{debug, warn};
+
+use crate::reconcile::GoneBackend;
 
 /// A socket the datapath translated to a backend that is now gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -41,6 +44,41 @@ pub struct TrackedSocket {
     pub netns_cookie: u64,
     pub backend: SocketAddr,
     pub protocol: u8,
+}
+
+/// The reverse-translation entries (`LB_SOCK_REVNAT`) of sockets that were translated,
+/// for the frontend they were translated for, to a backend that is now gone. Entries
+/// of the same backend under another frontend that still has it are not selected.
+pub fn sockets_of_gone(
+    entries: &[(SockRevKey, SockRevValue)],
+    gone: &[GoneBackend],
+) -> Vec<(SockRevKey, TrackedSocket)> {
+    let wanted: HashMap<(u32, Addr, u16), &GoneBackend> = gone
+        .iter()
+        .map(|g| {
+            let key = (
+                g.svc_id,
+                addr_from_ip(g.backend.addr.ip),
+                port_to_net(g.backend.addr.port),
+            );
+            (key, g)
+        })
+        .collect();
+    entries
+        .iter()
+        .filter_map(|(key, value)| {
+            let g = wanted.get(&(value.svc_id, key.addr, key.port))?;
+            Some((
+                *key,
+                TrackedSocket {
+                    cookie: key.cookie,
+                    netns_cookie: value.netns_cookie,
+                    backend: SocketAddr::new(g.backend.addr.ip, g.backend.addr.port),
+                    protocol: g.backend.protocol.number(),
+                },
+            ))
+        })
+        .collect()
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -424,6 +462,10 @@ mod tests {
     use std::net::{TcpListener, TcpStream, UdpSocket};
 
     use super::*;
+    use crate::{
+        model::{BackendAddr, Protocol},
+        reconcile::BackendIdentity,
+    };
 
     fn cookie_of(fd: i32) -> u64 {
         let mut cookie: u64 = 0;
@@ -440,6 +482,62 @@ mod tests {
         };
         assert_eq!(rc, 0);
         cookie
+    }
+
+    fn revnat(cookie: u64, backend: &str, svc_id: u32) -> (SockRevKey, SockRevValue) {
+        let backend: SocketAddr = backend.parse().unwrap();
+        (
+            SockRevKey {
+                cookie,
+                addr: addr_from_ip(backend.ip()),
+                port: port_to_net(backend.port()),
+                _pad: [0; 3],
+            },
+            SockRevValue {
+                svc_id,
+                netns_cookie: 4242,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn gone(svc_id: u32, backend: &str, protocol: Protocol) -> GoneBackend {
+        let backend: SocketAddr = backend.parse().unwrap();
+        GoneBackend {
+            svc_id,
+            backend: BackendIdentity {
+                addr: BackendAddr {
+                    ip: backend.ip(),
+                    port: backend.port(),
+                },
+                protocol,
+            },
+        }
+    }
+
+    #[test]
+    fn only_sockets_of_the_gone_backend_under_its_frontend_are_selected() {
+        let entries = [
+            revnat(1, "10.244.1.21:53", 7),    // kube-dns UDP -> dns-1: gone
+            revnat(2, "10.244.1.22:53", 7),    // kube-dns UDP -> dns-2: stays
+            revnat(3, "10.244.1.21:53", 8),    // kube-dns TCP -> dns-1: frontend 8 keeps it
+            revnat(4, "10.244.1.21:54", 7),    // another port on the same pod
+            revnat(5, "[fd00:244::15]:53", 9), // IPv6 frontend -> dns-1: gone too
+        ];
+        let selected = sockets_of_gone(
+            &entries,
+            &[
+                gone(7, "10.244.1.21:53", Protocol::Udp),
+                gone(9, "[fd00:244::15]:53", Protocol::Udp),
+            ],
+        );
+        let cookies: Vec<u64> = selected.iter().map(|(_, s)| s.cookie).collect();
+        assert_eq!(cookies, vec![1, 5]);
+        let first = selected[0].1;
+        assert_eq!(first.netns_cookie, 4242);
+        assert_eq!(first.protocol, lb_common::IPPROTO_UDP);
+        assert_eq!(first.backend, "10.244.1.21:53".parse().unwrap());
+        assert!(sockets_of_gone(&entries, &[]).is_empty());
     }
 
     #[test]

@@ -17,7 +17,7 @@ mod prereqs;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use lb_testbed::sandbox::{REDIS_CLUSTER_IP, Sandbox};
+use lb_testbed::sandbox::{DNS_CLUSTER_IP, REDIS_CLUSTER_IP, Sandbox, TEST_SVC_CLUSTER_IP};
 use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
@@ -234,35 +234,56 @@ fn run_task(manifests: Option<PathBuf>, daemon_args: Vec<String>) -> Result<()> 
     fs::write(SANDBOX_STATE, serde_json::to_vec(&state)?)?;
 
     let demo = (|| -> Result<()> {
+        let run_in_web = |argv: &[&str]| -> Result<String> {
+            let out = tb.output(&sandbox.client, true, argv, Duration::from_secs(5))?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
         println!(
-            "\nThe web pod connects to redis-master-sr at its ClusterIP {REDIS_CLUSTER_IP}:6379, ten new connections:"
+            "\nThe web pod resolves redis through kube-dns (ClusterIP {DNS_CLUSTER_IP}, UDP), as resolv.conf would:"
         );
+        let answer = run_in_web(&[
+            "dig",
+            "+short",
+            &format!("@{DNS_CLUSTER_IP}"),
+            "redis-master-sr.default.svc.cluster.local",
+        ])?;
+        println!(
+            "  dig +short @{DNS_CLUSTER_IP} redis-master-sr.default.svc.cluster.local  ->  {answer}"
+        );
+
+        println!("\nand opens ten new connections to redis-master-sr at {REDIS_CLUSTER_IP}:6379:");
         let mut tally = std::collections::BTreeMap::new();
         for _ in 0..10 {
-            let out = tb.output(
-                &sandbox.client,
-                true,
-                &[
-                    "redis-cli",
-                    "-h",
-                    REDIS_CLUSTER_IP,
-                    "-p",
-                    "6379",
-                    "GET",
-                    "whoami",
-                ],
-                Duration::from_secs(5),
-            )?;
-            let who = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let who = run_in_web(&[
+                "redis-cli",
+                "-h",
+                REDIS_CLUSTER_IP,
+                "-p",
+                "6379",
+                "GET",
+                "whoami",
+            ])?;
             println!("  redis-cli -h {REDIS_CLUSTER_IP} GET whoami  ->  {who}");
             *tally.entry(who).or_insert(0) += 1;
         }
-        println!("  answered by: {tally:?}\n");
+        println!("  answered by: {tally:?}");
+
+        println!(
+            "\ntest-svc ({TEST_SVC_CLUSTER_IP}:80, targetPort web-port = 8080 on one pod, 9090 on the other):"
+        );
+        for _ in 0..4 {
+            let who = run_in_web(&[
+                "curl",
+                "-s",
+                &format!("http://{TEST_SVC_CLUSTER_IP}/whoami"),
+            ])?;
+            println!("  curl http://{TEST_SVC_CLUSTER_IP}/whoami  ->  {who}");
+        }
         let list = Command::new(&lb)
             .args(["list", "--pin-dir", &pin_dir])
             .output()?;
         println!(
-            "lb list --pin-dir {pin_dir}:\n{}",
+            "\nlb list --pin-dir {pin_dir}:\n{}",
             String::from_utf8_lossy(&list.stdout)
         );
         Ok(())
@@ -273,6 +294,7 @@ fn run_task(manifests: Option<PathBuf>, daemon_args: Vec<String>) -> Result<()> 
     println!(
         "Try it yourself (another terminal, as root):\n\
          \x20 cargo xtask client redis-cli -h {REDIS_CLUSTER_IP} GET whoami\n\
+         \x20 cargo xtask client dig @{DNS_CLUSTER_IP} whoami.test\n\
          \x20 cargo xtask client            # a shell in the web pod, balanced like a real pod\n\
          \x20 target/debug/lb list --pin-dir {pin_dir}\n\
          \x20 bpftool map dump pinned {pin_dir}/LB_SERVICES\n\

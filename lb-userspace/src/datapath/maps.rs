@@ -16,7 +16,7 @@ use tracing::warn;
 
 use crate::{
     reconcile::{GoneBackend, MapSet},
-    sockets::TrackedSocket,
+    sockets::{TrackedSocket, sockets_of_gone},
 };
 
 pub struct KernelMaps {
@@ -125,34 +125,12 @@ impl KernelMaps {
         if gone.is_empty() {
             return Ok(Vec::new());
         }
-        let wanted: std::collections::HashMap<(u32, lb_common::Addr, u16), &GoneBackend> = gone
-            .iter()
-            .map(|g| {
-                let key = (
-                    g.svc_id,
-                    lb_common::addr_from_ip(g.backend.addr.ip),
-                    lb_common::port_to_net(g.backend.addr.port),
-                );
-                (key, g)
-            })
-            .collect();
-        let mut found = Vec::new();
-        for (key, value) in collect_entries(self.sock_revnat.iter())? {
-            if let Some(g) = wanted.get(&(value.svc_id, key.addr, key.port)) {
-                found.push((key, *g, value.netns_cookie));
-            }
+        let entries = collect_entries(self.sock_revnat.iter())?;
+        let selected = sockets_of_gone(&entries, gone);
+        for (key, _) in &selected {
+            ignore_missing(self.sock_revnat.remove(key))?;
         }
-        let mut sockets = Vec::with_capacity(found.len());
-        for (key, g, netns_cookie) in found {
-            ignore_missing(self.sock_revnat.remove(&key))?;
-            sockets.push(TrackedSocket {
-                cookie: key.cookie,
-                netns_cookie,
-                backend: std::net::SocketAddr::new(g.backend.addr.ip, g.backend.addr.port),
-                protocol: g.backend.protocol.number(),
-            });
-        }
-        Ok(sockets)
+        Ok(selected.into_iter().map(|(_, socket)| socket).collect())
     }
 
     /// Reads every table. Entries can change while we iterate (the daemon keeps

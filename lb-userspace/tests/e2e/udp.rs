@@ -245,7 +245,10 @@ fn getpeername_shows_the_cluster_ip(v6: bool) -> Result<()> {
         // open dual-stack sockets) is balanced and sees the address it dialled.
         let mapped = format!("::ffff:{vip}");
         let line = Probe::run(&tb, &client, &["peer", "tcp", &mapped, "53"])?;
-        ensure!(line == format!("peer [{mapped}]:53"), "v4-mapped getpeername: {line}");
+        ensure!(
+            line == format!("peer [{mapped}]:53"),
+            "v4-mapped getpeername: {line}"
+        );
     }
     // A socket that dialled the pod directly sees the pod.
     let pod_ip = backends[0].ip(v6).to_string();
