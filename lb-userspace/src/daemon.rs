@@ -2,6 +2,7 @@
 //! describes, until SIGINT/SIGTERM.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -31,9 +32,40 @@ pub struct DaemonOptions {
     pub rescan_interval: Duration,
 }
 
-/// Events from the file watcher are bunched for this long: editors write a file in
-/// several steps, and one sync per save is enough.
-const DEBOUNCE: Duration = Duration::from_millis(25);
+/// A file written in place (no rename) is re-read when its writer closes it; if the
+/// writer keeps it open (or writes through mmap), this long after its last write.
+const UNCLOSED_WRITE_GRACE: Duration = Duration::from_millis(200);
+
+/// What a file-system event asks for.
+enum Trigger {
+    /// These files are complete (closed after writing, renamed into place, removed).
+    Ready(Vec<PathBuf>),
+    /// These files are being written; wait for them to be closed.
+    Writing(Vec<PathBuf>),
+    /// Something we cannot narrow down (a directory moved, events were lost).
+    Rescan,
+}
+
+fn classify(event: notify::Event) -> Option<Trigger> {
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+    if event.need_rescan() {
+        return Some(Trigger::Rescan);
+    }
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+            Some(Trigger::Ready(event.paths))
+        }
+        // Opens and reads (ours included).
+        EventKind::Access(_) => None,
+        EventKind::Create(CreateKind::Folder) => Some(Trigger::Rescan),
+        EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_)) => {
+            Some(Trigger::Writing(event.paths))
+        }
+        EventKind::Modify(ModifyKind::Metadata(_)) => None,
+        EventKind::Modify(_) | EventKind::Remove(_) => Some(Trigger::Ready(event.paths)),
+        EventKind::Any | EventKind::Other => Some(Trigger::Rescan),
+    }
+}
 
 struct Controller {
     source: ManifestDir,
@@ -43,10 +75,15 @@ struct Controller {
 }
 
 impl Controller {
-    /// Reads what changed in the folder and applies it to the kernel.
-    fn sync(&mut self) {
+    /// Reads what changed in the folder (only `paths`, or everything) and applies it
+    /// to the kernel.
+    fn sync(&mut self, paths: Option<&BTreeSet<PathBuf>>) {
         let started = Instant::now();
-        let changes = match self.source.scan() {
+        let scanned = match paths {
+            Some(paths) => self.source.scan_paths(paths),
+            None => self.source.scan(),
+        };
+        let changes = match scanned {
             Ok(changes) => changes,
             Err(err) => {
                 // The folder vanished or became unreadable: keep serving the last state.
@@ -209,10 +246,14 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         "ready"
     );
 
-    let (tx, mut events) = mpsc::unbounded_channel::<()>();
+    let (tx, mut events) = mpsc::unbounded_channel::<Trigger>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
+        let trigger = match event {
+            Ok(event) => classify(event),
+            Err(_) => Some(Trigger::Rescan),
+        };
+        if let Some(trigger) = trigger {
+            let _ = tx.send(trigger);
         }
     })
     .context("creating the file watcher")?;
@@ -227,17 +268,57 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut rescan = tokio::time::interval(options.rescan_interval);
     rescan.tick().await;
+    // Files being written in place, and when they were last written.
+    let mut writing: BTreeMap<PathBuf, Instant> = BTreeMap::new();
     loop {
+        let grace_deadline = writing
+            .values()
+            .min()
+            .map(|last| tokio::time::Instant::from_std(*last + UNCLOSED_WRITE_GRACE));
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM received"); break; }
             _ = sigint.recv() => { info!("SIGINT received"); break; }
-            Some(()) = events.recv() => {
-                tokio::time::sleep(DEBOUNCE).await;
-                while events.try_recv().is_ok() {}
-                debug!("manifest folder changed");
-                controller.sync();
+            Some(first) = events.recv() => {
+                // Take every event already queued, then sync once.
+                let mut ready = BTreeSet::new();
+                let mut full = false;
+                let mut next = Some(first);
+                while let Some(trigger) = next {
+                    match trigger {
+                        Trigger::Ready(paths) => {
+                            for path in paths {
+                                writing.remove(&path);
+                                ready.insert(path);
+                            }
+                        }
+                        Trigger::Writing(paths) => {
+                            for path in paths {
+                                writing.insert(path, Instant::now());
+                            }
+                        }
+                        Trigger::Rescan => full = true,
+                    }
+                    next = events.try_recv().ok();
+                }
+                if full {
+                    debug!("manifest folder changed: full rescan");
+                    controller.sync(None);
+                } else if !ready.is_empty() {
+                    debug!(files = ready.len(), "manifest files changed");
+                    controller.sync(Some(&ready));
+                }
             }
-            _ = rescan.tick() => controller.sync(),
+            _ = async { tokio::time::sleep_until(grace_deadline.unwrap()).await }, if grace_deadline.is_some() => {
+                let now = Instant::now();
+                let due: BTreeSet<PathBuf> = writing
+                    .iter()
+                    .filter(|(_, last)| now >= **last + UNCLOSED_WRITE_GRACE)
+                    .map(|(path, _)| path.clone())
+                    .collect();
+                writing.retain(|path, _| !due.contains(path));
+                controller.sync(Some(&due));
+            }
+            _ = rescan.tick() => controller.sync(None),
         }
     }
     drop(watcher);

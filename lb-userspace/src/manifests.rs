@@ -171,47 +171,80 @@ impl ManifestDir {
             .cloned()
             .collect();
         for path in gone {
-            let old = self.files.remove(&path).unwrap_or_default();
-            self.replace_file_objects(&path, old.objects, BTreeMap::new(), &mut changes);
+            self.forget_file(&path, &mut changes);
         }
-
         for path in present {
-            let fp = fingerprint(&path);
-            let known = self.files.get(&path).and_then(|f| f.fingerprint);
-            if fp.is_some() && fp == known {
-                continue;
-            }
-            changes.files_read += 1;
-            let previous = self.files.remove(&path).unwrap_or_default();
-            let text = match fs::read_to_string(&path) {
-                Ok(text) => text,
-                Err(err) => {
-                    changes.problems.push(Problem {
-                        file: path.clone(),
-                        object: None,
-                        message: format!("cannot read file ({err}); keeping its previous objects"),
-                    });
-                    self.files.insert(path, previous);
-                    continue;
-                }
-            };
-            let parsed = parse_file(&path, &text, &previous.objects, &mut changes.problems);
-            let objects = match parsed {
-                Some(objects) => objects,
-                // Unparseable: keep everything the file had.
-                None => previous.objects.clone(),
-            };
-            let old_objects = previous.objects;
-            self.files.insert(
-                path.clone(),
-                FileState {
-                    fingerprint: fp,
-                    objects: BTreeMap::new(),
-                },
-            );
-            self.replace_file_objects(&path, old_objects, objects, &mut changes);
+            self.refresh_file(&path, &mut changes);
         }
         Ok(changes)
+    }
+
+    /// Re-reads only the given paths (from file-system events): O(changed files), so
+    /// one edit in a folder of thousands of files costs one read. Paths that are not
+    /// manifests (editor temp files) are ignored; a directory falls back to a full scan.
+    pub fn scan_paths(&mut self, paths: &BTreeSet<PathBuf>) -> Result<SourceChanges> {
+        if paths.iter().any(|p| p.is_dir() || self.is_known_dir(p)) {
+            return self.scan();
+        }
+        let mut changes = SourceChanges::default();
+        for path in paths {
+            if !path.starts_with(&self.root) || !is_manifest(path) {
+                continue;
+            }
+            if path.exists() {
+                self.refresh_file(path, &mut changes);
+            } else if self.files.contains_key(path) {
+                self.forget_file(path, &mut changes);
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Whether `path` was a directory holding known files (and has been removed).
+    fn is_known_dir(&self, path: &Path) -> bool {
+        !path.exists() && self.files.keys().any(|f| f != path && f.starts_with(path))
+    }
+
+    fn forget_file(&mut self, path: &Path, changes: &mut SourceChanges) {
+        let old = self.files.remove(path).unwrap_or_default();
+        self.replace_file_objects(path, old.objects, BTreeMap::new(), changes);
+    }
+
+    /// Re-parses one file if its fingerprint changed.
+    fn refresh_file(&mut self, path: &Path, changes: &mut SourceChanges) {
+        let fp = fingerprint(path);
+        let known = self.files.get(path).and_then(|f| f.fingerprint);
+        if fp.is_some() && fp == known {
+            return;
+        }
+        changes.files_read += 1;
+        let previous = self.files.remove(path).unwrap_or_default();
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) => {
+                changes.problems.push(Problem {
+                    file: path.to_path_buf(),
+                    object: None,
+                    message: format!("cannot read file ({err}); keeping its previous objects"),
+                });
+                self.files.insert(path.to_path_buf(), previous);
+                return;
+            }
+        };
+        let parsed = parse_file(path, &text, &previous.objects, &mut changes.problems);
+        let objects = match parsed {
+            Some(objects) => objects,
+            // Unparseable: keep everything the file had.
+            None => previous.objects.clone(),
+        };
+        self.files.insert(
+            path.to_path_buf(),
+            FileState {
+                fingerprint: fp,
+                objects: BTreeMap::new(),
+            },
+        );
+        self.replace_file_objects(path, previous.objects, objects, changes);
     }
 
     /// Swaps one file's objects and updates the effective set, resolving objects defined
@@ -736,6 +769,46 @@ items:
         let changes = dir.scan().unwrap();
         assert!(changes.problems.is_empty(), "{:?}", changes.problems);
         assert_eq!(names(&changes.upserted), vec!["Service pods/web"]);
+    }
+
+    #[test]
+    fn targeted_rescans_read_only_the_named_files() {
+        let (tmp, mut dir) = dir_with(&[
+            ("redis.yaml", REDIS),
+            ("other.yaml", &REDIS.replace("redis-master", "other")),
+        ]);
+        dir.scan().unwrap();
+        rewrite(
+            &tmp,
+            "redis.yaml",
+            &REDIS.replace("10.244.1.12", "10.244.1.13"),
+        );
+        let paths = BTreeSet::from([
+            tmp.path().join("redis.yaml"),
+            tmp.path().join(".redis.yaml.tmp"),
+        ]);
+        let changes = dir.scan_paths(&paths).unwrap();
+        assert_eq!(changes.files_read, 1);
+        assert_eq!(
+            names(&changes.upserted),
+            vec!["EndpointSlice pods/redis-master-1"]
+        );
+        fs::remove_file(tmp.path().join("other.yaml")).unwrap();
+        let changes = dir
+            .scan_paths(&BTreeSet::from([tmp.path().join("other.yaml")]))
+            .unwrap();
+        assert_eq!(changes.removed.len(), 2);
+        // A new subdirectory means a full scan.
+        fs::create_dir(tmp.path().join("more")).unwrap();
+        fs::write(
+            tmp.path().join("more/web.yaml"),
+            REDIS.replace("redis-master", "web"),
+        )
+        .unwrap();
+        let changes = dir
+            .scan_paths(&BTreeSet::from([tmp.path().join("more")]))
+            .unwrap();
+        assert_eq!(changes.upserted.len(), 2);
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub fn trials() -> Vec<Trial> {
             "clusterip::startup_errors_are_one_line",
             startup_errors_are_one_line,
         ),
+        trial(
+            "clusterip::in_place_edits_apply_when_the_file_is_closed",
+            in_place_edits_apply_when_closed,
+        ),
     ]
 }
 
@@ -552,5 +556,49 @@ fn startup_errors_are_one_line() -> Result<()> {
         "nothing pinned on failure"
     );
     let _ = fs::remove_dir(&pin);
+    Ok(())
+}
+
+/// An editor that rewrites a file in place (truncate, write, write, close) never
+/// exposes its half-written content: the daemon waits for the close.
+fn in_place_edits_apply_when_closed() -> Result<()> {
+    use std::io::Write as _;
+    let (mut tb, backends, client) = redis_world(1)?;
+    let new = tb.add_pod("redis-1b", 21)?;
+    tb.start_redis(&new, 6379)?;
+    let dir = manifest_dir(&tb)?;
+    write_manifest(&dir, "redis.yaml", &redis_manifest(VIP, &[&backends[0]]))?;
+    let daemon = Daemon::start(&tb, &dir)?;
+
+    let full = redis_manifest(VIP, &[&new]);
+    // The first half holds the Service but not yet its EndpointSlice.
+    let split = full.find("---").unwrap();
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(dir.join("redis.yaml"))?;
+    file.write_all(full[..split].as_bytes())?;
+    file.flush()?;
+    let writing = Instant::now();
+    while writing.elapsed() < Duration::from_millis(150) {
+        // Mid-write, the old endpoint still serves: nothing was applied.
+        ensure!(
+            whoami(&tb, &client, VIP, 6379)? == "redis-1",
+            "half-written file applied"
+        );
+    }
+    file.write_all(full[split..].as_bytes())?;
+    drop(file);
+    let closed = Instant::now();
+    loop {
+        if whoami(&tb, &client, VIP, 6379)? == "redis-1b" {
+            break;
+        }
+        ensure!(
+            closed.elapsed() < Duration::from_secs(1),
+            "closed file not applied within 1 s"
+        );
+    }
+    ensure!(!daemon.log_text().contains("WARN"), "{}", daemon.log_text());
     Ok(())
 }
