@@ -577,7 +577,7 @@ fn in_place_edits_apply_when_closed() -> Result<()> {
         .write(true)
         .truncate(true)
         .open(dir.join("redis.yaml"))?;
-    file.write_all(full[..split].as_bytes())?;
+    file.write_all(&full.as_bytes()[..split])?;
     file.flush()?;
     let writing = Instant::now();
     while writing.elapsed() < Duration::from_millis(150) {
@@ -587,7 +587,7 @@ fn in_place_edits_apply_when_closed() -> Result<()> {
             "half-written file applied"
         );
     }
-    file.write_all(full[split..].as_bytes())?;
+    file.write_all(&full.as_bytes()[split..])?;
     drop(file);
     let closed = Instant::now();
     loop {
