@@ -12,6 +12,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt, fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -41,8 +42,9 @@ pub type ObjectKey = (Kind, ObjectRef);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Object {
-    Service(ServiceSpec),
-    Slice(SliceSpec),
+    // Shared with the model: objects are parsed once and never copied.
+    Service(Arc<ServiceSpec>),
+    Slice(Arc<SliceSpec>),
 }
 
 /// Something wrong with the input, named precisely enough to fix.
@@ -301,6 +303,76 @@ impl ManifestDir {
     }
 }
 
+/// Splits a YAML stream at its document markers (`---` at the start of a line), so
+/// documents can be parsed independently. Each piece keeps its marker line.
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (number, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let is_marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        if is_marker && offset > start {
+            pieces.push((start_line, &text[start..offset]));
+            start = offset;
+            start_line = number + 1;
+        }
+        offset += line.len();
+    }
+    if start < text.len() {
+        pieces.push((start_line, &text[start..]));
+    }
+    pieces
+}
+
+/// What one document holds: its objects, each with a label for messages.
+type DocumentItems = Vec<(String, Result<Parsed, Invalid>)>;
+
+fn parse_document(index: usize, text: &str) -> Result<DocumentItems, serde_yaml::Error> {
+    let value: Value = serde_yaml::from_str(text)?;
+    let items = match list_items(value) {
+        Ok(items) => items,
+        Err(single) => vec![single],
+    };
+    Ok(items
+        .into_iter()
+        .filter(|item| !item.is_null())
+        .map(|item| (describe(&item, index), parse_object(item)))
+        .collect())
+}
+
+/// Parses documents on every core: a 10 000-Service folder is mostly parse time.
+fn parse_documents(pieces: &[(usize, &str)]) -> Vec<Result<DocumentItems, serde_yaml::Error>> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if workers < 2 || pieces.len() < 64 {
+        return pieces
+            .iter()
+            .enumerate()
+            .map(|(i, (_, text))| parse_document(i + 1, text))
+            .collect();
+    }
+    let chunk = pieces.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = pieces
+            .chunks(chunk)
+            .enumerate()
+            .map(|(n, part)| {
+                scope.spawn(move || {
+                    part.iter()
+                        .enumerate()
+                        .map(|(i, (_, text))| parse_document(n * chunk + i + 1, text))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("manifest parser thread panicked"))
+            .collect()
+    })
+}
+
 /// Parses one file. `None` when the file as a whole cannot be parsed (its previous
 /// objects are then kept); otherwise its valid objects, with invalid ones replaced by
 /// their previous version when there was one.
@@ -310,36 +382,26 @@ fn parse_file(
     previous: &BTreeMap<ObjectKey, Object>,
     problems: &mut Vec<Problem>,
 ) -> Option<BTreeMap<ObjectKey, Object>> {
-    let mut documents = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        match <Value as serde::Deserialize>::deserialize(document) {
-            Ok(value) => documents.push(value),
+    let pieces = split_documents(text);
+    let parsed = parse_documents(&pieces);
+    let mut objects = BTreeMap::new();
+    for ((start_line, _), document) in pieces.iter().zip(parsed) {
+        let items = match document {
+            Ok(items) => items,
             Err(err) => {
                 problems.push(Problem {
                     file: path.to_path_buf(),
                     object: None,
                     message: format!(
-                        "not valid YAML ({err}); keeping the {} object(s) this file had",
+                        "not valid YAML in the document starting at line {start_line} ({err}); \
+                         keeping the {} object(s) this file had",
                         previous.len()
                     ),
                 });
                 return None;
             }
-        }
-    }
-    let mut objects = BTreeMap::new();
-    let mut index = 0;
-    for document in documents {
-        index += 1;
-        let items = match list_items(&document) {
-            Some(items) => items,
-            None => vec![document],
         };
-        for item in items {
-            if item.is_null() {
-                continue;
-            }
-            let label = describe(&item, index);
+        for (label, outcome) in items {
             let report = |problems: &mut Vec<Problem>, message: String| {
                 problems.push(Problem {
                     file: path.to_path_buf(),
@@ -347,7 +409,7 @@ fn parse_file(
                     message,
                 });
             };
-            match parse_object(&item) {
+            match outcome {
                 Ok(Parsed::Object(key, object)) => {
                     if let std::collections::btree_map::Entry::Vacant(slot) = objects.entry(key) {
                         slot.insert(object);
@@ -378,15 +440,22 @@ fn parse_file(
     Some(objects)
 }
 
-/// Items of a `kind: List` (or `ServiceList`, `EndpointSliceList`) document.
-fn list_items(document: &Value) -> Option<Vec<Value>> {
-    let kind = document.get("kind")?.as_str()?;
-    if !kind.ends_with("List") {
-        return None;
+/// Items of a `kind: List` (or `ServiceList`, `EndpointSliceList`) document; any
+/// other document comes back as `Err`.
+fn list_items(document: Value) -> Result<Vec<Value>, Value> {
+    let is_list = document
+        .get("kind")
+        .and_then(Value::as_str)
+        .is_some_and(|kind| kind.ends_with("List"));
+    if !is_list {
+        return Err(document);
     }
-    match document.get("items") {
-        Some(Value::Sequence(items)) => Some(items.clone()),
-        _ => Some(Vec::new()),
+    match document {
+        Value::Mapping(mut map) => match map.remove("items") {
+            Some(Value::Sequence(items)) => Ok(items),
+            _ => Ok(Vec::new()),
+        },
+        other => Err(other),
     }
 }
 
@@ -416,12 +485,11 @@ struct Invalid {
 }
 
 /// Deserializes strictly: unknown fields are errors naming their path.
-fn strict<T: DeserializeOwned>(value: &Value) -> Result<T, String> {
+fn strict<T: DeserializeOwned>(value: Value) -> Result<T, String> {
     let mut unknown = Vec::new();
-    let parsed: T = serde_ignored::deserialize(value.clone(), |path| {
-        unknown.push(field_path(&path.to_string()))
-    })
-    .map_err(|e| e.to_string())?;
+    let parsed: T =
+        serde_ignored::deserialize(value, |path| unknown.push(field_path(&path.to_string())))
+            .map_err(|e| e.to_string())?;
     if !unknown.is_empty() {
         return Err(format!("unknown field(s): {}", unknown.join(", ")));
     }
@@ -445,33 +513,39 @@ fn field_path(raw: &str) -> String {
     out
 }
 
-fn parse_object(value: &Value) -> Result<Parsed, Invalid> {
-    let api_version = value
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
-    let meta = value.get("metadata");
-    let key_for = |kind: Kind| {
-        let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str)?;
-        let namespace = meta
-            .and_then(|m| m.get("namespace"))
+fn parse_object(value: Value) -> Result<Parsed, Invalid> {
+    let text_field = |field: &str| {
+        value
+            .get(field)
             .and_then(Value::as_str)
-            .unwrap_or("default");
-        Some((kind, ObjectRef::new(namespace, name)))
+            .unwrap_or("")
+            .to_string()
     };
+    let api_version = text_field("apiVersion");
+    let kind = text_field("kind");
+    let meta = value.get("metadata");
+    let id = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .map(|name| {
+            let namespace = meta
+                .and_then(|m| m.get("namespace"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            ObjectRef::new(namespace, name)
+        });
     let invalid = |kind: Kind, message: String| Invalid {
-        key: key_for(kind),
+        key: id.clone().map(|id| (kind, id)),
         message,
     };
-    match (api_version, kind) {
+    match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => {
             let service: Service = strict(value).map_err(|e| invalid(Kind::Service, e))?;
             let spec = ServiceSpec::from_k8s(&service)
                 .map_err(|errors| invalid(Kind::Service, errors.join("; ")))?;
             Ok(Parsed::Object(
                 (Kind::Service, spec.id.clone()),
-                Object::Service(spec),
+                Object::Service(Arc::new(spec)),
             ))
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
@@ -482,7 +556,7 @@ fn parse_object(value: &Value) -> Result<Parsed, Invalid> {
             {
                 Some(spec) => Ok(Parsed::Object(
                     (Kind::EndpointSlice, spec.id.clone()),
-                    Object::Slice(spec),
+                    Object::Slice(Arc::new(spec)),
                 )),
                 None => Ok(Parsed::Ignored(format!(
                     "has no {} label, so it belongs to no Service; ignored",
@@ -809,6 +883,47 @@ items:
             .scan_paths(&BTreeSet::from([tmp.path().join("more")]))
             .unwrap();
         assert_eq!(changes.upserted.len(), 2);
+    }
+
+    #[test]
+    fn documents_split_at_markers_only() {
+        let text = "a: 1\n---\nb: |\n  ---not a marker\n--- {c: 3}\r\n---\t[4]\n";
+        let pieces = split_documents(text);
+        let starts: Vec<usize> = pieces.iter().map(|(line, _)| *line).collect();
+        assert_eq!(starts, vec![1, 2, 5, 6]);
+        assert_eq!(pieces[1].1, "---\nb: |\n  ---not a marker\n");
+        let values: Vec<Value> = pieces
+            .iter()
+            .map(|(_, t)| serde_yaml::from_str(t).unwrap())
+            .collect();
+        assert_eq!(values[2]["c"], Value::from(3));
+        assert!(split_documents("").is_empty());
+        assert_eq!(split_documents("---\na: 1\n").len(), 1);
+    }
+
+    #[test]
+    fn many_documents_parse_in_parallel_in_file_order() {
+        let mut text = String::new();
+        for i in 0..200 {
+            text.push_str(&REDIS.replace("redis-master", &format!("svc-{i:03}")));
+            text.push_str("---\n");
+        }
+        let (_tmp, mut dir) = dir_with(&[("many.yaml", &text)]);
+        let changes = dir.scan().unwrap();
+        assert!(changes.problems.is_empty(), "{:?}", changes.problems);
+        assert_eq!(changes.upserted.len(), 400);
+        // A YAML error in document 150 names its line and keeps the file's objects.
+        let broken = text.replacen("  name: svc-150-1\n", "  name: svc-150-1\n  bad: [\n", 1);
+        let (_tmp, mut dir) = dir_with(&[("many.yaml", &broken)]);
+        let changes = dir.scan().unwrap();
+        assert!(changes.upserted.is_empty());
+        assert!(
+            changes.problems[0]
+                .message
+                .contains("document starting at line"),
+            "{}",
+            changes.problems[0]
+        );
     }
 
     #[test]

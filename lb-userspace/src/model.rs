@@ -17,6 +17,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::{
@@ -177,7 +178,9 @@ pub struct SlicePort {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceEndpoint {
-    pub addresses: Vec<IpAddr>,
+    /// The endpoint's first address: like kube-proxy, only it is used (Kubernetes
+    /// treats all of an endpoint's addresses as fungible).
+    pub address: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -460,11 +463,17 @@ impl SliceSpec {
                         )),
                     }
                 }
+                let Some(&address) = addresses.first() else {
+                    if endpoint.addresses.is_empty() {
+                        errors.push(format!("endpoints[{i}].addresses is empty"));
+                    }
+                    continue;
+                };
                 let conditions = endpoint.conditions.clone().unwrap_or_default();
                 // Kubernetes: a nil `ready` means ready; nil `serving` follows `ready`.
                 let ready = conditions.ready.unwrap_or(true);
                 endpoints.push(SliceEndpoint {
-                    addresses,
+                    address,
                     ready,
                     serving: conditions.serving.unwrap_or(ready),
                     terminating: conditions.terminating.unwrap_or(false),
@@ -519,12 +528,11 @@ pub fn service_frontends(service: &ServiceSpec, slices: &[&SliceSpec]) -> Vec<Fr
                     continue;
                 };
                 for endpoint in &slice.endpoints {
-                    listed.extend(
-                        endpoint
-                            .addresses
-                            .iter()
-                            .map(|&ip| BackendAddr { ip, port: target }),
-                    );
+                    let backend = BackendAddr {
+                        ip: endpoint.address,
+                        port: target,
+                    };
+                    listed.insert(backend);
                     let set = if endpoint.ready {
                         &mut ready
                     } else if endpoint.serving && endpoint.terminating {
@@ -532,9 +540,7 @@ pub fn service_frontends(service: &ServiceSpec, slices: &[&SliceSpec]) -> Vec<Fr
                     } else {
                         continue;
                     };
-                    for &ip in &endpoint.addresses {
-                        set.insert(BackendAddr { ip, port: target });
-                    }
+                    set.insert(backend);
                 }
             }
             let chosen = if ready.is_empty() { terminating } else { ready };
@@ -577,10 +583,11 @@ impl fmt::Display for Conflict {
 /// are recomputed.
 #[derive(Debug, Default)]
 pub struct Model {
-    services: BTreeMap<ObjectRef, ServiceSpec>,
-    slices: BTreeMap<ObjectRef, SliceSpec>,
+    // Shared with the source that parsed them: one copy of every object in memory.
+    services: BTreeMap<ObjectRef, Arc<ServiceSpec>>,
+    slices: BTreeMap<ObjectRef, Arc<SliceSpec>>,
     slices_by_service: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
-    frontends: BTreeMap<FrontendKey, Frontend>,
+    frontends: BTreeMap<FrontendKey, Arc<Frontend>>,
     owned: BTreeMap<ObjectRef, BTreeSet<FrontendKey>>,
     /// Services that want a key another Service holds.
     waiting: BTreeMap<FrontendKey, BTreeSet<ObjectRef>>,
@@ -591,13 +598,13 @@ pub struct Model {
 #[derive(Debug, Default)]
 pub struct Changes {
     /// Frontends added or changed (`Some`) or removed (`None`).
-    pub frontends: BTreeMap<FrontendKey, Option<Frontend>>,
+    pub frontends: BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
     /// ClusterIP:port conflicts found (reported, not applied).
     pub conflicts: Vec<Conflict>,
 }
 
 impl Model {
-    pub fn frontends(&self) -> &BTreeMap<FrontendKey, Frontend> {
+    pub fn frontends(&self) -> &BTreeMap<FrontendKey, Arc<Frontend>> {
         &self.frontends
     }
 
@@ -609,7 +616,7 @@ impl Model {
         self.slices.len()
     }
 
-    pub fn upsert_service(&mut self, spec: ServiceSpec) {
+    pub fn upsert_service(&mut self, spec: Arc<ServiceSpec>) {
         if self.services.get(&spec.id) != Some(&spec) {
             self.dirty.insert(spec.id.clone());
             self.services.insert(spec.id.clone(), spec);
@@ -622,7 +629,7 @@ impl Model {
         }
     }
 
-    pub fn upsert_slice(&mut self, spec: SliceSpec) {
+    pub fn upsert_slice(&mut self, spec: Arc<SliceSpec>) {
         if self.slices.get(&spec.id) == Some(&spec) {
             return;
         }
@@ -672,7 +679,7 @@ impl Model {
                         .get(&id)
                         .into_iter()
                         .flatten()
-                        .filter_map(|s| self.slices.get(s))
+                        .filter_map(|s| self.slices.get(s).map(|s| s.as_ref()))
                         .collect();
                     service_frontends(spec, &slices)
                 }
@@ -708,11 +715,12 @@ impl Model {
                         });
                         self.waiting.entry(key).or_default().insert(id.clone());
                     }
-                    Some(existing) if existing == &frontend => {
+                    Some(existing) if **existing == frontend => {
                         owned.insert(key);
                     }
                     _ => {
                         owned.insert(key);
+                        let frontend = Arc::new(frontend);
                         changes.frontends.insert(key, Some(frontend.clone()));
                         self.frontends.insert(key, frontend);
                     }
@@ -1075,19 +1083,19 @@ spec:
     #[test]
     fn model_reports_only_what_changed() {
         let mut model = Model::default();
-        model.upsert_service(redis_service());
+        model.upsert_service(Arc::new(redis_service()));
         let s = slice_spec(slice(
             "redis-abc",
             "redis-master",
             &[("", 6379, "TCP")],
             &[("10.244.1.11", None, None, None)],
         ));
-        model.upsert_slice(s.clone());
+        model.upsert_slice(Arc::new(s.clone()));
         let changes = model.recompute();
         assert_eq!(changes.frontends.len(), 1);
         // Same objects again: nothing to do.
-        model.upsert_service(redis_service());
-        model.upsert_slice(s.clone());
+        model.upsert_service(Arc::new(redis_service()));
+        model.upsert_slice(Arc::new(s.clone()));
         assert!(model.recompute().frontends.is_empty());
         // An endpoint moves: one changed frontend with the new backend.
         let moved = slice_spec(slice(
@@ -1096,7 +1104,7 @@ spec:
             &[("", 6379, "TCP")],
             &[("10.244.1.99", None, None, None)],
         ));
-        model.upsert_slice(moved);
+        model.upsert_slice(Arc::new(moved));
         let changes = model.recompute();
         let fe = changes.frontends.values().next().unwrap().as_ref().unwrap();
         assert_eq!(fe.backends, vec![backend("10.244.1.99", 6379)]);
@@ -1110,11 +1118,11 @@ spec:
     #[test]
     fn duplicate_cluster_ip_port_keeps_the_incumbent_until_it_leaves() {
         let mut model = Model::default();
-        model.upsert_service(redis_service());
+        model.upsert_service(Arc::new(redis_service()));
         model.recompute();
         let mut impostor = redis_service();
         impostor.id = ObjectRef::new("pods", "aaa-first-alphabetically");
-        model.upsert_service(impostor.clone());
+        model.upsert_service(Arc::new(impostor.clone()));
         let changes = model.recompute();
         assert!(changes.frontends.is_empty());
         assert_eq!(changes.conflicts.len(), 1);
@@ -1137,24 +1145,24 @@ spec:
     #[test]
     fn slice_moving_between_services_updates_both() {
         let mut model = Model::default();
-        model.upsert_service(redis_service());
+        model.upsert_service(Arc::new(redis_service()));
         let mut other = redis_service();
         other.id = ObjectRef::new("pods", "other");
         other.cluster_ips = vec!["10.96.0.101".parse().unwrap()];
-        model.upsert_service(other);
-        model.upsert_slice(slice_spec(slice(
+        model.upsert_service(Arc::new(other));
+        model.upsert_slice(Arc::new(slice_spec(slice(
             "s",
             "redis-master",
             &[("", 6379, "TCP")],
             &[("10.244.1.11", None, None, None)],
-        )));
+        ))));
         model.recompute();
-        model.upsert_slice(slice_spec(slice(
+        model.upsert_slice(Arc::new(slice_spec(slice(
             "s",
             "other",
             &[("", 6379, "TCP")],
             &[("10.244.1.11", None, None, None)],
-        )));
+        ))));
         let changes = model.recompute();
         let by_ip: BTreeMap<String, usize> = changes
             .frontends

@@ -17,7 +17,10 @@
 //! id has been: a program that read an id just before it was freed never sees it point
 //! at an unrelated backend.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
@@ -28,17 +31,19 @@ use lb_common::{
 use crate::model::{BackendAddr, Frontend, FrontendKey, Protocol};
 
 /// The map operations the reconciler needs; the kernel maps implement it, and so does
-/// an in-memory map set in tests.
+/// an in-memory map set in tests. Each call is a batch applied element by element, in
+/// order (a concurrent reader sees a prefix of it): the kernel uses one
+/// `BPF_MAP_*_BATCH` syscall per call where it can.
 pub trait MapSet {
-    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
-    fn delete_backend(&mut self, id: u32) -> Result<()>;
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
-    fn delete_service(&mut self, key: &ServiceKey) -> Result<()>;
-    fn reset_frontend_stats(&mut self, svc_id: u32) -> Result<()>;
-    fn reset_backend_stats(&mut self, backend_id: u32) -> Result<()>;
-    /// Names a frontend for operators (`lb list`, `bpftool`); the datapath ignores it.
-    fn put_frontend_name(&mut self, svc_id: u32, name: &str) -> Result<()>;
-    fn delete_frontend_name(&mut self, svc_id: u32) -> Result<()>;
+    fn put_backends(&mut self, entries: &[(u32, Backend)]) -> Result<()>;
+    fn delete_backends(&mut self, ids: &[u32]) -> Result<()>;
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<()>;
+    fn delete_services(&mut self, keys: &[ServiceKey]) -> Result<()>;
+    fn reset_frontend_stats(&mut self, svc_ids: &[u32]) -> Result<()>;
+    fn reset_backend_stats(&mut self, backend_ids: &[u32]) -> Result<()>;
+    /// Names frontends for operators (`lb list`, `bpftool`); the datapath ignores them.
+    fn put_frontend_names(&mut self, names: &[(u32, String)]) -> Result<()>;
+    fn delete_frontend_names(&mut self, svc_ids: &[u32]) -> Result<()>;
 }
 
 /// How a frontend is named in `LB_FRONTEND_NAMES`: `namespace/service:port`.
@@ -372,8 +377,8 @@ impl Reconciler {
     /// kernel state, and for a full resync).
     pub fn diff_all(
         &self,
-        desired: &BTreeMap<FrontendKey, Frontend>,
-    ) -> BTreeMap<FrontendKey, Option<Frontend>> {
+        desired: &BTreeMap<FrontendKey, Arc<Frontend>>,
+    ) -> BTreeMap<FrontendKey, Option<Arc<Frontend>>> {
         let mut changes = BTreeMap::new();
         for (key, frontend) in desired {
             let same = self.programmed_backends(key).is_some_and(|programmed| {
@@ -395,16 +400,19 @@ impl Reconciler {
         changes
     }
 
-    /// Applies frontend changes (`None` = remove) in make-before-break order.
+    /// Applies frontend changes (`None` = remove) in make-before-break order. After an
+    /// error the kernel is still consistent for readers, but this reconciler's view is
+    /// not: rebuild it with [`Reconciler::adopt`].
     pub fn apply<M: MapSet>(
         &mut self,
         maps: &mut M,
-        changes: &BTreeMap<FrontendKey, Option<Frontend>>,
+        changes: &BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
     ) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
 
         // Phase 1: every backend a changed frontend wants exists in the kernel.
         let mut wanted_ids: BTreeMap<FrontendKey, Vec<u32>> = BTreeMap::new();
+        let mut new_backends: Vec<(u32, Backend)> = Vec::new();
         for (key, change) in changes {
             let Some(frontend) = change else { continue };
             if frontend.backends.len() > MAX_BACKENDS_PER_FRONTEND as usize {
@@ -432,14 +440,7 @@ impl Reconciler {
                             .backend_ids
                             .allocate()
                             .context("out of backend ids: LB_BACKENDS is full")?;
-                        if let Err(err) = maps
-                            .reset_backend_stats(id)
-                            .and_then(|()| maps.put_backend(id, &identity.to_map_value()))
-                        {
-                            self.backend_ids.release(id);
-                            return Err(err);
-                        }
-                        stats.backends_written += 1;
+                        new_backends.push((id, identity.to_map_value()));
                         self.backends.insert(identity, BackendEntry { id, refs: 1 });
                         self.backend_by_id.insert(id, identity);
                         id
@@ -449,10 +450,20 @@ impl Reconciler {
             }
             wanted_ids.insert(*key, ids);
         }
+        if !new_backends.is_empty() {
+            let ids: Vec<u32> = new_backends.iter().map(|(id, _)| *id).collect();
+            maps.reset_backend_stats(&ids)?;
+            maps.put_backends(&new_backends)?;
+            stats.backends_written += new_backends.len();
+        }
 
-        // Phase 2: slots, then the frontend entry that makes them reachable.
+        // Phase 2: slots, then the frontend entries that make them reachable.
         let mut released: Vec<u32> = Vec::new();
-        let mut shrinks: Vec<(FrontendKey, usize, usize)> = Vec::new();
+        let mut slot_writes: Vec<(ServiceKey, ServiceValue)> = Vec::new();
+        let mut frontend_writes: Vec<(ServiceKey, ServiceValue)> = Vec::new();
+        let mut shrunk_slots: Vec<ServiceKey> = Vec::new();
+        let mut new_svc_ids: Vec<u32> = Vec::new();
+        let mut names: Vec<(u32, String)> = Vec::new();
         for (key, ids) in &wanted_ids {
             let (svc_id, old_slots, old_name, old_draining, is_new) = match self.frontends.get(key)
             {
@@ -468,13 +479,16 @@ impl Reconciler {
                         .svc_ids
                         .allocate()
                         .context("out of frontend ids: too many frontends")?;
-                    maps.reset_frontend_stats(id)?;
+                    new_svc_ids.push(id);
                     (id, Vec::new(), String::new(), BTreeSet::new(), true)
                 }
             };
-            let name = changes[key].as_ref().map(frontend_name).unwrap_or_default();
+            let frontend = changes[key]
+                .as_ref()
+                .expect("wanted_ids holds upserts only");
+            let name = frontend_name(frontend);
             if name != old_name {
-                maps.put_frontend_name(svc_id, &name)?;
+                names.push((svc_id, name.clone()));
             }
             let new_slots = layout(&old_slots, ids);
             // Backends that may still have sockets: in rotation before, or draining.
@@ -483,52 +497,47 @@ impl Reconciler {
                 .filter_map(|id| self.backend_by_id.get(id).map(|b| b.addr))
                 .collect();
             known.extend(old_draining);
+            let in_rotation: BTreeSet<BackendAddr> = frontend.backends.iter().copied().collect();
+            let retained: BTreeSet<BackendAddr> = frontend.retained.iter().copied().collect();
             let mut draining = BTreeSet::new();
-            if let Some(frontend) = &changes[key] {
-                let in_rotation: BTreeSet<BackendAddr> =
-                    frontend.backends.iter().copied().collect();
-                let retained: BTreeSet<BackendAddr> = frontend.retained.iter().copied().collect();
-                for addr in known {
-                    if retained.contains(&addr) {
-                        draining.insert(addr);
-                    } else if !in_rotation.contains(&addr) {
-                        stats.gone.push(GoneBackend {
-                            svc_id,
-                            backend: BackendIdentity {
-                                addr,
-                                protocol: key.protocol,
-                            },
-                        });
-                    }
+            for addr in known {
+                if retained.contains(&addr) {
+                    draining.insert(addr);
+                } else if !in_rotation.contains(&addr) {
+                    stats.gone.push(GoneBackend {
+                        svc_id,
+                        backend: BackendIdentity {
+                            addr,
+                            protocol: key.protocol,
+                        },
+                    });
                 }
             }
             for (i, &backend_id) in new_slots.iter().enumerate() {
                 if old_slots.get(i) != Some(&backend_id) {
-                    maps.put_service(
-                        &service_key(key, i as u16 + 1),
-                        &ServiceValue {
+                    slot_writes.push((
+                        service_key(key, i as u16 + 1),
+                        ServiceValue {
                             backend_id,
                             svc_id,
                             ..Default::default()
                         },
-                    )?;
-                    stats.slots_written += 1;
+                    ));
                 }
             }
             if is_new || new_slots.len() != old_slots.len() {
-                maps.put_service(
-                    &service_key(key, 0),
-                    &ServiceValue {
+                frontend_writes.push((
+                    service_key(key, 0),
+                    ServiceValue {
                         svc_id,
                         count: new_slots.len() as u16,
                         ..Default::default()
                     },
-                )?;
-                stats.frontends_written += 1;
+                ));
             }
-            if new_slots.len() < old_slots.len() {
-                shrinks.push((*key, new_slots.len(), old_slots.len()));
-            }
+            shrunk_slots.extend(
+                (new_slots.len() + 1..=old_slots.len()).map(|slot| service_key(key, slot as u16)),
+            );
             released.extend(old_slots.iter().copied().filter(|id| *id != 0));
             self.frontends.insert(
                 *key,
@@ -540,14 +549,19 @@ impl Reconciler {
                 },
             );
         }
+        maps.reset_frontend_stats(&new_svc_ids)?;
+        maps.put_frontend_names(&names)?;
+        maps.put_services(&slot_writes)?;
+        maps.put_services(&frontend_writes)?;
+        stats.slots_written += slot_writes.len();
+        stats.frontends_written += frontend_writes.len();
 
-        // Phase 3: break what is no longer reachable.
-        for (key, new_len, old_len) in shrinks {
-            for slot in new_len + 1..=old_len {
-                maps.delete_service(&service_key(&key, slot as u16))?;
-                stats.slots_deleted += 1;
-            }
-        }
+        // Phase 3: break what is no longer reachable: slots beyond a shrunk count and
+        // the entries of removed frontends first, then the slots of removed frontends.
+        let mut first_deletes = shrunk_slots;
+        stats.slots_deleted += first_deletes.len();
+        let mut removed_slots: Vec<ServiceKey> = std::mem::take(&mut self.garbage_slots);
+        let mut removed_ids: Vec<u32> = Vec::new();
         for (key, change) in changes {
             if change.is_some() {
                 continue;
@@ -555,12 +569,10 @@ impl Reconciler {
             let Some(programmed) = self.frontends.remove(key) else {
                 continue;
             };
-            maps.delete_service(&service_key(key, 0))?;
+            first_deletes.push(service_key(key, 0));
             stats.frontends_deleted += 1;
-            for slot in 1..=programmed.slots.len() {
-                maps.delete_service(&service_key(key, slot as u16))?;
-                stats.slots_deleted += 1;
-            }
+            removed_slots
+                .extend((1..=programmed.slots.len()).map(|slot| service_key(key, slot as u16)));
             let in_rotation = programmed
                 .slots
                 .iter()
@@ -576,15 +588,18 @@ impl Reconciler {
                 },
             }));
             released.extend(programmed.slots.iter().copied().filter(|id| *id != 0));
-            maps.delete_frontend_name(programmed.svc_id)?;
-            self.svc_ids.release(programmed.svc_id);
+            removed_ids.push(programmed.svc_id);
         }
-        for key in std::mem::take(&mut self.garbage_slots) {
-            maps.delete_service(&key)?;
-            stats.slots_deleted += 1;
+        stats.slots_deleted += removed_slots.len();
+        maps.delete_services(&first_deletes)?;
+        maps.delete_services(&removed_slots)?;
+        maps.delete_frontend_names(&removed_ids)?;
+        for id in removed_ids {
+            self.svc_ids.release(id);
         }
 
         // Phase 4: backends nothing points at any more.
+        let mut dead_backends = std::mem::take(&mut self.garbage_backends);
         for id in released {
             let Some(identity) = self.backend_by_id.get(&id).copied() else {
                 continue;
@@ -595,17 +610,14 @@ impl Reconciler {
                 .expect("backend_by_id and backends agree");
             entry.refs -= 1;
             if entry.refs == 0 {
-                maps.delete_backend(id)?;
-                stats.backends_deleted += 1;
+                dead_backends.push(id);
                 self.backends.remove(&identity);
                 self.backend_by_id.remove(&id);
                 self.backend_ids.release(id);
             }
         }
-        for id in std::mem::take(&mut self.garbage_backends) {
-            maps.delete_backend(id)?;
-            stats.backends_deleted += 1;
-        }
+        maps.delete_backends(&dead_backends)?;
+        stats.backends_deleted += dead_backends.len();
         Ok(stats)
     }
 }
@@ -677,19 +689,11 @@ pub mod memory {
         }
     }
 
-    impl MapSet for MemoryMaps {
+    impl MemoryMaps {
         fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
             self.put()?;
             self.backends.insert(id, *backend);
             let op = format!("put_backend {id}");
-            self.check_invariant(&op);
-            self.log.push(op);
-            Ok(())
-        }
-
-        fn delete_backend(&mut self, id: u32) -> Result<()> {
-            self.backends.remove(&id);
-            let op = format!("delete_backend {id}");
             self.check_invariant(&op);
             self.log.push(op);
             Ok(())
@@ -707,34 +711,64 @@ pub mod memory {
             self.log.push(op);
             Ok(())
         }
+    }
 
-        fn delete_service(&mut self, key: &ServiceKey) -> Result<()> {
-            self.services.remove(key);
-            let op = if key.slot == 0 {
-                "delete_frontend".to_string()
-            } else {
-                format!("delete_slot {}", key.slot)
-            };
-            self.check_invariant(&op);
-            self.log.push(op);
+    /// Element by element, checking the invariant after each: the kernel applies a
+    /// batch the same way, so readers can observe any prefix.
+    impl MapSet for MemoryMaps {
+        fn put_backends(&mut self, entries: &[(u32, Backend)]) -> Result<()> {
+            entries
+                .iter()
+                .try_for_each(|(id, b)| self.put_backend(*id, b))
+        }
+
+        fn delete_backends(&mut self, ids: &[u32]) -> Result<()> {
+            for id in ids {
+                self.backends.remove(id);
+                let op = format!("delete_backend {id}");
+                self.check_invariant(&op);
+                self.log.push(op);
+            }
             Ok(())
         }
 
-        fn reset_frontend_stats(&mut self, _svc_id: u32) -> Result<()> {
+        fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<()> {
+            entries.iter().try_for_each(|(k, v)| self.put_service(k, v))
+        }
+
+        fn delete_services(&mut self, keys: &[ServiceKey]) -> Result<()> {
+            for key in keys {
+                self.services.remove(key);
+                let op = if key.slot == 0 {
+                    "delete_frontend".to_string()
+                } else {
+                    format!("delete_slot {}", key.slot)
+                };
+                self.check_invariant(&op);
+                self.log.push(op);
+            }
             Ok(())
         }
 
-        fn reset_backend_stats(&mut self, _backend_id: u32) -> Result<()> {
+        fn reset_frontend_stats(&mut self, _svc_ids: &[u32]) -> Result<()> {
             Ok(())
         }
 
-        fn put_frontend_name(&mut self, svc_id: u32, name: &str) -> Result<()> {
-            self.names.insert(svc_id, name.to_string());
+        fn reset_backend_stats(&mut self, _backend_ids: &[u32]) -> Result<()> {
             Ok(())
         }
 
-        fn delete_frontend_name(&mut self, svc_id: u32) -> Result<()> {
-            self.names.remove(&svc_id);
+        fn put_frontend_names(&mut self, names: &[(u32, String)]) -> Result<()> {
+            for (svc_id, name) in names {
+                self.names.insert(*svc_id, name.clone());
+            }
+            Ok(())
+        }
+
+        fn delete_frontend_names(&mut self, svc_ids: &[u32]) -> Result<()> {
+            for svc_id in svc_ids {
+                self.names.remove(svc_id);
+            }
             Ok(())
         }
     }
@@ -771,8 +805,8 @@ mod tests {
         }
     }
 
-    fn change(f: Frontend) -> BTreeMap<FrontendKey, Option<Frontend>> {
-        BTreeMap::from([(f.key, Some(f))])
+    fn change(f: Frontend) -> BTreeMap<FrontendKey, Option<Arc<Frontend>>> {
+        BTreeMap::from([(f.key, Some(Arc::new(f)))])
     }
 
     fn reachable_ips(maps: &MemoryMaps, key: &FrontendKey) -> BTreeSet<IpAddr> {
@@ -986,7 +1020,7 @@ mod tests {
         let a = fkey("10.96.0.100", 6379);
         let b = fkey("10.96.0.101", 6379);
         let mut both = change(frontend(a, &["10.244.1.11"]));
-        both.insert(b, Some(frontend(b, &["10.244.1.11"])));
+        both.insert(b, Some(Arc::new(frontend(b, &["10.244.1.11"]))));
         rec.apply(&mut maps, &both).unwrap();
         assert_eq!(
             maps.backends.len(),
@@ -1028,7 +1062,7 @@ mod tests {
             maps.backends.iter().map(|(k, v)| (*k, *v)),
             maps.names.iter().map(|(k, v)| (*k, v.clone())),
         );
-        let desired_all = BTreeMap::from([(key, desired.clone())]);
+        let desired_all = BTreeMap::from([(key, Arc::new(desired.clone()))]);
         assert!(adopted.diff_all(&desired_all).is_empty());
         maps.log.clear();
         // A change after adoption reuses the adopted ids.
@@ -1067,7 +1101,7 @@ mod tests {
             maps.backends.iter().map(|(k, v)| (*k, *v)),
             maps.names.iter().map(|(k, v)| (*k, v.clone())),
         );
-        let desired = BTreeMap::from([(key, frontend(key, &["10.244.1.11"]))]);
+        let desired = BTreeMap::from([(key, Arc::new(frontend(key, &["10.244.1.11"])))]);
         let changes = adopted.diff_all(&desired);
         assert!(changes.is_empty(), "slot 1 is intact: {changes:?}");
         adopted.apply(&mut maps, &changes).unwrap();
@@ -1117,7 +1151,10 @@ mod tests {
         );
         let desired = BTreeMap::from([(
             key,
-            frontend(key, &["10.244.1.11", "10.244.1.12", "10.244.1.13"]),
+            Arc::new(frontend(
+                key,
+                &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
+            )),
         )]);
         let changes = resynced.diff_all(&desired);
         resynced.apply(&mut maps, &changes).unwrap();
@@ -1167,7 +1204,7 @@ mod tests {
                 .as_ref()
                 .map(|f| f.backends.iter().map(|b| b.ip).collect())
                 .unwrap_or_default();
-            rec.apply(&mut maps, &BTreeMap::from([(key, change)]))
+            rec.apply(&mut maps, &BTreeMap::from([(key, change.map(Arc::new))]))
                 .unwrap();
             assert_eq!(reachable_ips(&maps, &key), expected);
         }

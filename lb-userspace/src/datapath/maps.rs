@@ -1,18 +1,24 @@
 //! Typed handles on the pinned maps, the kernel implementation of [`MapSet`], and a
 //! consistent read-back of the tables for `lb list` and for adopting state on restart.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    path::Path,
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray},
 };
 use lb_common::{
     Backend, FrontendName, FrontendStats, MAX_BACKENDS, MAX_FRONTENDS, SERVICE_MAP_SIZE,
     SOCK_REVNAT_SIZE, ServiceKey, ServiceValue, SockRevKey, SockRevValue, map_names, stat,
 };
-use tracing::warn;
+use tracing::{debug, warn};
+
+use super::batch;
 
 use crate::{
     reconcile::{GoneBackend, MapSet},
@@ -27,6 +33,9 @@ pub struct KernelMaps {
     frontend_stats: Array<MapData, FrontendStats>,
     backend_stats: Array<MapData, u64>,
     frontend_names: HashMap<MapData, u32, FrontendName>,
+    fds: MapFds,
+    /// Cleared once the kernel refuses a batch operation.
+    batch_ops: bool,
 }
 
 /// What the kernel tables hold right now.
@@ -76,27 +85,37 @@ fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
 
 impl KernelMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        Ok(Self {
-            services: take_map(ebpf, map_names::SERVICES)?.try_into()?,
-            backends: take_map(ebpf, map_names::BACKENDS)?.try_into()?,
-            sock_revnat: take_map(ebpf, map_names::SOCK_REVNAT)?.try_into()?,
-            stats: take_map(ebpf, map_names::STATS)?.try_into()?,
-            frontend_stats: take_map(ebpf, map_names::FRONTEND_STATS)?.try_into()?,
-            backend_stats: take_map(ebpf, map_names::BACKEND_STATS)?.try_into()?,
-            frontend_names: take_map(ebpf, map_names::FRONTEND_NAMES)?.try_into()?,
-        })
+        Self::from_maps(|name| take_map(ebpf, name))
     }
 
     /// Opens the maps pinned by a running (or kept) daemon.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        Self::from_maps(|name| open_pinned(pin_dir, name))
+    }
+
+    fn from_maps(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+        let services = get(map_names::SERVICES)?;
+        let backends = get(map_names::BACKENDS)?;
+        let frontend_stats = get(map_names::FRONTEND_STATS)?;
+        let backend_stats = get(map_names::BACKEND_STATS)?;
+        let frontend_names = get(map_names::FRONTEND_NAMES)?;
+        let fds = MapFds {
+            services: dup_fd(&services)?,
+            backends: dup_fd(&backends)?,
+            frontend_stats: dup_fd(&frontend_stats)?,
+            backend_stats: dup_fd(&backend_stats)?,
+            frontend_names: dup_fd(&frontend_names)?,
+        };
         Ok(Self {
-            services: open_pinned(pin_dir, map_names::SERVICES)?.try_into()?,
-            backends: open_pinned(pin_dir, map_names::BACKENDS)?.try_into()?,
-            sock_revnat: open_pinned(pin_dir, map_names::SOCK_REVNAT)?.try_into()?,
-            stats: open_pinned(pin_dir, map_names::STATS)?.try_into()?,
-            frontend_stats: open_pinned(pin_dir, map_names::FRONTEND_STATS)?.try_into()?,
-            backend_stats: open_pinned(pin_dir, map_names::BACKEND_STATS)?.try_into()?,
-            frontend_names: open_pinned(pin_dir, map_names::FRONTEND_NAMES)?.try_into()?,
+            services: services.try_into()?,
+            backends: backends.try_into()?,
+            sock_revnat: get(map_names::SOCK_REVNAT)?.try_into()?,
+            stats: get(map_names::STATS)?.try_into()?,
+            frontend_stats: frontend_stats.try_into()?,
+            backend_stats: backend_stats.try_into()?,
+            frontend_names: frontend_names.try_into()?,
+            fds,
+            batch_ops: true,
         })
     }
 
@@ -254,49 +273,207 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+impl KernelMaps {
+    /// One batch syscall where the kernel has them, element by element otherwise.
+    fn put_batch<K: Pod, V: Pod>(&mut self, which: MapFdKind, entries: &[(K, V)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        if self.batch_ops {
+            match batch::update(self.fd(which), entries) {
+                Ok(()) => return Ok(()),
+                Err(err) if batch::unsupported(&err) => {
+                    debug!("batched map updates unavailable ({err}); writing one entry at a time");
+                    self.batch_ops = false;
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("writing {} entries to {which:?}", entries.len())
+                    });
+                }
+            }
+        }
+        for (key, value) in entries {
+            self.put_one(which, key, value)?;
+        }
+        Ok(())
+    }
+
+    fn delete_batch<K: Pod>(&mut self, which: MapFdKind, keys: &[K]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        if self.batch_ops {
+            match batch::delete(self.fd(which), keys) {
+                Ok(()) => return Ok(()),
+                Err(err) if batch::unsupported(&err) => {
+                    debug!("batched map deletes unavailable ({err}); deleting one entry at a time");
+                    self.batch_ops = false;
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("deleting {} entries from {which:?}", keys.len())
+                    });
+                }
+            }
+        }
+        for key in keys {
+            self.delete_one(which, key)?;
+        }
+        Ok(())
+    }
+
+    fn fd(&self, which: MapFdKind) -> BorrowedFd<'_> {
+        match which {
+            MapFdKind::Services => self.fds.services.as_fd(),
+            MapFdKind::Backends => self.fds.backends.as_fd(),
+            MapFdKind::FrontendStats => self.fds.frontend_stats.as_fd(),
+            MapFdKind::BackendStats => self.fds.backend_stats.as_fd(),
+            MapFdKind::FrontendNames => self.fds.frontend_names.as_fd(),
+        }
+    }
+
+    /// Single-element fallback through the syscall aya would make.
+    fn put_one<K: Pod, V: Pod>(&mut self, which: MapFdKind, key: &K, value: &V) -> Result<()> {
+        single::update(self.fd(which), key, value)
+            .with_context(|| format!("writing an entry to {which:?}"))
+    }
+
+    fn delete_one<K: Pod>(&mut self, which: MapFdKind, key: &K) -> Result<()> {
+        match single::delete(self.fd(which), key) {
+            Err(err) if err.raw_os_error() != Some(libc::ENOENT) => {
+                Err(err).with_context(|| format!("deleting an entry from {which:?}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Which map a raw batch operation targets.
+#[derive(Debug, Clone, Copy)]
+enum MapFdKind {
+    Services,
+    Backends,
+    FrontendStats,
+    BackendStats,
+    FrontendNames,
+}
+
+/// Duplicated descriptors of the maps the reconciler writes (aya's typed maps do not
+/// lend theirs out), used for batch operations.
+struct MapFds {
+    services: OwnedFd,
+    backends: OwnedFd,
+    frontend_stats: OwnedFd,
+    backend_stats: OwnedFd,
+    frontend_names: OwnedFd,
+}
+
+fn dup_fd(map: &Map) -> Result<OwnedFd> {
+    let data = match map {
+        Map::HashMap(data) | Map::Array(data) | Map::LruHashMap(data) | Map::PerCpuArray(data) => {
+            data
+        }
+        _ => anyhow::bail!("unexpected map type"),
+    };
+    Ok(data.fd().as_fd().try_clone_to_owned()?)
+}
+
+/// Plain BPF_MAP_UPDATE_ELEM / BPF_MAP_DELETE_ELEM for kernels without batches.
+mod single {
+    use std::{
+        io,
+        mem::size_of,
+        os::fd::{AsRawFd as _, BorrowedFd},
+    };
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+
+    fn call(
+        command: libc::c_long,
+        fd: BorrowedFd<'_>,
+        key: *const u8,
+        value: *const u8,
+    ) -> io::Result<()> {
+        let mut attr = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: key as u64,
+            value: value as u64,
+            ..Default::default()
+        };
+        // SAFETY: key and value point at values of the map's key and value sizes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                command,
+                &mut attr as *mut ElemAttr,
+                size_of::<ElemAttr>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn update<K, V>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+        call(2, fd, (key as *const K).cast(), (value as *const V).cast())
+    }
+
+    pub fn delete<K>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+        call(3, fd, (key as *const K).cast(), std::ptr::null())
+    }
+}
+
 impl MapSet for KernelMaps {
-    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.backends
-            .insert(id, backend, 0)
-            .with_context(|| format!("writing backend {id}"))
+    fn put_backends(&mut self, entries: &[(u32, Backend)]) -> Result<()> {
+        self.put_batch(MapFdKind::Backends, entries)
     }
 
-    fn delete_backend(&mut self, id: u32) -> Result<()> {
-        ignore_missing(self.backends.remove(&id)).with_context(|| format!("deleting backend {id}"))
+    fn delete_backends(&mut self, ids: &[u32]) -> Result<()> {
+        self.delete_batch(MapFdKind::Backends, ids)
     }
 
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
-        self.services
-            .insert(key, value, 0)
-            .with_context(|| format!("writing service entry {key:?}"))
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<()> {
+        self.put_batch(MapFdKind::Services, entries)
     }
 
-    fn delete_service(&mut self, key: &ServiceKey) -> Result<()> {
-        ignore_missing(self.services.remove(key))
-            .with_context(|| format!("deleting service entry {key:?}"))
+    fn delete_services(&mut self, keys: &[ServiceKey]) -> Result<()> {
+        self.delete_batch(MapFdKind::Services, keys)
     }
 
-    fn reset_frontend_stats(&mut self, svc_id: u32) -> Result<()> {
-        self.frontend_stats
-            .set(svc_id, FrontendStats::default(), 0)
-            .with_context(|| format!("resetting counters of frontend {svc_id}"))
+    fn reset_frontend_stats(&mut self, svc_ids: &[u32]) -> Result<()> {
+        let zeros: Vec<(u32, FrontendStats)> = svc_ids
+            .iter()
+            .map(|id| (*id, FrontendStats::default()))
+            .collect();
+        self.put_batch(MapFdKind::FrontendStats, &zeros)
     }
 
-    fn reset_backend_stats(&mut self, backend_id: u32) -> Result<()> {
-        self.backend_stats
-            .set(backend_id, 0, 0)
-            .with_context(|| format!("resetting counters of backend {backend_id}"))
+    fn reset_backend_stats(&mut self, backend_ids: &[u32]) -> Result<()> {
+        let zeros: Vec<(u32, u64)> = backend_ids.iter().map(|id| (*id, 0)).collect();
+        self.put_batch(MapFdKind::BackendStats, &zeros)
     }
 
-    fn put_frontend_name(&mut self, svc_id: u32, name: &str) -> Result<()> {
-        self.frontend_names
-            .insert(svc_id, FrontendName::new(name), 0)
-            .with_context(|| format!("naming frontend {svc_id}"))
+    fn put_frontend_names(&mut self, names: &[(u32, String)]) -> Result<()> {
+        let entries: Vec<(u32, FrontendName)> = names
+            .iter()
+            .map(|(id, name)| (*id, FrontendName::new(name)))
+            .collect();
+        self.put_batch(MapFdKind::FrontendNames, &entries)
     }
 
-    fn delete_frontend_name(&mut self, svc_id: u32) -> Result<()> {
-        ignore_missing(self.frontend_names.remove(&svc_id))
-            .with_context(|| format!("deleting name of frontend {svc_id}"))
+    fn delete_frontend_names(&mut self, svc_ids: &[u32]) -> Result<()> {
+        self.delete_batch(MapFdKind::FrontendNames, svc_ids)
     }
 }
 

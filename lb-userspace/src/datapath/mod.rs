@@ -2,6 +2,7 @@
 //! cgroup, pinning maps (and, on request, links) under one bpffs directory, and typed
 //! access to the maps.
 
+mod batch;
 mod maps;
 mod sys;
 
