@@ -81,16 +81,23 @@ impl SourceChanges {
     }
 }
 
+/// What a periodic rescan compares to decide whether to re-read a file. File times are
+/// coarse (a jiffy) and inodes are reused, so two quick atomic replacements can look
+/// alike: file-system events therefore always re-read the files they name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Fingerprint {
     len: u64,
     modified: Option<SystemTime>,
+    changed: (i64, i64),
     inode: u64,
 }
 
 #[derive(Debug, Default)]
 struct FileState {
     fingerprint: Option<Fingerprint>,
+    /// Hash of the text last parsed: a file re-read with identical content changes
+    /// nothing.
+    content: u64,
     objects: BTreeMap<ObjectKey, Object>,
 }
 
@@ -138,6 +145,7 @@ fn fingerprint(path: &Path) -> Option<Fingerprint> {
     Some(Fingerprint {
         len: meta.len(),
         modified: meta.modified().ok(),
+        changed: (meta.ctime(), meta.ctime_nsec()),
         inode: meta.ino(),
     })
 }
@@ -176,7 +184,7 @@ impl ManifestDir {
             self.forget_file(&path, &mut changes);
         }
         for path in present {
-            self.refresh_file(&path, &mut changes);
+            self.refresh_file(&path, false, &mut changes);
         }
         Ok(changes)
     }
@@ -194,7 +202,7 @@ impl ManifestDir {
                 continue;
             }
             if path.exists() {
-                self.refresh_file(path, &mut changes);
+                self.refresh_file(path, true, &mut changes);
             } else if self.files.contains_key(path) {
                 self.forget_file(path, &mut changes);
             }
@@ -212,15 +220,15 @@ impl ManifestDir {
         self.replace_file_objects(path, old.objects, BTreeMap::new(), changes);
     }
 
-    /// Re-parses one file if its fingerprint changed.
-    fn refresh_file(&mut self, path: &Path, changes: &mut SourceChanges) {
+    /// Re-parses one file if its content changed; without `force`, only if its
+    /// fingerprint changed too.
+    fn refresh_file(&mut self, path: &Path, force: bool, changes: &mut SourceChanges) {
         let fp = fingerprint(path);
         let known = self.files.get(path).and_then(|f| f.fingerprint);
-        if fp.is_some() && fp == known {
+        if !force && fp.is_some() && fp == known {
             return;
         }
         changes.files_read += 1;
-        let previous = self.files.remove(path).unwrap_or_default();
         let text = match fs::read_to_string(path) {
             Ok(text) => text,
             Err(err) => {
@@ -229,10 +237,22 @@ impl ManifestDir {
                     object: None,
                     message: format!("cannot read file ({err}); keeping its previous objects"),
                 });
-                self.files.insert(path.to_path_buf(), previous);
                 return;
             }
         };
+        let content = {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            text.hash(&mut hasher);
+            hasher.finish()
+        };
+        if let Some(state) = self.files.get_mut(path)
+            && state.content == content
+        {
+            state.fingerprint = fp;
+            return;
+        }
+        let previous = self.files.remove(path).unwrap_or_default();
         let parsed = parse_file(path, &text, &previous.objects, &mut changes.problems);
         let objects = match parsed {
             Some(objects) => objects,
@@ -243,6 +263,7 @@ impl ManifestDir {
             path.to_path_buf(),
             FileState {
                 fingerprint: fp,
+                content,
                 objects: BTreeMap::new(),
             },
         );

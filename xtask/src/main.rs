@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod bench;
 mod prereqs;
 
 use anyhow::{Context as _, Result, bail};
@@ -50,9 +51,12 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         command: Vec<String>,
     },
-    /// Everything CI runs: formatting, clippy (userspace and eBPF), unit tests and the
-    /// real-kernel end-to-end tests. Needs root.
+    /// Everything CI runs: formatting, clippy (userspace and eBPF), unit tests, the
+    /// real-kernel end-to-end tests and a smoke run of the benchmark harness. Needs root.
     Test,
+    /// Benchmarks against kube-proxy's iptables modes, a userspace proxy and the direct
+    /// path, side by side in one run. Needs root.
+    Bench(bench::BenchArgs),
     /// Remove namespaces, cgroups and pins left by killed test or sandbox runs.
     Cleanup,
 }
@@ -67,7 +71,7 @@ struct SandboxState {
     pid: u32,
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
@@ -113,7 +117,7 @@ pub fn build_lb(release: bool) -> Result<PathBuf> {
     bail!("cargo build did not report the lb executable")
 }
 
-fn require_root(what: &str) -> Result<()> {
+pub fn require_root(what: &str) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("{what} needs root (it loads eBPF programs and creates network namespaces)");
     }
@@ -390,6 +394,10 @@ fn test_task() -> Result<()> {
         "unit and end-to-end tests",
         cargo().args(["test", "--workspace"]),
     )?;
+    step(
+        "benchmark harness smoke test",
+        cargo().args(["xtask", "bench", "--smoke", "--out", "target/bench-smoke"]),
+    )?;
     eprintln!("==> all checks passed in {:.1?}", started.elapsed());
     Ok(())
 }
@@ -416,6 +424,16 @@ fn cleanup_task() -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(bench::CLIENT_ARG) {
+        return match bench::client_main(&argv[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("bench client: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Run {
@@ -424,6 +442,7 @@ fn main() -> ExitCode {
         } => run_task(manifests, daemon_args),
         Task::Client { command } => client_task(command),
         Task::Test => test_task(),
+        Task::Bench(args) => bench::run(args),
         Task::Cleanup => cleanup_task(),
     };
     match result {

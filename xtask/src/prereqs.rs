@@ -19,6 +19,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("python3", "python3"),
     ("curl", "curl"),
+    ("nft", "nftables"),
 ];
 
 /// The bpf-linker release that links with rustc's own LLVM (DESIGN.md section 6).

@@ -72,9 +72,17 @@ impl Datapath {
     pub fn load(options: DatapathOptions) -> Result<Self> {
         check_root()?;
         sys::check_cgroup2(&options.cgroup)?;
-        let instance_lock = sys::lock_pin_dir(&options.pin_dir)?;
         let fresh = !options.pin_dir.exists();
         bpffs_prepare(&options.pin_dir)?;
+        let instance_lock = match sys::lock_pin_dir(&options.pin_dir) {
+            Ok(lock) => lock,
+            Err(err) => {
+                if fresh {
+                    let _ = fs::remove_dir(&options.pin_dir);
+                }
+                return Err(err);
+            }
+        };
         let loaded = Self::load_into_pin_dir(options.clone(), instance_lock);
         if loaded.is_err() && fresh {
             // Leave no half-made pin directory behind.

@@ -93,46 +93,20 @@ fn unescape_mountinfo(field: &str) -> String {
     out
 }
 
-/// Directory of the per-pin-directory instance locks.
-const LOCK_DIR: &str = "/run/lb";
-
-/// Takes an exclusive lock for `pin_dir` so two daemons never drive the same maps (the
-/// second would adopt, then fight over, the first one's state). Released on exit, even
-/// on a crash.
+/// Takes an exclusive lock on the pin directory itself, so two daemons never drive the
+/// same maps (the second would adopt, then fight over, the first one's state). The lock
+/// dies with the process, even on a crash, and leaves no file behind.
 pub fn lock_pin_dir(pin_dir: &Path) -> Result<fs::File> {
-    use std::{io::Write as _, os::fd::AsRawFd as _};
-    fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
-    let name: String = pin_dir
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let path = Path::new(LOCK_DIR).join(format!("{name}.lock"));
-    let mut file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let holder = fs::read_to_string(&path).unwrap_or_default();
+    use std::os::fd::AsRawFd as _;
+    let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         bail!(
-            "another lb daemon (pid {}) is using pin directory {}",
-            holder.trim(),
+            "another lb daemon is using pin directory {}",
             pin_dir.display()
         );
     }
-    file.set_len(0)?;
-    write!(file, "{}", std::process::id())?;
-    Ok(file)
+    Ok(dir)
 }
 
 /// Makes sure `pin_dir` can hold pins: its bpffs is mounted (mounting /sys/fs/bpf when

@@ -528,7 +528,7 @@ fn startup_errors_are_one_line() -> Result<()> {
         .output()?;
     let stderr = String::from_utf8_lossy(&second.stderr);
     ensure!(
-        !second.status.success() && stderr.contains("another lb daemon (pid"),
+        !second.status.success() && stderr.contains("another lb daemon is using pin directory"),
         "{stderr}"
     );
     ensure!(first.is_running());

@@ -1,0 +1,613 @@
+//! `cargo xtask bench`: new-connection latency and rate, request latency, throughput
+//! and control-plane costs, for this load balancer side by side with the direct path
+//! (the physical limit), kube-proxy's iptables mode on both iptables backends, and a
+//! userspace proxy, in one run on the same namespaces and servers.
+//!
+//! Order of measurement, per service count: first the modes that need no iptables
+//! rules (direct, lb, userspace-proxy), interleaved over several rounds so machine
+//! noise hits them alike; then iptables-nft (its table is deleted afterwards, so
+//! conntrack goes away again); then iptables-legacy (last: its tables cannot be
+//! unregistered from a namespace).
+
+mod client;
+mod control_plane;
+mod report;
+mod rules;
+mod topology;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+pub use self::client::{CLIENT_ARG, main as client_main};
+use self::{
+    client::Summary,
+    rules::{IPERF_PORT, IPERF_VIP, PROXY_VIP, SERVICE_PORT},
+    topology::{SERVER_IPS, Topology},
+};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// A short run (under two minutes on 2 cores, build excluded).
+    #[arg(long)]
+    quick: bool,
+    /// A minimal run that checks the harness end to end (used by `cargo xtask test`;
+    /// its timings mean nothing).
+    #[arg(long, conflicts_with = "quick")]
+    smoke: bool,
+    /// Service counts to measure at (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    services: Option<Vec<usize>>,
+    /// Where results.json, report.md and latency.svg go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Also write BENCHMARKS.md and docs/bench-latency.svg in the repository.
+    #[arg(long)]
+    publish: bool,
+}
+
+/// How much of everything to measure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub services: Vec<usize>,
+    pub concurrency: Vec<usize>,
+    /// New connections per (mode, services, concurrency) and round.
+    pub connections: usize,
+    pub rounds: usize,
+    pub round_trips: usize,
+    pub iperf_seconds: u32,
+    pub iperf_runs: usize,
+    pub cp_services: usize,
+    pub cp_endpoints: usize,
+    pub cp_changes: usize,
+}
+
+impl Plan {
+    fn for_args(args: &BenchArgs) -> Self {
+        let mut plan = if args.smoke {
+            Self {
+                services: vec![1, 20],
+                concurrency: vec![1, 2],
+                connections: 200,
+                rounds: 1,
+                round_trips: 200,
+                iperf_seconds: 1,
+                iperf_runs: 1,
+                cp_services: 200,
+                cp_endpoints: 10,
+                cp_changes: 5,
+            }
+        } else if args.quick {
+            Self {
+                services: vec![1, 10_000],
+                concurrency: vec![1, 4],
+                connections: 1_000,
+                rounds: 5,
+                round_trips: 5_000,
+                iperf_seconds: 2,
+                iperf_runs: 2,
+                cp_services: 10_000,
+                cp_endpoints: 10,
+                cp_changes: 50,
+            }
+        } else {
+            Self {
+                services: vec![1, 1_000, 10_000, 30_000],
+                concurrency: vec![1, 4],
+                connections: 3_000,
+                rounds: 8,
+                round_trips: 20_000,
+                iperf_seconds: 4,
+                iperf_runs: 3,
+                cp_services: 10_000,
+                cp_endpoints: 10,
+                cp_changes: 200,
+            }
+        };
+        if let Some(services) = &args.services {
+            plan.services = services.clone();
+        }
+        plan
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Direct,
+    Lb,
+    UserspaceProxy,
+    IptablesNft,
+    IptablesLegacy,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 5] = [
+        Mode::Direct,
+        Mode::Lb,
+        Mode::IptablesLegacy,
+        Mode::IptablesNft,
+        Mode::UserspaceProxy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Lb => "lb",
+            Mode::UserspaceProxy => "userspace-proxy",
+            Mode::IptablesNft => "iptables-nft",
+            Mode::IptablesLegacy => "iptables-legacy",
+        }
+    }
+
+    fn targets(self, services: usize) -> String {
+        match self {
+            Mode::Direct => SERVER_IPS
+                .map(|ip| format!("{ip}:{SERVICE_PORT}"))
+                .join(","),
+            Mode::UserspaceProxy => format!("{PROXY_VIP}:{SERVICE_PORT}"),
+            _ => format!(
+                "{}:{SERVICE_PORT}",
+                rules::vip(rules::target_index(services))
+            ),
+        }
+    }
+
+    fn balanced(self) -> bool {
+        self == Mode::Lb
+    }
+}
+
+/// One row of results.json's "connect" (and "request") list.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub mode: Mode,
+    pub services: usize,
+    pub concurrency: usize,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub conn_per_s: f64,
+    pub samples: usize,
+    pub errors: usize,
+}
+
+impl Row {
+    fn new(mode: Mode, services: usize, concurrency: usize, s: &Summary) -> Self {
+        Self {
+            mode,
+            services,
+            concurrency,
+            p50_us: s.p50_us,
+            p90_us: s.p90_us,
+            p99_us: s.p99_us,
+            conn_per_s: s.per_s,
+            samples: s.samples,
+            errors: s.errors,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub direct_gbps: f64,
+    pub lb_gbps: f64,
+    pub lb_ratio: f64,
+    pub direct_runs_gbps: Vec<f64>,
+    pub lb_runs_gbps: Vec<f64>,
+    pub seconds_per_run: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SetupTimes {
+    /// services -> seconds to load the rules with iptables-restore.
+    pub iptables_legacy_restore_s: BTreeMap<usize, f64>,
+    pub iptables_nft_restore_s: BTreeMap<usize, f64>,
+    /// services -> seconds from `lb daemon` start to ready (programs loaded, maps
+    /// written).
+    pub lb_ready_s: BTreeMap<usize, f64>,
+}
+
+/// Runs the client in the client namespace and returns its summary.
+fn measure(
+    topo: &Topology,
+    exe: &Path,
+    mode: Mode,
+    services: usize,
+    kind: &str,
+    count: usize,
+    concurrency: usize,
+) -> Result<Summary> {
+    let mut cmd = topo.client_command(mode.balanced(), exe)?;
+    cmd.args([
+        CLIENT_ARG,
+        kind,
+        &mode.targets(services),
+        &count.to_string(),
+        &concurrency.to_string(),
+    ]);
+    let output = lb_testbed::output_with_timeout(cmd, Duration::from_secs(300))?;
+    if !output.status.success() {
+        bail!(
+            "{} client failed: {}",
+            mode.name(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let summary: Summary = serde_json::from_slice(&output.stdout).context("client output")?;
+    // A handful of errors in tens of thousands of connections would be noise; more
+    // means the path is broken, and its numbers would lie.
+    if summary.errors * 100 > count {
+        bail!(
+            "{}: {} of {count} exchanges failed",
+            mode.name(),
+            summary.errors
+        );
+    }
+    Ok(summary)
+}
+
+/// A running `lb daemon` for the benchmark.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+    pub ready_s: f64,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Reached on error paths only (`stop` consumes it cleanly): never leave a daemon
+        // attached behind.
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Daemon {
+    fn start(lb: &Path, topo: &Topology, manifests: &Path, tag: &str) -> Result<Self> {
+        let log = topo.work_dir.join(format!("daemon-{tag}.log"));
+        let log_file = fs::File::create(&log)?;
+        let started = Instant::now();
+        let mut child = Command::new(lb)
+            .args(["daemon", "--manifests"])
+            .arg(manifests)
+            .arg("--cgroup")
+            .arg(&topo.cgroup.path)
+            .args(["--pin-dir", &format!("/sys/fs/bpf/{}", topo.id)])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("starting lb daemon")?;
+        let deadline = started + Duration::from_secs(120);
+        loop {
+            if fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(" ready ")
+            {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "lb daemon exited ({status}):\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("lb daemon not ready after 120 s");
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        Ok(Self {
+            child,
+            log,
+            ready_s: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(mut self) -> Result<()> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("lb daemon exited with {status}:\n{}", self.log_text());
+        }
+        Ok(())
+    }
+}
+
+/// Loads kube-proxy-style rules into the node namespace; returns the seconds it took.
+fn iptables_restore(topo: &Topology, binary: &str, rules: &str) -> Result<f64> {
+    let path = topo.work_dir.join("rules.txt");
+    fs::write(&path, rules)?;
+    let mut cmd = topo.node_command(binary)?;
+    cmd.stdin(fs::File::open(&path)?)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let output = cmd.spawn()?.wait_with_output()?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if !output.status.success() {
+        bail!(
+            "{binary} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(elapsed)
+}
+
+fn node_run(topo: &Topology, argv: &[&str]) -> Result<()> {
+    let mut cmd = topo.node_command(argv[0])?;
+    cmd.args(&argv[1..]);
+    let output = lb_testbed::output_with_timeout(cmd, Duration::from_secs(60))?;
+    if !output.status.success() {
+        bail!(
+            "{} failed: {}",
+            argv.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn iperf(topo: &Topology, balanced: bool, target: &str, seconds: u32) -> Result<f64> {
+    let mut cmd = topo.client_command(balanced, Path::new("/usr/bin/iperf3"))?;
+    cmd.args([
+        "-c",
+        target,
+        "-p",
+        &IPERF_PORT.to_string(),
+        "-t",
+        &seconds.to_string(),
+        "-J",
+    ]);
+    let output = lb_testbed::output_with_timeout(cmd, Duration::from_secs(seconds as u64 + 30))?;
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).context("iperf3 JSON")?;
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|bps| bps / 1e9)
+        .with_context(|| format!("iperf3 reported no throughput: {}", json["error"]))
+}
+
+fn progress(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+pub struct Results {
+    pub plan: Plan,
+    pub connect: Vec<Row>,
+    pub request: Vec<Row>,
+    pub throughput: Option<Throughput>,
+    pub setup: SetupTimes,
+    pub control_plane: control_plane::ControlPlane,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    crate::require_root("cargo xtask bench")?;
+    crate::prereqs::ensure()?;
+    let plan = Plan::for_args(&args);
+    let started = Instant::now();
+    eprintln!("==> building lb (release)");
+    let lb = crate::build_lb(true)?;
+    let exe = std::env::current_exe()?;
+    let out = if args.out.is_absolute() {
+        args.out.clone()
+    } else {
+        crate::workspace_root().join(&args.out)
+    };
+    fs::create_dir_all(&out)?;
+
+    eprintln!("==> building the benchmark network");
+    let mut topo = Topology::new()?;
+    topo.start_servers(&rules::haproxy_config(&SERVER_IPS))?;
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.id));
+
+    let largest = *plan.services.iter().max().context("no service counts")?;
+    let points_per_n = plan.concurrency.len() as u64 * (plan.rounds as u64 * 3 + 2);
+    let bar = progress(points_per_n * plan.services.len() as u64 + 2);
+    let mut samples: BTreeMap<(Mode, usize, usize), Vec<Summary>> = BTreeMap::new();
+    let mut request = Vec::new();
+    let mut throughput = None;
+    let mut setup = SetupTimes::default();
+
+    let result = (|| -> Result<()> {
+        // Phase A: no iptables rules anywhere: direct, lb and the userspace proxy,
+        // interleaved round by round.
+        for &n in &plan.services {
+            bar.set_message(format!("{n} services: writing manifests, starting lb"));
+            let dir = topo.work_dir.join(format!("manifests-{n}"));
+            fs::create_dir_all(&dir)?;
+            fs::write(
+                dir.join("services.yaml"),
+                rules::manifests(n, 3, &SERVER_IPS),
+            )?;
+            fs::write(dir.join("iperf.yaml"), rules::iperf_manifest(&SERVER_IPS))?;
+            let daemon = Daemon::start(&lb, &topo, &dir, &n.to_string())?;
+            setup.lb_ready_s.insert(n, daemon.ready_s);
+            let modes = [Mode::Direct, Mode::Lb, Mode::UserspaceProxy];
+            for mode in modes {
+                measure(&topo, &exe, mode, n, "crr", 200, 2)?; // warm-up, not recorded
+            }
+            for round in 0..plan.rounds {
+                for &c in &plan.concurrency {
+                    // Rotate the order each round: no mode always runs first.
+                    for k in 0..modes.len() {
+                        let mode = modes[(round + k) % modes.len()];
+                        bar.set_message(format!(
+                            "{n} services, round {}, {} x{c}",
+                            round + 1,
+                            mode.name()
+                        ));
+                        let s = measure(&topo, &exe, mode, n, "crr", plan.connections, c)?;
+                        samples.entry((mode, n, c)).or_default().push(s);
+                        bar.inc(1);
+                    }
+                }
+            }
+            if n == largest {
+                bar.set_message("request latency on established connections");
+                for mode in modes {
+                    let s = measure(&topo, &exe, mode, n, "rr", plan.round_trips, 1)?;
+                    request.push(Row::new(mode, n, 1, &s));
+                }
+                bar.set_message("throughput (iperf3)");
+                let (mut direct, mut balanced) = (Vec::new(), Vec::new());
+                for _ in 0..plan.iperf_runs {
+                    direct.push(iperf(
+                        &topo,
+                        false,
+                        &SERVER_IPS[0].to_string(),
+                        plan.iperf_seconds,
+                    )?);
+                    balanced.push(iperf(
+                        &topo,
+                        true,
+                        &IPERF_VIP.to_string(),
+                        plan.iperf_seconds,
+                    )?);
+                }
+                let median = |v: &mut Vec<f64>| {
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
+                };
+                let (d, l) = (median(&mut direct.clone()), median(&mut balanced.clone()));
+                throughput = Some(Throughput {
+                    direct_gbps: d,
+                    lb_gbps: l,
+                    lb_ratio: l / d,
+                    direct_runs_gbps: direct,
+                    lb_runs_gbps: balanced,
+                    seconds_per_run: plan.iperf_seconds,
+                });
+            }
+            daemon.stop()?;
+            bar.inc(plan.concurrency.len() as u64);
+        }
+
+        // Phases B and C: kube-proxy's rules on each iptables backend.
+        for (mode, binary) in [
+            (Mode::IptablesNft, "iptables-nft-restore"),
+            (Mode::IptablesLegacy, "iptables-legacy-restore"),
+        ] {
+            for &n in &plan.services {
+                bar.set_message(format!("{n} services: {binary}"));
+                let secs =
+                    iptables_restore(&topo, binary, &rules::iptables_rules(n, 3, &SERVER_IPS))?;
+                match mode {
+                    Mode::IptablesNft => setup.iptables_nft_restore_s.insert(n, secs),
+                    _ => setup.iptables_legacy_restore_s.insert(n, secs),
+                };
+                measure(&topo, &exe, mode, n, "crr", 200, 2)?;
+                for round in 0..plan.rounds {
+                    for &c in &plan.concurrency {
+                        bar.set_message(format!(
+                            "{n} services, round {}, {} x{c}",
+                            round + 1,
+                            mode.name()
+                        ));
+                        let s = measure(&topo, &exe, mode, n, "crr", plan.connections, c)?;
+                        samples.entry((mode, n, c)).or_default().push(s);
+                    }
+                }
+                if n == largest {
+                    let s = measure(&topo, &exe, mode, n, "rr", plan.round_trips, 1)?;
+                    request.push(Row::new(mode, n, 1, &s));
+                }
+                bar.inc(plan.concurrency.len() as u64);
+            }
+            if mode == Mode::IptablesNft {
+                // Remove the table so conntrack and the hooks are gone for what follows.
+                node_run(&topo, &["nft", "delete", "table", "ip", "nat"])?;
+            }
+        }
+        bar.inc(1);
+        Ok(())
+    })();
+    bar.finish_and_clear();
+    result?;
+
+    eprintln!(
+        "==> control plane: {} services, {} endpoints",
+        plan.cp_services,
+        plan.cp_services * plan.cp_endpoints
+    );
+    let control_plane = control_plane::run(&lb, &mut topo, &pin_dir, &plan)?;
+
+    let connect: Vec<Row> = samples
+        .iter()
+        .map(|((mode, n, c), parts)| Row::new(*mode, *n, *c, &Summary::merge(parts)))
+        .collect();
+    drop(topo);
+    let results = Results {
+        plan,
+        connect,
+        request,
+        throughput,
+        setup,
+        control_plane,
+    };
+    report::write(
+        &results,
+        &out,
+        args.publish.then(crate::workspace_root).as_deref(),
+        started.elapsed(),
+    )?;
+    if args.smoke {
+        report::check_smoke(&out)?;
+    }
+    Ok(())
+}
+
+/// Reads a daemon log line's `key=value` number.
+pub fn log_number(log: &str, line_marker: &str, key: &str) -> Option<f64> {
+    let line = log.lines().rev().find(|l| l.contains(line_marker))?;
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    line[start..].split_whitespace().next()?.parse().ok()
+}
+
+/// Peak and current resident memory of a process, in MB.
+pub fn memory_mb(pid: u32) -> Result<(f64, f64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Option<f64> {
+        let line = BufReader::new(status.as_bytes())
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with(name))?;
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<f64>()
+            .ok()
+            .map(|kb| kb / 1024.0)
+    };
+    Ok((
+        field("VmHWM:").unwrap_or(f64::NAN),
+        field("VmRSS:").unwrap_or(f64::NAN),
+    ))
+}
