@@ -492,30 +492,47 @@ pub fn netns_command(netns: &str, cgroup: Option<&Path>, program: &str) -> Resul
     Ok(cmd)
 }
 
-/// Runs a command, killing it if it outlives `timeout`.
+/// Runs a command, killing it if it outlives `timeout`. Output is drained while the
+/// command runs, so a chatty command never blocks on a full pipe.
 pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    use std::io::Read as _;
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
     let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let output = child.wait_with_output()?;
+            let _ = child.wait();
+            let stderr = stderr.join().unwrap_or_default();
             bail!(
                 "{:?} timed out after {timeout:?}: {}",
                 cmd.get_program(),
-                String::from_utf8_lossy(&output.stderr)
+                String::from_utf8_lossy(&stderr)
             );
         }
         thread::sleep(Duration::from_millis(2));
-    }
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
 }
 
 fn stop_child(child: &mut Child) {

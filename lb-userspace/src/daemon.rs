@@ -235,6 +235,26 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         maps,
     };
 
+    // Watch before the first read: a change made while the initial sync runs (or right
+    // after "ready") is then seen as an event, not left to the periodic rescan.
+    let (tx, mut events) = mpsc::unbounded_channel::<Trigger>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let trigger = match event {
+            Ok(event) => classify(event),
+            Err(_) => Some(Trigger::Rescan),
+        };
+        if let Some(trigger) = trigger {
+            let _ = tx.send(trigger);
+        }
+    })
+    .context("creating the file watcher")?;
+    notify::Watcher::watch(
+        &mut watcher,
+        &options.manifests,
+        notify::RecursiveMode::Recursive,
+    )
+    .with_context(|| format!("watching {}", options.manifests.display()))?;
+
     // Initial sync: read everything, then make the kernel match (adopting pinned state).
     let started = Instant::now();
     let changes = controller.source.scan()?;
@@ -253,24 +273,6 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         manifests = %options.manifests.display(),
         "ready"
     );
-
-    let (tx, mut events) = mpsc::unbounded_channel::<Trigger>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let trigger = match event {
-            Ok(event) => classify(event),
-            Err(_) => Some(Trigger::Rescan),
-        };
-        if let Some(trigger) = trigger {
-            let _ = tx.send(trigger);
-        }
-    })
-    .context("creating the file watcher")?;
-    notify::Watcher::watch(
-        &mut watcher,
-        &options.manifests,
-        notify::RecursiveMode::Recursive,
-    )
-    .with_context(|| format!("watching {}", options.manifests.display()))?;
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -809,6 +809,34 @@ mod tests {
         BTreeMap::from([(f.key, Some(Arc::new(f)))])
     }
 
+    /// A frontend programmed with `backends`, with the operation log cleared.
+    fn programmed(backends: &[&str]) -> (MemoryMaps, Reconciler, FrontendKey) {
+        let mut maps = MemoryMaps::default();
+        let mut rec = Reconciler::new();
+        let key = fkey("10.96.0.100", 6379);
+        rec.apply(&mut maps, &change(frontend(key, backends)))
+            .unwrap();
+        maps.log.clear();
+        (maps, rec, key)
+    }
+
+    /// What a restarted daemon builds from the maps.
+    fn adopt(maps: &MemoryMaps) -> Reconciler {
+        Reconciler::adopt(
+            maps.services.iter().map(|(k, v)| (*k, *v)),
+            maps.backends.iter().map(|(k, v)| (*k, *v)),
+            maps.names.iter().map(|(k, v)| (*k, v.clone())),
+        )
+    }
+
+    fn gone_ips(stats: &ApplyStats) -> Vec<String> {
+        stats
+            .gone
+            .iter()
+            .map(|g| g.backend.addr.ip.to_string())
+            .collect()
+    }
+
     fn reachable_ips(maps: &MemoryMaps, key: &FrontendKey) -> BTreeSet<IpAddr> {
         maps.reachable(&service_key(key, 0))
             .iter()
@@ -868,18 +896,7 @@ mod tests {
 
     #[test]
     fn pod_restart_with_new_ip_rewrites_one_slot() {
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let key = fkey("10.96.0.100", 6379);
-        rec.apply(
-            &mut maps,
-            &change(frontend(
-                key,
-                &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
-            )),
-        )
-        .unwrap();
-        maps.log.clear();
+        let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12", "10.244.1.13"]);
         // redis-2 restarts as 10.244.1.22.
         let stats = rec
             .apply(
@@ -900,28 +917,12 @@ mod tests {
             ips(&["10.244.1.11", "10.244.1.22", "10.244.1.13"])
         );
         // The old pod is gone: its sockets are to be terminated.
-        let gone: Vec<String> = stats
-            .gone
-            .iter()
-            .map(|g| g.backend.addr.ip.to_string())
-            .collect();
-        assert_eq!(gone, vec!["10.244.1.12"]);
+        assert_eq!(gone_ips(&stats), vec!["10.244.1.12"]);
     }
 
     #[test]
     fn scale_down_to_zero_and_back() {
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let key = fkey("10.96.0.100", 6379);
-        rec.apply(
-            &mut maps,
-            &change(frontend(
-                key,
-                &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
-            )),
-        )
-        .unwrap();
-        maps.log.clear();
+        let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12", "10.244.1.13"]);
         rec.apply(&mut maps, &change(frontend(key, &["10.244.1.13"])))
             .unwrap();
         // Count shrinks before the slots go; then the unreferenced backends go.
@@ -1000,12 +1001,7 @@ mod tests {
         let stats = rec
             .apply(&mut maps, &change(frontend(key, &["10.244.1.11"])))
             .unwrap();
-        let gone: Vec<String> = stats
-            .gone
-            .iter()
-            .map(|g| g.backend.addr.ip.to_string())
-            .collect();
-        assert_eq!(gone, vec!["10.244.1.12"]);
+        assert_eq!(gone_ips(&stats), vec!["10.244.1.12"]);
         // Removing the whole frontend reports every backend it had.
         let stats = rec
             .apply(&mut maps, &BTreeMap::from([(key, None)]))
@@ -1057,11 +1053,7 @@ mod tests {
         rec.apply(&mut maps, &change(desired.clone())).unwrap();
 
         // A restarted daemon adopts the maps: identical desired state means no writes.
-        let mut adopted = Reconciler::adopt(
-            maps.services.iter().map(|(k, v)| (*k, *v)),
-            maps.backends.iter().map(|(k, v)| (*k, *v)),
-            maps.names.iter().map(|(k, v)| (*k, v.clone())),
-        );
+        let mut adopted = adopt(&maps);
         let desired_all = BTreeMap::from([(key, Arc::new(desired.clone()))]);
         assert!(adopted.diff_all(&desired_all).is_empty());
         maps.log.clear();
@@ -1096,11 +1088,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let mut adopted = Reconciler::adopt(
-            maps.services.iter().map(|(k, v)| (*k, *v)),
-            maps.backends.iter().map(|(k, v)| (*k, *v)),
-            maps.names.iter().map(|(k, v)| (*k, v.clone())),
-        );
+        let mut adopted = adopt(&maps);
         let desired = BTreeMap::from([(key, Arc::new(frontend(key, &["10.244.1.11"])))]);
         let changes = adopted.diff_all(&desired);
         assert!(changes.is_empty(), "slot 1 is intact: {changes:?}");
@@ -1144,11 +1132,7 @@ mod tests {
         assert!(err.to_string().contains("injected failure"), "{err}");
         assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.11"]));
         // A resync from the kernel's state converges.
-        let mut resynced = Reconciler::adopt(
-            maps.services.iter().map(|(k, v)| (*k, *v)),
-            maps.backends.iter().map(|(k, v)| (*k, *v)),
-            maps.names.iter().map(|(k, v)| (*k, v.clone())),
-        );
+        let mut resynced = adopt(&maps);
         let desired = BTreeMap::from([(
             key,
             Arc::new(frontend(

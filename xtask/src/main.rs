@@ -33,9 +33,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build `lb`, start a sandbox of pods running real redis servers, run the daemon on
-    /// the bundled examples/ and show connections being balanced (Ctrl-C stops and
-    /// removes everything). With --manifests, run the daemon on your own manifests
+    /// Build `lb`, start a sandbox of pods running real servers, run the daemon on the
+    /// bundled examples/ and show connections being balanced (Ctrl-C stops and removes
+    /// everything). With `-- --manifests DIR`, run the daemon on your own manifests
     /// instead, attached to this machine's cgroup2 root like a real deployment.
     Run {
         /// Your own folder of Service/EndpointSlice manifests (no sandbox).
@@ -202,11 +202,19 @@ fn run_task(manifests: Option<PathBuf>, daemon_args: Vec<String>) -> Result<()> 
     let lb = build_lb(false)?;
     let stop = ctrl_c_flag();
 
-    if let Some(dir) = manifests {
+    // `cargo xtask run -- --manifests DIR [daemon flags]` (or `run --manifests DIR`):
+    // the user's own manifests, no sandbox.
+    let manifests_in_daemon_args = daemon_args
+        .iter()
+        .any(|a| a == "--manifests" || a.starts_with("--manifests="));
+    if manifests.is_some() || manifests_in_daemon_args {
         // The real thing on the user's manifests: the default cgroup is the host root.
-        let mut args = vec!["--manifests".to_string(), dir.display().to_string()];
+        let mut args = Vec::new();
+        if let Some(dir) = &manifests {
+            args.extend(["--manifests".to_string(), dir.display().to_string()]);
+        }
         args.extend(daemon_args);
-        eprintln!("Starting lb daemon on {} (Ctrl-C to stop)", dir.display());
+        eprintln!("Starting lb daemon {} (Ctrl-C to stop)", args.join(" "));
         let daemon = DaemonProcess::start(&lb, &args)?;
         while !stop.load(Ordering::SeqCst) {
             thread::sleep(Duration::from_millis(100));
@@ -215,7 +223,8 @@ fn run_task(manifests: Option<PathBuf>, daemon_args: Vec<String>) -> Result<()> 
     }
 
     eprintln!(
-        "Creating the sandbox: pods redis-master-1..3 (10.244.1.11-13, real redis-server) and web (10.244.1.100)"
+        "Creating the sandbox: pods redis-master-1..3 (10.244.1.11-13, redis-server), coredns-1..2 \
+         (10.244.1.21-22, dnsmasq), lab-web-a/b (10.244.1.31-32, HTTP) and the client pod web (10.244.1.100)"
     );
     let sandbox = Sandbox::start()?;
     let tb = &sandbox.testbed;

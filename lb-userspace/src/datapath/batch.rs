@@ -1,6 +1,7 @@
-//! `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` (Linux >= 5.6), which aya 0.14 does
-//! not wrap: one syscall writes thousands of entries, which is what keeps a full sync of
-//! 10 000 Services with 100 000 endpoints well under a second.
+//! Raw map writes: `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` (Linux >= 5.6), which
+//! aya 0.14 does not wrap, and single-element writes for older kernels. One batch syscall
+//! writes thousands of entries, which is what keeps a full sync of 10 000 Services with
+//! 100 000 endpoints well under a second.
 //!
 //! The kernel applies a batch element by element (each element atomically, in order),
 //! exactly like a loop of single updates, so make-before-break ordering between batches
@@ -29,6 +30,28 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// The bpf(2) syscall with the attribute struct `command` expects.
+///
+/// # Safety
+/// `attr` must be laid out as the `union bpf_attr` member of `command`, and every
+/// pointer in it valid for what the kernel reads and writes there.
+unsafe fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<()> {
+    // SAFETY: upheld by the caller.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            attr as *mut T,
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Runs one batch command; on failure returns how many elements were processed.
 fn run(
     command: libc::c_long,
@@ -46,19 +69,57 @@ fn run(
     };
     // SAFETY: `attr` points at key/value arrays of `count` elements of the map's key and
     // value sizes, which the caller guarantees; the kernel writes back only `count`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            &mut attr as *mut BatchAttr,
-            size_of::<BatchAttr>() as libc::c_uint,
-        )
+    unsafe { bpf(command, &mut attr) }.map_err(|err| (attr.count as usize, err))
+}
+
+/// `union bpf_attr`'s member for single-element commands.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+fn elem(
+    command: libc::c_long,
+    fd: BorrowedFd<'_>,
+    key: *const u8,
+    value: *const u8,
+) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: key as u64,
+        value: value as u64,
+        ..Default::default()
     };
-    if rc < 0 {
-        Err((attr.count as usize, io::Error::last_os_error()))
-    } else {
-        Ok(())
-    }
+    // SAFETY: key and value point at values of the map's key and value sizes.
+    unsafe { bpf(command, &mut attr) }
+}
+
+/// One BPF_MAP_UPDATE_ELEM, for kernels without batch operations.
+pub fn update_one<K, V>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+    elem(
+        BPF_MAP_UPDATE_ELEM,
+        fd,
+        (key as *const K).cast(),
+        (value as *const V).cast(),
+    )
+}
+
+/// One BPF_MAP_DELETE_ELEM, for kernels without batch operations.
+pub fn delete_one<K>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    elem(
+        BPF_MAP_DELETE_ELEM,
+        fd,
+        (key as *const K).cast(),
+        std::ptr::null(),
+    )
 }
 
 /// The kernel's internal ENOTSUPP, which BPF commands can return to userspace.

@@ -335,12 +335,12 @@ impl KernelMaps {
 
     /// Single-element fallback through the syscall aya would make.
     fn put_one<K: Pod, V: Pod>(&mut self, which: MapFdKind, key: &K, value: &V) -> Result<()> {
-        single::update(self.fd(which), key, value)
+        batch::update_one(self.fd(which), key, value)
             .with_context(|| format!("writing an entry to {which:?}"))
     }
 
     fn delete_one<K: Pod>(&mut self, which: MapFdKind, key: &K) -> Result<()> {
-        match single::delete(self.fd(which), key) {
+        match batch::delete_one(self.fd(which), key) {
             Err(err) if err.raw_os_error() != Some(libc::ENOENT) => {
                 Err(err).with_context(|| format!("deleting an entry from {which:?}"))
             }
@@ -377,61 +377,6 @@ fn dup_fd(map: &Map) -> Result<OwnedFd> {
         _ => anyhow::bail!("unexpected map type"),
     };
     Ok(data.fd().as_fd().try_clone_to_owned()?)
-}
-
-/// Plain BPF_MAP_UPDATE_ELEM / BPF_MAP_DELETE_ELEM for kernels without batches.
-mod single {
-    use std::{
-        io,
-        mem::size_of,
-        os::fd::{AsRawFd as _, BorrowedFd},
-    };
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct ElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-
-    fn call(
-        command: libc::c_long,
-        fd: BorrowedFd<'_>,
-        key: *const u8,
-        value: *const u8,
-    ) -> io::Result<()> {
-        let mut attr = ElemAttr {
-            map_fd: fd.as_raw_fd() as u32,
-            key: key as u64,
-            value: value as u64,
-            ..Default::default()
-        };
-        // SAFETY: key and value point at values of the map's key and value sizes.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                command,
-                &mut attr as *mut ElemAttr,
-                size_of::<ElemAttr>() as libc::c_uint,
-            )
-        };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-
-    pub fn update<K, V>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
-        call(2, fd, (key as *const K).cast(), (value as *const V).cast())
-    }
-
-    pub fn delete<K>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
-        call(3, fd, (key as *const K).cast(), std::ptr::null())
-    }
 }
 
 impl MapSet for KernelMaps {

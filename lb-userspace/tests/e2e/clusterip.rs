@@ -58,6 +58,10 @@ pub fn trials() -> Vec<Trial> {
             "clusterip::in_place_edits_apply_when_the_file_is_closed",
             in_place_edits_apply_when_closed,
         ),
+        trial(
+            "clusterip::a_change_right_after_start_is_applied",
+            change_right_after_start_is_applied,
+        ),
     ]
 }
 
@@ -333,7 +337,7 @@ fn bad_manifest_changes_nothing() -> Result<()> {
         &service_yaml("impostor", &[VIP], &[("", 6379, "TCP", "6379")]),
     )?;
     daemon.wait_for_log("impostor", Duration::from_secs(3))?;
-    // Give the daemon a rescan period to (not) act on the bad input.
+    // Give the daemon time to (not) act on the bad input.
     thread::sleep(Duration::from_millis(1200));
     let log = daemon.log_text();
     for needle in [
@@ -600,5 +604,34 @@ fn in_place_edits_apply_when_closed() -> Result<()> {
         );
     }
     ensure!(!daemon.log_text().contains("WARN"), "{}", daemon.log_text());
+    Ok(())
+}
+
+/// A manifest changed while the daemon performs its first sync is applied at once: the
+/// folder is watched before it is first read, so the change is not left to the periodic
+/// rescan (10 s).
+fn change_right_after_start_is_applied() -> Result<()> {
+    let (mut tb, backends, client) = redis_world(1)?;
+    let new = tb.add_pod("redis-1b", 21)?;
+    tb.start_redis(&new, 6379)?;
+    let dir = manifest_dir(&tb)?;
+    write_manifest(&dir, "a-redis.yaml", &redis_manifest(VIP, &[&backends[0]]))?;
+    // Read after a-redis.yaml and slow to parse: the window the change lands in.
+    let filler: Vec<String> = (0..3000)
+        .map(|i| {
+            service_yaml(
+                &format!("filler-{i}"),
+                &[&format!("10.100.{}.{}", i / 250, i % 250 + 1)],
+                &[("", 80, "TCP", "80")],
+            )
+        })
+        .collect();
+    write_manifest(&dir, "z-filler.yaml", &filler.join("---\n"))?;
+    let mut daemon = Daemon::launch(&tb, &dir, &[])?;
+    daemon.wait_for_log("datapath attached", Duration::from_secs(20))?;
+    write_manifest(&dir, "a-redis.yaml", &redis_manifest(VIP, &[&new]))?;
+    daemon.wait_for_log("ready", Duration::from_secs(20))?;
+    daemon.wait_for_backends(VIP, 6379, "TCP", &["10.244.1.21:6379"])?;
+    ensure!(whoami(&tb, &client, VIP, 6379)? == "redis-1b");
     Ok(())
 }

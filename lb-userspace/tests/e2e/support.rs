@@ -33,6 +33,13 @@ impl Daemon {
     }
 
     pub fn start_with(tb: &Testbed, manifests: &Path, extra: &[&str]) -> Result<Self> {
+        let mut daemon = Self::launch(tb, manifests, extra)?;
+        daemon.wait_for_log("ready", Duration::from_secs(20))?;
+        Ok(daemon)
+    }
+
+    /// Starts the daemon without waiting for it to be ready.
+    pub fn launch(tb: &Testbed, manifests: &Path, extra: &[&str]) -> Result<Self> {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", tb.id));
         let log = tb.work_dir.join(format!("daemon-{}.log", unique()));
         let mut daemon = Self {
@@ -55,7 +62,8 @@ impl Daemon {
             .arg(&self.cgroup)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .args(["--log-level", "debug", "--rescan-interval", "1"])
+            // The default rescan interval (10 s): changes must arrive through events.
+            .args(["--log-level", "debug"])
             .args(extra)
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
@@ -65,14 +73,15 @@ impl Daemon {
             .spawn()
             .context("starting lb daemon")?;
         self.child = Some(child);
-        self.wait_for_log("ready", Duration::from_secs(20))
+        Ok(())
     }
 
     /// Restarts a stopped daemon with the same pin directory and manifests.
     pub fn restart(&mut self, extra: &[&str]) -> Result<()> {
         assert!(self.child.is_none(), "daemon still running");
         self.log = self.log.with_file_name(format!("daemon-{}.log", unique()));
-        self.spawn(extra)
+        self.spawn(extra)?;
+        self.wait_for_log("ready", Duration::from_secs(20))
     }
 
     pub fn log_text(&self) -> String {
@@ -180,7 +189,8 @@ impl Daemon {
     ) -> Result<()> {
         let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
         expected.sort();
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Well under the 10 s periodic rescan: only a file-system event gets here in time.
+        let deadline = Instant::now() + Duration::from_secs(2);
         loop {
             let got = self.backends_of(address, port, protocol)?;
             if got.as_ref() == Some(&expected) {

@@ -82,8 +82,10 @@ fn exchange(stream: &mut TcpStream) -> std::io::Result<()> {
 
 fn crr_once(target: SocketAddr) -> std::io::Result<Duration> {
     let started = Instant::now();
-    let mut stream = TcpStream::connect(target)?;
+    // A lost SYN would otherwise block for minutes of retransmissions.
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
     stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
     exchange(&mut stream)?;
     drop(stream);
     Ok(started.elapsed())
@@ -114,10 +116,13 @@ pub fn main(args: &[String]) -> Result<()> {
                     let mut errors = 0;
                     if mode == "rr" {
                         let target = targets[worker % targets.len()];
-                        let Ok(mut stream) = TcpStream::connect(target) else {
+                        let Ok(mut stream) =
+                            TcpStream::connect_timeout(&target, Duration::from_secs(1))
+                        else {
                             return (latencies, count / concurrency);
                         };
                         let _ = stream.set_nodelay(true);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
                         while next.fetch_add(1, Ordering::Relaxed) < count {
                             let t = Instant::now();
                             match exchange(&mut stream) {

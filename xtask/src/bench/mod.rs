@@ -105,7 +105,7 @@ impl Plan {
                 services: vec![1, 1_000, 10_000, 30_000],
                 concurrency: vec![1, 4],
                 connections: 3_000,
-                rounds: 8,
+                rounds: 12,
                 round_trips: 20_000,
                 iperf_seconds: 4,
                 iperf_runs: 3,
@@ -236,7 +236,13 @@ fn measure(
         &count.to_string(),
         &concurrency.to_string(),
     ]);
-    let output = lb_testbed::output_with_timeout(cmd, Duration::from_secs(300))?;
+    let output =
+        lb_testbed::output_with_timeout(cmd, Duration::from_secs(300)).with_context(|| {
+            format!(
+                "{} {kind} x{concurrency} at {services} services",
+                mode.name()
+            )
+        })?;
     if !output.status.success() {
         bail!(
             "{} client failed: {}",
@@ -441,6 +447,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // Phase A: no iptables rules anywhere: direct, lb and the userspace proxy,
         // interleaved round by round.
         for &n in &plan.services {
+            eprintln!("==> {n} services: direct, lb, userspace-proxy");
             bar.set_message(format!("{n} services: writing manifests, starting lb"));
             let dir = topo.work_dir.join(format!("manifests-{n}"));
             fs::create_dir_all(&dir)?;
@@ -517,6 +524,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             (Mode::IptablesLegacy, "iptables-legacy-restore"),
         ] {
             for &n in &plan.services {
+                eprintln!("==> {n} services: {}", mode.name());
                 bar.set_message(format!("{n} services: {binary}"));
                 let secs =
                     iptables_restore(&topo, binary, &rules::iptables_rules(n, 3, &SERVER_IPS))?;

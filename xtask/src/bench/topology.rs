@@ -103,6 +103,19 @@ impl Topology {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         sysctl(&node, "net.ipv4.ip_forward", "1")?;
+        // The iptables modes run hundreds of thousands of connections in minutes; with
+        // the default 120 s TIME_WAIT their conntrack entries would fill the (global)
+        // table and SYNs would be dropped. Only this namespace is affected.
+        sysctl(
+            &node,
+            "net.netfilter.nf_conntrack_tcp_timeout_time_wait",
+            "1",
+        )?;
+        // haproxy opens one server connection per client connection from the node:
+        // give it the same port range and TIME_WAIT reuse as the client, or its
+        // connect() crawls through exhausted ports and the proxy looks worse than it is.
+        sysctl(&node, "net.ipv4.ip_local_port_range", "1024 65535")?;
+        sysctl(&node, "net.ipv4.tcp_tw_reuse", "1")?;
         // The service range exists only as a blackhole on the node; the proxy's VIP is
         // local to it.
         ip(&["-n", &node, "route", "add", "blackhole", "10.96.0.0/12"])?;
