@@ -170,8 +170,7 @@ impl Datapath {
                 }
                 Err(err) => warn!("eBPF log forwarding unavailable: {err}"),
             },
-            // The object carries no log statements when built without them.
-            Err(err) => tracing::debug!("eBPF log forwarding unavailable: {err}"),
+            Err(err) => warn!("eBPF log forwarding unavailable: {err}"),
         }
     }
 

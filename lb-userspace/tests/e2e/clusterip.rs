@@ -62,6 +62,10 @@ pub fn trials() -> Vec<Trial> {
             "clusterip::a_change_right_after_start_is_applied",
             change_right_after_start_is_applied,
         ),
+        trial(
+            "clusterip::inconsistent_maps_refuse_and_the_kernel_says_why",
+            inconsistent_maps_refuse_and_log,
+        ),
     ]
 }
 
@@ -633,5 +637,53 @@ fn change_right_after_start_is_applied() -> Result<()> {
     daemon.wait_for_log("ready", Duration::from_secs(20))?;
     daemon.wait_for_backends(VIP, 6379, "TCP", &["10.244.1.21:6379"])?;
     ensure!(whoami(&tb, &client, VIP, 6379)? == "redis-1b");
+    Ok(())
+}
+
+/// A frontend whose slot points nowhere (written behind the daemon's back with bpftool)
+/// is refused rather than sent to the ClusterIP, and the program's aya-log warning
+/// reaches the daemon's log.
+fn inconsistent_maps_refuse_and_log() -> Result<()> {
+    let (tb, backends, client) = redis_world(1)?;
+    let dir = manifest_dir(&tb)?;
+    write_manifest(&dir, "redis.yaml", &redis_manifest(VIP, &[&backends[0]]))?;
+    let mut daemon = Daemon::start(&tb, &dir)?;
+    // 10.96.0.150:80/TCP, slot 0: count 1, frontend id 999; slot 1 is never written.
+    let key = "00 00 00 00 00 00 00 00 00 00 ff ff 0a 60 00 96 00 50 06 00 00 00 00 00";
+    let value = "00 00 00 00 e7 03 00 00 01 00 00 00 00 00 00 00";
+    let map = daemon.pin_dir.join("LB_SERVICES");
+    let mut args: Vec<String> = vec![
+        "map".into(),
+        "update".into(),
+        "pinned".into(),
+        map.display().to_string(),
+        "key".into(),
+        "hex".into(),
+    ];
+    args.extend(key.split(' ').map(String::from));
+    args.extend(["value".into(), "hex".into()]);
+    args.extend(value.split(' ').map(String::from));
+    let out = Command::new("bpftool").args(&args).output()?;
+    ensure!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (out, err, elapsed) = redis_cli(&tb, &client, "10.96.0.150", 80, &["PING"])?;
+    ensure!(
+        format!("{out} {err}").contains("Connection refused"),
+        "{out} {err}"
+    );
+    ensure!(
+        elapsed < Duration::from_millis(500),
+        "refusal took {elapsed:?}"
+    );
+    daemon.wait_for_log(
+        "frontend 999: slot or backend missing after retries; refused",
+        Duration::from_secs(3),
+    )?;
+    // The real service is unaffected.
+    ensure!(whoami(&tb, &client, VIP, 6379)? == "redis-1");
     Ok(())
 }
