@@ -952,15 +952,7 @@ mod tests {
 
     #[test]
     fn removing_a_frontend_deletes_the_entry_first_and_frees_ids() {
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let key = fkey("10.96.0.100", 6379);
-        rec.apply(
-            &mut maps,
-            &change(frontend(key, &["10.244.1.11", "10.244.1.12"])),
-        )
-        .unwrap();
-        maps.log.clear();
+        let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
         rec.apply(&mut maps, &BTreeMap::from([(key, None)]))
             .unwrap();
         assert_eq!(
@@ -980,14 +972,7 @@ mod tests {
 
     #[test]
     fn retained_endpoints_are_not_gone() {
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let key = fkey("10.96.0.100", 6379);
-        rec.apply(
-            &mut maps,
-            &change(frontend(key, &["10.244.1.11", "10.244.1.12"])),
-        )
-        .unwrap();
+        let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
         // .12 turns terminating: unselected but still listed, so it drains.
         let mut draining = frontend(key, &["10.244.1.11"]);
         draining.retained = vec![BackendAddr {
@@ -1068,14 +1053,7 @@ mod tests {
 
     #[test]
     fn adoption_cleans_leftovers_of_an_interrupted_update() {
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let key = fkey("10.96.0.100", 6379);
-        rec.apply(
-            &mut maps,
-            &change(frontend(key, &["10.244.1.11", "10.244.1.12"])),
-        )
-        .unwrap();
+        let (mut maps, _, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
         // Simulate a crash mid-shrink: count already 1, slot 2 and backend 2 left behind,
         // plus an orphan slot of a frontend that no longer exists.
         maps.services.get_mut(&service_key(&key, 0)).unwrap().count = 1;

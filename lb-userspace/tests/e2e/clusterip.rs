@@ -136,13 +136,7 @@ fn count_backends(
 /// Three redis replicas each get a fair share of 300 new connections.
 fn connections_are_spread_fairly() -> Result<()> {
     let (tb, backends, client) = redis_world(3)?;
-    let dir = manifest_dir(&tb)?;
-    write_manifest(
-        &dir,
-        "redis.yaml",
-        &redis_manifest(VIP, &backends.iter().collect::<Vec<_>>()),
-    )?;
-    let daemon = Daemon::start(&tb, &dir)?;
+    let (_dir, daemon) = serve_redis(&tb, &backends.iter().collect::<Vec<_>>())?;
     let counts = count_backends(&tb, &client, 300)?;
     ensure!(counts.len() == 3, "all three backends answer: {counts:?}");
     for (backend, n) in &counts {
@@ -204,13 +198,7 @@ fn pod_restart_with_new_ip() -> Result<()> {
 /// at once with ECONNREFUSED.
 fn scale_3_to_1_to_0_refuses_at_once() -> Result<()> {
     let (tb, backends, client) = redis_world(3)?;
-    let dir = manifest_dir(&tb)?;
-    write_manifest(
-        &dir,
-        "redis.yaml",
-        &redis_manifest(VIP, &backends.iter().collect::<Vec<_>>()),
-    )?;
-    let daemon = Daemon::start(&tb, &dir)?;
+    let (dir, daemon) = serve_redis(&tb, &backends.iter().collect::<Vec<_>>())?;
     ensure!(count_backends(&tb, &client, 30)?.len() == 3);
 
     write_manifest(&dir, "redis.yaml", &redis_manifest(VIP, &[&backends[2]]))?;
@@ -310,13 +298,7 @@ fn multi_port_service() -> Result<()> {
 /// change nothing that was good.
 fn bad_manifest_changes_nothing() -> Result<()> {
     let (tb, backends, client) = redis_world(2)?;
-    let dir = manifest_dir(&tb)?;
-    write_manifest(
-        &dir,
-        "redis.yaml",
-        &redis_manifest(VIP, &backends.iter().collect::<Vec<_>>()),
-    )?;
-    let mut daemon = Daemon::start(&tb, &dir)?;
+    let (dir, mut daemon) = serve_redis(&tb, &backends.iter().collect::<Vec<_>>())?;
     let before = daemon.list()?;
 
     // Broken YAML, an impossible port, an unknown protocol, and a second Service

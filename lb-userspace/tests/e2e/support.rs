@@ -319,6 +319,15 @@ pub fn redis_manifest(cluster_ip: &str, backends: &[&Pod]) -> String {
     )
 }
 
+/// Serves redis-master at the ClusterIP 10.96.0.100 with `backends` from a fresh
+/// manifest folder, and returns the folder and the ready daemon.
+pub fn serve_redis(tb: &Testbed, backends: &[&Pod]) -> Result<(PathBuf, Daemon)> {
+    let dir = manifest_dir(tb)?;
+    write_manifest(&dir, "redis.yaml", &redis_manifest("10.96.0.100", backends))?;
+    let daemon = Daemon::start(tb, &dir)?;
+    Ok((dir, daemon))
+}
+
 /// Runs redis-cli in a balanced client pod and returns (stdout, stderr, elapsed).
 pub fn redis_cli(
     tb: &Testbed,
