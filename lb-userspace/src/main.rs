@@ -118,6 +118,14 @@ fn main() -> ExitCode {
     init_logging(&cli.log_level);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // `lb list | head`: the reader went away, nothing is wrong.
+        Err(err)
+            if err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(err) => {
             // One line: the reason and its causes.
             eprintln!("lb: error: {err:#}");
