@@ -183,17 +183,9 @@ impl Testbed {
         Ok(testbed)
     }
 
-    pub fn node_netns(&self) -> &str {
-        &self.node_netns
-    }
-
     /// The cgroup whose processes the load balancer under test is attached to.
     pub fn cgroup(&self) -> &Path {
         &self.cgroup.path
-    }
-
-    pub fn pods(&self) -> &[Pod] {
-        &self.pods
     }
 
     /// Adds a pod with address 10.244.1.`host` and fd00:244::`host`.
