@@ -155,49 +155,37 @@ impl KernelMaps {
     /// Reads every table. Entries can change while we iterate (the daemon keeps
     /// writing); each entry is read atomically, the whole is best effort.
     pub fn snapshot(&self) -> Result<MapSnapshot> {
+        let (services, backends, names) = self.raw_entries()?;
+        let names: std::collections::HashMap<u32, String> = names.into_iter().collect();
         let mut frontends: BTreeMap<ServiceKey, (ServiceValue, BTreeMap<u16, u32>)> =
             BTreeMap::new();
-        let mut slots: Vec<(ServiceKey, ServiceValue)> = Vec::new();
-        for entry in self.services.iter() {
-            let (key, value) = match entry {
-                Ok(kv) => kv,
-                // Deleted between get_next_key and lookup.
-                Err(MapError::KeyNotFound) => continue,
-                Err(err) => return Err(err.into()),
-            };
-            if key.slot == 0 {
-                frontends.entry(key).or_default().0 = value;
-            } else {
-                slots.push((key, value));
-            }
+        let (heads, slots): (Vec<_>, Vec<_>) =
+            services.into_iter().partition(|(key, _)| key.slot == 0);
+        for (key, value) in heads {
+            frontends.entry(key).or_default().0 = value;
         }
         let mut orphan_slots = Vec::new();
         for (key, value) in slots {
-            let frontend_key = ServiceKey { slot: 0, ..key };
-            match frontends.get_mut(&frontend_key) {
+            match frontends.get_mut(&ServiceKey { slot: 0, ..key }) {
                 Some((_, by_slot)) => {
                     by_slot.insert(key.slot, value.backend_id);
                 }
                 None => orphan_slots.push(key),
             }
         }
-
-        let mut backends = BTreeMap::new();
-        for entry in self.backends.iter() {
-            let (id, backend) = match entry {
-                Ok(kv) => kv,
-                Err(MapError::KeyNotFound) => continue,
-                Err(err) => return Err(err.into()),
-            };
-            let connections = self.backend_stats.get(&id, 0).unwrap_or(0);
-            backends.insert(
-                id,
-                SnapshotBackend {
-                    backend,
-                    connections,
-                },
-            );
-        }
+        let backends = backends
+            .into_iter()
+            .map(|(id, backend)| {
+                let connections = self.backend_stats.get(&id, 0).unwrap_or(0);
+                (
+                    id,
+                    SnapshotBackend {
+                        backend,
+                        connections,
+                    },
+                )
+            })
+            .collect();
 
         let frontends = frontends
             .into_iter()
@@ -211,11 +199,7 @@ impl KernelMaps {
                     .frontend_stats
                     .get(&value.svc_id, 0)
                     .unwrap_or_default();
-                let name = self
-                    .frontend_names
-                    .get(&value.svc_id, 0)
-                    .map(|n| n.as_str().to_string())
-                    .unwrap_or_default();
+                let name = names.get(&value.svc_id).cloned().unwrap_or_default();
                 SnapshotFrontend {
                     key,
                     value,

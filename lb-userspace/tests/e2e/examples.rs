@@ -70,19 +70,7 @@ fn bundled_examples_serve_the_sandbox() -> Result<()> {
             );
         }
     }
-    let metrics = tb.output(
-        client,
-        true,
-        &[
-            "curl",
-            "-s",
-            "--max-time",
-            "2",
-            &format!("http://{DNS_CLUSTER_IP}:9153/whoami"),
-        ],
-        Duration::from_secs(5),
-    )?;
-    let metrics = String::from_utf8_lossy(&metrics.stdout).to_string();
+    let metrics = curl(tb, client, &format!("http://{DNS_CLUSTER_IP}:9153/whoami"))?;
     ensure!(
         DNS_PODS.iter().any(|(name, _)| metrics.contains(name)),
         "metrics port: {metrics:?}"
@@ -91,19 +79,11 @@ fn bundled_examples_serve_the_sandbox() -> Result<()> {
     // test-svc: targetPort web-port served on 8080 by one pod and 9090 by the other.
     let mut web = BTreeSet::new();
     for _ in 0..20 {
-        let out = tb.output(
+        web.insert(curl(
+            tb,
             client,
-            true,
-            &[
-                "curl",
-                "-s",
-                "--max-time",
-                "2",
-                &format!("http://{TEST_SVC_CLUSTER_IP}/whoami"),
-            ],
-            Duration::from_secs(5),
-        )?;
-        web.insert(String::from_utf8_lossy(&out.stdout).to_string());
+            &format!("http://{TEST_SVC_CLUSTER_IP}/whoami"),
+        )?);
     }
     let expected: BTreeSet<String> = WEB_PODS
         .iter()

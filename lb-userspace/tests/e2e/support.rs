@@ -348,6 +348,17 @@ pub fn redis_cli(
     ))
 }
 
+/// `curl -s <url>` from a balanced client pod: the body.
+pub fn curl(tb: &Testbed, client: &Pod, url: &str) -> Result<String> {
+    let out = tb.output(
+        client,
+        true,
+        &["curl", "-s", "--max-time", "2", url],
+        Duration::from_secs(5),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 /// Which backend answers a new connection to host:port (its `whoami` key).
 pub fn whoami(tb: &Testbed, client: &Pod, host: &str, port: u16) -> Result<String> {
     let (out, err, _) = redis_cli(tb, client, host, port, &["GET", "whoami"])?;

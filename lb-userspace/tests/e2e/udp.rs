@@ -438,20 +438,8 @@ fn named_target_port_on_different_numbers() -> Result<()> {
     let daemon = Daemon::start(&tb, &dir)?;
     let mut seen = BTreeMap::new();
     for _ in 0..24 {
-        let out = tb.output(
-            &client,
-            true,
-            &[
-                "curl",
-                "-s",
-                "--max-time",
-                "2",
-                "http://10.107.169.79/whoami",
-            ],
-            Duration::from_secs(5),
-        )?;
         *seen
-            .entry(String::from_utf8_lossy(&out.stdout).to_string())
+            .entry(curl(&tb, &client, "http://10.107.169.79/whoami")?)
             .or_insert(0) += 1;
     }
     ensure!(
