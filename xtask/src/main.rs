@@ -416,16 +416,24 @@ fn cleanup_task() -> Result<()> {
     for removed in lb_testbed::cleanup_leftovers()? {
         eprintln!("removed {removed}");
     }
-    if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(lb_testbed::PREFIX) {
-                let lb = build_lb(false)?;
-                Command::new(lb)
-                    .args(["cleanup", "--pin-dir"])
-                    .arg(entry.path())
-                    .status()?;
-            }
+    let pin_dirs: Vec<PathBuf> = fs::read_dir("/sys/fs/bpf")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(lb_testbed::PREFIX)
+        })
+        .map(|e| e.path())
+        .collect();
+    if !pin_dirs.is_empty() {
+        let lb = build_lb(false)?;
+        for pin_dir in pin_dirs {
+            Command::new(&lb)
+                .args(["cleanup", "--pin-dir"])
+                .arg(&pin_dir)
+                .status()?;
         }
     }
     let _ = fs::remove_file(SANDBOX_STATE);
