@@ -124,7 +124,8 @@ pub struct ServiceKey {
     pub port: u16,
     /// IP protocol number (`IPPROTO_TCP`, `IPPROTO_UDP`, `IPPROTO_SCTP`).
     pub proto: u8,
-    /// Reserved for traffic-policy scopes (0 = all backends).
+    /// Which hooks the frontend is for: [`SCOPE_INTERNAL`] (connections made on this
+    /// node, socket hooks) or [`SCOPE_EXTERNAL`] (packets from elsewhere, TC).
     pub scope: u8,
     /// 0 = frontend entry, `1..=count` = backend slots.
     pub slot: u16,
@@ -132,17 +133,33 @@ pub struct ServiceKey {
 }
 
 impl ServiceKey {
-    pub const fn new(addr: Addr, port: u16, proto: u8, slot: u16) -> Self {
+    pub const fn new(addr: Addr, port: u16, proto: u8, scope: u8, slot: u16) -> Self {
         Self {
             addr,
             port,
             proto,
-            scope: 0,
+            scope,
             slot,
             _pad: 0,
         }
     }
 }
+
+/// `ServiceKey::scope` of frontends the socket hooks serve.
+pub const SCOPE_INTERNAL: u8 = 0;
+/// `ServiceKey::scope` of frontends the TC programs serve.
+pub const SCOPE_EXTERNAL: u8 = 1;
+
+/// `ServiceValue::flags`: `sessionAffinity: ClientIP` (timeout in `affinity_timeout`).
+pub const SVC_F_AFFINITY: u16 = 1 << 0;
+/// `ServiceValue::flags`: the backend set follows a Local traffic policy (external
+/// scope: keep the client address, never SNAT).
+pub const SVC_F_LOCAL: u16 = 1 << 1;
+/// `ServiceValue::flags`: clients must match `loadBalancerSourceRanges`.
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 2;
+
+/// `Backend::flags`: the backend runs on this node.
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
 
 /// Value of `LB_SERVICES`.
 #[repr(C)]
@@ -157,7 +174,8 @@ pub struct ServiceValue {
     pub count: u16,
     /// `SVC_F_*` flags (frontend entry only).
     pub flags: u16,
-    pub _pad: u32,
+    /// Session affinity timeout in seconds (frontend entry with `SVC_F_AFFINITY`).
+    pub affinity_timeout: u32,
 }
 
 /// Key of `LB_BACKENDS` is the backend id (`u32`, `1..MAX_BACKENDS`).

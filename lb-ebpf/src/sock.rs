@@ -22,8 +22,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use lb_common::{
-    Addr, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevKey, SockRevValue,
-    addr_from_v4_raw, addr_is_v4, stat,
+    Addr, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL, ServiceKey, SockRevKey,
+    SockRevValue, addr_from_v4_raw, addr_is_v4, stat,
 };
 
 use crate::{
@@ -117,7 +117,7 @@ fn translate(ctx: &SockAddrContext, hook: Hook, ipv4_socket: bool) -> i32 {
         read_ip6(sa)
     };
     let port = read_port(sa);
-    let mut key = ServiceKey::new(dst, port, proto, 0);
+    let mut key = ServiceKey::new(dst, port, proto, SCOPE_INTERNAL, 0);
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let hash = if proto == IPPROTO_UDP {

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{KernelMaps, MapSnapshot, check_pin_dir_exists},
-    model::{FrontendKey, Protocol},
+    model::{FrontendKey, Protocol, Scope},
 };
 
 #[derive(Debug, Serialize)]
@@ -53,6 +53,7 @@ pub fn frontends(snapshot: &MapSnapshot) -> Vec<ListedFrontend> {
                 ip: addr_to_ip(&fe.key.addr),
                 port: port_from_net(fe.key.port),
                 protocol: protocol.unwrap_or(Protocol::Tcp),
+                scope: Scope::from_number(fe.key.scope).unwrap_or(Scope::Internal),
             };
             let backends = fe
                 .slots

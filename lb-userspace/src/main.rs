@@ -3,14 +3,14 @@
 mod daemon;
 mod datapath;
 mod list;
-mod manifests;
 mod model;
 mod reconcile;
-mod sockets;
+mod source;
+mod warnings;
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::datapath::DatapathOptions;
@@ -29,27 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the datapath and serve the Services described by a folder of manifests.
-    Daemon {
-        /// Folder of v1 Service and discovery.k8s.io/v1 EndpointSlice YAML manifests,
-        /// watched for changes.
-        #[arg(long, value_name = "DIR")]
-        manifests: PathBuf,
-        /// cgroup2 directory to attach to: its processes and all below it are balanced
-        /// [default: the cgroup2 root, from /proc/self/mountinfo]
-        #[arg(long, value_name = "PATH")]
-        cgroup: Option<PathBuf>,
-        /// bpffs directory for pinned maps and links.
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// On exit, leave the programs attached and the maps pinned so connections keep
-        /// being balanced until the next `lb daemon` adopts them.
-        #[arg(long)]
-        keep_pinned: bool,
-        /// Seconds between safety-net rescans of the folder.
-        #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-        rescan_interval: u64,
-    },
+    /// Load the datapath and serve the Services of the Kubernetes API (default) or of a
+    /// folder of manifests.
+    Daemon(DaemonArgs),
     /// Print the live service table from the pinned maps.
     List {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
@@ -58,11 +40,55 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Detach a datapath left pinned (--keep-pinned) and remove its pins.
+    /// Detach a datapath and remove its pins (it survives daemon exits otherwise).
     Cleanup {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// Folder of v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node manifests,
+    /// watched for changes, instead of the Kubernetes API.
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// kubeconfig for the API server [default: $KUBECONFIG, else the in-cluster
+    /// service account].
+    #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (its Node object gives zone and addresses; its endpoints are
+    /// the local ones) [default: $NODE_NAME, else the hostname].
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// cgroup2 directory to attach to: its processes and all below it are balanced
+    /// [default: the cgroup2 root, from /proc/self/mountinfo].
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Detach the datapath and remove its pins on a graceful exit. Without it the
+    /// datapath keeps balancing connections while no daemon runs (a restart, an
+    /// upgrade, a crash), and the next `lb daemon` adopts it.
+    #[arg(long)]
+    detach_on_exit: bool,
+    /// Accepted for compatibility: keeping the datapath is the default now.
+    #[arg(long, hide = true, conflicts_with = "detach_on_exit")]
+    keep_pinned: bool,
+    /// Health endpoints (/healthz, /livez, /readyz) as kube-proxy serves them; "off"
+    /// disables them.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
+    health_addr: String,
+    /// Prometheus /metrics; "off" disables it.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    metrics_addr: String,
+    /// /healthz fails once a change has waited this long for a successful sync.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    health_timeout: u64,
+    /// Seconds between safety-net rescans of the manifest folder.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    rescan_interval: u64,
 }
 
 fn init_logging(level: &str) {
@@ -78,31 +104,70 @@ fn init_logging(level: &str) {
         .init();
 }
 
+fn parse_addr(flag: &str, value: &str) -> Result<Option<SocketAddr>> {
+    if value == "off" || value.is_empty() {
+        return Ok(None);
+    }
+    match value.parse() {
+        Ok(addr) => Ok(Some(addr)),
+        Err(_) => bail!("--{flag} {value:?} is not an address:port (or \"off\")"),
+    }
+}
+
+/// `--node-name`, else `$NODE_NAME` (the DaemonSet's downward API), else the hostname.
+fn node_name(flag: Option<String>) -> Result<String> {
+    if let Some(name) = flag
+        .or_else(|| std::env::var("NODE_NAME").ok())
+        .filter(|n| !n.is_empty())
+    {
+        return Ok(name);
+    }
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?
+        .trim()
+        .to_lowercase();
+    if name.is_empty() {
+        bail!("cannot tell this node's name: pass --node-name or set NODE_NAME");
+    }
+    Ok(name)
+}
+
+fn daemon(args: DaemonArgs) -> Result<()> {
+    let cgroup = match args.cgroup {
+        Some(path) => path,
+        None => datapath::cgroup2_root()?,
+    };
+    let source = match args.manifests {
+        Some(dir) => daemon::SourceOptions::Manifests {
+            dir,
+            rescan_interval: Duration::from_secs(args.rescan_interval.max(1)),
+        },
+        None => daemon::SourceOptions::Kubernetes {
+            kubeconfig: args.kubeconfig,
+        },
+    };
+    let options = daemon::DaemonOptions {
+        source,
+        datapath: DatapathOptions {
+            cgroup,
+            pin_dir: args.pin_dir,
+        },
+        detach_on_exit: args.detach_on_exit,
+        node_name: node_name(args.node_name)?,
+        health_addr: parse_addr("health-addr", &args.health_addr)?,
+        metrics_addr: parse_addr("metrics-addr", &args.metrics_addr)?,
+        health_timeout: Duration::from_secs(args.health_timeout.max(1)),
+    };
+    let _ = args.keep_pinned;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(daemon::run(options))
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Daemon {
-            manifests,
-            cgroup,
-            pin_dir,
-            keep_pinned,
-            rescan_interval,
-        } => {
-            let cgroup = match cgroup {
-                Some(path) => path,
-                None => datapath::cgroup2_root()?,
-            };
-            let options = daemon::DaemonOptions {
-                manifests,
-                datapath: DatapathOptions { cgroup, pin_dir },
-                keep_pinned,
-                rescan_interval: Duration::from_secs(rescan_interval.max(1)),
-            };
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?
-                .block_on(daemon::run(options))
-        }
+        Command::Daemon(args) => daemon(args),
         Command::List { pin_dir, json } => list::run(&pin_dir, json),
         Command::Cleanup { pin_dir } => {
             datapath::check_root()?;

@@ -20,10 +20,8 @@ use tracing::{debug, warn};
 
 use super::batch;
 
-use crate::{
-    reconcile::{GoneBackend, MapSet},
-    sockets::{TrackedSocket, sockets_of_gone},
-};
+use super::sockets::{TrackedSocket, sockets_of_gone};
+use crate::reconcile::{GoneBackend, MapSet};
 
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -409,7 +407,7 @@ impl MapSet for KernelMaps {
 /// The maps the object declares, as the kernel describes them once created. A pin left
 /// by another build with a different layout cannot be adopted: it is removed (the
 /// daemon then rebuilds the tables from its source) rather than misread.
-fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 7] {
+pub fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 7] {
     use std::mem::size_of;
     [
         (

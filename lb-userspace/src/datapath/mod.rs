@@ -1,25 +1,32 @@
-//! Owns everything aya: loading the embedded eBPF object, attaching its programs to a
-//! cgroup, pinning maps (and, on request, links) under one bpffs directory, and typed
-//! access to the maps.
+//! Owns everything aya: loading the embedded eBPF object, pinning its maps and links
+//! under one bpffs directory, attaching its programs, and typed access to the maps.
+//!
+//! The datapath outlives the daemon by design: links are pinned the moment they are
+//! attached, so a crash, `kill -9`, an OOM kill or an upgrade changes nothing in the
+//! kernel. A new daemon adopts the pinned maps, syncs them with its source and then
+//! swaps its own programs into the pinned links atomically (`BPF_LINK_UPDATE`), so
+//! there is no moment without a program and none with two. Only `lb cleanup` (or
+//! `lb daemon --detach-on-exit`) removes the datapath.
 
 mod batch;
+mod links;
 mod maps;
+pub mod sockets;
 mod sys;
 
 use std::{
     fs,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{
-        CgroupAttachMode, CgroupSockAddr,
-        cgroup_sock_addr::CgroupSockAddrLinkId,
-        links::{FdLink, PinnedLink},
-    },
+    maps::{Map, MapData, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
+use lb_common::{map_names, stat};
 use tracing::{info, warn};
 
 pub use self::{
@@ -32,7 +39,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb
 
 /// Every program in the object; each attaches to the cgroup hook its ELF section
 /// names (`cgroup/connect4`, ...).
-const PROGRAMS: [&str; 8] = [
+pub const PROGRAMS: [&str; 8] = [
     "lb_connect4",
     "lb_connect6",
     "lb_sendmsg4",
@@ -54,21 +61,19 @@ pub struct DatapathOptions {
     pub pin_dir: PathBuf,
 }
 
-/// A loaded and attached datapath. Dropping it without [`Datapath::shutdown`] detaches the
-/// programs but leaves the maps pinned.
+/// A loaded datapath: programs verified, maps pinned (adopted if they were already).
+/// Its programs run once [`Datapath::activate`] points the pinned links at them.
 pub struct Datapath {
     ebpf: Ebpf,
     options: DatapathOptions,
-    links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    active: bool,
     /// Held while this daemon owns the pin directory.
     _instance_lock: fs::File,
 }
 
 impl Datapath {
-    /// Loads the programs (adopting maps already pinned in `pin_dir`, so a restart keeps
-    /// the kernel state) and attaches them to the cgroup. Links pinned by a previous
-    /// instance are replaced only after the new ones are attached, so there is no moment
-    /// without a datapath.
+    /// Loads and verifies the programs, adopting maps already pinned in `pin_dir`
+    /// (so a restart keeps the kernel state). Attaches nothing yet.
     pub fn load(options: DatapathOptions) -> Result<Self> {
         check_root()?;
         sys::check_cgroup2(&options.cgroup)?;
@@ -83,7 +88,17 @@ impl Datapath {
                 return Err(err);
             }
         };
-        let loaded = Self::load_into_pin_dir(options.clone(), instance_lock);
+        let loaded = (|| {
+            maps::drop_incompatible_pins(&options.pin_dir)?;
+            let ebpf = load_object(&options.pin_dir)?;
+            info!(pin_dir = %options.pin_dir.display(), "datapath loaded");
+            Ok(Self {
+                ebpf,
+                options: options.clone(),
+                active: false,
+                _instance_lock: instance_lock,
+            })
+        })();
         if loaded.is_err() && fresh {
             // Leave no half-made pin directory behind.
             let _ = unpin_all(&options.pin_dir);
@@ -91,59 +106,80 @@ impl Datapath {
         loaded
     }
 
-    fn load_into_pin_dir(options: DatapathOptions, instance_lock: fs::File) -> Result<Self> {
-        maps::drop_incompatible_pins(&options.pin_dir)?;
-
-        let (mut ebpf, refuses_with_econnrefused) = load_object(&options.pin_dir)?;
-        if !refuses_with_econnrefused {
-            warn!(
-                "kernel lacks bpf_set_retval (< 5.18): connections to services without \
-                 endpoints fail with EPERM instead of ECONNREFUSED"
-            );
-        }
-
-        let cgroup = fs::File::open(&options.cgroup)
-            .with_context(|| format!("opening cgroup {}", options.cgroup.display()))?;
-        let old_links = pinned_links(&options.pin_dir)?;
-        let mut links = Vec::new();
-        for name in PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            let link = program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .with_context(|| {
-                    format!("attaching {name} to cgroup {}", options.cgroup.display())
-                })?;
-            links.push((name, link));
-        }
-        for (path, link) in old_links {
-            // Unpinning drops the last reference: the old program detaches now that
-            // ours is in place.
-            match link.unpin() {
-                Ok(_) => {
-                    info!(link = %path.display(), "replaced datapath link left by a previous run")
-                }
-                Err(err) => warn!(link = %path.display(), "could not unpin old link: {err}"),
-            }
-        }
-        info!(
-            cgroup = %options.cgroup.display(),
-            pin_dir = %options.pin_dir.display(),
-            "datapath attached"
-        );
-        Ok(Self {
-            ebpf,
-            options,
-            links,
-            _instance_lock: instance_lock,
-        })
-    }
-
     /// Takes the typed map handles (once).
     pub fn take_maps(&mut self) -> Result<KernelMaps> {
         KernelMaps::take(&mut self.ebpf)
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// Makes this build's programs the ones that run: a link pinned by a previous run
+    /// on the same cgroup is updated in place (atomically); otherwise a new link is
+    /// attached and pinned at once, and a pinned link on another cgroup is replaced
+    /// after the new one is in place.
+    pub fn activate(&mut self) -> Result<()> {
+        let links_dir = self.options.pin_dir.join(LINKS_DIR);
+        sys::create_private_dir(&links_dir)?;
+        let cgroup_path = &self.options.cgroup;
+        let cgroup = fs::File::open(cgroup_path)
+            .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
+        let cgroup_id = links::cgroup_id(cgroup_path)?;
+        let (mut updated, mut attached) = (0, 0);
+        for name in PROGRAMS {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            let pin = links_dir.join(name);
+            if let Ok(link) = links::open_pinned(&pin) {
+                let info = links::link_info(link.as_fd())
+                    .with_context(|| format!("reading pinned link {}", pin.display()))?;
+                if info.link_type == links::BPF_LINK_TYPE_CGROUP && info.cgroup_id == cgroup_id {
+                    links::update(link.as_fd(), program.fd()?.as_fd())
+                        .with_context(|| format!("updating pinned link {}", pin.display()))?;
+                    updated += 1;
+                    continue;
+                }
+                info!(link = %pin.display(), "pinned link is attached elsewhere; replacing it");
+            }
+            let id = program
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to cgroup {}", cgroup_path.display()))?;
+            let link: FdLink = program
+                .take_link(id)?
+                .try_into()
+                .context("cgroup link is not fd-based")?;
+            // Pin under a temporary name (bpffs forbids dots in names), then rename over
+            // any old pin: the old link (if any) detaches only once the new one is
+            // attached and pinned.
+            let staging = links_dir.join(format!("{name}_new"));
+            let _ = fs::remove_file(&staging);
+            link.pin(&staging)
+                .with_context(|| format!("pinning link {}", staging.display()))?;
+            fs::rename(&staging, &pin)
+                .with_context(|| format!("pinning link {}", pin.display()))?;
+            attached += 1;
+        }
+        // Links of programs this build no longer has.
+        for entry in fs::read_dir(&links_dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !PROGRAMS.contains(&name.as_str()) && !name.ends_with("_new") {
+                warn!(link = %entry.path().display(), "removing a pinned link this build has no program for");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        self.active = true;
+        info!(
+            cgroup = %cgroup_path.display(),
+            pin_dir = %self.options.pin_dir.display(),
+            links_updated = updated,
+            links_attached = attached,
+            "datapath attached"
+        );
+        Ok(())
     }
 
     /// Starts forwarding aya-log records from the programs to `tracing`.
@@ -174,89 +210,49 @@ impl Datapath {
         }
     }
 
-    /// Stops the datapath. With `keep_pinned` the programs stay attached through pinned
-    /// links and the maps stay pinned, so connections keep being balanced until the next
-    /// `lb daemon` adopts them; otherwise everything is detached and unpinned.
-    pub fn shutdown(mut self, keep_pinned: bool) -> Result<()> {
-        if keep_pinned {
-            let links_dir = self.options.pin_dir.join(LINKS_DIR);
-            fs::create_dir_all(&links_dir)
-                .with_context(|| format!("creating {}", links_dir.display()))?;
-            for (name, id) in std::mem::take(&mut self.links) {
-                let program: &mut CgroupSockAddr = self
-                    .ebpf
-                    .program_mut(name)
-                    .with_context(|| format!("program {name} missing"))?
-                    .try_into()?;
-                let link = program.take_link(id)?;
-                let fd_link: FdLink = link.try_into().context("link is not fd-based")?;
-                let path = links_dir.join(name);
-                fd_link
-                    .pin(&path)
-                    .with_context(|| format!("pinning link {}", path.display()))?;
-            }
-            info!(pin_dir = %self.options.pin_dir.display(), "datapath left attached and pinned");
-            Ok(())
-        } else {
-            let pin_dir = self.options.pin_dir.clone();
-            // Dropping the object detaches every link it owns.
-            drop(self.ebpf);
-            unpin_all(&pin_dir)?;
+    /// Stops the daemon's side. The pinned links and maps stay (connections keep being
+    /// balanced until the next `lb daemon` adopts them) unless `detach` is set.
+    pub fn shutdown(self, detach: bool) -> Result<()> {
+        let pin_dir = self.options.pin_dir.clone();
+        drop(self.ebpf);
+        if detach {
+            cleanup(&pin_dir)?;
             info!(pin_dir = %pin_dir.display(), "datapath detached and unpinned");
-            Ok(())
+        } else {
+            info!(pin_dir = %pin_dir.display(), "datapath left attached and pinned");
         }
+        Ok(())
     }
 }
 
-fn load_object(pin_dir: &Path) -> Result<(Ebpf, bool)> {
-    let attempt = |has_set_retval: u8| -> Result<Ebpf> {
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .override_global("LB_CONFIG_HAS_SET_RETVAL", &has_set_retval, true)
-            .load(OBJECT)
-            .context("loading the eBPF object")?;
-        for name in PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("verifying program {name}"))?;
-        }
-        Ok(ebpf)
-    };
-    match attempt(1) {
-        Ok(ebpf) => Ok((ebpf, true)),
-        Err(with_retval) => match attempt(0) {
-            // Only the bpf_set_retval call differs: the kernel is older than 5.18.
-            Ok(ebpf) => Ok((ebpf, false)),
-            Err(_) => Err(with_retval),
-        },
+fn load_object(pin_dir: &Path) -> Result<Ebpf> {
+    let has_set_retval = sys::probe_set_retval();
+    if !has_set_retval {
+        warn!(
+            "kernel lacks bpf_set_retval (< 5.18): connections to services without \
+             endpoints fail with EPERM instead of ECONNREFUSED"
+        );
     }
-}
-
-fn pinned_links(pin_dir: &Path) -> Result<Vec<(PathBuf, PinnedLink)>> {
-    let dir = pin_dir.join(LINKS_DIR);
-    let mut links = Vec::new();
-    let Ok(entries) = fs::read_dir(&dir) else {
-        return Ok(links);
-    };
-    for entry in entries {
-        let path = entry?.path();
-        match PinnedLink::from_pin(&path) {
-            Ok(link) => links.push((path, link)),
-            Err(err) => {
-                warn!(link = %path.display(), "removing unusable pinned link: {err}");
-                let _ = fs::remove_file(&path);
-            }
-        }
+    let flag = u8::from(has_set_retval);
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .override_global("LB_CONFIG_HAS_SET_RETVAL", &flag, true)
+        .load(OBJECT)
+        .context("loading the eBPF object")?;
+    for name in PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("verifying program {name}"))?;
     }
-    Ok(links)
+    Ok(ebpf)
 }
 
 /// Removes every pin under `pin_dir` (maps and links) and the directory itself.
-pub fn unpin_all(pin_dir: &Path) -> Result<()> {
+fn unpin_all(pin_dir: &Path) -> Result<()> {
     if !pin_dir.exists() {
         return Ok(());
     }
@@ -275,18 +271,15 @@ pub fn unpin_all(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Detaches links pinned by `--keep-pinned` and removes all pins: what `lb cleanup`
-/// does for an instance that will not come back.
+/// Detaches the datapath pinned at `pin_dir` and removes its pins: what `lb cleanup`
+/// does for an instance that will not come back. Unpinning a link drops its last
+/// reference, which detaches the program.
 pub fn cleanup(pin_dir: &Path) -> Result<()> {
-    for (path, link) in pinned_links(pin_dir)? {
-        link.unpin()
-            .with_context(|| format!("unpinning {}", path.display()))?;
-    }
     unpin_all(pin_dir)
 }
 
 pub fn check_pin_dir_exists(pin_dir: &Path) -> Result<()> {
-    if !pin_dir.join(lb_common::map_names::SERVICES).exists() {
+    if !pin_dir.join(map_names::SERVICES).exists() {
         bail!(
             "no datapath pinned at {} (is `lb daemon` running with --pin-dir {}?)",
             pin_dir.display(),
@@ -294,4 +287,46 @@ pub fn check_pin_dir_exists(pin_dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Reads the global decision counters (`LB_STATS`) from the pins, for metrics.
+pub struct StatsReader {
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for StatsReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatsReader")
+    }
+}
+
+impl StatsReader {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let data = MapData::from_pin(pin_dir.join(map_names::STATS))?;
+        Ok(Self {
+            stats: Map::from_map_data(data)?.try_into()?,
+        })
+    }
+
+    /// (counter name, value summed over CPUs).
+    pub fn read(&self) -> Result<Vec<(&'static str, u64)>> {
+        (0..stat::COUNT)
+            .filter(|i| stat::NAMES[*i as usize] != "reserved")
+            .map(|i| {
+                let per_cpu = self.stats.get(&i, 0)?;
+                Ok((stat::NAMES[i as usize], per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+/// `max_entries` of every pinned map, for metrics.
+pub fn capacities(pin_dir: &Path) -> Vec<(String, u64)> {
+    maps::expected_maps()
+        .iter()
+        .filter_map(|(name, ..)| {
+            let info = aya::maps::MapInfo::from_pin(pin_dir.join(name)).ok()?;
+            Some((name.to_string(), info.max_entries() as u64))
+        })
+        .collect()
 }

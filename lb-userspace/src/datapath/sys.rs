@@ -127,9 +127,101 @@ pub fn bpffs_prepare(pin_dir: &Path) -> Result<()> {
             );
         }
     }
-    fs::create_dir_all(pin_dir)
-        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    create_private_dir(pin_dir)
+}
+
+/// Creates `dir` (and parents) if needed and makes it accessible to root only: the
+/// pins in it grant access to the datapath's maps and links.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {} to root", dir.display()))?;
     Ok(())
+}
+
+/// Whether the kernel lets cgroup sock_addr programs call `bpf_set_retval` (Linux
+/// >= 5.18), probed by loading a four-instruction program that calls it.
+pub fn probe_set_retval() -> bool {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    const BPF_FUNC_SET_RETVAL: i32 = 187;
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Insn {
+        code: u8,
+        regs: u8,
+        off: i16,
+        imm: i32,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct LoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    let insns = [
+        Insn {
+            code: 0xb7,
+            regs: 0x01,
+            off: 0,
+            imm: 0,
+        }, // r1 = 0
+        Insn {
+            code: 0x85,
+            regs: 0,
+            off: 0,
+            imm: BPF_FUNC_SET_RETVAL,
+        }, // call bpf_set_retval
+        Insn {
+            code: 0xb7,
+            regs: 0x00,
+            off: 0,
+            imm: 1,
+        }, // r0 = 1
+        Insn {
+            code: 0x95,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        }, // exit
+    ];
+    let license = c"GPL";
+    let mut attr = LoadAttr {
+        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+        ..Default::default()
+    };
+    // SAFETY: a valid BPF_PROG_LOAD attribute pointing at live instruction and
+    // license buffers.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &mut attr as *mut LoadAttr,
+            std::mem::size_of::<LoadAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: the kernel returned a program descriptor we own.
+    unsafe { libc::close(fd as i32) };
+    true
 }
 
 fn mount_bpffs(target: &Path) -> Result<()> {

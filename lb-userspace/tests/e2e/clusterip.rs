@@ -47,8 +47,8 @@ pub fn trials() -> Vec<Trial> {
             non_service_traffic_is_untouched,
         ),
         trial(
-            "clusterip::restart_with_keep_pinned_never_drops_service",
-            restart_with_keep_pinned,
+            "clusterip::restart_keeps_the_datapath_and_adopts_it",
+            restart_keeps_the_datapath,
         ),
         trial(
             "clusterip::startup_errors_are_one_line",
@@ -390,9 +390,9 @@ fn non_service_traffic_is_untouched() -> Result<()> {
     Ok(())
 }
 
-/// With --keep-pinned the datapath outlives the daemon, and the next daemon adopts it
-/// without rewriting anything; a plain stop detaches everything.
-fn restart_with_keep_pinned() -> Result<()> {
+/// The datapath outlives the daemon, and the next daemon adopts it without rewriting
+/// anything; a stop with --detach-on-exit removes everything.
+fn restart_keeps_the_datapath() -> Result<()> {
     let (tb, backends, client) = redis_world(2)?;
     let dir = manifest_dir(&tb)?;
     write_manifest(
@@ -400,7 +400,7 @@ fn restart_with_keep_pinned() -> Result<()> {
         "redis.yaml",
         &redis_manifest(VIP, &backends.iter().collect::<Vec<_>>()),
     )?;
-    let mut daemon = Daemon::start_with(&tb, &dir, &["--keep-pinned"])?;
+    let mut daemon = Daemon::start(&tb, &dir)?;
     whoami(&tb, &client, VIP, 6379)?;
     daemon.stop()?;
     ensure!(daemon.log_text().contains("left attached and pinned"));
@@ -417,14 +417,13 @@ fn restart_with_keep_pinned() -> Result<()> {
         log.contains("kernel maps synchronised") && log.contains("map_writes=0"),
         "{log}"
     );
-    ensure!(
-        log.contains("replaced datapath link left by a previous run"),
-        "{log}"
-    );
+    ensure!(log.contains("links_updated=8"), "{log}");
     whoami(&tb, &client, VIP, 6379)?;
     daemon.stop()?;
+    daemon.restart(&["--detach-on-exit"])?;
+    daemon.stop()?;
 
-    // A plain stop detaches: the ClusterIP is no longer rewritten, and pins are gone.
+    // --detach-on-exit: the ClusterIP is no longer rewritten, and pins are gone.
     let (out, err, _) = redis_cli(&tb, &client, VIP, 6379, &["PING"])?;
     ensure!(
         !out.contains("PONG"),
@@ -507,7 +506,7 @@ fn startup_errors_are_one_line() -> Result<()> {
     }
     // A second daemon on a pin directory in use is refused, and the first keeps going.
     let manifests = manifest_dir(&tb)?;
-    let mut first = Daemon::start(&tb, &manifests)?;
+    let mut first = Daemon::start_with(&tb, &manifests, &["--detach-on-exit"])?;
     let second = Command::new(LB)
         .args(["daemon", "--manifests"])
         .arg(&manifests)
@@ -614,7 +613,7 @@ fn change_right_after_start_is_applied() -> Result<()> {
         .collect();
     write_manifest(&dir, "z-filler.yaml", &filler.join("---\n"))?;
     let mut daemon = Daemon::launch(&tb, &dir, &[])?;
-    daemon.wait_for_log("datapath attached", Duration::from_secs(20))?;
+    daemon.wait_for_log("datapath loaded", Duration::from_secs(20))?;
     write_manifest(&dir, "a-redis.yaml", &redis_manifest(VIP, &[&new]))?;
     daemon.wait_for_log("ready", Duration::from_secs(20))?;
     daemon.wait_for_backends(VIP, 6379, "TCP", &["10.244.1.21:6379"])?;

@@ -64,6 +64,13 @@ impl Daemon {
             .arg(&self.pin_dir)
             // The default rescan interval (10 s): changes must arrive through events.
             .args(["--log-level", "debug"])
+            // Tests run in parallel: each daemon on ports of its own.
+            .args([
+                "--health-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
@@ -212,7 +219,7 @@ impl Drop for Daemon {
         if self.child.is_some() {
             let _ = self.stop();
         }
-        // Whatever happened, leave no pins behind (a --keep-pinned run, a crash).
+        // Whatever happened, leave no pins behind (the datapath outlives the daemon by design).
         if self.pin_dir.exists() {
             let _ = Command::new(LB)
                 .args(["cleanup", "--pin-dir"])

@@ -82,6 +82,7 @@ impl MapProbe {
             addr_from_ip(CHANGING_VIP.into()),
             port_to_net(80),
             lb_common::IPPROTO_TCP,
+            lb_common::SCOPE_INTERNAL,
             1,
         );
         let slot = self.services.get(&key, 0).ok()?;

@@ -1,51 +1,36 @@
 //! The standalone source: a folder of Kubernetes YAML (or JSON) manifests holding
-//! `v1 Service` and `discovery.k8s.io/v1 EndpointSlice` objects, in multi-document files
-//! or `kind: List` documents as `kubectl get -o yaml` prints them.
+//! `v1 Service`, `discovery.k8s.io/v1 EndpointSlice` and `v1 Node` objects, in
+//! multi-document files or `kind: List` documents as `kubectl get -o yaml` prints them.
 //!
-//! Files are re-read only when they change. Bad input never loses state: a file that no
-//! longer parses keeps all its previous objects, and an object that no longer validates
-//! keeps its last good version; both are reported with the file and object name.
-//! Unknown fields are errors (like `kubectl apply --validate=strict`): a misspelt
-//! `targetport` would otherwise silently send traffic to the wrong port.
+//! Files are re-read only when they change (inotify, plus a periodic rescan as a safety
+//! net). Bad input never loses state: a file that no longer parses keeps all its
+//! previous objects, and an object that no longer validates keeps its last good
+//! version; both are reported with the file and object name. Unknown fields are errors
+//! (like `kubectl apply --validate=strict`): a misspelt `targetport` would otherwise
+//! silently send traffic to the wrong port.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt, fs,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::SystemTime,
+    sync::{Arc, mpsc},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
+use tracing::{debug, info, warn};
 
-use crate::model::{ObjectRef, ServiceSpec, SliceSpec};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    Service,
-    EndpointSlice,
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Service => "Service",
-            Self::EndpointSlice => "EndpointSlice",
-        })
-    }
-}
-
-pub type ObjectKey = (Kind, ObjectRef);
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Object {
-    // Shared with the model: objects are parsed once and never copied.
-    Service(Arc<ServiceSpec>),
-    Slice(Arc<SliceSpec>),
-}
+use super::{Event, Kind, Object, ObjectKey, Sink};
+use crate::{
+    model::{NodeSpec, ObjectRef, ServiceSpec, SliceSpec, spec},
+    warnings::Summary,
+};
 
 /// Something wrong with the input, named precisely enough to fix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +63,17 @@ pub struct SourceChanges {
 impl SourceChanges {
     pub fn is_empty(&self) -> bool {
         self.upserted.is_empty() && self.removed.is_empty()
+    }
+
+    /// The source events for these changes (problems are reported separately).
+    pub fn events(self) -> Vec<Event> {
+        let mut events: Vec<Event> = self.upserted.into_iter().map(Event::Upsert).collect();
+        events.extend(
+            self.removed
+                .into_iter()
+                .map(|(kind, id)| Event::Remove(kind, id)),
+        );
+        events
     }
 }
 
@@ -431,8 +427,10 @@ fn parse_file(
                 });
             };
             match outcome {
-                Ok(Parsed::Object(key, object)) => {
-                    if let std::collections::btree_map::Entry::Vacant(slot) = objects.entry(key) {
+                Ok(Parsed::Object(object)) => {
+                    if let std::collections::btree_map::Entry::Vacant(slot) =
+                        objects.entry(object.key())
+                    {
                         slot.insert(object);
                     } else {
                         report(
@@ -496,7 +494,7 @@ fn describe(value: &Value, index: usize) -> String {
 }
 
 enum Parsed {
-    Object(ObjectKey, Object),
+    Object(Object),
     Ignored(String),
 }
 
@@ -545,51 +543,59 @@ fn parse_object(value: Value) -> Result<Parsed, Invalid> {
     let api_version = text_field("apiVersion");
     let kind = text_field("kind");
     let meta = value.get("metadata");
-    let id = meta
+    let name = meta
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
-        .map(|name| {
-            let namespace = meta
-                .and_then(|m| m.get("namespace"))
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            ObjectRef::new(namespace, name)
-        });
+        .map(str::to_string);
+    let namespace = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
     let invalid = |kind: Kind, message: String| Invalid {
-        key: id.clone().map(|id| (kind, id)),
+        key: name.as_ref().map(|name| {
+            let id = if kind == Kind::Node {
+                ObjectRef::new("", name.clone())
+            } else {
+                ObjectRef::new(namespace.clone(), name.clone())
+            };
+            (kind, id)
+        }),
         message,
     };
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => {
             let service: Service = strict(value).map_err(|e| invalid(Kind::Service, e))?;
+            if let Some(why) = spec::service_ignored(&service.metadata) {
+                return Ok(Parsed::Ignored(why));
+            }
             let spec = ServiceSpec::from_k8s(&service)
-                .map_err(|errors| invalid(Kind::Service, errors.join("; ")))?;
-            Ok(Parsed::Object(
-                (Kind::Service, spec.id.clone()),
-                Object::Service(Arc::new(spec)),
-            ))
+                .map_err(|errors| invalid(Kind::Service, errors.join("; ")))?
+                .expect("ignored Services are filtered above");
+            Ok(Parsed::Object(Object::Service(Arc::new(spec))))
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let slice: EndpointSlice =
                 strict(value).map_err(|e| invalid(Kind::EndpointSlice, e))?;
-            match SliceSpec::from_k8s(&slice)
-                .map_err(|errors| invalid(Kind::EndpointSlice, errors.join("; ")))?
-            {
-                Some(spec) => Ok(Parsed::Object(
-                    (Kind::EndpointSlice, spec.id.clone()),
-                    Object::Slice(Arc::new(spec)),
-                )),
-                None => Ok(Parsed::Ignored(format!(
-                    "has no {} label, so it belongs to no Service; ignored",
-                    crate::model::SERVICE_NAME_LABEL
-                ))),
+            if let Some(why) = spec::slice_ignored(&slice.metadata) {
+                return Ok(Parsed::Ignored(why));
             }
+            let spec = SliceSpec::from_k8s(&slice)
+                .map_err(|errors| invalid(Kind::EndpointSlice, errors.join("; ")))?
+                .expect("ignored slices are filtered above");
+            Ok(Parsed::Object(Object::Slice(Arc::new(spec))))
         }
-        (_, "Service") | (_, "EndpointSlice") => Err(Invalid {
+        ("v1", "Node") => {
+            let node: Node = strict(value).map_err(|e| invalid(Kind::Node, e))?;
+            let spec = NodeSpec::from_k8s(&node)
+                .map_err(|errors| invalid(Kind::Node, errors.join("; ")))?;
+            Ok(Parsed::Object(Object::Node(Arc::new(spec))))
+        }
+        (_, "Service") | (_, "EndpointSlice") | (_, "Node") => Err(Invalid {
             key: None,
             message: format!(
-                "apiVersion {api_version:?} is not supported for {kind} (use v1 for Service, \
-                 discovery.k8s.io/v1 for EndpointSlice); skipped"
+                "apiVersion {api_version:?} is not supported for {kind} (use v1 for Service and \
+                 Node, discovery.k8s.io/v1 for EndpointSlice); skipped"
             ),
         }),
         ("", _) | (_, "") => Err(Invalid {
@@ -601,8 +607,189 @@ fn parse_object(value: Value) -> Result<Parsed, Invalid> {
                 .into(),
         )),
         _ => Ok(Parsed::Ignored(format!(
-            "kind {kind} is not read (only v1 Service and discovery.k8s.io/v1 EndpointSlice); ignored"
+            "kind {kind} is not read (only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node); ignored"
         ))),
+    }
+}
+
+/// A file written in place (no rename) is re-read when its writer closes it; if the
+/// writer keeps it open (or writes through mmap), this long after its last write.
+const UNCLOSED_WRITE_GRACE: Duration = Duration::from_millis(200);
+
+/// What a file-system event asks for.
+enum Trigger {
+    /// These files are complete (closed after writing, renamed into place, removed).
+    Ready(Vec<PathBuf>),
+    /// These files are being written; wait for them to be closed.
+    Writing(Vec<PathBuf>),
+    /// Something we cannot narrow down (a directory moved, events were lost).
+    Rescan,
+}
+
+fn classify(event: notify::Event) -> Option<Trigger> {
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+    if event.need_rescan() {
+        return Some(Trigger::Rescan);
+    }
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+            Some(Trigger::Ready(event.paths))
+        }
+        // Opens and reads (ours included).
+        EventKind::Access(_) => None,
+        EventKind::Create(CreateKind::Folder) => Some(Trigger::Rescan),
+        EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_)) => {
+            Some(Trigger::Writing(event.paths))
+        }
+        EventKind::Modify(ModifyKind::Metadata(_)) => None,
+        EventKind::Modify(_) | EventKind::Remove(_) => Some(Trigger::Ready(event.paths)),
+        EventKind::Any | EventKind::Other => Some(Trigger::Rescan),
+    }
+}
+
+fn report(problems: &[Problem]) {
+    let mut summary = Summary::default();
+    for problem in problems {
+        summary.warn(None, &problem.to_string());
+    }
+    summary.finish();
+}
+
+/// Starts the manifest source on a thread of its own (parsing a large folder must not
+/// hold up signals or health checks). The folder is watched before it is first read,
+/// so a change made during the initial read is seen as an event. Sends every object,
+/// then `Listed` for every kind, then changes as they happen, until `sink` closes.
+pub fn spawn(root: PathBuf, rescan_interval: Duration, sink: Sink) -> Result<()> {
+    let mut dir = ManifestDir::new(&root)?;
+    let (tx, triggers) = mpsc::channel::<Trigger>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let trigger = match event {
+            Ok(event) => classify(event),
+            Err(_) => Some(Trigger::Rescan),
+        };
+        if let Some(trigger) = trigger {
+            let _ = tx.send(trigger);
+        }
+    })
+    .context("creating the file watcher")?;
+    notify::Watcher::watch(&mut watcher, &root, notify::RecursiveMode::Recursive)
+        .with_context(|| format!("watching {}", root.display()))?;
+    std::thread::Builder::new()
+        .name("manifests".into())
+        .spawn(move || {
+            let _watcher = watcher;
+            follow(&mut dir, &triggers, rescan_interval, &sink);
+        })
+        .context("starting the manifest source")?;
+    Ok(())
+}
+
+fn follow(
+    dir: &mut ManifestDir,
+    triggers: &mpsc::Receiver<Trigger>,
+    rescan_interval: Duration,
+    sink: &Sink,
+) {
+    // The initial read: nothing is announced as listed until it succeeds, so the
+    // daemon never programs (or removes) anything from a folder it could not read.
+    let started = Instant::now();
+    let changes = loop {
+        match dir.scan() {
+            Ok(changes) => break changes,
+            Err(err) => {
+                warn!("{err:#}; retrying in 1 s");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    report(&changes.problems);
+    info!(
+        files = changes.files_read,
+        objects = changes.upserted.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        folder = %dir.root.display(),
+        "manifests read"
+    );
+    let mut events = changes.events();
+    events.extend(Kind::ALL.map(Event::Listed));
+    if sink.send(events).is_err() {
+        return;
+    }
+
+    // Files being written in place, and when they were last written.
+    let mut writing: BTreeMap<PathBuf, Instant> = BTreeMap::new();
+    let mut next_rescan = Instant::now() + rescan_interval;
+    loop {
+        let grace_deadline = writing
+            .values()
+            .min()
+            .map(|last| *last + UNCLOSED_WRITE_GRACE);
+        let deadline = grace_deadline.map_or(next_rescan, |g| g.min(next_rescan));
+        let mut ready = BTreeSet::new();
+        let mut full = false;
+        match triggers.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(first) => {
+                // Take every event already queued, then read once.
+                let mut next = Some(first);
+                while let Some(trigger) = next {
+                    match trigger {
+                        Trigger::Ready(paths) => {
+                            for path in paths {
+                                writing.remove(&path);
+                                ready.insert(path);
+                            }
+                        }
+                        Trigger::Writing(paths) => {
+                            for path in paths {
+                                writing.insert(path, Instant::now());
+                            }
+                        }
+                        Trigger::Rescan => full = true,
+                    }
+                    next = triggers.try_recv().ok();
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        let due: Vec<PathBuf> = writing
+            .iter()
+            .filter(|(_, last)| now >= **last + UNCLOSED_WRITE_GRACE)
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in due {
+            writing.remove(&path);
+            ready.insert(path);
+        }
+        if now >= next_rescan {
+            full = true;
+            next_rescan = now + rescan_interval;
+        }
+        let scanned = if full {
+            debug!("manifest folder: full rescan");
+            dir.scan()
+        } else if !ready.is_empty() {
+            debug!(files = ready.len(), "manifest files changed");
+            dir.scan_paths(&ready)
+        } else {
+            continue;
+        };
+        let changes = match scanned {
+            Ok(changes) => changes,
+            Err(err) => {
+                // The folder vanished or became unreadable: keep serving the last state.
+                warn!("{err:#}; keeping the current services");
+                continue;
+            }
+        };
+        report(&changes.problems);
+        if changes.is_empty() {
+            continue;
+        }
+        if sink.send(changes.events()).is_err() {
+            return;
+        }
     }
 }
 
@@ -656,6 +843,7 @@ endpoints:
             .map(|o| match o {
                 Object::Service(s) => format!("Service {}", s.id),
                 Object::Slice(s) => format!("EndpointSlice {}", s.id),
+                Object::Node(n) => format!("Node {}", n.name),
             })
             .collect()
     }

@@ -24,11 +24,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    Backend, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, ServiceKey, ServiceValue,
-    addr_from_ip, addr_to_ip, port_from_net, port_to_net,
+    BACKEND_F_LOCAL, Backend, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS,
+    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, addr_from_ip,
+    addr_to_ip, port_from_net, port_to_net,
 };
 
-use crate::model::{BackendAddr, Frontend, FrontendKey, Protocol};
+use crate::model::{BackendAddr, Frontend, FrontendKey, Protocol, Scope};
 
 /// The map operations the reconciler needs; the kernel maps implement it, and so does
 /// an in-memory map set in tests. Each call is a batch applied element by element, in
@@ -63,13 +64,39 @@ pub struct BackendIdentity {
 }
 
 impl BackendIdentity {
-    fn to_map_value(self) -> Backend {
+    fn to_map_value(self, local: bool) -> Backend {
         Backend {
             addr: addr_from_ip(self.addr.ip),
             port: port_to_net(self.addr.port),
             proto: self.protocol.number(),
-            flags: 0,
+            flags: if local { BACKEND_F_LOCAL } else { 0 },
             _pad: 0,
+        }
+    }
+}
+
+/// The frontend entry's attributes besides its count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FrontendAttrs {
+    pub flags: u16,
+    pub affinity_timeout: u32,
+}
+
+impl FrontendAttrs {
+    pub fn of(frontend: &Frontend) -> Self {
+        let mut flags = 0;
+        if frontend.affinity_timeout.is_some() {
+            flags |= SVC_F_AFFINITY;
+        }
+        if frontend.local_policy {
+            flags |= SVC_F_LOCAL;
+        }
+        if !frontend.source_ranges.is_empty() {
+            flags |= SVC_F_SOURCE_RANGES;
+        }
+        Self {
+            flags,
+            affinity_timeout: frontend.affinity_timeout.unwrap_or(0),
         }
     }
 }
@@ -136,6 +163,7 @@ impl IdAllocator {
 struct Programmed {
     svc_id: u32,
     name: String,
+    attrs: FrontendAttrs,
     /// Backends taken out of rotation but still listed (terminating, unready): their
     /// sockets drain, and are terminated once the endpoint disappears.
     draining: BTreeSet<BackendAddr>,
@@ -170,6 +198,17 @@ pub struct ApplyStats {
 }
 
 impl ApplyStats {
+    /// Adds another apply's stats (chunked syncs).
+    pub fn absorb(&mut self, other: ApplyStats) {
+        self.gone.extend(other.gone);
+        self.frontends_written += other.frontends_written;
+        self.frontends_deleted += other.frontends_deleted;
+        self.slots_written += other.slots_written;
+        self.slots_deleted += other.slots_deleted;
+        self.backends_written += other.backends_written;
+        self.backends_deleted += other.backends_deleted;
+    }
+
     pub fn writes(&self) -> usize {
         self.frontends_written
             + self.frontends_deleted
@@ -199,11 +238,12 @@ impl Default for Reconciler {
     }
 }
 
-fn service_key(key: &FrontendKey, slot: u16) -> ServiceKey {
+pub fn service_key(key: &FrontendKey, slot: u16) -> ServiceKey {
     ServiceKey::new(
         addr_from_ip(key.ip),
         port_to_net(key.port),
         key.protocol.number(),
+        key.scope.number(),
         slot,
     )
 }
@@ -292,8 +332,12 @@ impl Reconciler {
         }
         for (key, value) in frontend_values {
             let protocol = Protocol::from_number(key.proto);
+            let scope = Scope::from_number(key.scope);
             let frontend_slots = slots.remove(&key).unwrap_or_default();
-            let Some(protocol) = protocol.filter(|_| this.svc_ids.claim(value.svc_id)) else {
+            let Some((protocol, scope)) = protocol
+                .zip(scope)
+                .filter(|_| this.svc_ids.claim(value.svc_id))
+            else {
                 this.garbage_slots.push(key);
                 this.garbage_slots.extend(
                     frontend_slots
@@ -306,6 +350,7 @@ impl Reconciler {
                 ip: addr_to_ip(&key.addr),
                 port: port_from_net(key.port),
                 protocol,
+                scope,
             };
             let mut programmed = Vec::with_capacity(value.count as usize);
             for slot in 1..=value.count {
@@ -333,6 +378,10 @@ impl Reconciler {
                 Programmed {
                     svc_id: value.svc_id,
                     name: names.get(&value.svc_id).cloned().unwrap_or_default(),
+                    attrs: FrontendAttrs {
+                        flags: value.flags,
+                        affinity_timeout: value.affinity_timeout,
+                    },
                     draining: BTreeSet::new(),
                     slots: programmed,
                 },
@@ -363,6 +412,11 @@ impl Reconciler {
         self.backends.len()
     }
 
+    /// Entries of LB_SERVICES in use (frontend entries plus their slots).
+    pub fn service_entry_count(&self) -> usize {
+        self.frontends.values().map(|p| 1 + p.slots.len()).sum()
+    }
+
     /// The backend identities currently programmed for a frontend, in slot order.
     pub fn programmed_backends(&self, key: &FrontendKey) -> Option<Vec<BackendIdentity>> {
         self.frontends.get(key).map(|p| {
@@ -384,9 +438,11 @@ impl Reconciler {
             let same = self.programmed_backends(key).is_some_and(|programmed| {
                 let programmed: BTreeSet<BackendAddr> = programmed.iter().map(|b| b.addr).collect();
                 let wanted: BTreeSet<BackendAddr> = frontend.backends.iter().copied().collect();
+                let current = &self.frontends[key];
                 programmed == wanted
-                    && self.frontends[key].slots.iter().all(|id| *id != 0)
-                    && self.frontends[key].name == frontend_name(frontend)
+                    && current.slots.iter().all(|id| *id != 0)
+                    && current.name == frontend_name(frontend)
+                    && current.attrs == FrontendAttrs::of(frontend)
             });
             if !same {
                 changes.insert(*key, Some(frontend.clone()));
@@ -440,7 +496,7 @@ impl Reconciler {
                             .backend_ids
                             .allocate()
                             .context("out of backend ids: LB_BACKENDS is full")?;
-                        new_backends.push((id, identity.to_map_value()));
+                        new_backends.push((id, identity.to_map_value(frontend.is_local(addr))));
                         self.backends.insert(identity, BackendEntry { id, refs: 1 });
                         self.backend_by_id.insert(id, identity);
                         id
@@ -465,24 +521,25 @@ impl Reconciler {
         let mut new_svc_ids: Vec<u32> = Vec::new();
         let mut names: Vec<(u32, String)> = Vec::new();
         for (key, ids) in &wanted_ids {
-            let (svc_id, old_slots, old_name, old_draining, is_new) = match self.frontends.get(key)
-            {
-                Some(p) => (
-                    p.svc_id,
-                    p.slots.clone(),
-                    p.name.clone(),
-                    p.draining.clone(),
-                    false,
-                ),
-                None => {
-                    let id = self
-                        .svc_ids
-                        .allocate()
-                        .context("out of frontend ids: too many frontends")?;
-                    new_svc_ids.push(id);
-                    (id, Vec::new(), String::new(), BTreeSet::new(), true)
-                }
-            };
+            let (svc_id, old_slots, old_name, old_draining, old_attrs, is_new) =
+                match self.frontends.get(key) {
+                    Some(p) => (
+                        p.svc_id,
+                        p.slots.clone(),
+                        p.name.clone(),
+                        p.draining.clone(),
+                        Some(p.attrs),
+                        false,
+                    ),
+                    None => {
+                        let id = self
+                            .svc_ids
+                            .allocate()
+                            .context("out of frontend ids: too many frontends")?;
+                        new_svc_ids.push(id);
+                        (id, Vec::new(), String::new(), BTreeSet::new(), None, true)
+                    }
+                };
             let frontend = changes[key]
                 .as_ref()
                 .expect("wanted_ids holds upserts only");
@@ -498,7 +555,8 @@ impl Reconciler {
                 .collect();
             known.extend(old_draining);
             let in_rotation: BTreeSet<BackendAddr> = frontend.backends.iter().copied().collect();
-            let retained: BTreeSet<BackendAddr> = frontend.retained.iter().copied().collect();
+            let retained: BTreeSet<BackendAddr> =
+                frontend.excluded.iter().map(|(addr, _)| *addr).collect();
             let mut draining = BTreeSet::new();
             for addr in known {
                 if retained.contains(&addr) {
@@ -525,12 +583,15 @@ impl Reconciler {
                     ));
                 }
             }
-            if is_new || new_slots.len() != old_slots.len() {
+            let attrs = FrontendAttrs::of(frontend);
+            if is_new || new_slots.len() != old_slots.len() || old_attrs != Some(attrs) {
                 frontend_writes.push((
                     service_key(key, 0),
                     ServiceValue {
                         svc_id,
                         count: new_slots.len() as u16,
+                        flags: attrs.flags,
+                        affinity_timeout: attrs.affinity_timeout,
                         ..Default::default()
                     },
                 ));
@@ -544,6 +605,7 @@ impl Reconciler {
                 Programmed {
                     svc_id,
                     name,
+                    attrs,
                     draining,
                     slots: new_slots,
                 },
@@ -779,14 +841,14 @@ mod tests {
     use std::net::IpAddr;
 
     use super::{memory::MemoryMaps, *};
-    use crate::model::ObjectRef;
+    use crate::model::{
+        ObjectRef,
+        endpoints::{Exclusion, Topology},
+        frontends::FrontendKind,
+    };
 
     fn fkey(ip: &str, port: u16) -> FrontendKey {
-        FrontendKey {
-            ip: ip.parse().unwrap(),
-            port,
-            protocol: Protocol::Tcp,
-        }
+        FrontendKey::internal(ip.parse().unwrap(), port, Protocol::Tcp)
     }
 
     fn frontend(key: FrontendKey, backends: &[&str]) -> Frontend {
@@ -794,6 +856,7 @@ mod tests {
             key,
             service: ObjectRef::new("pods", "redis-master"),
             port_name: String::new(),
+            kind: FrontendKind::ClusterIp,
             backends: backends
                 .iter()
                 .map(|ip| BackendAddr {
@@ -801,7 +864,12 @@ mod tests {
                     port: 6379,
                 })
                 .collect(),
-            retained: Vec::new(),
+            local_backends: Vec::new(),
+            excluded: Vec::new(),
+            affinity_timeout: None,
+            local_policy: false,
+            topology: Topology::Any,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -975,10 +1043,13 @@ mod tests {
         let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
         // .12 turns terminating: unselected but still listed, so it drains.
         let mut draining = frontend(key, &["10.244.1.11"]);
-        draining.retained = vec![BackendAddr {
-            ip: "10.244.1.12".parse().unwrap(),
-            port: 6379,
-        }];
+        draining.excluded = vec![(
+            BackendAddr {
+                ip: "10.244.1.12".parse().unwrap(),
+                port: 6379,
+            },
+            Exclusion::Terminating,
+        )];
         let stats = rec.apply(&mut maps, &change(draining)).unwrap();
         assert!(stats.gone.is_empty(), "{:?}", stats.gone);
         assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.11"]));

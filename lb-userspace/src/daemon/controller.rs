@@ -1,0 +1,422 @@
+//! The sync loop, on a thread of its own: source events in, kernel maps out.
+//!
+//! - Nothing is programmed until every watched kind has listed once (kube-proxy's
+//!   `isInitialized`): the first sync then adopts what the kernel holds (state pinned
+//!   by a previous run) and writes only the differences, and only after it succeeded
+//!   are the cgroup links pointed at this build's programs.
+//! - Every later sync recomputes only what changed. A failed sync is retried with
+//!   backoff (not only on the next change) as a full resync from the kernel's state.
+//! - Work is split into chunks with a stop check between them, so SIGTERM is honoured
+//!   within a second even during a sync of hundreds of thousands of Services; every
+//!   chunk is written make-before-break, so stopping between chunks (or being killed
+//!   in one) leaves the kernel consistent.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, RecvTimeoutError},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Result, anyhow};
+use tracing::{debug, error, info, warn};
+
+use super::{http::Health, metrics::Metrics};
+use crate::{
+    datapath::{Datapath, KernelMaps, sockets},
+    model::{Changes, Frontend, FrontendKey, Model, NodeContext, NodeSpec, Protocol},
+    reconcile::{ApplyStats, GoneBackend, Reconciler},
+    source::{Event, Kind, Object},
+    warnings::Summary,
+};
+
+/// Frontend changes written per chunk (between stop checks).
+const CHUNK: usize = 4096;
+/// Retry delays after a failed sync.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Why a sync ended early.
+#[derive(Debug)]
+enum SyncError {
+    Stopped,
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for SyncError {
+    fn from(err: anyhow::Error) -> Self {
+        Self::Failed(err)
+    }
+}
+
+pub struct Controller {
+    pub model: Model,
+    pub reconciler: Reconciler,
+    pub maps: KernelMaps,
+    pub datapath: Datapath,
+    pub node_name: String,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub stop: Arc<AtomicBool>,
+    /// Kinds the source announces; the first sync waits for all of them.
+    pub kinds: BTreeSet<Kind>,
+    node: Option<Arc<NodeSpec>>,
+    listed: BTreeSet<Kind>,
+    initialized: bool,
+    /// Set after a failed sync: the next one rebuilds the reconciler from the kernel.
+    full_sync_needed: bool,
+    retry_delay: Duration,
+    retry_at: Option<Instant>,
+    /// Trigger times of slice changes not yet in the kernel.
+    triggers: Vec<SystemTime>,
+}
+
+impl Controller {
+    pub fn new(
+        maps: KernelMaps,
+        datapath: Datapath,
+        node_name: String,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            model: Model::default(),
+            reconciler: Reconciler::new(),
+            maps,
+            datapath,
+            node_name,
+            health,
+            metrics,
+            stop,
+            kinds: Kind::ALL.into_iter().collect(),
+            node: None,
+            listed: BTreeSet::new(),
+            initialized: false,
+            full_sync_needed: true,
+            retry_delay: RETRY_FIRST,
+            retry_at: None,
+            triggers: Vec::new(),
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Runs until the sources close or the stop flag is set; returns the datapath so
+    /// the caller can shut it down.
+    pub fn run(mut self, events: Receiver<Vec<Event>>) -> Datapath {
+        self.model.set_node(self.node_context());
+        loop {
+            let wait = self
+                .retry_at
+                .map_or(Duration::from_secs(3600), |at| {
+                    at.saturating_duration_since(Instant::now())
+                })
+                // Wake regularly to notice the stop flag.
+                .min(Duration::from_millis(200));
+            match events.recv_timeout(wait) {
+                Ok(batch) => {
+                    self.absorb(batch);
+                    while let Ok(batch) = events.try_recv() {
+                        self.absorb(batch);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if self.stopping() {
+                break;
+            }
+            if self.retry_at.is_some_and(|at| Instant::now() < at) {
+                continue;
+            }
+            self.sync();
+            if self.stopping() {
+                break;
+            }
+        }
+        self.datapath
+    }
+
+    fn node_context(&self) -> NodeContext {
+        NodeContext {
+            name: self.node_name.clone(),
+            zone: self.node.as_ref().and_then(|n| n.zone.clone()),
+            addresses: self
+                .node
+                .as_ref()
+                .map(|n| n.addresses.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn absorb(&mut self, batch: Vec<Event>) {
+        let mut node_changed = false;
+        for event in batch {
+            match event {
+                Event::Upsert(Object::Service(spec)) => self.model.upsert_service(spec),
+                Event::Upsert(Object::Slice(spec)) => self.model.upsert_slice(spec),
+                Event::Upsert(Object::Node(spec)) => {
+                    if spec.name == self.node_name && self.node.as_ref() != Some(&spec) {
+                        self.node = Some(spec);
+                        node_changed = true;
+                    }
+                }
+                Event::Remove(Kind::Service, id) => self.model.remove_service(&id),
+                Event::Remove(Kind::EndpointSlice, id) => self.model.remove_slice(&id),
+                Event::Remove(Kind::Node, id) => {
+                    if id.name == self.node_name && self.node.take().is_some() {
+                        node_changed = true;
+                    }
+                }
+                Event::Listed(kind) => {
+                    if self.listed.insert(kind) && self.kinds.is_subset(&self.listed) {
+                        debug!("every kind has been listed: programming the datapath");
+                    }
+                }
+            }
+        }
+        if node_changed {
+            if let Some(node) = &self.node {
+                info!(node = %node.name, zone = node.zone.as_deref().unwrap_or(""), addresses = ?node.addresses, "this node's Node object");
+            }
+            self.model.set_node(self.node_context());
+        }
+        if self.model.pending() > 0 {
+            self.health.queued();
+        }
+    }
+
+    fn sync(&mut self) {
+        if !self.kinds.is_subset(&self.listed) {
+            return;
+        }
+        if self.initialized && !self.full_sync_needed && self.model.pending() == 0 {
+            return;
+        }
+        let started = Instant::now();
+        let full = !self.initialized || self.full_sync_needed;
+        let result = if full {
+            self.full_sync()
+        } else {
+            self.incremental_sync()
+        };
+        match result {
+            Ok(stats) => self.succeeded(started, full, stats),
+            Err(SyncError::Stopped) => {
+                info!("sync interrupted by shutdown; the kernel maps are consistent");
+            }
+            Err(SyncError::Failed(err)) => {
+                self.metrics.sync_failures.inc();
+                self.full_sync_needed = true;
+                let delay = self.retry_delay;
+                self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+                self.retry_at = Some(Instant::now() + delay);
+                error!(
+                    retry_in_ms = delay.as_millis() as u64,
+                    "syncing the kernel maps failed: {err:#}; will resynchronise from the kernel's state"
+                );
+            }
+        }
+    }
+
+    fn succeeded(&mut self, started: Instant, full: bool, stats: ApplyStats) {
+        let elapsed = started.elapsed();
+        self.full_sync_needed = false;
+        self.retry_at = None;
+        self.retry_delay = RETRY_FIRST;
+        self.health.synced(started);
+        self.metrics.syncs.inc();
+        self.metrics.sync_duration.observe(elapsed.as_secs_f64());
+        self.metrics.map_writes.inc_by(stats.writes() as u64);
+        self.metrics.last_sync.set(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        let now = SystemTime::now();
+        for trigger in self.triggers.drain(..) {
+            if let Ok(latency) = now.duration_since(trigger) {
+                self.metrics
+                    .programming_latency
+                    .observe(latency.as_secs_f64());
+            }
+        }
+        let sizes = &self.metrics.sizes;
+        sizes
+            .frontends
+            .store(self.reconciler.frontend_count() as u64, Ordering::Relaxed);
+        sizes
+            .backends
+            .store(self.reconciler.backend_count() as u64, Ordering::Relaxed);
+        sizes.service_entries.store(
+            self.reconciler.service_entry_count() as u64,
+            Ordering::Relaxed,
+        );
+        if full {
+            info!(
+                frontends = self.reconciler.frontend_count(),
+                backends = self.reconciler.backend_count(),
+                map_writes = stats.writes(),
+                elapsed_us = elapsed.as_micros() as u64,
+                "kernel maps synchronised"
+            );
+        } else {
+            info!(
+                map_writes = stats.writes(),
+                frontends = self.reconciler.frontend_count(),
+                backends = self.reconciler.backend_count(),
+                elapsed_us = elapsed.as_micros() as u64,
+                "services updated"
+            );
+        }
+        self.terminate_gone(&stats.gone);
+        if !self.initialized {
+            self.initialized = true;
+            self.health.set_ready();
+            release_freed_memory();
+            info!(
+                services = self.model.service_count(),
+                endpoint_slices = self.model.slice_count(),
+                frontends = self.reconciler.frontend_count(),
+                "ready"
+            );
+        } else if stats.writes() > 10_000 {
+            release_freed_memory();
+        }
+    }
+
+    /// Recomputes what changed and reports it.
+    fn recompute(&mut self) -> Result<Changes, SyncError> {
+        let stop = self.stop.clone();
+        let changes = self.model.recompute_until(&|| stop.load(Ordering::SeqCst));
+        self.metrics
+            .service_changes
+            .inc_by(changes.service_changes as u64);
+        self.metrics
+            .endpoint_changes
+            .inc_by(changes.slice_changes as u64);
+        self.triggers.extend(changes.triggers.iter().copied());
+        report(&changes);
+        if changes.interrupted {
+            return Err(SyncError::Stopped);
+        }
+        Ok(changes)
+    }
+
+    fn incremental_sync(&mut self) -> Result<ApplyStats, SyncError> {
+        let changes = self.recompute()?;
+        self.apply_chunked(changes.frontends)
+    }
+
+    /// Rebuilds the reconciler from the kernel's maps and writes what differs from the
+    /// model; then (first time) points the datapath's links at this build's programs.
+    fn full_sync(&mut self) -> Result<ApplyStats, SyncError> {
+        self.recompute()?;
+        let (services, backends, names) = self.maps.raw_entries()?;
+        self.reconciler = Reconciler::adopt(services, backends, names);
+        let diff = self.reconciler.diff_all(self.model.frontends());
+        let stats = self.apply_chunked(diff)?;
+        if !self.datapath.is_active() {
+            self.datapath.activate().map_err(SyncError::Failed)?;
+        }
+        Ok(stats)
+    }
+
+    /// Applies changes in chunks (removals first, so space frees before additions),
+    /// checking the stop flag between chunks.
+    fn apply_chunked(
+        &mut self,
+        changes: BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
+    ) -> Result<ApplyStats, SyncError> {
+        let mut total = ApplyStats::default();
+        let (removals, upserts): (Vec<_>, Vec<_>) = changes
+            .into_iter()
+            .partition(|(_, change)| change.is_none());
+        let mut all = removals;
+        all.extend(upserts);
+        let mut rest = all.into_iter().peekable();
+        while rest.peek().is_some() {
+            if self.stopping() {
+                return Err(SyncError::Stopped);
+            }
+            let chunk: BTreeMap<_, _> = rest.by_ref().take(CHUNK).collect();
+            let stats = self
+                .reconciler
+                .apply(&mut self.maps, &chunk)
+                .map_err(|err| SyncError::Failed(anyhow!(err)))?;
+            total.absorb(stats);
+        }
+        Ok(total)
+    }
+
+    /// Ends sockets still connected to backends that left their Service (after the maps
+    /// changed, so clients that reconnect get a live backend).
+    fn terminate_gone(&mut self, gone: &[GoneBackend]) {
+        if gone.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let result = self
+            .maps
+            .take_sockets_of(gone)
+            .and_then(|sockets| Ok((sockets.len(), sockets::terminate(&sockets)?)));
+        match result {
+            Ok((tracked, report)) => {
+                self.metrics
+                    .sockets_destroyed
+                    .inc_by(report.destroyed as u64);
+                info!(
+                    removed_backends = gone.len(),
+                    tracked_sockets = tracked,
+                    destroyed = report.destroyed,
+                    namespaces_searched = report.namespaces,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "terminated sockets of removed backends"
+                );
+            }
+            Err(err) => warn!("terminating sockets of removed backends failed: {err:#}"),
+        }
+    }
+}
+
+/// Hands memory freed after a large sync (parse buffers, batch vectors) back to the
+/// kernel; glibc keeps it otherwise, and operators read RSS.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+}
+
+/// Logs what the model could not apply, and protocols the socket hooks may not cover,
+/// summarising floods.
+fn report(changes: &Changes) {
+    let mut summary = Summary::default();
+    for conflict in &changes.conflicts {
+        summary.warn(Some("conflict"), &conflict.to_string());
+    }
+    for frontend in changes.frontends.values().flatten() {
+        if frontend.key.protocol == Protocol::Sctp {
+            summary.warn(
+                Some("sctp"),
+                &format!(
+                    "Service {}: {} is programmed, but SCTP is not balanced by the socket hooks \
+                     (verified for TCP and UDP only); SCTP clients reach the ClusterIP untranslated",
+                    frontend.service, frontend.key
+                ),
+            );
+        }
+    }
+    summary.finish();
+}
+
+/// Addresses of this node when the source has no Node object for it.
+#[allow(dead_code)]
+pub fn no_addresses() -> Vec<IpAddr> {
+    Vec::new()
+}

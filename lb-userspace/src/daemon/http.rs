@@ -1,0 +1,223 @@
+//! The daemon's HTTP endpoints, with kube-proxy's conventions so existing probes fit:
+//! `/healthz` and `/livez` (200 while syncs keep succeeding: no change has waited
+//! longer than the health timeout), `/readyz` (200 once the first complete sync is
+//! done) on the health address, and Prometheus `/metrics` on the metrics address.
+//!
+//! They run on the tokio runtime, never behind the sync (which has a thread of its
+//! own), so they answer during a long sync too.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use super::metrics::{self, Metrics};
+
+/// What the health endpoints report, shared with the controller.
+#[derive(Debug)]
+pub struct Health {
+    /// The first complete sync is done.
+    ready: AtomicBool,
+    inner: Mutex<HealthInner>,
+    /// How long a change may wait for a successful sync before `/healthz` fails.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+struct HealthInner {
+    last_updated: Option<SystemTime>,
+    /// The oldest change not yet applied by a successful sync.
+    queued_since: Option<Instant>,
+}
+
+impl Health {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            ready: AtomicBool::new(false),
+            inner: Mutex::default(),
+            timeout,
+        }
+    }
+
+    /// A change arrived that the next sync must apply.
+    pub fn queued(&self) {
+        let mut inner = self.inner.lock().expect("lock");
+        inner.queued_since.get_or_insert_with(Instant::now);
+    }
+
+    /// A sync succeeded: everything queued before `started` is applied.
+    pub fn synced(&self, started: Instant) {
+        let mut inner = self.inner.lock().expect("lock");
+        inner.last_updated = Some(SystemTime::now());
+        if inner.queued_since.is_some_and(|q| q <= started) {
+            inner.queued_since = None;
+        }
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Healthy unless a change has waited longer than the timeout.
+    pub fn is_healthy(&self) -> bool {
+        let inner = self.inner.lock().expect("lock");
+        inner
+            .queued_since
+            .is_none_or(|since| since.elapsed() <= self.timeout)
+    }
+
+    fn body(&self) -> String {
+        let inner = self.inner.lock().expect("lock");
+        let time = |t: Option<SystemTime>| {
+            t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .and_then(|d| jiff::Timestamp::from_second(d.as_secs() as i64).ok())
+                .map_or_else(String::new, |t| t.to_string())
+        };
+        serde_json::json!({
+            "lastUpdated": time(inner.last_updated),
+            "currentTime": time(Some(SystemTime::now())),
+            "nodeEligible": true,
+        })
+        .to_string()
+    }
+}
+
+fn response(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("Content-Type", content_type)
+        .header("X-Content-Type-Options", "nosniff")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+fn health_response(health: &Health, path: &str) -> Response<Full<Bytes>> {
+    let ok = match path {
+        "/healthz" | "/livez" => health.is_healthy(),
+        "/readyz" => health.is_ready() && health.is_healthy(),
+        _ => return response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    response(status, "application/json", health.body())
+}
+
+/// Binds `addr` now (so a busy port is a start-up error, not a silent gap) and serves
+/// `handler` on it until the process ends. Returns the bound address (port 0 picks one).
+pub async fn serve<F>(what: &'static str, addr: SocketAddr, handler: F) -> Result<SocketAddr>
+where
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{what} server: binding {addr} (in use by another kube-proxy or lb? choose another address)"))?;
+    let bound = listener.local_addr()?;
+    info!(%bound, "{what} server listening");
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(&req)) }
+                });
+                if let Err(err) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!("{what} connection: {err}");
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
+
+pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr> {
+    serve("health", addr, move |req| {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return response(StatusCode::METHOD_NOT_ALLOWED, "text/plain", String::new());
+        }
+        health_response(&health, req.uri().path())
+    })
+    .await
+}
+
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> Result<SocketAddr> {
+    serve("metrics", addr, move |req| match req.uri().path() {
+        "/metrics" => response(StatusCode::OK, metrics::CONTENT_TYPE, metrics.encode()),
+        // kube-proxy serves its health endpoints on the metrics port too.
+        path => health_response(&health, path),
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_queued_changes_and_successful_syncs() {
+        let health = Health::new(Duration::from_millis(50));
+        assert!(health.is_healthy() && !health.is_ready());
+        health.queued();
+        assert!(health.is_healthy(), "a fresh change is within the timeout");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(
+            !health.is_healthy(),
+            "a change waited longer than the timeout"
+        );
+        health.synced(Instant::now());
+        assert!(health.is_healthy());
+        // A sync that started before a change does not cover it.
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        health.queued();
+        health.synced(started);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!health.is_healthy());
+        health.set_ready();
+        assert_eq!(
+            health_response(&health, "/readyz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        health.synced(Instant::now());
+        assert_eq!(health_response(&health, "/readyz").status(), StatusCode::OK);
+        assert_eq!(
+            health_response(&health, "/nope").status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+}

@@ -1,0 +1,306 @@
+//! Prometheus metrics, named as kube-proxy names them where they mean the same thing
+//! (so existing dashboards and alerts fit), plus `lb_` series for what is ours. The
+//! datapath's own counters are read from the per-CPU maps at scrape time.
+
+use std::{
+    fmt,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+use crate::{datapath::StatsReader, source::kube::ApiStatus};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabel {
+    decision: String,
+}
+
+/// Sizes the controller publishes after every sync (cheaper than counting map
+/// entries at scrape time).
+#[derive(Debug, Default)]
+pub struct Sizes {
+    pub frontends: AtomicU64,
+    pub backends: AtomicU64,
+    /// Entries of LB_SERVICES (frontends + slots).
+    pub service_entries: AtomicU64,
+    /// Frontends the maps could not hold (reported, retried when space frees up).
+    pub unprogrammed: AtomicU64,
+}
+
+/// Everything the daemon counts.
+#[derive(Debug)]
+pub struct Metrics {
+    pub sync_duration: Histogram,
+    pub last_sync: Gauge<f64, AtomicU64>,
+    pub programming_latency: Histogram,
+    pub service_changes: Counter,
+    pub endpoint_changes: Counter,
+    pub syncs: Counter,
+    pub sync_failures: Counter,
+    pub map_writes: Counter,
+    pub sockets_destroyed: Counter,
+    pub sizes: Arc<Sizes>,
+    registry: Registry,
+}
+
+/// Reads what only exists at scrape time: datapath counters, API errors, sizes.
+#[derive(Debug)]
+struct Live {
+    stats: Option<StatsReader>,
+    api: Option<Arc<ApiStatus>>,
+    sizes: Arc<Sizes>,
+    capacities: Vec<(String, u64)>,
+}
+
+impl Collector for Live {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64| {
+            let metric = ConstGauge::new(value as i64);
+            let metric_encoder =
+                encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            metric.encode(metric_encoder)
+        };
+        gauge(
+            &mut encoder,
+            "lb_frontends",
+            "Frontends (address, port, protocol, scope) programmed in the kernel",
+            self.sizes.frontends.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            &mut encoder,
+            "lb_backends",
+            "Distinct backends programmed in the kernel",
+            self.sizes.backends.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            &mut encoder,
+            "lb_unprogrammed_frontends",
+            "Frontends the maps could not hold; they wait for space (see lb list)",
+            self.sizes.unprogrammed.load(Ordering::Relaxed),
+        )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "lb_map_entries",
+                "Entries in use per map",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            let used = [
+                (
+                    "LB_SERVICES",
+                    self.sizes.service_entries.load(Ordering::Relaxed),
+                ),
+                ("LB_BACKENDS", self.sizes.backends.load(Ordering::Relaxed)),
+            ];
+            for (map, value) in used {
+                let label = MapLabel { map: map.into() };
+                ConstGauge::new(value as i64).encode(family.encode_family(&label)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "lb_map_capacity",
+                "Capacity (max_entries) per map",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (map, value) in &self.capacities {
+                let label = MapLabel { map: map.clone() };
+                ConstGauge::new(*value as i64).encode(family.encode_family(&label)?)?;
+            }
+        }
+        if let Some(api) = &self.api {
+            let metric = ConstCounter::new(api.errors.load(Ordering::Relaxed));
+            let metric_encoder = encoder.encode_descriptor(
+                "lb_api_errors",
+                "Kubernetes API requests (lists, watches) that failed",
+                None,
+                metric.metric_type(),
+            )?;
+            metric.encode(metric_encoder)?;
+        }
+        if let Some(stats) = &self.stats
+            && let Ok(values) = stats.read()
+        {
+            let mut family = encoder.encode_descriptor(
+                "lb_datapath_decisions",
+                "Decisions of the eBPF programs, summed over CPUs (LB_STATS)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (name, value) in values {
+                let label = DecisionLabel {
+                    decision: name.to_string(),
+                };
+                ConstCounter::new(value).encode(family.encode_family(&label)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register_with_unit(
+            "kubeproxy_sync_proxy_rules_duration",
+            "How long one sync of the kernel maps took",
+            Unit::Seconds,
+            sync_duration.clone(),
+        );
+        let last_sync = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "kubeproxy_sync_proxy_rules_last_timestamp",
+            "When the kernel maps were last synced successfully (Unix time)",
+            Unit::Seconds,
+            last_sync.clone(),
+        );
+        let programming_latency = Histogram::new(exponential_buckets(0.001, 2.0, 20));
+        registry.register_with_unit(
+            "kubeproxy_network_programming_duration",
+            "From an EndpointSlice's last-change-trigger-time to its change reaching the kernel maps",
+            Unit::Seconds,
+            programming_latency.clone(),
+        );
+        let service_changes = Counter::default();
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Service objects added, changed or removed",
+            service_changes.clone(),
+        );
+        let endpoint_changes = Counter::default();
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "EndpointSlice objects added, changed or removed",
+            endpoint_changes.clone(),
+        );
+        let syncs = Counter::default();
+        registry.register(
+            "lb_syncs",
+            "Syncs of the kernel maps that succeeded",
+            syncs.clone(),
+        );
+        let sync_failures = Counter::default();
+        registry.register(
+            "lb_sync_failures",
+            "Syncs of the kernel maps that failed (each is retried)",
+            sync_failures.clone(),
+        );
+        let map_writes = Counter::default();
+        registry.register(
+            "lb_map_writes",
+            "Map entries written or deleted by syncs",
+            map_writes.clone(),
+        );
+        let sockets_destroyed = Counter::default();
+        registry.register(
+            "lb_sockets_destroyed",
+            "Established sockets destroyed because their backend left its Service",
+            sockets_destroyed.clone(),
+        );
+        Self {
+            sync_duration,
+            last_sync,
+            programming_latency,
+            service_changes,
+            endpoint_changes,
+            syncs,
+            sync_failures,
+            map_writes,
+            sockets_destroyed,
+            sizes: Arc::new(Sizes::default()),
+            registry,
+        }
+    }
+
+    /// Adds the scrape-time series (datapath counters from `pin_dir`, API errors).
+    pub fn with_live(mut self, pin_dir: &Path, api: Option<Arc<ApiStatus>>) -> Self {
+        let stats = StatsReader::open(pin_dir).ok();
+        let capacities = crate::datapath::capacities(pin_dir);
+        self.registry.register_collector(Box::new(Live {
+            stats,
+            api,
+            sizes: self.sizes.clone(),
+            capacities,
+        }));
+        self
+    }
+
+    /// The text exposition format (0.0.4), as Prometheus scrapes it.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `Content-Type` of [`Metrics::encode`].
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[allow(dead_code)]
+fn _assert_family_is_send(_: Family<MapLabel, Counter>) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_parse_as_prometheus_text() {
+        let metrics = Metrics::new();
+        metrics.service_changes.inc_by(3);
+        metrics.sync_duration.observe(0.02);
+        metrics.sizes.frontends.store(7, Ordering::Relaxed);
+        let metrics = metrics.with_live(Path::new("/nonexistent"), None);
+        let text = metrics.encode();
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let value = |name: &str| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name)
+                .map(|s| s.value.clone())
+        };
+        assert_eq!(
+            value("kubeproxy_sync_proxy_rules_service_changes_total"),
+            Some(prometheus_parse::Value::Counter(3.0))
+        );
+        assert_eq!(
+            value("lb_frontends"),
+            Some(prometheus_parse::Value::Gauge(7.0))
+        );
+        assert!(matches!(
+            value("kubeproxy_sync_proxy_rules_duration_seconds"),
+            Some(prometheus_parse::Value::Histogram(_))
+        ));
+    }
+}

@@ -1,0 +1,144 @@
+//! `lb daemon`: load the datapath, then keep the kernel maps equal to what the source
+//! describes, until SIGINT/SIGTERM.
+//!
+//! Threads: the tokio runtime serves signals, the health and metrics endpoints and the
+//! Kubernetes watchers; the manifest source reads files on a thread of its own; the
+//! sync (model, reconciler, map writes, socket termination) runs on the controller
+//! thread. So a long sync never delays a signal or a health probe.
+
+mod controller;
+mod http;
+mod metrics;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use self::{controller::Controller, http::Health, metrics::Metrics};
+use crate::{
+    datapath::{self, Datapath, DatapathOptions},
+    source,
+};
+
+#[derive(Debug, Clone)]
+pub enum SourceOptions {
+    /// A folder of manifests, rescanned every `rescan_interval` as a safety net.
+    Manifests {
+        dir: PathBuf,
+        rescan_interval: Duration,
+    },
+    /// The Kubernetes API (kubeconfig file, else `$KUBECONFIG`, else in-cluster).
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub source: SourceOptions,
+    pub datapath: DatapathOptions,
+    /// Remove the datapath on a graceful exit (the default keeps it serving).
+    pub detach_on_exit: bool,
+    pub node_name: String,
+    pub health_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub health_timeout: Duration,
+}
+
+/// How long a shutdown waits for the sync to reach a stopping point.
+const STOP_GRACE: Duration = Duration::from_millis(900);
+
+pub async fn run(options: DaemonOptions) -> Result<()> {
+    // Check everything that can be wrong with the configuration before touching the
+    // kernel: a typo should not leave a half-made datapath behind.
+    let client = match &options.source {
+        SourceOptions::Kubernetes { kubeconfig } => {
+            Some(source::kube::client(kubeconfig.as_deref()).await?)
+        }
+        SourceOptions::Manifests { dir, .. } => {
+            source::manifests::ManifestDir::new(dir)?;
+            None
+        }
+    };
+    let health = Arc::new(Health::new(options.health_timeout));
+    if let Some(addr) = options.health_addr {
+        http::serve_health(addr, health.clone()).await?;
+    }
+
+    let mut datapath = Datapath::load(options.datapath.clone())?;
+    datapath.start_logger();
+    let maps = datapath.take_maps()?;
+
+    let (sink, events) = std::sync::mpsc::channel();
+    let api = match (&options.source, client) {
+        (
+            SourceOptions::Manifests {
+                dir,
+                rescan_interval,
+            },
+            _,
+        ) => {
+            source::manifests::spawn(dir.clone(), *rescan_interval, sink)?;
+            None
+        }
+        (SourceOptions::Kubernetes { .. }, Some(client)) => {
+            info!(node = %options.node_name, "watching the Kubernetes API");
+            Some(source::kube::spawn(client, &options.node_name, sink))
+        }
+        (SourceOptions::Kubernetes { .. }, None) => unreachable!("client built above"),
+    };
+    let metrics = Arc::new(Metrics::new().with_live(&options.datapath.pin_dir, api));
+    if let Some(addr) = options.metrics_addr {
+        http::serve_metrics(addr, metrics.clone(), health.clone()).await?;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let controller = Controller::new(
+        maps,
+        datapath,
+        options.node_name.clone(),
+        health,
+        metrics,
+        stop.clone(),
+    );
+    let sync = std::thread::Builder::new()
+        .name("sync".into())
+        .spawn(move || controller.run(events))
+        .context("starting the sync thread")?;
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let watch_sync = async {
+        while !sync.is_finished() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM received"),
+        _ = sigint.recv() => info!("SIGINT received"),
+        _ = watch_sync => warn!("the sources stopped; shutting down"),
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + STOP_GRACE;
+    while !sync.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if !sync.is_finished() {
+        // In the middle of one kernel call: the maps are consistent at every step, and
+        // the datapath stays attached through its pinned links.
+        warn!("the sync did not reach a stopping point in time; exiting anyway");
+        if options.detach_on_exit {
+            datapath::cleanup(&options.datapath.pin_dir)?;
+        }
+        return Ok(());
+    }
+    let datapath = sync
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sync thread panicked"))?;
+    datapath.shutdown(options.detach_on_exit)
+}

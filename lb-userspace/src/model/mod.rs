@@ -1,0 +1,315 @@
+//! The service model: Kubernetes Services, EndpointSlices and this node's Node in, the
+//! frontends the datapath must serve out. Pure: no kernel, no I/O, so every rule is
+//! unit-tested.
+//!
+//! Semantics follow kube-proxy (see [`frontends`] and [`endpoints`]); a ClusterIP:port
+//! claimed by two Services goes to the one that had it first, the other is reported
+//! and takes over when the first lets go.
+//!
+//! Work is incremental and linear: only Services whose objects changed are
+//! recomputed, and conflicts are indexed by frontend key both ways (key -> waiting
+//! Services, Service -> keys it waits for), so one change costs work proportional to
+//! that Service, whatever the size of the table.
+
+pub mod endpoints;
+pub mod frontends;
+pub mod spec;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    sync::Arc,
+    time::SystemTime,
+};
+
+pub use self::{
+    frontends::{BackendAddr, Frontend, FrontendKey, NodeContext, Scope, service_frontends},
+    spec::{NodeSpec, ObjectRef, Protocol, ServiceSpec, SliceSpec},
+};
+
+/// A ClusterIP:port (or other frontend) wanted by a Service while another holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub service: ObjectRef,
+    pub key: FrontendKey,
+    pub owner: ObjectRef,
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Service {}: {} is already served by Service {}; this port is skipped until that changes",
+            self.service, self.key, self.owner
+        )
+    }
+}
+
+/// A Service's health-check node port (`externalTrafficPolicy: Local`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ObjectRef,
+    /// Ready endpoints on this node.
+    pub local_endpoints: usize,
+}
+
+/// The whole desired state, updated incrementally.
+#[derive(Debug, Default)]
+pub struct Model {
+    // Shared with the source that parsed them: one copy of every object in memory.
+    services: HashMap<ObjectRef, Arc<ServiceSpec>>,
+    slices: HashMap<ObjectRef, Arc<SliceSpec>>,
+    slices_by_service: HashMap<ObjectRef, BTreeSet<ObjectRef>>,
+    frontends: BTreeMap<FrontendKey, Arc<Frontend>>,
+    /// Keys each Service holds.
+    owned: HashMap<ObjectRef, BTreeSet<FrontendKey>>,
+    /// Services that want a key another Service holds, and the reverse index.
+    waiting: HashMap<FrontendKey, BTreeSet<ObjectRef>>,
+    waits: HashMap<ObjectRef, BTreeSet<FrontendKey>>,
+    health_checks: BTreeMap<u16, HealthCheck>,
+    dirty: BTreeSet<ObjectRef>,
+    node: NodeContext,
+    /// Slices changed since the last recompute with their trigger times, for the
+    /// network programming latency metric.
+    triggers: Vec<SystemTime>,
+    service_changes: usize,
+    slice_changes: usize,
+    /// Work done (Services recomputed, frontends and waiters touched): a measure of
+    /// cost that tests can bound, unlike time.
+    work: u64,
+}
+
+/// The outcome of [`Model::recompute`].
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Frontends added or changed (`Some`) or removed (`None`).
+    pub frontends: BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
+    /// Conflicts found (reported, not applied).
+    pub conflicts: Vec<Conflict>,
+    /// Service and EndpointSlice objects changed (added, updated, removed) since the
+    /// last recompute.
+    pub service_changes: usize,
+    pub slice_changes: usize,
+    /// Trigger times of the slice changes included (see `TRIGGER_TIME_ANNOTATION`).
+    pub triggers: Vec<SystemTime>,
+    /// The recompute stopped early (shutdown); the rest stays dirty.
+    pub interrupted: bool,
+}
+
+/// Services recomputed between checks of the stop condition.
+const STOP_CHECK_EVERY: usize = 256;
+
+impl Model {
+    pub fn frontends(&self) -> &BTreeMap<FrontendKey, Arc<Frontend>> {
+        &self.frontends
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn slice_count(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// Health-check node ports of Local-policy Services, by port.
+    #[allow(dead_code)] // served by the health-check node ports (TC path)
+    pub fn health_checks(&self) -> &BTreeMap<u16, HealthCheck> {
+        &self.health_checks
+    }
+
+    /// Work done so far (see the field).
+    #[cfg(test)]
+    pub fn work(&self) -> u64 {
+        self.work
+    }
+
+    /// Services with changes not yet recomputed.
+    pub fn pending(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// This node's name, zone and addresses: locality, topology and node ports of
+    /// every Service depend on them, so a change recomputes all.
+    pub fn set_node(&mut self, node: NodeContext) {
+        if node != self.node {
+            self.node = node;
+            self.dirty.extend(self.services.keys().cloned());
+        }
+    }
+
+    pub fn upsert_service(&mut self, spec: Arc<ServiceSpec>) {
+        if self.services.get(&spec.id) != Some(&spec) {
+            self.service_changes += 1;
+            self.dirty.insert(spec.id.clone());
+            self.services.insert(spec.id.clone(), spec);
+        }
+    }
+
+    pub fn remove_service(&mut self, id: &ObjectRef) {
+        if self.services.remove(id).is_some() {
+            self.service_changes += 1;
+            self.dirty.insert(id.clone());
+        }
+    }
+
+    pub fn upsert_slice(&mut self, spec: Arc<SliceSpec>) {
+        if self.slices.get(&spec.id) == Some(&spec) {
+            return;
+        }
+        if let Some(old) = self.slices.get(&spec.id)
+            && old.service != spec.service
+        {
+            let old_service = old.service.clone();
+            self.unlink_slice(&spec.id, &old_service);
+        }
+        if let Some(trigger) = spec.trigger_time {
+            self.triggers.push(trigger);
+        }
+        self.slice_changes += 1;
+        self.dirty.insert(spec.service.clone());
+        self.slices_by_service
+            .entry(spec.service.clone())
+            .or_default()
+            .insert(spec.id.clone());
+        self.slices.insert(spec.id.clone(), spec);
+    }
+
+    pub fn remove_slice(&mut self, id: &ObjectRef) {
+        if let Some(old) = self.slices.get(id) {
+            let service = old.service.clone();
+            self.slice_changes += 1;
+            self.unlink_slice(id, &service);
+        }
+    }
+
+    fn unlink_slice(&mut self, id: &ObjectRef, service: &ObjectRef) {
+        self.slices.remove(id);
+        if let Some(set) = self.slices_by_service.get_mut(service) {
+            set.remove(id);
+            if set.is_empty() {
+                self.slices_by_service.remove(service);
+            }
+        }
+        self.dirty.insert(service.clone());
+    }
+
+    fn slices_of(&self, id: &ObjectRef) -> Vec<&SliceSpec> {
+        self.slices_by_service
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| self.slices.get(s).map(|s| s.as_ref()))
+            .collect()
+    }
+
+    /// Recomputes every Service touched since the last call.
+    #[cfg(test)]
+    pub fn recompute(&mut self) -> Changes {
+        self.recompute_until(&|| false)
+    }
+
+    /// Like [`Model::recompute`], but checks `stop` every few hundred Services and
+    /// returns early (leaving the rest dirty) when it says so.
+    pub fn recompute_until(&mut self, stop: &dyn Fn() -> bool) -> Changes {
+        let mut changes = Changes {
+            triggers: std::mem::take(&mut self.triggers),
+            service_changes: std::mem::take(&mut self.service_changes),
+            slice_changes: std::mem::take(&mut self.slice_changes),
+            ..Default::default()
+        };
+        let mut done = 0;
+        // A released key can unblock a waiting Service, which is then recomputed too.
+        while let Some(id) = self.dirty.pop_first() {
+            done += 1;
+            if done % STOP_CHECK_EVERY == 0 && stop() {
+                self.dirty.insert(id);
+                changes.interrupted = true;
+                break;
+            }
+            self.recompute_service(&id, &mut changes);
+        }
+        changes
+    }
+
+    fn recompute_service(&mut self, id: &ObjectRef, changes: &mut Changes) {
+        self.work += 1;
+        let spec = self.services.get(id).cloned();
+        let wanted = match &spec {
+            Some(spec) => service_frontends(spec, &self.slices_of(id), &self.node),
+            None => Vec::new(),
+        };
+        self.work += wanted.len() as u64;
+
+        self.health_checks.retain(|_, hc| &hc.service != id);
+        if let Some(spec) = &spec
+            && spec.external_local
+            && spec.externally_reachable()
+            && let Some(port) = spec.health_check_node_port
+        {
+            let local_endpoints = frontends::local_ready_endpoints(&self.slices_of(id), &self.node);
+            self.health_checks.insert(
+                port,
+                HealthCheck {
+                    service: id.clone(),
+                    local_endpoints,
+                },
+            );
+        }
+
+        // Forget this Service's old waits: they are recomputed below.
+        for key in self.waits.remove(id).unwrap_or_default() {
+            self.work += 1;
+            if let Some(waiters) = self.waiting.get_mut(&key) {
+                waiters.remove(id);
+                if waiters.is_empty() {
+                    self.waiting.remove(&key);
+                }
+            }
+        }
+
+        let wanted_keys: BTreeSet<FrontendKey> = wanted.iter().map(|f| f.key).collect();
+        let previously = self.owned.remove(id).unwrap_or_default();
+        for key in previously.difference(&wanted_keys) {
+            self.work += 1;
+            self.frontends.remove(key);
+            changes.frontends.insert(*key, None);
+            // Whoever waited for this key gets another chance.
+            if let Some(waiters) = self.waiting.get(key) {
+                self.work += waiters.len() as u64;
+                self.dirty.extend(waiters.iter().cloned());
+            }
+        }
+
+        let mut owned = BTreeSet::new();
+        for frontend in wanted {
+            let key = frontend.key;
+            match self.frontends.get(&key) {
+                Some(existing) if existing.service != *id => {
+                    changes.conflicts.push(Conflict {
+                        service: id.clone(),
+                        key,
+                        owner: existing.service.clone(),
+                    });
+                    self.waiting.entry(key).or_default().insert(id.clone());
+                    self.waits.entry(id.clone()).or_default().insert(key);
+                }
+                Some(existing) if **existing == frontend => {
+                    owned.insert(key);
+                }
+                _ => {
+                    owned.insert(key);
+                    let frontend = Arc::new(frontend);
+                    changes.frontends.insert(key, Some(frontend.clone()));
+                    self.frontends.insert(key, frontend);
+                }
+            }
+        }
+        if !owned.is_empty() {
+            self.owned.insert(id.clone(), owned);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

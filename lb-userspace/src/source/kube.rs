@@ -1,0 +1,446 @@
+//! The Kubernetes API source: kube-rs watchers on Services, EndpointSlices and this
+//! node's Node, turned into the source events of [`super`].
+//!
+//! - Server-side selectors skip what kube-proxy skips (Services another proxy owns,
+//!   slices of headless Services); the same rules are applied again to every object
+//!   (unit-tested in the model), so nothing depends on the server honouring them.
+//! - Objects are converted to the model's compact specs as they arrive and the API
+//!   objects dropped at once (no reflector store, no managedFields in memory).
+//! - A watch that breaks, a `410 Gone` or an API outage makes the watcher list again;
+//!   [`Relist`] turns the new list into removals of what vanished meanwhile, and the
+//!   model into minimal map writes. While the API server is unreachable the datapath
+//!   keeps its last state; retries back off (as client-go does, up to 30 s) but a
+//!   cheap `/version` probe brings every watcher back within about half a second of
+//!   the server's return. An outage is logged once when it starts and once when it
+//!   ends.
+//! - Streaming lists (`sendInitialEvents`) are used where the server supports them,
+//!   with a fallback to list+watch when it does not (etcd older than 3.4.31/3.5.13,
+//!   or the WatchList feature off).
+
+use std::{
+    fmt::Debug,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config, Resource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{watcher, watcher::Event as WatchEvent},
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use super::{Event, Kind, Object, Relist, Sink};
+use crate::{
+    model::{NodeSpec, ObjectRef, ServiceSpec, SliceSpec, spec},
+    warnings::Summary,
+};
+
+/// Builds a client: `--kubeconfig`, else `$KUBECONFIG`, else the in-cluster
+/// service-account configuration.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let mut config = if let Some(path) = kubeconfig {
+        let file = Kubeconfig::read_from(path)
+            .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+        Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("using kubeconfig {}", path.display()))?
+    } else if std::env::var_os("KUBECONFIG").is_some() {
+        Config::from_kubeconfig(&KubeConfigOptions::default())
+            .await
+            .context("using the kubeconfig named by $KUBECONFIG")?
+    } else {
+        match Config::incluster() {
+            Ok(config) => config,
+            Err(err) => bail!(
+                "no Kubernetes API configuration: pass --kubeconfig, set KUBECONFIG, or run \
+                 in a cluster with a service account ({err}); for a folder of manifests use \
+                 --manifests"
+            ),
+        }
+    };
+    config.connect_timeout = Some(Duration::from_secs(5));
+    // Watches are long-lived and may be quiet: no read timeout (the watcher has its own).
+    config.read_timeout = None;
+    Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// What the daemon can observe of the API connection.
+#[derive(Debug, Default)]
+pub struct ApiStatus {
+    /// Requests that failed (list, watch, watch errors).
+    pub errors: AtomicU64,
+    /// When the current outage began.
+    down_since: Mutex<Option<Instant>>,
+    /// Wakes watchers that are backing off once the API answers again.
+    back: Notify,
+    probing: AtomicBool,
+    /// Set once the server refused a streaming list: every watcher lists instead.
+    no_streaming_lists: AtomicBool,
+}
+
+impl ApiStatus {
+    pub fn is_down(&self) -> bool {
+        self.down_since.lock().expect("lock").is_some()
+    }
+
+    /// A request failed: logs once per outage and starts the probe.
+    fn failed(self: &Arc<Self>, client: &Client, kind: Kind, err: &watcher::Error) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut down = self.down_since.lock().expect("lock");
+        if down.is_none() {
+            *down = Some(Instant::now());
+            warn!(
+                "Kubernetes API unreachable or failing ({kind} watch: {err}); the datapath keeps \
+                 its current state; retrying"
+            );
+        } else {
+            debug!("{kind} watch: {err}");
+        }
+        drop(down);
+        if !self.probing.swap(true, Ordering::SeqCst) {
+            let status = self.clone();
+            let client = client.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if !status.is_down() || client.apiserver_version().await.is_ok() {
+                        break;
+                    }
+                }
+                status.probing.store(false, Ordering::SeqCst);
+                status.back.notify_waiters();
+            });
+        }
+    }
+
+    /// A watcher received something: the outage (if any) is over.
+    fn succeeded(&self) {
+        let mut down = self.down_since.lock().expect("lock");
+        if let Some(since) = down.take() {
+            info!(
+                outage_ms = since.elapsed().as_millis() as u64,
+                "Kubernetes API reachable again; re-listing"
+            );
+            self.back.notify_waiters();
+        }
+    }
+}
+
+/// Retry delays after errors: 0.8 s doubling to 30 s (client-go's), cut short when the
+/// API answers again.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(800);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    async fn wait(&mut self, status: &ApiStatus) {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = status.back.notified() => {}
+        }
+    }
+}
+
+/// Whether a watch error means "this server cannot do streaming lists".
+fn streaming_lists_unsupported(err: &watcher::Error) -> bool {
+    let message = match err {
+        watcher::Error::WatchError(status) => status.message.clone(),
+        watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.message.clone(),
+        _ => return false,
+    };
+    message.contains("RequestWatchProgress")
+        || message.contains("sendInitialEvents")
+        || message.contains("WatchList")
+}
+
+/// Converts one API object; `Ok(None)` when this proxy does not serve it.
+type Convert<K> = fn(&K) -> Result<Option<Object>, Vec<String>>;
+
+fn service(svc: &Service) -> Result<Option<Object>, Vec<String>> {
+    Ok(ServiceSpec::from_k8s(svc)?.map(|s| Object::Service(Arc::new(s))))
+}
+
+fn slice(slice: &EndpointSlice) -> Result<Option<Object>, Vec<String>> {
+    if spec::slice_ignored(&slice.metadata).is_some() {
+        return Ok(None);
+    }
+    Ok(SliceSpec::from_k8s(slice)?.map(|s| Object::Slice(Arc::new(s))))
+}
+
+fn node(node: &Node) -> Result<Option<Object>, Vec<String>> {
+    Ok(Some(Object::Node(Arc::new(NodeSpec::from_k8s(node)?))))
+}
+
+/// Starts the three watchers on the current tokio runtime.
+pub fn spawn(client: Client, node_name: &str, sink: Sink) -> Arc<ApiStatus> {
+    let status = Arc::new(ApiStatus::default());
+    let services =
+        watcher::Config::default().labels(&format!("!{}", spec::SERVICE_PROXY_NAME_LABEL));
+    let slices = watcher::Config::default().labels(&format!(
+        "!{},!{}",
+        spec::HEADLESS_LABEL,
+        spec::SERVICE_PROXY_NAME_LABEL
+    ));
+    let nodes = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    tokio::spawn(watch(
+        Api::<Service>::all(client.clone()),
+        services,
+        Kind::Service,
+        service as Convert<Service>,
+        client.clone(),
+        sink.clone(),
+        status.clone(),
+    ));
+    tokio::spawn(watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        slices,
+        Kind::EndpointSlice,
+        slice as Convert<EndpointSlice>,
+        client.clone(),
+        sink.clone(),
+        status.clone(),
+    ));
+    tokio::spawn(watch(
+        Api::<Node>::all(client.clone()),
+        nodes,
+        Kind::Node,
+        node as Convert<Node>,
+        client,
+        sink,
+        status.clone(),
+    ));
+    status
+}
+
+fn id_of<K: Resource>(kind: Kind, object: &K) -> ObjectRef {
+    let meta = object.meta();
+    let namespace = if kind == Kind::Node {
+        String::new()
+    } else {
+        meta.namespace.clone().unwrap_or_default()
+    };
+    ObjectRef::new(namespace, meta.name.clone().unwrap_or_default())
+}
+
+/// One kind's watch, forever (until the sink closes).
+async fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    convert: Convert<K>,
+    client: Client,
+    sink: Sink,
+    status: Arc<ApiStatus>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let mut relist = Relist::default();
+    let mut backoff = Backoff::new();
+    'restart: loop {
+        let streaming = !status.no_streaming_lists.load(Ordering::SeqCst);
+        let config = if streaming {
+            config.clone().streaming_lists()
+        } else {
+            config.clone()
+        };
+        let mut stream = std::pin::pin!(watcher(api.clone(), config));
+        // Objects of the list in progress, sent together when it completes.
+        let mut listing: Vec<Event> = Vec::new();
+        let mut summary = Summary::default();
+        while let Some(item) = stream.next().await {
+            let event = match item {
+                Ok(event) => {
+                    status.succeeded();
+                    backoff.reset();
+                    event
+                }
+                Err(err) => {
+                    if streaming && streaming_lists_unsupported(&err) {
+                        if !status.no_streaming_lists.swap(true, Ordering::SeqCst) {
+                            info!(
+                                "the API server does not support streaming lists ({err}); using list+watch"
+                            );
+                        }
+                        continue 'restart;
+                    }
+                    status.failed(&client, kind, &err);
+                    backoff.wait(&status).await;
+                    continue;
+                }
+            };
+            let batch = match event {
+                WatchEvent::Init => {
+                    relist.begin(kind);
+                    listing.clear();
+                    summary = Summary::default();
+                    continue;
+                }
+                WatchEvent::InitApply(object) => {
+                    apply(
+                        kind,
+                        &object,
+                        convert,
+                        &mut relist,
+                        &mut listing,
+                        &mut summary,
+                    );
+                    continue;
+                }
+                WatchEvent::InitDone => {
+                    std::mem::take(&mut summary).finish();
+                    let mut batch = std::mem::take(&mut listing);
+                    batch.extend(relist.end(kind));
+                    batch
+                }
+                WatchEvent::Apply(object) => {
+                    let mut batch = Vec::new();
+                    let mut once = Summary::default();
+                    apply(kind, &object, convert, &mut relist, &mut batch, &mut once);
+                    once.finish();
+                    batch
+                }
+                WatchEvent::Delete(object) => {
+                    let id = id_of(kind, &object);
+                    relist.gone(kind, &id);
+                    vec![Event::Remove(kind, id)]
+                }
+            };
+            if !batch.is_empty() && sink.send(batch).is_err() {
+                return;
+            }
+        }
+        // The watcher stream never ends on its own; if it does, start over.
+        backoff.wait(&status).await;
+    }
+}
+
+fn apply<K: Resource>(
+    kind: Kind,
+    object: &K,
+    convert: Convert<K>,
+    relist: &mut Relist,
+    batch: &mut Vec<Event>,
+    summary: &mut Summary,
+) {
+    let id = id_of(kind, object);
+    match convert(object) {
+        Ok(Some(object)) => {
+            relist.seen(kind, &id);
+            batch.push(Event::Upsert(object));
+        }
+        // Not ours (any more): make sure it is not served.
+        Ok(None) => {
+            relist.gone(kind, &id);
+            batch.push(Event::Remove(kind, id));
+        }
+        Err(problems) => {
+            // Keep its last good version (still "seen", so a re-list keeps it too).
+            relist.seen(kind, &id);
+            summary.warn(
+                None,
+                &format!(
+                    "{kind} {id}: {}; keeping its last good version, if any",
+                    problems.join("; ")
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::{ResourceExt as _, core::Status};
+
+    use super::*;
+
+    #[test]
+    fn a_refused_streaming_list_is_recognised() {
+        let refused = watcher::Error::WatchError(Box::new(Status::failure(
+            "a watch stream was requested by the client but the required storage feature \
+             RequestWatchProgress is disabled",
+            "InternalError",
+        )));
+        assert!(streaming_lists_unsupported(&refused));
+        let other = watcher::Error::WatchError(Box::new(Status::failure(
+            "too old resource version",
+            "Expired",
+        )));
+        assert!(!streaming_lists_unsupported(&other));
+    }
+
+    #[test]
+    fn objects_are_converted_and_foreign_ones_removed() {
+        let mut relist = Relist::default();
+        let mut batch = Vec::new();
+        let mut summary = Summary::default();
+        let svc: Service = serde_yaml::from_str(
+            "metadata: {name: web, namespace: pods}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}",
+        )
+        .unwrap();
+        apply(
+            Kind::Service,
+            &svc,
+            service,
+            &mut relist,
+            &mut batch,
+            &mut summary,
+        );
+        assert!(matches!(&batch[0], Event::Upsert(Object::Service(s)) if s.id.name == "web"));
+        // The Service is handed to another proxy: it must stop being served.
+        let mut foreign = svc.clone();
+        foreign
+            .labels_mut()
+            .insert(spec::SERVICE_PROXY_NAME_LABEL.into(), "other".into());
+        apply(
+            Kind::Service,
+            &foreign,
+            service,
+            &mut relist,
+            &mut batch,
+            &mut summary,
+        );
+        assert_eq!(
+            batch[1],
+            Event::Remove(Kind::Service, ObjectRef::new("pods", "web"))
+        );
+        // An invalid object is reported and changes nothing.
+        let mut broken = svc;
+        broken.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 0;
+        apply(
+            Kind::Service,
+            &broken,
+            service,
+            &mut relist,
+            &mut batch,
+            &mut summary,
+        );
+        assert_eq!(batch.len(), 2);
+        assert_eq!(summary.total(), 1);
+    }
+}

@@ -1,0 +1,181 @@
+//! Where Services, EndpointSlices and Nodes come from: a folder of manifests
+//! ([`manifests`]) or the Kubernetes API ([`kube`]). Both speak the same contract, so
+//! the daemon drives the model and the reconciler without knowing which it has:
+//!
+//! - [`Event::Upsert`] / [`Event::Remove`]: an object appeared, changed or went away;
+//! - [`Event::Listed`]: every object of that kind has now been delivered (the initial
+//!   list, or a re-list after a watch broke). Objects missing from a re-list have been
+//!   sent as removals before it. Nothing is programmed until every kind has listed
+//!   once, so a restarted daemon never deletes adopted state because one list arrived
+//!   late.
+//!
+//! Events travel in batches (one batch per file read, watch event or list page), which
+//! the daemon applies together.
+
+pub mod kube;
+pub mod manifests;
+
+use std::{fmt, sync::Arc};
+
+use crate::model::{NodeSpec, ObjectRef, ServiceSpec, SliceSpec};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+            Self::Node => "Node",
+        })
+    }
+}
+
+pub type ObjectKey = (Kind, ObjectRef);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    // Shared with the model: objects are parsed once and never copied.
+    Service(Arc<ServiceSpec>),
+    Slice(Arc<SliceSpec>),
+    Node(Arc<NodeSpec>),
+}
+
+impl Object {
+    pub fn key(&self) -> ObjectKey {
+        match self {
+            Self::Service(s) => (Kind::Service, s.id.clone()),
+            Self::Slice(s) => (Kind::EndpointSlice, s.id.clone()),
+            Self::Node(n) => (Kind::Node, ObjectRef::new("", n.name.clone())),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Upsert(Object),
+    Remove(Kind, ObjectRef),
+    Listed(Kind),
+}
+
+/// Where a source sends its batches. Unbounded: a source never blocks on the daemon,
+/// and the daemon coalesces whatever has queued up into one sync.
+pub type Sink = std::sync::mpsc::Sender<Vec<Event>>;
+
+/// Tracks which objects a source has delivered per kind, so a re-list can announce
+/// removals for objects that vanished while the watch was down. Pure: the Kubernetes
+/// source feeds it, and its contract is unit-tested here.
+#[derive(Debug, Default)]
+pub struct Relist {
+    known: std::collections::BTreeMap<Kind, std::collections::BTreeSet<ObjectRef>>,
+    listing: std::collections::BTreeMap<Kind, std::collections::BTreeSet<ObjectRef>>,
+}
+
+impl Relist {
+    /// A (re-)list of `kind` begins.
+    pub fn begin(&mut self, kind: Kind) {
+        self.listing.insert(kind, Default::default());
+    }
+
+    /// An object arrived (in a list or a watch).
+    pub fn seen(&mut self, kind: Kind, id: &ObjectRef) {
+        if let Some(listing) = self.listing.get_mut(&kind) {
+            listing.insert(id.clone());
+        }
+        self.known.entry(kind).or_default().insert(id.clone());
+    }
+
+    /// An object was deleted (watch).
+    pub fn gone(&mut self, kind: Kind, id: &ObjectRef) {
+        if let Some(known) = self.known.get_mut(&kind) {
+            known.remove(id);
+        }
+        if let Some(listing) = self.listing.get_mut(&kind) {
+            listing.remove(id);
+        }
+    }
+
+    /// The list of `kind` is complete: returns the removals and the `Listed` event.
+    pub fn end(&mut self, kind: Kind) -> Vec<Event> {
+        let listed = self.listing.remove(&kind).unwrap_or_default();
+        let known = self.known.insert(kind, listed.clone()).unwrap_or_default();
+        let mut events: Vec<Event> = known
+            .difference(&listed)
+            .map(|id| Event::Remove(kind, id.clone()))
+            .collect();
+        events.push(Event::Listed(kind));
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(name: &str) -> ObjectRef {
+        ObjectRef::new("pods", name)
+    }
+
+    #[test]
+    fn a_relist_removes_what_vanished_while_the_watch_was_down() {
+        let mut relist = Relist::default();
+        relist.begin(Kind::Service);
+        relist.seen(Kind::Service, &id("a"));
+        relist.seen(Kind::Service, &id("b"));
+        assert_eq!(
+            relist.end(Kind::Service),
+            vec![Event::Listed(Kind::Service)]
+        );
+        // Watch: c added, a deleted.
+        relist.seen(Kind::Service, &id("c"));
+        relist.gone(Kind::Service, &id("a"));
+        // The watch breaks; meanwhile b was deleted. The re-list delivers c only.
+        relist.begin(Kind::Service);
+        relist.seen(Kind::Service, &id("c"));
+        assert_eq!(
+            relist.end(Kind::Service),
+            vec![
+                Event::Remove(Kind::Service, id("b")),
+                Event::Listed(Kind::Service)
+            ]
+        );
+        // Kinds are independent.
+        relist.begin(Kind::EndpointSlice);
+        assert_eq!(
+            relist.end(Kind::EndpointSlice),
+            vec![Event::Listed(Kind::EndpointSlice)]
+        );
+        relist.begin(Kind::Service);
+        assert_eq!(
+            relist.end(Kind::Service),
+            vec![
+                Event::Remove(Kind::Service, id("c")),
+                Event::Listed(Kind::Service)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_object_deleted_during_a_relist_is_not_removed_twice() {
+        let mut relist = Relist::default();
+        relist.begin(Kind::EndpointSlice);
+        relist.seen(Kind::EndpointSlice, &id("s"));
+        relist.end(Kind::EndpointSlice);
+        relist.begin(Kind::EndpointSlice);
+        relist.seen(Kind::EndpointSlice, &id("s"));
+        relist.gone(Kind::EndpointSlice, &id("s"));
+        assert_eq!(
+            relist.end(Kind::EndpointSlice),
+            vec![Event::Listed(Kind::EndpointSlice)]
+        );
+    }
+}
