@@ -22,7 +22,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod k8s;
+pub mod kubelet;
 pub mod sandbox;
+pub mod servers;
+pub mod world;
 
 /// Prefix of every namespace, cgroup and pin directory a testbed creates.
 pub const PREFIX: &str = "lbt";
@@ -52,7 +56,7 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn ip(args: &[&str]) -> Result<String> {
+pub(crate) fn ip(args: &[&str]) -> Result<String> {
     run("ip", args)
 }
 
@@ -288,30 +292,9 @@ impl Testbed {
     /// Starts redis-server in `pod` on `port`, waits until it answers, and stores the
     /// pod's name under the key `whoami` so clients can tell which backend answered.
     pub fn start_redis(&mut self, pod: &Pod, port: u16) -> Result<u32> {
+        let argv = servers::redis(pod, port, &self.work_dir);
+        let pid = self.spawn(pod, false, &servers::refs(&argv))?;
         let port_s = port.to_string();
-        let bind = format!("{} {} ::1 127.0.0.1", pod.ipv4, pod.ipv6);
-        let dir = self.work_dir.to_string_lossy().into_owned();
-        let pid = self.spawn(
-            pod,
-            false,
-            &[
-                "redis-server",
-                "--port",
-                &port_s,
-                "--bind",
-                &bind,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                "--daemonize",
-                "no",
-                "--dir",
-                &dir,
-            ],
-        )?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let out = self.output(
@@ -349,29 +332,8 @@ impl Testbed {
     /// `whoami.test` with the pod's own addresses (A and AAAA), so clients can tell
     /// which backend answered, and each `(name, address)` of `records`.
     pub fn start_dnsmasq(&mut self, pod: &Pod, records: &[(&str, IpAddr)]) -> Result<u32> {
-        let mut argv: Vec<String> = [
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--conf-file=/dev/null",
-            "--bind-interfaces",
-            "--port=53",
-            "--pid-file=",
-            "--user=root",
-            "--log-facility=-",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        argv.push(format!("--listen-address={},{}", pod.ipv4, pod.ipv6));
-        argv.push(format!("--address=/whoami.test/{}", pod.ipv4));
-        argv.push(format!("--address=/whoami.test/{}", pod.ipv6));
-        for (name, address) in records {
-            argv.push(format!("--host-record={name},{address}"));
-        }
-        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let pid = self.spawn(pod, false, &refs)?;
+        let argv = servers::dnsmasq(pod, records);
+        let pid = self.spawn(pod, false, &servers::refs(&argv))?;
         let server = pod.ipv4.to_string();
         self.wait_until(
             pod,
@@ -392,24 +354,9 @@ impl Testbed {
     /// `whoami` that holds `identity`.
     pub fn start_http(&mut self, pod: &Pod, port: u16, identity: &str) -> Result<u32> {
         let root = self.work_dir.join(format!("www-{}-{port}", pod.name));
-        fs::create_dir_all(&root)?;
-        fs::write(root.join("whoami"), identity)?;
-        let root_s = root.to_string_lossy().into_owned();
-        let port_s = port.to_string();
-        let pid = self.spawn(
-            pod,
-            false,
-            &[
-                "python3",
-                "-m",
-                "http.server",
-                &port_s,
-                "--bind",
-                "::",
-                "--directory",
-                &root_s,
-            ],
-        )?;
+        servers::http_root(&root, identity)?;
+        let argv = servers::http(&root, port);
+        let pid = self.spawn(pod, false, &servers::refs(&argv))?;
         let url = format!("http://{}:{port}/whoami", pod.ipv4);
         self.wait_until(pod, &["curl", "-s", "--max-time", "1", &url], identity)?;
         Ok(pid)

@@ -6,8 +6,10 @@
 //! Tests run in parallel (each on its own cgroup subtree and pin directory); the number
 //! of threads defaults to 2 to keep timing assertions honest on small machines.
 
+mod cluster;
 mod clusterip;
 mod examples;
+mod kube;
 mod probe;
 mod support;
 mod udp;
@@ -40,5 +42,9 @@ fn main() {
     trials.extend(clusterip::trials());
     trials.extend(examples::trials());
     trials.extend(udp::trials());
-    libtest_mimic::run(&args, trials).exit();
+    trials.extend(kube::trials());
+    let conclusion = libtest_mimic::run(&args, trials);
+    // The shared control plane outlives single tests; stop it before exiting.
+    cluster::shutdown();
+    conclusion.exit();
 }

@@ -16,14 +16,18 @@ use serde_json::Value;
 
 pub const LB: &str = env!("CARGO_BIN_EXE_lb");
 
-/// A running `lb daemon` attached to a testbed's cgroup, with its own pin directory and
-/// manifest folder.
+/// A running `lb daemon` attached to a test's cgroup, with its own pin directory and
+/// source (a manifest folder, or a control plane's kubeconfig).
 pub struct Daemon {
     child: Option<Child>,
     pub pin_dir: PathBuf,
+    /// Manifest folder (manifest source only).
     pub manifests: PathBuf,
     pub log: PathBuf,
     pub cgroup: PathBuf,
+    /// `--manifests DIR` or `--kubeconfig FILE --node-name NAME`.
+    source: Vec<String>,
+    work_dir: PathBuf,
 }
 
 impl Daemon {
@@ -40,14 +44,33 @@ impl Daemon {
 
     /// Starts the daemon without waiting for it to be ready.
     pub fn launch(tb: &Testbed, manifests: &Path, extra: &[&str]) -> Result<Self> {
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", tb.id));
-        let log = tb.work_dir.join(format!("daemon-{}.log", unique()));
+        Self::launch_source(
+            &format!("/sys/fs/bpf/{}", tb.id),
+            tb.cgroup(),
+            &tb.work_dir,
+            vec!["--manifests".into(), manifests.display().to_string()],
+            manifests,
+            extra,
+        )
+    }
+
+    /// Starts a daemon with any source arguments.
+    pub fn launch_source(
+        pin_dir: &str,
+        cgroup: &Path,
+        work_dir: &Path,
+        source: Vec<String>,
+        manifests: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut daemon = Self {
             child: None,
-            pin_dir,
+            pin_dir: PathBuf::from(pin_dir),
             manifests: manifests.to_path_buf(),
-            log,
-            cgroup: tb.cgroup().to_path_buf(),
+            log: work_dir.join(format!("daemon-{}.log", unique())),
+            cgroup: cgroup.to_path_buf(),
+            source,
+            work_dir: work_dir.to_path_buf(),
         };
         daemon.spawn(extra)?;
         Ok(daemon)
@@ -56,8 +79,8 @@ impl Daemon {
     fn spawn(&mut self, extra: &[&str]) -> Result<()> {
         let log_file = fs::File::create(&self.log)?;
         let child = Command::new(LB)
-            .args(["daemon", "--manifests"])
-            .arg(&self.manifests)
+            .arg("daemon")
+            .args(&self.source)
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--pin-dir")
@@ -65,14 +88,10 @@ impl Daemon {
             // The default rescan interval (10 s): changes must arrive through events.
             .args(["--log-level", "debug"])
             // Tests run in parallel: each daemon on ports of its own.
-            .args([
-                "--health-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["--health-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
             .args(extra)
             .env_remove("RUST_LOG")
+            .env_remove("KUBECONFIG")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -83,10 +102,46 @@ impl Daemon {
         Ok(())
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the daemon with SIGKILL (a crash, an OOM kill).
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The address a daemon's server (`health` or `metrics`) bound, from its log.
+    pub fn server_addr(&self, which: &str) -> Result<String> {
+        let needle = format!("{which} server listening");
+        let log = self.log_text();
+        log.lines()
+            .find(|l| l.contains(&needle))
+            .and_then(|l| l.split("bound=").nth(1))
+            .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
+            .with_context(|| format!("the daemon did not log its {which} address:\n{log}"))
+    }
+
+    /// GET `path` on the daemon's health or metrics server: (status, body).
+    pub fn http_get(&self, which: &str, path: &str) -> Result<(u16, String)> {
+        let addr = self.server_addr(which)?;
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "2", "-w", "\n%{http_code}"])
+            .arg(format!("http://{addr}{path}"))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+    }
+
     /// Restarts a stopped daemon with the same pin directory and manifests.
     pub fn restart(&mut self, extra: &[&str]) -> Result<()> {
         assert!(self.child.is_none(), "daemon still running");
-        self.log = self.log.with_file_name(format!("daemon-{}.log", unique()));
+        self.log = self.work_dir.join(format!("daemon-{}.log", unique()));
         self.spawn(extra)?;
         self.wait_for_log("ready", Duration::from_secs(20))
     }

@@ -1,0 +1,452 @@
+//! A real Kubernetes control plane for tests: etcd, kube-apiserver, the
+//! controller-manager (every controller but node lifecycle) and the scheduler, on
+//! loopback ports of their own, with token authentication and RBAC. Only the kubelet
+//! is simulated ([`crate::kubelet`]).
+//!
+//! Binaries come from `$KUBEBUILDER_ASSETS` (envtest's convention) or from
+//! `../shared/k8s` (xz-compressed; unpacked once into `target/k8s/` and checked
+//! against the checksums its README lists).
+
+use std::{
+    fs,
+    io::Write as _,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::PREFIX;
+
+/// Token of the admin user (system:masters) in the static token file.
+pub const ADMIN_TOKEN: &str = "lb-test-admin-token";
+/// Service ClusterIP range the API server allocates from (blackholed in every pod).
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+pub const NODE_PORT_RANGE: &str = "30000-32767";
+/// Namespace annotation that makes every pod of the namespace select nodes by label
+/// (the PodNodeSelector admission plugin); tests use it to keep verbatim manifests on
+/// their own simulated nodes.
+pub const NODE_SELECTOR_ANNOTATION: &str = "scheduler.alpha.kubernetes.io/node-selector";
+/// Node label naming the world (test) a simulated node belongs to.
+pub const WORLD_LABEL: &str = "lb.test/world";
+
+const BINARIES: [&str; 5] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+];
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("lb-testbed lives in the workspace")
+        .to_path_buf()
+}
+
+/// Where the shared, compressed binaries are.
+pub fn shared_dir() -> PathBuf {
+    workspace_root().join("../shared/k8s")
+}
+
+/// The directory holding the control-plane binaries, unpacking them if needed, or
+/// `None` when neither `$KUBEBUILDER_ASSETS` nor `../shared/k8s` has them.
+pub fn binaries() -> Result<Option<PathBuf>> {
+    if let Some(dir) = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from)
+        && dir.join("kube-apiserver").exists()
+    {
+        return Ok(Some(dir));
+    }
+    let shared = shared_dir();
+    if !shared.join("kube-apiserver.xz").exists() {
+        return Ok(None);
+    }
+    let target = workspace_root().join("target/k8s");
+    let stamp = target.join(".verified");
+    if stamp.exists() {
+        return Ok(Some(target));
+    }
+    fs::create_dir_all(&target)?;
+    let readme = fs::read_to_string(shared.join("README.md")).unwrap_or_default();
+    for name in BINARIES {
+        let out = target.join(name);
+        let unpacked = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "xz -dc '{}' > '{}.tmp' && chmod +x '{}.tmp' && mv '{}.tmp' '{}'",
+                shared.join(format!("{name}.xz")).display(),
+                out.display(),
+                out.display(),
+                out.display(),
+                out.display()
+            ))
+            .status()
+            .context("running xz (apt-get install xz-utils)")?;
+        if !unpacked.success() {
+            bail!("unpacking {name} from {} failed", shared.display());
+        }
+        // The README lists "<sha256>  <name>"; a binary it lists must match.
+        if let Some(expected) = readme.lines().find_map(|l| {
+            let mut parts = l.split_whitespace();
+            let sum = parts.next()?;
+            (parts.next() == Some(name) && sum.len() == 64).then(|| sum.to_string())
+        }) {
+            let got = crate::run("sha256sum", &[&out.to_string_lossy()])?;
+            if !got.starts_with(&expected) {
+                bail!("{name} unpacked from {} does not match its README checksum", shared.display());
+            }
+        }
+    }
+    fs::write(&stamp, "")?;
+    Ok(Some(target))
+}
+
+/// Why tests that need a control plane cannot run, if they cannot.
+pub fn unavailable() -> Option<String> {
+    match binaries() {
+        Ok(Some(_)) => None,
+        Ok(None) => Some(format!(
+            "no Kubernetes control-plane binaries: set KUBEBUILDER_ASSETS to a directory \
+             with kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and etcd, \
+             or provide {}",
+            shared_dir().display()
+        )),
+        Err(err) => Some(format!("{err:#}")),
+    }
+}
+
+/// Which etcd stores the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Etcd {
+    /// The etcd 3.6 beside the other binaries (streaming lists work).
+    Bundled,
+    /// Debian's etcd-server 3.4 (`/usr/bin/etcd`): no RequestWatchProgress, so no
+    /// streaming lists, like many real clusters.
+    Debian,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+struct Process {
+    name: &'static str,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    bin: PathBuf,
+    pub api_port: u16,
+    /// Admin kubeconfig (token auth, TLS verification off: the serving cert is
+    /// self-signed).
+    pub kubeconfig: PathBuf,
+    processes: Vec<Process>,
+}
+
+impl ControlPlane {
+    pub fn start(etcd: Etcd) -> Result<Self> {
+        let bin = binaries()?.with_context(|| unavailable().unwrap_or_default())?;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "{PREFIX}{}cp{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("certs"))?;
+        let etcd_port = free_port()?;
+        let peer_port = free_port()?;
+        let api_port = free_port()?;
+        let cm_port = free_port()?;
+        let sched_port = free_port()?;
+        let mut this = Self {
+            kubeconfig: dir.join("kubeconfig"),
+            dir: dir.clone(),
+            bin: bin.clone(),
+            api_port,
+            processes: Vec::new(),
+        };
+        let d = |p: &str| dir.join(p).display().to_string();
+        crate::run("openssl", &["genrsa", "-out", &d("sa.key"), "2048"])?;
+        crate::run("openssl", &["rsa", "-in", &d("sa.key"), "-pubout", "-out", &d("sa.pub")])?;
+        fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,admin,system:masters\n"))?;
+        fs::write(&this.kubeconfig, kubeconfig_text(api_port, ADMIN_TOKEN))?;
+
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let mut etcd_args = vec![
+            format!("--data-dir={}", d("etcd")),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+        ];
+        let etcd_binary = match etcd {
+            // The bundled server takes exactly the four flags above.
+            Etcd::Bundled => bin.join("etcd").display().to_string(),
+            Etcd::Debian => {
+                etcd_args.push(format!("--initial-advertise-peer-urls={peer_url}"));
+                etcd_args.push(format!("--initial-cluster=default={peer_url}"));
+                "/usr/bin/etcd".to_string()
+            }
+        };
+        this.spawn("etcd", &etcd_binary, etcd_args)?;
+        let api_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", d("certs")),
+            format!("--token-auth-file={}", d("tokens.csv")),
+            "--authorization-mode=RBAC".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            format!("--service-node-port-range={NODE_PORT_RANGE}"),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--service-account-key-file={}", d("sa.pub")),
+            format!("--service-account-signing-key-file={}", d("sa.key")),
+            "--enable-admission-plugins=PodNodeSelector".into(),
+            // Answer at once when stopped: tests stop it on purpose.
+            "--shutdown-delay-duration=0s".into(),
+        ];
+        this.spawn("kube-apiserver", &bin.join("kube-apiserver").display().to_string(), api_args)?;
+        this.wait_ready(Duration::from_secs(60))?;
+        this.spawn(
+            "kube-controller-manager",
+            &bin.join("kube-controller-manager").display().to_string(),
+            vec![
+                format!("--kubeconfig={}", this.kubeconfig.display()),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={cm_port}"),
+                format!("--service-account-private-key-file={}", d("sa.key")),
+                format!("--root-ca-file={}", d("certs/apiserver.crt")),
+                "--leader-elect=false".into(),
+                "--controllers=*,-nodelifecycle".into(),
+                "--use-service-account-credentials=false".into(),
+            ],
+        )?;
+        this.spawn(
+            "kube-scheduler",
+            &bin.join("kube-scheduler").display().to_string(),
+            vec![
+                format!("--kubeconfig={}", this.kubeconfig.display()),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={sched_port}"),
+                "--leader-elect=false".into(),
+            ],
+        )?;
+        // The default namespace exists once the API server's bootstrap has run.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while this.kubectl(&["get", "namespace", "default"]).is_err() {
+            if Instant::now() > deadline {
+                bail!("the API server never created the default namespace");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok(this)
+    }
+
+    fn spawn(&mut self, name: &'static str, program: &str, args: Vec<String>) -> Result<()> {
+        let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = Command::new(program)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        // Leftovers of a killed run can be found and stopped by `cleanup_leftovers`.
+        let mut pids = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("pids"))?;
+        writeln!(pids, "{}", child.id())?;
+        match self.processes.iter_mut().find(|p| p.name == name) {
+            Some(process) => process.child = Some(child),
+            None => self.processes.push(Process {
+                name,
+                args,
+                child: Some(child),
+            }),
+        }
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.api_port)
+    }
+
+    /// Waits until `/readyz` answers ok.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = Command::new("curl")
+                .args(["-sk", "--max-time", "2", "-H"])
+                .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
+                .arg(format!("{}/readyz", self.url()))
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout).trim() == "ok" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver not ready after {timeout:?}:\n{}",
+                    self.log_tail("kube-apiserver")
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Stops the API server (SIGKILL: an outage, not a graceful drain).
+    pub fn stop_apiserver(&mut self) {
+        if let Some(process) = self.processes.iter_mut().find(|p| p.name == "kube-apiserver")
+            && let Some(mut child) = process.child.take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the API server again with the same flags and waits until it is ready.
+    pub fn start_apiserver(&mut self) -> Result<()> {
+        let args = self
+            .processes
+            .iter()
+            .find(|p| p.name == "kube-apiserver")
+            .map(|p| p.args.clone())
+            .context("no API server was started")?;
+        let program = self.bin.join("kube-apiserver").display().to_string();
+        self.spawn("kube-apiserver", &program, args)?;
+        self.wait_ready(Duration::from_secs(60))
+    }
+
+    pub fn kubectl_command(&self) -> Command {
+        let mut cmd = Command::new(self.bin.join("kubectl"));
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd
+    }
+
+    /// Runs kubectl; fails with its stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_with_input(args, None)
+    }
+
+    /// Runs kubectl with `input` on stdin (`kubectl apply -f -`).
+    pub fn kubectl_with_input(&self, args: &[&str], input: Option<&str>) -> Result<String> {
+        let mut cmd = self.kubectl_command();
+        cmd.args(args)
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("running kubectl")?;
+        if let Some(input) = input {
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Creates a namespace whose pods only land on nodes of `world`.
+    pub fn create_namespace(&self, name: &str, world: &str) -> Result<()> {
+        self.kubectl_with_input(
+            &["apply", "-f", "-"],
+            Some(&format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  annotations:\n    \
+                 {NODE_SELECTOR_ANNOTATION}: {WORLD_LABEL}={world}\n"
+            )),
+        )?;
+        Ok(())
+    }
+
+    /// A kubeconfig for the same server that authenticates with `token`.
+    pub fn kubeconfig_for_token(&self, token: &str, path: &Path) -> Result<()> {
+        fs::write(path, kubeconfig_text(self.api_port, token))?;
+        Ok(())
+    }
+}
+
+fn kubeconfig_text(port: u16, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{port}\n    \
+         insecure-skip-tls-verify: true\nusers:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: test\n  \
+         context:\n    cluster: test\n    user: user\ncurrent-context: test\n"
+    )
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Dependents first, etcd last.
+        for process in self.processes.iter_mut().rev() {
+            if let Some(mut child) = process.child.take() {
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(2);
+                loop {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Stops control-plane processes of runs that were killed (their pid files remain).
+pub fn cleanup_leftovers() -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some((owner, _)) = rest.split_once("cp") else {
+            continue;
+        };
+        let owner_alive = owner
+            .parse::<i32>()
+            .is_ok_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+        if owner_alive {
+            continue;
+        }
+        for pid in fs::read_to_string(entry.path().join("pids"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+        {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = fs::remove_dir_all(entry.path());
+        removed.push(format!("control plane {name}"));
+    }
+    removed
+}
