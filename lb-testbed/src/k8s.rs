@@ -97,7 +97,10 @@ pub fn binaries() -> Result<Option<PathBuf>> {
         }) {
             let got = crate::run("sha256sum", &[&out.to_string_lossy()])?;
             if !got.starts_with(&expected) {
-                bail!("{name} unpacked from {} does not match its README checksum", shared.display());
+                bail!(
+                    "{name} unpacked from {} does not match its README checksum",
+                    shared.display()
+                );
             }
         }
     }
@@ -146,7 +149,9 @@ pub struct ControlPlane {
     /// Admin kubeconfig (token auth, TLS verification off: the serving cert is
     /// self-signed).
     pub kubeconfig: PathBuf,
-    processes: Vec<Process>,
+    /// Behind a lock so tests holding the control plane by `Arc` can stop and start
+    /// the API server.
+    processes: std::sync::Mutex<Vec<Process>>,
 }
 
 impl ControlPlane {
@@ -165,17 +170,23 @@ impl ControlPlane {
         let api_port = free_port()?;
         let cm_port = free_port()?;
         let sched_port = free_port()?;
-        let mut this = Self {
+        let this = Self {
             kubeconfig: dir.join("kubeconfig"),
             dir: dir.clone(),
             bin: bin.clone(),
             api_port,
-            processes: Vec::new(),
+            processes: std::sync::Mutex::new(Vec::new()),
         };
         let d = |p: &str| dir.join(p).display().to_string();
         crate::run("openssl", &["genrsa", "-out", &d("sa.key"), "2048"])?;
-        crate::run("openssl", &["rsa", "-in", &d("sa.key"), "-pubout", "-out", &d("sa.pub")])?;
-        fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,admin,system:masters\n"))?;
+        crate::run(
+            "openssl",
+            &["rsa", "-in", &d("sa.key"), "-pubout", "-out", &d("sa.pub")],
+        )?;
+        fs::write(
+            dir.join("tokens.csv"),
+            format!("{ADMIN_TOKEN},admin,admin,system:masters\n"),
+        )?;
         fs::write(&this.kubeconfig, kubeconfig_text(api_port, ADMIN_TOKEN))?;
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -209,10 +220,16 @@ impl ControlPlane {
             format!("--service-account-key-file={}", d("sa.pub")),
             format!("--service-account-signing-key-file={}", d("sa.key")),
             "--enable-admission-plugins=PodNodeSelector".into(),
+            // As kubeadm clusters run: DaemonSets of node agents may be privileged.
+            "--allow-privileged=true".into(),
             // Answer at once when stopped: tests stop it on purpose.
             "--shutdown-delay-duration=0s".into(),
         ];
-        this.spawn("kube-apiserver", &bin.join("kube-apiserver").display().to_string(), api_args)?;
+        this.spawn(
+            "kube-apiserver",
+            &bin.join("kube-apiserver").display().to_string(),
+            api_args,
+        )?;
         this.wait_ready(Duration::from_secs(60))?;
         this.spawn(
             "kube-controller-manager",
@@ -249,7 +266,7 @@ impl ControlPlane {
         Ok(this)
     }
 
-    fn spawn(&mut self, name: &'static str, program: &str, args: Vec<String>) -> Result<()> {
+    fn spawn(&self, name: &'static str, program: &str, args: Vec<String>) -> Result<()> {
         let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
         let child = Command::new(program)
             .args(&args)
@@ -264,9 +281,10 @@ impl ControlPlane {
             .append(true)
             .open(self.dir.join("pids"))?;
         writeln!(pids, "{}", child.id())?;
-        match self.processes.iter_mut().find(|p| p.name == name) {
+        let mut processes = self.processes.lock().expect("lock");
+        match processes.iter_mut().find(|p| p.name == name) {
             Some(process) => process.child = Some(child),
-            None => self.processes.push(Process {
+            None => processes.push(Process {
                 name,
                 args,
                 child: Some(child),
@@ -308,8 +326,9 @@ impl ControlPlane {
     }
 
     /// Stops the API server (SIGKILL: an outage, not a graceful drain).
-    pub fn stop_apiserver(&mut self) {
-        if let Some(process) = self.processes.iter_mut().find(|p| p.name == "kube-apiserver")
+    pub fn stop_apiserver(&self) {
+        let mut processes = self.processes.lock().expect("lock");
+        if let Some(process) = processes.iter_mut().find(|p| p.name == "kube-apiserver")
             && let Some(mut child) = process.child.take()
         {
             let _ = child.kill();
@@ -318,9 +337,11 @@ impl ControlPlane {
     }
 
     /// Starts the API server again with the same flags and waits until it is ready.
-    pub fn start_apiserver(&mut self) -> Result<()> {
+    pub fn start_apiserver(&self) -> Result<()> {
         let args = self
             .processes
+            .lock()
+            .expect("lock")
             .iter()
             .find(|p| p.name == "kube-apiserver")
             .map(|p| p.args.clone())
@@ -345,7 +366,11 @@ impl ControlPlane {
     pub fn kubectl_with_input(&self, args: &[&str], input: Option<&str>) -> Result<String> {
         let mut cmd = self.kubectl_command();
         cmd.args(args)
-            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("running kubectl")?;
@@ -397,7 +422,7 @@ fn kubeconfig_text(port: u16, token: &str) -> String {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         // Dependents first, etcd last.
-        for process in self.processes.iter_mut().rev() {
+        for process in self.processes.get_mut().expect("lock").iter_mut().rev() {
             if let Some(mut child) = process.child.take() {
                 unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
                 let deadline = Instant::now() + Duration::from_secs(2);

@@ -155,7 +155,11 @@ fn readiness(container: &Container, kind: &str) -> Readiness {
 /// Seconds of the first container's preStop sleep (`sleep` action, or an exec of
 /// `sleep N`).
 fn pre_stop_sleep(container: &Container) -> Duration {
-    let Some(handler) = container.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()) else {
+    let Some(handler) = container
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+    else {
         return Duration::ZERO;
     };
     if let Some(sleep) = &handler.sleep {
@@ -185,22 +189,27 @@ struct Prober {
 impl Prober {
     fn start(netns: &str) -> Result<Self> {
         let ns = std::fs::File::open(format!("/run/netns/{netns}"))?;
-        let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, Readiness, std::sync::mpsc::Sender<bool>)>();
-        thread::Builder::new().name("prober".into()).spawn(move || {
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: setns on this dedicated thread only.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return;
-            }
-            for (addr, readiness, reply) in rx {
-                let ok = match readiness {
-                    Readiness::Started => true,
-                    Readiness::Tcp(_) => TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok(),
-                    Readiness::Http(_, path) => http_ok(addr, &path),
-                };
-                let _ = reply.send(ok);
-            }
-        })?;
+        let (tx, rx) =
+            std::sync::mpsc::channel::<(SocketAddr, Readiness, std::sync::mpsc::Sender<bool>)>();
+        thread::Builder::new()
+            .name("prober".into())
+            .spawn(move || {
+                use std::os::fd::AsRawFd as _;
+                // SAFETY: setns on this dedicated thread only.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return;
+                }
+                for (addr, readiness, reply) in rx {
+                    let ok = match readiness {
+                        Readiness::Started => true,
+                        Readiness::Tcp(_) => {
+                            TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+                        }
+                        Readiness::Http(_, path) => http_ok(addr, &path),
+                    };
+                    let _ = reply.send(ok);
+                }
+            })?;
         Ok(Self { requests: tx })
     }
 
@@ -243,7 +252,12 @@ fn now() -> String {
 
 impl SimNode {
     /// Registers the node `net` of `world` with `cp` and starts its kubelet loop.
-    pub fn start(cp: &ControlPlane, world: Arc<World>, net: &str, options: NodeOptions) -> Result<Self> {
+    pub fn start(
+        cp: &ControlPlane,
+        world: Arc<World>,
+        net: &str,
+        options: NodeOptions,
+    ) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -265,7 +279,9 @@ impl SimNode {
             thread::Builder::new()
                 .name(format!("kubelet-{net}"))
                 .spawn(move || {
-                    runtime_handle.block_on(kubelet_loop(client, world, net_name, node_name, pods, prober, stop_rx));
+                    runtime_handle.block_on(kubelet_loop(
+                        client, world, net_name, node_name, pods, prober, stop_rx,
+                    ));
                 })?
         };
         Ok(Self {
@@ -307,7 +323,13 @@ impl SimNode {
 
     /// Runs `argv` in a pod's network namespace and in the node's cgroup (so this
     /// node's daemon balances it), like `kubectl exec`.
-    pub fn exec(&self, namespace: &str, pod: &str, argv: &[&str], timeout: Duration) -> Result<Output> {
+    pub fn exec(
+        &self,
+        namespace: &str,
+        pod: &str,
+        argv: &[&str],
+        timeout: Duration,
+    ) -> Result<Output> {
         let net = self
             .pod(namespace, pod)
             .with_context(|| format!("pod {namespace}/{pod} does not run on node {}", self.name))?;
@@ -326,7 +348,13 @@ impl SimNode {
     }
 }
 
-async fn register(client: &Client, name: &str, world: &str, net: &NodeNet, options: &NodeOptions) -> Result<()> {
+async fn register(
+    client: &Client,
+    name: &str,
+    world: &str,
+    net: &NodeNet,
+    options: &NodeOptions,
+) -> Result<()> {
     let nodes = Api::<Node>::all(client.clone());
     let mut labels = serde_json::Map::new();
     labels.insert("kubernetes.io/hostname".into(), json!(name));
@@ -353,7 +381,11 @@ async fn register(client: &Client, name: &str, world: &str, net: &NodeNet, optio
     // The API server taints new nodes not-ready; only the (absent) node lifecycle
     // controller would lift it.
     nodes
-        .patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"taints": []}})))
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"taints": []}})),
+        )
         .await?;
     let resources = json!({"cpu": "8", "memory": "16Gi", "pods": "110"});
     let time = now();
@@ -458,10 +490,19 @@ async fn kubelet_loop(
             .delete(&pod.name, &DeleteParams::default().grace_period(0))
             .await;
     }
-    let _ = Api::<Node>::all(client).delete(&node_name, &DeleteParams::default()).await;
+    let _ = Api::<Node>::all(client)
+        .delete(&node_name, &DeleteParams::default())
+        .await;
 }
 
-async fn start_pod(client: &Client, world: &Arc<World>, net: &str, pods: &Pods, prober: &Prober, pod: KubePod) -> Result<()> {
+async fn start_pod(
+    client: &Client,
+    world: &Arc<World>,
+    net: &str,
+    pods: &Pods,
+    prober: &Prober,
+    pod: KubePod,
+) -> Result<()> {
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -491,7 +532,9 @@ async fn start_pod(client: &Client, world: &Arc<World>, net: &str, pods: &Pods, 
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    let child = cmd.spawn().with_context(|| format!("starting {} for pod {namespace}/{name}", argv[0]))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} for pod {namespace}/{name}", argv[0]))?;
     pods.lock().expect("lock").insert(
         uid.clone(),
         Running {
@@ -506,7 +549,10 @@ async fn start_pod(client: &Client, world: &Arc<World>, net: &str, pods: &Pods, 
     let api = Api::<KubePod>::namespaced(client.clone(), &namespace);
     let (host_v4, host_v6) = (node.ipv4.to_string(), node.ipv6.to_string());
     let (pod_v4, pod_v6) = (pod_net.ipv4.to_string(), pod_net.ipv6.to_string());
-    let (container_name, image) = (container.name.clone(), container.image.clone().unwrap_or_default());
+    let (container_name, image) = (
+        container.name.clone(),
+        container.image.clone().unwrap_or_default(),
+    );
     let status = move |ready: bool| {
         let ready_s = if ready { "True" } else { "False" };
         json!({"status": {
@@ -529,8 +575,12 @@ async fn start_pod(client: &Client, world: &Arc<World>, net: &str, pods: &Pods, 
             }],
         }})
     };
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status(false)))
-        .await?;
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(&status(false)),
+    )
+    .await?;
 
     // Readiness, then the identity redis answers with.
     let readiness = readiness(&container, kind);
@@ -575,7 +625,15 @@ async fn start_pod(client: &Client, world: &Arc<World>, net: &str, pods: &Pods, 
 
 fn set_redis_identity(world: &World, pod: &Pod, port: u16, name: &str) {
     if let Ok(mut cmd) = world.command(pod, None, "redis-cli") {
-        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "SET", "whoami", name]);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "SET",
+            "whoami",
+            name,
+        ]);
         let _ = output_with_timeout(cmd, Duration::from_secs(5));
     }
 }
@@ -617,7 +675,12 @@ async fn terminate(client: Client, world: Arc<World>, pods: Pods, pod: KubePod) 
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let grace = Duration::from_secs(pod.metadata.deletion_grace_period_seconds.unwrap_or(30).max(0) as u64);
+    let grace = Duration::from_secs(
+        pod.metadata
+            .deletion_grace_period_seconds
+            .unwrap_or(30)
+            .max(0) as u64,
+    );
     let started = Instant::now();
     if let Some(container) = pod.spec.as_ref().and_then(|s| s.containers.first()) {
         tokio::time::sleep(pre_stop_sleep(container).min(grace)).await;
@@ -666,18 +729,28 @@ mod tests {
 
     #[test]
     fn images_map_to_processes_and_probes() {
-        let redis = container(r#"{"name": "r", "image": "docker.io/library/redis:7", "ports": [{"containerPort": 6380}]}"#);
+        let redis = container(
+            r#"{"name": "r", "image": "docker.io/library/redis:7", "ports": [{"containerPort": 6380}]}"#,
+        );
         assert_eq!(image_kind(&redis), "redis");
         assert!(matches!(readiness(&redis, "redis"), Readiness::Tcp(6380)));
-        let nginx = container(r#"{"name": "n", "image": "nginx", "readinessProbe": {"httpGet": {"path": "/healthz", "port": "web"}}, "ports": [{"name": "web", "containerPort": 8080}]}"#);
+        let nginx = container(
+            r#"{"name": "n", "image": "nginx", "readinessProbe": {"httpGet": {"path": "/healthz", "port": "web"}}, "ports": [{"name": "web", "containerPort": 8080}]}"#,
+        );
         assert_eq!(image_kind(&nginx), "http");
-        assert!(matches!(readiness(&nginx, "http"), Readiness::Http(8080, ref p) if p == "/healthz"));
+        assert!(
+            matches!(readiness(&nginx, "http"), Readiness::Http(8080, ref p) if p == "/healthz")
+        );
         let busybox = container(r#"{"name": "b", "image": "busybox"}"#);
         assert_eq!(image_kind(&busybox), "sleep");
         assert!(matches!(readiness(&busybox, "sleep"), Readiness::Started));
-        let slow = container(r#"{"name": "s", "image": "redis", "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "sleep 3"]}}}}"#);
+        let slow = container(
+            r#"{"name": "s", "image": "redis", "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "sleep 3"]}}}}"#,
+        );
         assert_eq!(pre_stop_sleep(&slow), Duration::from_secs(3));
-        let sleep = container(r#"{"name": "s", "image": "redis", "lifecycle": {"preStop": {"sleep": {"seconds": 2}}}}"#);
+        let sleep = container(
+            r#"{"name": "s", "image": "redis", "lifecycle": {"preStop": {"sleep": {"seconds": 2}}}}"#,
+        );
         assert_eq!(pre_stop_sleep(&sleep), Duration::from_secs(2));
     }
 }

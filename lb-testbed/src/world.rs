@@ -104,7 +104,15 @@ impl World {
         // Every node routes every other node's podCIDR through that node.
         for node in &world.nodes {
             for other in world.nodes.iter().filter(|o| o.name != node.name) {
-                ip(&["-n", &node.netns, "route", "add", &other.pod_cidr_v4, "via", &other.ipv4.to_string()])?;
+                ip(&[
+                    "-n",
+                    &node.netns,
+                    "route",
+                    "add",
+                    &other.pod_cidr_v4,
+                    "via",
+                    &other.ipv4.to_string(),
+                ])?;
                 ip(&[
                     "-n",
                     &node.netns,
@@ -133,10 +141,30 @@ impl World {
     /// A veth pair from the fabric bridge into `netns`, named `eth0` there.
     fn plug_into_fabric(&self, netns: &str, port: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
         let f = self.fabric_netns.as_str();
-        ip(&["-n", f, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns])?;
+        ip(&[
+            "-n", f, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns,
+        ])?;
         ip(&["-n", f, "link", "set", port, "master", "fab0", "up"])?;
-        ip(&["-n", netns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-        ip(&["-n", netns, "-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{v4}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            netns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", netns, "link", "set", "eth0", "up"])?;
         Ok(())
     }
@@ -162,8 +190,26 @@ impl World {
         self.plug_into_fabric(ns, &format!("n{n}"), node.ipv4, node.ipv6)?;
         ip(&["-n", ns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", ns, "link", "set", "br0", "up"])?;
-        ip(&["-n", ns, "addr", "add", &format!("{}/24", node.pod_v4(1)), "dev", "br0"])?;
-        ip(&["-n", ns, "-6", "addr", "add", &format!("{}/64", node.pod_v6(1)), "dev", "br0", "nodad"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/24", node.pod_v4(1)),
+            "dev",
+            "br0",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", node.pod_v6(1)),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         sysctl(ns, "net.ipv4.ip_forward", "1")?;
         sysctl(ns, "net.ipv6.conf.all.forwarding", "1")?;
         blackhole(ns)?;
@@ -202,13 +248,70 @@ impl World {
             ip(&["netns", "add", &netns])?;
             let peer = format!("p{host}");
             ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &node.netns, "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
-            ip(&["-n", &node.netns, "link", "set", &peer, "master", "br0", "up"])?;
-            ip(&["-n", &netns, "addr", "add", &format!("{}/24", pod.ipv4), "dev", "eth0"])?;
-            ip(&["-n", &netns, "-6", "addr", "add", &format!("{}/64", pod.ipv6), "dev", "eth0", "nodad"])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "link",
+                "add",
+                &peer,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns,
+            ])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "link",
+                "set",
+                &peer,
+                "master",
+                "br0",
+                "up",
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{}/24", pod.ipv4),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", pod.ipv6),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &netns, "route", "add", "default", "via", &node.pod_v4(1).to_string()])?;
-            ip(&["-n", &netns, "-6", "route", "add", "default", "via", &node.pod_v6(1).to_string()])?;
+            ip(&[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &node.pod_v4(1).to_string(),
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &node.pod_v6(1).to_string(),
+            ])?;
             blackhole(&netns)?;
             Ok(())
         })();
@@ -224,11 +327,18 @@ impl World {
     /// Removes a pod's network namespace (its processes must be gone).
     pub fn remove_pod(&self, pod: &Pod) {
         let _ = ip(&["netns", "del", &pod.netns]);
-        self.pods.lock().expect("lock").retain(|p| p.netns != pod.netns);
+        self.pods
+            .lock()
+            .expect("lock")
+            .retain(|p| p.netns != pod.netns);
         for node in &self.nodes {
             let octets = pod.ipv4.octets();
             if octets[2] == node.subnet {
-                node.hosts.lock().expect("lock").0.retain(|h| *h != octets[3]);
+                node.hosts
+                    .lock()
+                    .expect("lock")
+                    .0
+                    .retain(|h| *h != octets[3]);
             }
         }
     }
@@ -259,13 +369,31 @@ impl World {
 }
 
 fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
-    crate::run("ip", &["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")])?;
+    crate::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ],
+    )?;
     Ok(())
 }
 
 fn blackhole(netns: &str) -> Result<()> {
     ip(&["-n", netns, "route", "add", "blackhole", SERVICE_RANGE_V4])?;
-    ip(&["-n", netns, "-6", "route", "add", "blackhole", SERVICE_RANGE_V6])?;
+    ip(&[
+        "-n",
+        netns,
+        "-6",
+        "route",
+        "add",
+        "blackhole",
+        SERVICE_RANGE_V6,
+    ])?;
     Ok(())
 }
 

@@ -20,6 +20,11 @@ const TOOLS: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("curl", "curl"),
     ("nft", "nftables"),
+    // The Kubernetes tests: unpacking the shared binaries, the API server's
+    // service-account key, and Debian's etcd 3.4 (no streaming lists).
+    ("xz", "xz-utils"),
+    ("openssl", "openssl"),
+    ("etcd", "etcd-server"),
 ];
 
 /// The bpf-linker release that links with rustc's own LLVM (DESIGN.md section 6).

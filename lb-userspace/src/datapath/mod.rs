@@ -74,9 +74,9 @@ pub struct Datapath {
 impl Datapath {
     /// Loads and verifies the programs, adopting maps already pinned in `pin_dir`
     /// (so a restart keeps the kernel state). Attaches nothing yet.
-    pub fn load(options: DatapathOptions) -> Result<Self> {
+    pub fn load(mut options: DatapathOptions) -> Result<Self> {
         check_root()?;
-        sys::check_cgroup2(&options.cgroup)?;
+        options.cgroup = sys::resolve_cgroup2(&options.cgroup)?;
         let fresh = !options.pin_dir.exists();
         bpffs_prepare(&options.pin_dir)?;
         let instance_lock = match sys::lock_pin_dir(&options.pin_dir) {

@@ -34,16 +34,23 @@ fn fs_magic(path: &Path) -> Result<i64> {
     Ok(stat.f_type as i64)
 }
 
-pub fn check_cgroup2(path: &Path) -> Result<()> {
+/// The cgroup2 directory to attach to: `path` itself, or on hybrid hosts (cgroup v1
+/// with the unified hierarchy beside it) `path/unified`, so a DaemonSet can mount the
+/// host's /sys/fs/cgroup and name it whatever the host's layout.
+pub fn resolve_cgroup2(path: &Path) -> Result<PathBuf> {
     let magic =
         fs_magic(path).with_context(|| format!("cgroup {} is not accessible", path.display()))?;
-    if magic != CGROUP2_SUPER_MAGIC {
-        bail!(
-            "{} is not a cgroup2 directory (pass --cgroup with a cgroup v2 path)",
-            path.display()
-        );
+    if magic == CGROUP2_SUPER_MAGIC {
+        return Ok(path.to_path_buf());
     }
-    Ok(())
+    let unified = path.join("unified");
+    if fs_magic(&unified).is_ok_and(|m| m == CGROUP2_SUPER_MAGIC) {
+        return Ok(unified);
+    }
+    bail!(
+        "{} is not a cgroup2 directory (pass --cgroup with a cgroup v2 path)",
+        path.display()
+    )
 }
 
 /// The cgroup2 mount point, read from /proc/self/mountinfo (`/sys/fs/cgroup` on pure-v2

@@ -22,7 +22,7 @@ use lb_testbed::{
 use libtest_mimic::Trial;
 use serde_json::Value;
 
-use crate::support::Daemon;
+use crate::support::{Daemon, READY};
 
 static SHARED: Mutex<Option<Arc<ControlPlane>>> = Mutex::new(None);
 
@@ -56,7 +56,6 @@ pub fn trial(name: &'static str, body: fn() -> Result<()>) -> Trial {
 
 pub struct Cluster {
     pub cp: Arc<ControlPlane>,
-    pub world: Arc<World>,
     pub nodes: Vec<SimNode>,
     pub namespace: String,
     runtime: tokio::runtime::Runtime,
@@ -90,7 +89,6 @@ impl Cluster {
         let client = runtime.block_on(admin_client(&cp.kubeconfig))?;
         Ok(Self {
             cp,
-            world,
             nodes,
             namespace,
             runtime,
@@ -114,8 +112,9 @@ impl Cluster {
     /// Starts `lb daemon` in Kubernetes mode as node `index`'s kube-proxy replacement
     /// (attached to that node's cgroup, named after its Node) and waits until ready.
     pub fn daemon(&self, index: usize, extra: &[&str]) -> Result<Daemon> {
-        let mut daemon = self.launch_daemon(index, &self.cp.kubeconfig.display().to_string(), extra)?;
-        daemon.wait_for_log("ready", Duration::from_secs(30))?;
+        let mut daemon =
+            self.launch_daemon(index, &self.cp.kubeconfig.display().to_string(), extra)?;
+        daemon.wait_for_log(READY, Duration::from_secs(30))?;
         Ok(daemon)
     }
 
@@ -133,13 +132,17 @@ impl Cluster {
                 "--node-name".into(),
                 node.name.clone(),
             ],
-            std::path::Path::new("/nonexistent"),
             extra,
         )
     }
 
     /// Polls `check` every 10 ms until it returns `Some`, or fails after `timeout`.
-    pub fn wait<T>(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    pub fn wait<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(value) = check()? {
@@ -154,7 +157,9 @@ impl Cluster {
 
     /// The node running pod `name`, and the pod's network namespace.
     pub fn pod_node(&self, name: &str) -> Option<&SimNode> {
-        self.nodes.iter().find(|n| n.pod(&self.namespace, name).is_some())
+        self.nodes
+            .iter()
+            .find(|n| n.pod(&self.namespace, name).is_some())
     }
 
     /// Runs `argv` inside pod `name` (its network namespace, its node's cgroup).
@@ -167,7 +172,8 @@ impl Cluster {
 
     /// Pods of the namespace matching `selector`, as (name, podIP, ready).
     pub fn pods(&self, selector: &str) -> Result<Vec<(String, String, bool)>> {
-        let json: Value = serde_json::from_str(&self.kubectl(&["get", "pods", "-l", selector, "-o", "json"])?)?;
+        let json: Value =
+            serde_json::from_str(&self.kubectl(&["get", "pods", "-l", selector, "-o", "json"])?)?;
         Ok(json["items"]
             .as_array()
             .into_iter()
@@ -190,16 +196,26 @@ impl Cluster {
 
     /// Waits until `n` pods matching `selector` are ready; returns their names.
     pub fn wait_ready(&self, selector: &str, n: usize) -> Result<Vec<String>> {
-        self.wait(&format!("{n} ready pods {selector}"), Duration::from_secs(60), || {
-            let pods = self.pods(selector)?;
-            let ready: Vec<String> = pods.iter().filter(|p| p.2).map(|p| p.0.clone()).collect();
-            Ok((pods.len() == n && ready.len() == n).then_some(ready))
-        })
+        self.wait(
+            &format!("{n} ready pods {selector}"),
+            Duration::from_secs(60),
+            || {
+                let pods = self.pods(selector)?;
+                let ready: Vec<String> = pods.iter().filter(|p| p.2).map(|p| p.0.clone()).collect();
+                Ok((pods.len() == n && ready.len() == n).then_some(ready))
+            },
+        )
     }
 
     pub fn cluster_ip(&self, service: &str) -> Result<String> {
         Ok(self
-            .kubectl(&["get", "service", service, "-o", "jsonpath={.spec.clusterIP}"])?
+            .kubectl(&[
+                "get",
+                "service",
+                service,
+                "-o",
+                "jsonpath={.spec.clusterIP}",
+            ])?
             .trim()
             .to_string())
     }
@@ -207,9 +223,9 @@ impl Cluster {
     /// The endpoints of a Service's slices: (address, ready, serving, terminating).
     pub fn endpoints(&self, service: &str) -> Result<Vec<(String, bool, bool, bool)>> {
         let api = Api::<EndpointSlice>::namespaced(self.client.clone(), &self.namespace);
-        let slices = self.runtime.block_on(
-            api.list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}"))),
-        )?;
+        let slices = self.runtime.block_on(api.list(
+            &ListParams::default().labels(&format!("kubernetes.io/service-name={service}")),
+        ))?;
         let mut out = Vec::new();
         for slice in slices {
             for ep in slice.endpoints.unwrap_or_default() {
@@ -232,23 +248,29 @@ impl Cluster {
     pub fn wait_slice_ready(&self, service: &str, addresses: &[String]) -> Result<Instant> {
         let mut want: Vec<String> = addresses.to_vec();
         want.sort();
-        self.wait(&format!("slice of {service} to list {want:?}"), Duration::from_secs(60), || {
-            let endpoints = self.endpoints(service)?;
-            let any_ready = endpoints.iter().any(|e| e.1);
-            let mut got: Vec<String> = endpoints
-                .into_iter()
-                .filter(|e| if any_ready { e.1 } else { e.2 && e.3 })
-                .map(|e| e.0)
-                .collect();
-            got.sort();
-            Ok((got == want).then(Instant::now))
-        })
+        self.wait(
+            &format!("slice of {service} to list {want:?}"),
+            Duration::from_secs(60),
+            || {
+                let endpoints = self.endpoints(service)?;
+                let any_ready = endpoints.iter().any(|e| e.1);
+                let mut got: Vec<String> = endpoints
+                    .into_iter()
+                    .filter(|e| if any_ready { e.1 } else { e.2 && e.3 })
+                    .map(|e| e.0)
+                    .collect();
+                got.sort();
+                Ok((got == want).then(Instant::now))
+            },
+        )
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = self.cp.kubectl(&["delete", "namespace", &self.namespace, "--wait=false"]);
+        let _ = self
+            .cp
+            .kubectl(&["delete", "namespace", &self.namespace, "--wait=false"]);
         // Nodes stop their pods and delete their Node objects.
         for node in self.nodes.drain(..) {
             let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&node.name));

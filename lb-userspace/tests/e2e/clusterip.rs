@@ -615,7 +615,7 @@ fn change_right_after_start_is_applied() -> Result<()> {
     let mut daemon = Daemon::launch(&tb, &dir, &[])?;
     daemon.wait_for_log("datapath loaded", Duration::from_secs(20))?;
     write_manifest(&dir, "a-redis.yaml", &redis_manifest(VIP, &[&new]))?;
-    daemon.wait_for_log("ready", Duration::from_secs(20))?;
+    daemon.wait_for_log(READY, Duration::from_secs(20))?;
     daemon.wait_for_backends(VIP, 6379, "TCP", &["10.244.1.21:6379"])?;
     ensure!(whoami(&tb, &client, VIP, 6379)? == "redis-1b");
     Ok(())

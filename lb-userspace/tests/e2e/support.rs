@@ -16,13 +16,14 @@ use serde_json::Value;
 
 pub const LB: &str = env!("CARGO_BIN_EXE_lb");
 
+/// The log line of a daemon's first completed sync (not any line containing "ready").
+pub const READY: &str = "lb::daemon::controller: ready";
+
 /// A running `lb daemon` attached to a test's cgroup, with its own pin directory and
 /// source (a manifest folder, or a control plane's kubeconfig).
 pub struct Daemon {
     child: Option<Child>,
     pub pin_dir: PathBuf,
-    /// Manifest folder (manifest source only).
-    pub manifests: PathBuf,
     pub log: PathBuf,
     pub cgroup: PathBuf,
     /// `--manifests DIR` or `--kubeconfig FILE --node-name NAME`.
@@ -38,7 +39,7 @@ impl Daemon {
 
     pub fn start_with(tb: &Testbed, manifests: &Path, extra: &[&str]) -> Result<Self> {
         let mut daemon = Self::launch(tb, manifests, extra)?;
-        daemon.wait_for_log("ready", Duration::from_secs(20))?;
+        daemon.wait_for_log(READY, Duration::from_secs(20))?;
         Ok(daemon)
     }
 
@@ -49,7 +50,6 @@ impl Daemon {
             tb.cgroup(),
             &tb.work_dir,
             vec!["--manifests".into(), manifests.display().to_string()],
-            manifests,
             extra,
         )
     }
@@ -60,13 +60,11 @@ impl Daemon {
         cgroup: &Path,
         work_dir: &Path,
         source: Vec<String>,
-        manifests: &Path,
         extra: &[&str],
     ) -> Result<Self> {
         let mut daemon = Self {
             child: None,
             pin_dir: PathBuf::from(pin_dir),
-            manifests: manifests.to_path_buf(),
             log: work_dir.join(format!("daemon-{}.log", unique())),
             cgroup: cgroup.to_path_buf(),
             source,
@@ -86,9 +84,14 @@ impl Daemon {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             // The default rescan interval (10 s): changes must arrive through events.
-            .args(["--log-level", "debug"])
+            .args(["--log-level", "info,lb=debug"])
             // Tests run in parallel: each daemon on ports of its own.
-            .args(["--health-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args([
+                "--health-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env_remove("RUST_LOG")
             .env_remove("KUBECONFIG")
@@ -99,19 +102,6 @@ impl Daemon {
             .spawn()
             .context("starting lb daemon")?;
         self.child = Some(child);
-        Ok(())
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Kills the daemon with SIGKILL (a crash, an OOM kill).
-    pub fn kill(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
         Ok(())
     }
 
@@ -143,7 +133,7 @@ impl Daemon {
         assert!(self.child.is_none(), "daemon still running");
         self.log = self.work_dir.join(format!("daemon-{}.log", unique()));
         self.spawn(extra)?;
-        self.wait_for_log("ready", Duration::from_secs(20))
+        self.wait_for_log(READY, Duration::from_secs(20))
     }
 
     pub fn log_text(&self) -> String {
