@@ -268,8 +268,12 @@ impl ControlPlane {
 
     fn spawn(&self, name: &'static str, program: &str, args: Vec<String>) -> Result<()> {
         let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
+        use std::os::unix::process::CommandExt as _;
         let child = Command::new(program)
             .args(&args)
+            // Its own process group: a Ctrl-C meant for the test or demo must not stop
+            // the control plane under it; Drop stops it in order.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -463,12 +467,17 @@ pub fn cleanup_leftovers() -> Vec<String> {
         if owner_alive {
             continue;
         }
+        let dir = entry.path().display().to_string();
         for pid in fs::read_to_string(entry.path().join("pids"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.trim().parse::<i32>().ok())
         {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // Only if the pid still is ours (its command line names our directory).
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&dir) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
         let _ = fs::remove_dir_all(entry.path());
         removed.push(format!("control plane {name}"));

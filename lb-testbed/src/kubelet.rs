@@ -528,6 +528,10 @@ async fn start_pod(
     };
     let mut cmd = world.command(&pod_net, Some(&node.cgroup.path), &argv[0])?;
     let log = std::fs::File::create(work.join("container.log"))?;
+    use std::os::unix::process::CommandExt as _;
+    // Its own process group, as a container would be: a terminal's Ctrl-C stops the
+    // demo, which stops the pods.
+    cmd.process_group(0);
     cmd.args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -506,7 +506,7 @@ impl Drop for Testbed {
 /// Removes namespaces, cgroups and pin directories left by testbeds whose process was
 /// killed before it could clean up. Only names with the `lbt` prefix are touched.
 pub fn cleanup_leftovers() -> Result<Vec<String>> {
-    let mut removed = Vec::new();
+    let mut removed = k8s::cleanup_leftovers();
     if let Ok(list) = ip(&["netns", "list"]) {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
             if name.starts_with(PREFIX) {

@@ -1,4 +1,4 @@
-//! The demo sandbox of `cargo xtask run`: exactly the pods the bundled `examples/`
+//! The demo sandbox of `cargo xtask run`: exactly the pods the bundled `examples/manifests/`
 //! manifests describe, with real servers in them.
 
 use std::net::IpAddr;
@@ -19,12 +19,12 @@ pub const DNS_PODS: [(&str, u8); 2] = [("coredns-1", 21), ("coredns-2", 22)];
 pub const WEB_PODS: [(&str, u8, u16); 2] = [("lab-web-a", 31, 8080), ("lab-web-b", 32, 9090)];
 /// The web pod that plays the seed's flask app: the client.
 pub const CLIENT_POD: (&str, u8) = ("web", 100);
-/// ClusterIP of `redis-master-sr` in examples/redis-master.yaml.
+/// ClusterIP of `redis-master-sr` in examples/manifests/redis-master.yaml.
 pub const REDIS_CLUSTER_IP: &str = "10.99.187.220";
-/// ClusterIPs of kube-dns in examples/kube-dns.yaml.
+/// ClusterIPs of kube-dns in examples/manifests/kube-dns.yaml.
 pub const DNS_CLUSTER_IP: &str = "10.96.0.10";
 pub const DNS_CLUSTER_IP_V6: &str = "fd00:96::a";
-/// ClusterIP of test-svc in examples/test-svc.yaml.
+/// ClusterIP of test-svc in examples/manifests/test-svc.yaml.
 pub const TEST_SVC_CLUSTER_IP: &str = "10.107.169.79";
 
 /// Names the sandbox's DNS resolves, like cluster DNS would.

@@ -34,13 +34,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Build `lb`, start a sandbox of pods running real servers, run the daemon on the
-    /// bundled examples/ and show connections being balanced (Ctrl-C stops and removes
+    /// bundled examples/manifests/ and show connections being balanced (Ctrl-C stops and removes
     /// everything). With `-- --manifests DIR`, run the daemon on your own manifests
     /// instead, attached to this machine's cgroup2 root like a real deployment.
     Run {
         /// Your own folder of Service/EndpointSlice manifests (no sandbox).
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with = "cluster")]
         manifests: Option<PathBuf>,
+        /// The demo on a real Kubernetes control plane (kube-apiserver, controller-manager,
+        /// scheduler, etcd; a simulated kubelet): the seed scenario applied with kubectl
+        /// and the daemon in Kubernetes mode.
+        #[arg(long)]
+        cluster: bool,
         /// Extra arguments for `lb daemon` (after --).
         #[arg(last = true)]
         daemon_args: Vec<String>,
@@ -231,7 +236,7 @@ fn run_task(manifests: Option<PathBuf>, daemon_args: Vec<String>) -> Result<()> 
     let pin_dir = format!("/sys/fs/bpf/{}", tb.id);
     let mut args = vec![
         "--manifests".to_string(),
-        workspace_root().join("examples").display().to_string(),
+        workspace_root().join("examples/manifests").display().to_string(),
         "--cgroup".to_string(),
         tb.cgroup().display().to_string(),
         "--pin-dir".to_string(),
@@ -311,7 +316,7 @@ fn run_task(manifests: Option<PathBuf>, daemon_args: Vec<String>) -> Result<()> 
          \x20 cargo xtask client            # a shell in the web pod, balanced like a real pod\n\
          \x20 target/debug/lb list --pin-dir {pin_dir}\n\
          \x20 bpftool map dump pinned {pin_dir}/LB_SERVICES\n\
-         Edit examples/*.yaml and watch the daemon apply it. Ctrl-C stops and removes the sandbox."
+         Edit examples/manifests/*.yaml and watch the daemon apply it. Ctrl-C stops and removes the sandbox."
     );
     while !stop.load(Ordering::SeqCst) {
         thread::sleep(Duration::from_millis(100));
@@ -320,6 +325,121 @@ fn run_task(manifests: Option<PathBuf>, daemon_args: Vec<String>) -> Result<()> 
     let _ = fs::remove_file(SANDBOX_STATE);
     daemon.stop()?;
     drop(sandbox);
+    Ok(())
+}
+
+/// `cargo xtask run --cluster`: the seed scenario on a real control plane.
+fn cluster_task(daemon_args: Vec<String>) -> Result<()> {
+    use lb_testbed::{
+        k8s::{ControlPlane, Etcd},
+        kubelet::{NodeOptions, SimNode},
+        world::World,
+    };
+    require_root("cargo xtask run --cluster")?;
+    prereqs::ensure()?;
+    if let Some(reason) = lb_testbed::k8s::unavailable() {
+        bail!("{reason}");
+    }
+    let lb = build_lb(false)?;
+    let stop = ctrl_c_flag();
+    eprintln!("Starting a Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)");
+    let cp = ControlPlane::start(Etcd::Bundled)?;
+    let world = std::sync::Arc::new(World::new(&["node-1"])?);
+    let node = SimNode::start(&cp, world.clone(), "node-1", NodeOptions::default())?;
+    eprintln!("Simulated node {} registered (pods on {})", node.name, node.net().pod_cidr_v4);
+    let pin_dir = format!("/sys/fs/bpf/{}", node.name);
+    let mut args = vec![
+        "--kubeconfig".to_string(),
+        cp.kubeconfig.display().to_string(),
+        "--node-name".to_string(),
+        node.name.clone(),
+        "--cgroup".to_string(),
+        node.net().cgroup.path.display().to_string(),
+        "--pin-dir".to_string(),
+        pin_dir.clone(),
+        "--detach-on-exit".to_string(),
+        "--health-addr".to_string(),
+        "127.0.0.1:10256".to_string(),
+        "--metrics-addr".to_string(),
+        "127.0.0.1:10249".to_string(),
+        // The demo's kubeconfig skips TLS verification (self-signed test server);
+        // kube-rs warns about it on every connection.
+        "--log-level".to_string(),
+        "info,kube_client::client::tls=error".to_string(),
+    ];
+    args.extend(daemon_args);
+    let daemon = DaemonProcess::start(&lb, &args)?;
+    let kubectl = |args: &[&str]| -> Result<String> {
+        let out = cp.kubectl(args)?;
+        for line in out.lines() {
+            println!("    {line}");
+        }
+        Ok(out)
+    };
+    let demo = (|| -> Result<()> {
+        let deployment = workspace_root().join("examples/cluster/r-deployment.yaml");
+        println!("\n$ kubectl apply -f examples/cluster/r-deployment.yaml   # the seed's redis Deployment");
+        kubectl(&["apply", "-f", &deployment.display().to_string()])?;
+        println!("$ kubectl expose deployment redis-master --port=6379");
+        kubectl(&["expose", "deployment", "redis-master", "--port=6379"])?;
+        println!("$ kubectl run web --image=busybox -- sleep infinity        # the client pod");
+        kubectl(&["run", "web", "--image=busybox", "--restart=Never", "--", "sleep", "infinity"])?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let vip = loop {
+            let ready = cp.kubectl(&["get", "pods", "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"])?;
+            let slices = cp.kubectl(&["get", "endpointslices", "-l", "kubernetes.io/service-name=redis-master", "-o", "jsonpath={.items[*].endpoints[*].addresses[0]}"])?;
+            if ready.lines().filter(|l| *l == "True").count() == 2 && !slices.trim().is_empty() {
+                break cp.kubectl(&["get", "service", "redis-master", "-o", "jsonpath={.spec.clusterIP}"])?;
+            }
+            if Instant::now() > deadline {
+                bail!("the pods did not become ready");
+            }
+            thread::sleep(Duration::from_millis(200));
+        };
+        println!("$ kubectl get pods,services,endpointslices -o wide");
+        kubectl(&["get", "pods,services,endpointslices", "-o", "wide"])?;
+        thread::sleep(Duration::from_millis(300));
+        println!("\nThe web pod connects to redis-master at the ClusterIP the API server allocated ({vip}):");
+        for _ in 0..3 {
+            let out = node.exec("default", "web", &["redis-cli", "-h", &vip, "GET", "whoami"], Duration::from_secs(5))?;
+            println!("  redis-cli -h {vip} GET whoami  ->  {}", String::from_utf8_lossy(&out.stdout).trim());
+        }
+        let list = Command::new(&lb).args(["list", "--pin-dir", &pin_dir]).output()?;
+        println!("\nlb list --pin-dir {pin_dir}:\n{}", String::from_utf8_lossy(&list.stdout));
+        let web = node.pod("default", "web").context("the web pod is gone")?;
+        let state = SandboxState {
+            client_netns: web.netns.clone(),
+            cgroup: node.net().cgroup.path.clone(),
+            pid: std::process::id(),
+        };
+        fs::write(SANDBOX_STATE, serde_json::to_vec(&state)?)?;
+        println!(
+            "Try it yourself (another terminal, as root):\n\
+             \x20 export KUBECONFIG={kubeconfig}\n\
+             \x20 alias kubectl={kubectl_bin}\n\
+             \x20 kubectl scale deployment redis-master --replicas=3\n\
+             \x20 target/debug/lb list --pin-dir {pin_dir}      # follows within a second\n\
+             \x20 cargo xtask client redis-cli -h {vip} GET whoami\n\
+             \x20 kubectl delete pod -l app=redis                # replacements get new IPs\n\
+             \x20 curl -s localhost:10249/metrics | grep kubeproxy_\n\
+             Ctrl-C stops the daemon and removes the control plane and the node.",
+            kubeconfig = cp.kubeconfig.display(),
+            kubectl_bin = lb_testbed::k8s::binaries()?.unwrap_or_default().join("kubectl").display(),
+        );
+        Ok(())
+    })();
+    if let Err(err) = demo {
+        eprintln!("demo failed: {err:#}");
+    }
+    while !stop.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("\nStopping: detaching the datapath, removing the node and the control plane");
+    let _ = fs::remove_file(SANDBOX_STATE);
+    daemon.stop()?;
+    drop(node);
+    drop(world);
+    drop(cp);
     Ok(())
 }
 
@@ -454,8 +574,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Run {
+            cluster: true,
+            daemon_args,
+            ..
+        } => cluster_task(daemon_args),
+        Task::Run {
             manifests,
             daemon_args,
+            ..
         } => run_task(manifests, daemon_args),
         Task::Client { command } => client_task(command),
         Task::Test => test_task(),

@@ -1,4 +1,4 @@
-//! The bundled examples/ run against the sandbox `cargo xtask run` builds, so the demo a
+//! The bundled examples/manifests/ run against the sandbox `cargo xtask run` builds, so the demo a
 //! newcomer sees is tested too.
 
 use std::{collections::BTreeSet, path::Path, time::Duration};
@@ -23,7 +23,7 @@ fn bundled_examples_serve_the_sandbox() -> Result<()> {
     let sandbox = Sandbox::start()?;
     let tb = &sandbox.testbed;
     let client = &sandbox.client;
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/manifests");
     let daemon = Daemon::start(tb, &examples)?;
     ensure!(
         !daemon.log_text().contains("WARN"),

@@ -449,28 +449,7 @@ fn etcd_3_4_without_streaming_lists() -> Result<()> {
 }
 
 /// The seed's redis Deployment, verbatim (r-deployment.yaml).
-const R_DEPLOYMENT: &str = r#"apiVersion: apps/v1
-kind: Deployment
-metadata:
-  labels:
-    app: redis
-  name: redis-master
-spec:
-  selector:
-    matchLabels:
-      app: redis
-  replicas: 1
-  template:
-    metadata:
-      labels:
-        app: redis
-    spec:
-      containers:
-      - image: redis
-        name: redis-master2
-        ports:
-        - containerPort: 6379
-"#;
+const R_DEPLOYMENT: &str = include_str!("../../../examples/cluster/r-deployment.yaml");
 
 /// `redis-cli GET whoami` through `vip` from the client pod: the pod that answered, or
 /// the error text.
