@@ -71,6 +71,8 @@ pub struct Controller {
     full_sync_needed: bool,
     retry_delay: Duration,
     retry_at: Option<Instant>,
+    /// When the controller started (the `ready` line reports the time since).
+    created: Instant,
     /// Trigger times of slice changes not yet in the kernel.
     triggers: Vec<SystemTime>,
 }
@@ -100,6 +102,7 @@ impl Controller {
             full_sync_needed: true,
             retry_delay: RETRY_FIRST,
             retry_at: None,
+            created: Instant::now(),
             triggers: Vec::new(),
         }
     }
@@ -285,6 +288,7 @@ impl Controller {
                 services = self.model.service_count(),
                 endpoint_slices = self.model.slice_count(),
                 frontends = self.reconciler.frontend_count(),
+                elapsed_ms = self.created.elapsed().as_millis() as u64,
                 "ready"
             );
         } else if stats.writes() > 10_000 {

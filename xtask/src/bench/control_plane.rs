@@ -31,6 +31,20 @@ pub struct ChangeLatency {
     pub max_ms: f64,
 }
 
+impl ChangeLatency {
+    pub fn of(mut latencies: Vec<Duration>) -> Self {
+        latencies.sort();
+        let ns: Vec<u64> = latencies.iter().map(|d| d.as_nanos() as u64).collect();
+        Self {
+            samples: ns.len(),
+            p50_ms: super::client::percentile(&ns, 50.0) / 1000.0,
+            p90_ms: super::client::percentile(&ns, 90.0) / 1000.0,
+            p99_ms: super::client::percentile(&ns, 99.0) / 1000.0,
+            max_ms: ns.last().map_or(f64::NAN, |v| *v as f64 / 1e6),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ControlPlane {
     pub services: usize,
@@ -60,26 +74,28 @@ fn change_endpoint(k: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 246, 0, 1)) + k as u32)
 }
 
-/// Reads the changing service's only backend straight from the pinned maps.
-struct MapProbe {
+/// Reads a changing service's only backend straight from the pinned maps.
+pub struct MapProbe {
+    vip: std::net::IpAddr,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
 }
 
 impl MapProbe {
-    fn open(pin_dir: &Path) -> Result<Self> {
+    pub fn open(pin_dir: &Path, vip: std::net::IpAddr) -> Result<Self> {
         let open = |name: &str| -> Result<Map> {
             Ok(Map::from_map_data(MapData::from_pin(pin_dir.join(name))?)?)
         };
         Ok(Self {
+            vip,
             services: open(map_names::SERVICES)?.try_into()?,
             backends: open(map_names::BACKENDS)?.try_into()?,
         })
     }
 
-    fn backend(&self) -> Option<Ipv4Addr> {
+    pub fn backend(&self) -> Option<Ipv4Addr> {
         let key = ServiceKey::new(
-            addr_from_ip(CHANGING_VIP.into()),
+            addr_from_ip(self.vip),
             port_to_net(80),
             lb_common::IPPROTO_TCP,
             lb_common::SCOPE_INTERNAL,
@@ -136,7 +152,7 @@ pub fn run(lb: &Path, topo: &mut Topology, pin_dir: &Path, plan: &Plan) -> Resul
         ..Default::default()
     };
 
-    let probe = MapProbe::open(pin_dir)?;
+    let probe = MapProbe::open(pin_dir, CHANGING_VIP.into())?;
     let mut latencies = Vec::new();
     for k in 1..=plan.cp_changes {
         let expected = change_endpoint(k);
@@ -162,15 +178,7 @@ pub fn run(lb: &Path, topo: &mut Topology, pin_dir: &Path, plan: &Plan) -> Resul
     let (peak, _) = memory_mb(daemon.pid())?;
     result.peak_rss_mb = result.peak_rss_mb.max(peak);
     daemon.stop()?;
-    latencies.sort();
-    let ms: Vec<u64> = latencies.iter().map(|d| d.as_nanos() as u64).collect();
-    result.endpoint_change = ChangeLatency {
-        samples: ms.len(),
-        p50_ms: super::client::percentile(&ms, 50.0) / 1000.0,
-        p90_ms: super::client::percentile(&ms, 90.0) / 1000.0,
-        p99_ms: super::client::percentile(&ms, 99.0) / 1000.0,
-        max_ms: ms.last().map_or(f64::NAN, |v| *v as f64 / 1e6),
-    };
+    result.endpoint_change = ChangeLatency::of(latencies);
 
     // The anchor: kube-proxy's rules for the same table.
     let rules = rules::iptables_rules(plan.cp_services, plan.cp_endpoints, &SERVER_IPS);

@@ -11,6 +11,7 @@
 
 mod client;
 mod control_plane;
+mod kube;
 mod report;
 mod rules;
 mod topology;
@@ -45,6 +46,9 @@ pub struct BenchArgs {
     /// its timings mean nothing).
     #[arg(long, conflicts_with = "quick")]
     smoke: bool,
+    /// Only the Kubernetes-source measurements (a real API server), printed as JSON.
+    #[arg(long)]
+    kube_only: bool,
     /// Service counts to measure at (comma-separated).
     #[arg(long, value_delimiter = ',')]
     services: Option<Vec<usize>>,
@@ -70,6 +74,10 @@ pub struct Plan {
     pub cp_services: usize,
     pub cp_endpoints: usize,
     pub cp_changes: usize,
+    /// The Kubernetes-source run (0 services: skipped).
+    pub kube_services: usize,
+    pub kube_endpoints: usize,
+    pub kube_changes: usize,
 }
 
 impl Plan {
@@ -86,6 +94,9 @@ impl Plan {
                 cp_services: 200,
                 cp_endpoints: 10,
                 cp_changes: 5,
+                kube_services: 50,
+                kube_endpoints: 10,
+                kube_changes: 5,
             }
         } else if args.quick {
             Self {
@@ -99,6 +110,9 @@ impl Plan {
                 cp_services: 10_000,
                 cp_endpoints: 10,
                 cp_changes: 50,
+                kube_services: 0,
+                kube_endpoints: 0,
+                kube_changes: 0,
             }
         } else {
             Self {
@@ -112,6 +126,9 @@ impl Plan {
                 cp_services: 10_000,
                 cp_endpoints: 10,
                 cp_changes: 200,
+                kube_services: 10_000,
+                kube_endpoints: 10,
+                kube_changes: 200,
             }
         };
         if let Some(services) = &args.services {
@@ -292,6 +309,8 @@ impl Daemon {
             .arg("--cgroup")
             .arg(&topo.cgroup.path)
             .args(["--pin-dir", &format!("/sys/fs/bpf/{}", topo.id)])
+            // Each run starts from scratch and leaves nothing attached.
+            .args(["--detach-on-exit", "--health-addr", "off", "--metrics-addr", "off"])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -413,6 +432,7 @@ pub struct Results {
     pub throughput: Option<Throughput>,
     pub setup: SetupTimes,
     pub control_plane: control_plane::ControlPlane,
+    pub kubernetes: Option<kube::KubeBench>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -422,6 +442,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     eprintln!("==> building lb (release)");
     let lb = crate::build_lb(true)?;
+    if args.kube_only {
+        let work = std::env::temp_dir().join(format!("{}{}kbench-work", lb_testbed::PREFIX, std::process::id()));
+        fs::create_dir_all(&work)?;
+        let result = kube::run(&lb, &plan, &work);
+        let _ = fs::remove_dir_all(&work);
+        println!("{}", serde_json::to_string_pretty(&result?)?);
+        return Ok(());
+    }
     let exe = std::env::current_exe()?;
     let out = if args.out.is_absolute() {
         args.out.clone()
@@ -567,6 +595,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         plan.cp_services * plan.cp_endpoints
     );
     let control_plane = control_plane::run(&lb, &mut topo, &pin_dir, &plan)?;
+    let kubernetes = if plan.kube_services > 0 {
+        eprintln!(
+            "==> Kubernetes source: {} services, {} endpoints in a real API server",
+            plan.kube_services,
+            plan.kube_services * plan.kube_endpoints
+        );
+        Some(kube::run(&lb, &plan, &topo.work_dir)?)
+    } else {
+        None
+    };
 
     let connect: Vec<Row> = samples
         .iter()
@@ -580,6 +618,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         throughput,
         setup,
         control_plane,
+        kubernetes,
     };
     report::write(
         &results,
