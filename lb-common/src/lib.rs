@@ -17,26 +17,168 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
 
-/// Pin names of the maps (files under the pin directory, e.g. `/sys/fs/bpf/lb/SERVICES`).
-pub mod map_names {
-    pub const SERVICES: &str = "LB_SERVICES";
-    pub const BACKENDS: &str = "LB_BACKENDS";
-    pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
-    pub const STATS: &str = "LB_STATS";
-    pub const FRONTEND_STATS: &str = "LB_FRONTEND_STATS";
-    pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
-    pub const FRONTEND_NAMES: &str = "LB_FRONTEND_NAMES";
+/// Version of the layout of every map below (keys, values, types, meaning). A daemon
+/// adopts pinned maps only of its own version; any change to a map's layout or
+/// meaning must bump it (the loader also compares types and sizes as a safety net).
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// Kernel map types used (`enum bpf_map_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MapKind {
+    Hash = 1,
+    Array = 2,
+    PerCpuArray = 6,
+    LruHash = 9,
 }
 
-/// Capacity of `LB_SERVICES`: one entry per frontend plus one per backend slot.
-pub const SERVICE_MAP_SIZE: u32 = 1 << 19;
-/// Capacity of `LB_BACKENDS` and `LB_BACKEND_STATS`; backend ids are `1..MAX_BACKENDS`.
-pub const MAX_BACKENDS: u32 = 1 << 18;
-/// Capacity of `LB_FRONTEND_STATS`; frontend ids are `1..MAX_FRONTENDS`.
-pub const MAX_FRONTENDS: u32 = 1 << 16;
-/// Capacity of the `LB_SOCK_REVNAT` LRU (translated sockets remembered for reverse
-/// translation and for terminating sockets of removed backends).
-pub const SOCK_REVNAT_SIZE: u32 = 1 << 17;
+/// What sizes a map: a fixed count, or one of the capacity settings (`lb daemon
+/// --max-*` flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capacity {
+    Fixed,
+    /// Frontends (and frontend ids).
+    Frontends,
+    /// Distinct backends (and backend ids).
+    Backends,
+    /// Frontend entries plus their backend slots.
+    ServiceEntries,
+    /// Sockets remembered for reverse translation.
+    Sockets,
+}
+
+/// One map: every property the eBPF side, the loader, the adoption check and `lb list`
+/// need, defined once.
+#[derive(Clone, Copy, Debug)]
+pub struct MapDef {
+    /// Pin name (a file under the pin directory's version folder).
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    /// Entries when no capacity setting overrides it (the default of that setting).
+    pub max_entries: u32,
+    /// `BPF_F_*` map flags.
+    pub flags: u32,
+    pub capacity: Capacity,
+    pub help: &'static str,
+}
+
+/// `BPF_F_NO_PREALLOC`: elements are allocated on insert and freed through RCU, so a
+/// value a program reads is never reused under it, and memory follows use.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// The maps, with their default capacities.
+pub mod maps {
+    use core::mem::size_of;
+
+    use super::*;
+
+    /// Default of `--max-frontends`.
+    pub const DEFAULT_FRONTENDS: u32 = 1 << 16;
+    /// Default of `--max-backends`.
+    pub const DEFAULT_BACKENDS: u32 = 1 << 18;
+    /// Default of `--max-service-entries` (frontends plus backend slots).
+    pub const DEFAULT_SERVICE_ENTRIES: u32 = 1 << 20;
+    /// Default of `--max-sockets`.
+    pub const DEFAULT_SOCKETS: u32 = 1 << 17;
+
+    pub const SERVICES: MapDef = MapDef {
+        name: "LB_SERVICES",
+        kind: MapKind::Hash,
+        key_size: size_of::<ServiceKey>() as u32,
+        value_size: size_of::<ServiceValue>() as u32,
+        max_entries: DEFAULT_SERVICE_ENTRIES,
+        flags: BPF_F_NO_PREALLOC,
+        capacity: Capacity::ServiceEntries,
+        help: "frontends (slot 0) and their backend slots",
+    };
+    pub const BACKENDS: MapDef = MapDef {
+        name: "LB_BACKENDS",
+        kind: MapKind::Hash,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<Backend>() as u32,
+        max_entries: DEFAULT_BACKENDS,
+        flags: BPF_F_NO_PREALLOC,
+        capacity: Capacity::Backends,
+        help: "backend id -> pod address and port",
+    };
+    pub const SOCK_REVNAT: MapDef = MapDef {
+        name: "LB_SOCK_REVNAT",
+        kind: MapKind::LruHash,
+        key_size: size_of::<SockRevKey>() as u32,
+        value_size: size_of::<SockRevValue>() as u32,
+        max_entries: DEFAULT_SOCKETS,
+        flags: 0,
+        capacity: Capacity::Sockets,
+        help: "translated sockets: (cookie, backend) -> what the application dialled",
+    };
+    pub const STATS: MapDef = MapDef {
+        name: "LB_STATS",
+        kind: MapKind::PerCpuArray,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<u64>() as u32,
+        max_entries: stat::COUNT,
+        flags: 0,
+        capacity: Capacity::Fixed,
+        help: "per-CPU decision counters (lb_common::stat)",
+    };
+    pub const FRONTEND_STATS: MapDef = MapDef {
+        name: "LB_FRONTEND_STATS",
+        kind: MapKind::Array,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<FrontendStats>() as u32,
+        max_entries: DEFAULT_FRONTENDS,
+        flags: 0,
+        capacity: Capacity::Frontends,
+        help: "per-frontend counters, by frontend id",
+    };
+    pub const BACKEND_STATS: MapDef = MapDef {
+        name: "LB_BACKEND_STATS",
+        kind: MapKind::Array,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<u64>() as u32,
+        max_entries: DEFAULT_BACKENDS,
+        flags: 0,
+        capacity: Capacity::Backends,
+        help: "per-backend connection counters, by backend id",
+    };
+    pub const FRONTEND_NAMES: MapDef = MapDef {
+        name: "LB_FRONTEND_NAMES",
+        kind: MapKind::Hash,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<FrontendName>() as u32,
+        max_entries: DEFAULT_FRONTENDS,
+        flags: BPF_F_NO_PREALLOC,
+        capacity: Capacity::Frontends,
+        help: "frontend id -> Service name (for lb list and bpftool; the programs never read it)",
+    };
+
+    /// Every map the object declares.
+    pub const ALL: [MapDef; 7] = [
+        SERVICES,
+        BACKENDS,
+        SOCK_REVNAT,
+        STATS,
+        FRONTEND_STATS,
+        BACKEND_STATS,
+        FRONTEND_NAMES,
+    ];
+}
+
+/// Pin names of the maps (files under the pin directory's version folder).
+pub mod map_names {
+    use super::maps;
+
+    pub const SERVICES: &str = maps::SERVICES.name;
+    pub const BACKENDS: &str = maps::BACKENDS.name;
+    pub const SOCK_REVNAT: &str = maps::SOCK_REVNAT.name;
+    pub const STATS: &str = maps::STATS.name;
+    pub const FRONTEND_STATS: &str = maps::FRONTEND_STATS.name;
+    pub const BACKEND_STATS: &str = maps::BACKEND_STATS.name;
+    pub const FRONTEND_NAMES: &str = maps::FRONTEND_NAMES.name;
+}
+
 /// Largest number of backends one frontend may have (slots are u16, slot 0 is the
 /// frontend itself).
 pub const MAX_BACKENDS_PER_FRONTEND: u32 = u16::MAX as u32;

@@ -1,13 +1,16 @@
-//! Every map the datapath uses. Layouts and byte order are documented in `lb-common`.
+//! Every map the datapath uses. Capacities, flags and sizes come from the one table
+//! in `lb_common::maps` (the loader resizes maps to the daemon's `--max-*` flags);
+//! layouts and byte order are documented there too.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, FrontendName, FrontendStats, MAX_BACKENDS, MAX_FRONTENDS, SERVICE_MAP_SIZE,
-    SOCK_REVNAT_SIZE, ServiceKey, ServiceValue, SockRevKey, SockRevValue, stat,
+    Backend, FrontendName, FrontendStats, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    maps::{
+        BACKEND_STATS, BACKENDS, FRONTEND_NAMES, FRONTEND_STATS, SERVICES, SOCK_REVNAT, STATS,
+    },
 };
 
 /// Frontends (slot 0) and their backend slots. Not preallocated: elements are freed
@@ -15,35 +18,38 @@ use lb_common::{
 /// update from userspace.
 #[map]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(SERVICE_MAP_SIZE, BPF_F_NO_PREALLOC);
+    HashMap::pinned(SERVICES.max_entries, SERVICES.flags);
 
 /// Backend id -> pod address and port.
 #[map]
-pub static LB_BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+pub static LB_BACKENDS: HashMap<u32, Backend> =
+    HashMap::pinned(BACKENDS.max_entries, BACKENDS.flags);
 
 /// Translated sockets: (socket cookie, backend) -> the ClusterIP:port the application
 /// dialled. Read by recvmsg/getpeername; read by userspace to terminate sockets whose
 /// backend went away.
 #[map]
 pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
-    LruHashMap::pinned(SOCK_REVNAT_SIZE, 0);
+    LruHashMap::pinned(SOCK_REVNAT.max_entries, SOCK_REVNAT.flags);
 
 /// Global per-CPU decision counters, indexed by `lb_common::stat`.
 #[map]
-pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS.max_entries, STATS.flags);
 
 /// Per-frontend counters, indexed by frontend id (atomic adds).
 #[map]
-pub static LB_FRONTEND_STATS: Array<FrontendStats> = Array::pinned(MAX_FRONTENDS, 0);
+pub static LB_FRONTEND_STATS: Array<FrontendStats> =
+    Array::pinned(FRONTEND_STATS.max_entries, FRONTEND_STATS.flags);
 
 /// Per-backend connection counters, indexed by backend id (atomic adds).
 #[map]
-pub static LB_BACKEND_STATS: Array<u64> = Array::pinned(MAX_BACKENDS, 0);
+pub static LB_BACKEND_STATS: Array<u64> =
+    Array::pinned(BACKEND_STATS.max_entries, BACKEND_STATS.flags);
 
 /// Frontend id -> Service name, for `lb list` and `bpftool`. Written by userspace only.
 #[map]
 pub static LB_FRONTEND_NAMES: HashMap<u32, FrontendName> =
-    HashMap::pinned(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+    HashMap::pinned(FRONTEND_NAMES.max_entries, FRONTEND_NAMES.flags);
 
 /// Bumps a global counter.
 #[inline(always)]

@@ -1,13 +1,19 @@
-//! `lb list`: the live table read from the pinned maps, like `cilium bpf lb list`.
+//! `lb list`: the live table, like `cilium bpf lb list`. The kernel's maps are the
+//! truth of what is served; the daemon (through its status socket, when one runs)
+//! adds what the maps cannot say: excluded endpoints and why, policies, frontends
+//! that did not fit. It also says whether programs are attached at all, whether a
+//! daemon runs, and any drift between the tables.
 
-use std::{io::Write, path::Path};
+use std::{collections::BTreeMap, io::Write, path::Path};
 
 use anyhow::Result;
-use lb_common::{addr_to_ip, port_from_net, stat};
+use lb_common::{SVC_F_AFFINITY, SVC_F_LOCAL, addr_to_ip, port_from_net, stat};
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::{
-    datapath::{KernelMaps, MapSnapshot, check_pin_dir_exists},
+    daemon::status,
+    datapath::{self, KernelMaps, MapSnapshot},
     model::{FrontendKey, Protocol, Scope},
 };
 
@@ -28,22 +34,63 @@ pub struct ListedCounters {
 
 #[derive(Debug, Serialize)]
 pub struct ListedFrontend {
-    /// Frontend id: the key of LB_FRONTEND_STATS and LB_FRONTEND_NAMES.
+    /// Frontend id: the key of LB_FRONTEND_STATS and LB_FRONTEND_NAMES (0 when the
+    /// kernel does not hold it).
     pub id: u32,
     pub address: String,
     pub port: u16,
     pub protocol: String,
+    pub scope: Scope,
     /// `namespace/service:port`.
     pub service: String,
     pub backends: Vec<ListedBackend>,
     pub counters: ListedCounters,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// Traffic policy the backend set follows: "Cluster" or "Local".
+    pub policy: String,
+    /// Topology narrowing in effect (from the daemon; "none" otherwise).
+    pub topology: String,
+    /// Endpoints listed for the port but not used, and why (from the daemon).
+    pub excluded: Vec<Value>,
+    /// Why the kernel does not hold (this version of) the frontend (from the daemon).
+    pub not_programmed: Option<String>,
     /// Slots that point nowhere; non-zero only while an update is in flight.
     pub missing_slots: usize,
     /// Slot entries beyond the backend count (left by an interrupted update).
     pub stale_slots: usize,
 }
 
-pub fn frontends(snapshot: &MapSnapshot) -> Vec<ListedFrontend> {
+type StatusKey = (String, u16, String, String);
+
+fn status_key(address: &str, port: u16, protocol: &str, scope: Scope) -> StatusKey {
+    let scope = match scope {
+        Scope::Internal => "internal",
+        Scope::External => "external",
+    };
+    (address.to_string(), port, protocol.to_string(), scope.to_string())
+}
+
+/// The kernel's frontends, joined with the daemon's view where it has one, plus the
+/// daemon's frontends the kernel does not hold.
+pub fn frontends(snapshot: &MapSnapshot, daemon: Option<&Value>) -> Vec<ListedFrontend> {
+    let mut from_daemon: BTreeMap<StatusKey, &Value> = daemon
+        .and_then(|d| d["frontends"].as_array())
+        .into_iter()
+        .flatten()
+        .map(|f| {
+            let scope = if f["scope"] == "external" { Scope::External } else { Scope::Internal };
+            (
+                status_key(
+                    f["address"].as_str().unwrap_or(""),
+                    f["port"].as_u64().unwrap_or(0) as u16,
+                    f["protocol"].as_str().unwrap_or(""),
+                    scope,
+                ),
+                f,
+            )
+        })
+        .collect();
     let mut listed: Vec<(FrontendKey, ListedFrontend)> = snapshot
         .frontends
         .iter()
@@ -66,23 +113,79 @@ pub fn frontends(snapshot: &MapSnapshot) -> Vec<ListedFrontend> {
                     connections: b.connections,
                 })
                 .collect();
+            let protocol = protocol.map_or_else(|| fe.key.proto.to_string(), |p| p.to_string());
+            let address = key.ip.to_string();
+            let info = from_daemon.remove(&status_key(&address, key.port, &protocol, key.scope));
+            let flags = fe.value.flags;
             let listed = ListedFrontend {
                 id: fe.value.svc_id,
-                address: key.ip.to_string(),
+                address,
                 port: key.port,
-                protocol: protocol.map_or_else(|| fe.key.proto.to_string(), |p| p.to_string()),
+                protocol,
+                scope: key.scope,
                 service: fe.name.clone(),
                 backends,
                 counters: ListedCounters {
                     translated: fe.stats.translated,
                     refused: fe.stats.refused,
                 },
+                affinity_timeout: (flags & SVC_F_AFFINITY != 0).then_some(fe.value.affinity_timeout),
+                policy: if flags & SVC_F_LOCAL != 0 { "Local" } else { "Cluster" }.into(),
+                topology: info
+                    .and_then(|i| i["topology"].as_str())
+                    .unwrap_or("none")
+                    .into(),
+                excluded: info
+                    .and_then(|i| i["excluded"].as_array())
+                    .cloned()
+                    .unwrap_or_default(),
+                not_programmed: info.and_then(|i| i["not_programmed"].as_str()).map(str::to_string),
                 missing_slots: fe.slots.iter().filter(|s| s.is_none()).count(),
                 stale_slots: fe.extra_slots.len(),
             };
             (key, listed)
         })
         .collect();
+    // Frontends the daemon wants but the kernel does not hold: those that did not fit.
+    for info in from_daemon.into_values() {
+        let Some(reason) = info["not_programmed"].as_str() else {
+            continue;
+        };
+        let scope = if info["scope"] == "external" { Scope::External } else { Scope::Internal };
+        let Ok(ip) = info["address"].as_str().unwrap_or("").parse() else {
+            continue;
+        };
+        let protocol = info["protocol"].as_str().unwrap_or("TCP");
+        let key = FrontendKey {
+            ip,
+            port: info["port"].as_u64().unwrap_or(0) as u16,
+            protocol: crate::model::Protocol::parse(Some(protocol)).unwrap_or(Protocol::Tcp),
+            scope,
+        };
+        listed.push((
+            key,
+            ListedFrontend {
+                id: 0,
+                address: ip.to_string(),
+                port: key.port,
+                protocol: protocol.into(),
+                scope,
+                service: info["service"].as_str().unwrap_or("").into(),
+                backends: Vec::new(),
+                counters: ListedCounters {
+                    translated: 0,
+                    refused: 0,
+                },
+                affinity_timeout: info["affinity_timeout"].as_u64().map(|t| t as u32),
+                policy: info["policy"].as_str().unwrap_or("Cluster").into(),
+                topology: info["topology"].as_str().unwrap_or("none").into(),
+                excluded: info["excluded"].as_array().cloned().unwrap_or_default(),
+                not_programmed: Some(reason.into()),
+                missing_slots: 0,
+                stale_slots: 0,
+            },
+        ));
+    }
     listed.sort_by_key(|(key, _)| *key);
     listed.into_iter().map(|(_, l)| l).collect()
 }
@@ -95,11 +198,20 @@ fn endpoint(address: &str, port: u16) -> String {
     }
 }
 
+fn frontend_cell(fe: &ListedFrontend) -> String {
+    let mut cell = endpoint(&fe.address, fe.port);
+    if fe.scope == Scope::External {
+        cell.push_str(" (ext)");
+    }
+    cell
+}
+
 pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
-    check_pin_dir_exists(pin_dir)?;
     let maps = KernelMaps::open_pinned(pin_dir)?;
     let snapshot = maps.snapshot()?;
-    let listed = frontends(&snapshot);
+    let daemon = status::fetch(pin_dir);
+    let listed = frontends(&snapshot, daemon.as_ref());
+    let attached = datapath::attached_programs(pin_dir);
     let mut out = std::io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, &listed)?;
@@ -108,11 +220,13 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
     }
     writeln!(
         out,
-        "{:<28} {:<5} {:<34} {:>10} {:>8}  BACKENDS (connections)",
+        "{:<34} {:<5} {:<34} {:>10} {:>8}  BACKENDS (connections)",
         "FRONTEND", "PROTO", "SERVICE", "TRANSLATED", "REFUSED"
     )?;
     for fe in &listed {
-        let backends = if fe.backends.is_empty() {
+        let backends = if let Some(reason) = fe.not_programmed.as_ref().filter(|_| fe.id == 0) {
+            format!("NOT PROGRAMMED: {reason}")
+        } else if fe.backends.is_empty() {
             "(none: connections refused)".to_string()
         } else {
             fe.backends
@@ -123,14 +237,44 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
         };
         writeln!(
             out,
-            "{:<28} {:<5} {:<34} {:>10} {:>8}  {}",
-            endpoint(&fe.address, fe.port),
+            "{:<34} {:<5} {:<34} {:>10} {:>8}  {}",
+            frontend_cell(fe),
             fe.protocol,
             fe.service,
             fe.counters.translated,
             fe.counters.refused,
             backends
         )?;
+        let mut notes = Vec::new();
+        if let Some(timeout) = fe.affinity_timeout {
+            notes.push(format!("sessionAffinity ClientIP {timeout}s"));
+        }
+        if fe.policy != "Cluster" {
+            notes.push(format!("traffic policy {}", fe.policy));
+        }
+        if fe.topology != "none" {
+            notes.push(format!("topology {}", fe.topology));
+        }
+        if let Some(reason) = fe.not_programmed.as_ref().filter(|_| fe.id != 0) {
+            notes.push(format!("update not programmed ({reason}); serving the previous version"));
+        }
+        if !fe.excluded.is_empty() {
+            let excluded: Vec<String> = fe
+                .excluded
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{} ({})",
+                        endpoint(e["address"].as_str().unwrap_or(""), e["port"].as_u64().unwrap_or(0) as u16),
+                        e["reason"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            notes.push(format!("excluded: {}", excluded.join(", ")));
+        }
+        if !notes.is_empty() {
+            writeln!(out, "    {}", notes.join("; "))?;
+        }
     }
     writeln!(out)?;
     let counters: Vec<String> = snapshot
@@ -143,16 +287,47 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
     writeln!(
         out,
         "{} frontends, {} backends, {} tracked sockets; datapath counters: {}",
-        listed.len(),
+        snapshot.frontends.len(),
         snapshot.backends.len(),
         snapshot.sock_revnat_entries,
         counters.join(" ")
     )?;
-    if !snapshot.orphan_slots.is_empty() {
+    match attached {
+        0 => writeln!(
+            out,
+            "NO PROGRAM ATTACHED: the maps are pinned but nothing uses them, so nothing is \
+             balanced. A daemon attaches its programs after its first sync (see its log); \
+             `lb cleanup --pin-dir {}` removes a datapath that will not come back.",
+            pin_dir.display()
+        )?,
+        n => writeln!(out, "datapath: {n} programs attached through pinned links")?,
+    }
+    match (&daemon, datapath::lock_holder(pin_dir)) {
+        (Some(d), _) => writeln!(
+            out,
+            "daemon: pid {}, node {}, source {}{}",
+            d["pid"],
+            d["node"].as_str().unwrap_or(""),
+            d["source"].as_str().unwrap_or(""),
+            if d["ready"] == true { ", ready" } else { ", not ready yet (first sync pending)" }
+        )?,
+        (None, Some(pid)) => writeln!(out, "daemon: pid {pid} holds the pin directory (its status socket does not answer)")?,
+        (None, None) => writeln!(
+            out,
+            "daemon: none running; the datapath keeps serving what it was last given"
+        )?,
+    }
+    let unprogrammed = listed.iter().filter(|f| f.not_programmed.is_some()).count();
+    if unprogrammed > 0 {
+        writeln!(out, "{unprogrammed} frontends do not fit the maps (see NOT PROGRAMMED above)")?;
+    }
+    if !snapshot.orphan_slots.is_empty() || !snapshot.unreferenced_backends.is_empty() {
         writeln!(
             out,
-            "{} orphan slot entries (left by an interrupted update; the daemon removes them)",
-            snapshot.orphan_slots.len()
+            "drift: {} slot entries without a frontend, {} backends no frontend points at \
+             (left by an interrupted update; the daemon's next resync removes them)",
+            snapshot.orphan_slots.len(),
+            snapshot.unreferenced_backends.len()
         )?;
     }
     Ok(())

@@ -41,9 +41,14 @@ enum Command {
         json: bool,
     },
     /// Detach a datapath and remove its pins (it survives daemon exits otherwise).
+    /// Refused while a daemon uses the pin directory.
     Cleanup {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Remove the pins even though a daemon runs (it is not stopped: it keeps its
+        /// maps open, but no program of it stays attached).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -89,6 +94,18 @@ struct DaemonArgs {
     /// Seconds between safety-net rescans of the manifest folder.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     rescan_interval: u64,
+    /// Frontends (address, port, protocol, scope) the maps hold.
+    #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_FRONTENDS)]
+    max_frontends: u32,
+    /// Distinct backends (pod address, port, protocol) the maps hold.
+    #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_BACKENDS)]
+    max_backends: u32,
+    /// LB_SERVICES entries: one per frontend plus one per backend of each frontend.
+    #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_SERVICE_ENTRIES)]
+    max_service_entries: u32,
+    /// Sockets remembered for reverse translation and stale-socket termination.
+    #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_SOCKETS)]
+    max_sockets: u32,
 }
 
 fn init_logging(level: &str) {
@@ -131,7 +148,27 @@ fn node_name(flag: Option<String>) -> Result<String> {
     Ok(name)
 }
 
+fn capacities(args: &DaemonArgs) -> Result<datapath::Capacities> {
+    for (flag, value) in [
+        ("max-frontends", args.max_frontends),
+        ("max-backends", args.max_backends),
+        ("max-service-entries", args.max_service_entries),
+        ("max-sockets", args.max_sockets),
+    ] {
+        if !(16..=1 << 26).contains(&value) {
+            bail!("--{flag} {value} is out of range (16 to {})", 1u32 << 26);
+        }
+    }
+    Ok(datapath::Capacities {
+        frontends: args.max_frontends,
+        backends: args.max_backends,
+        service_entries: args.max_service_entries,
+        sockets: args.max_sockets,
+    })
+}
+
 fn daemon(args: DaemonArgs) -> Result<()> {
+    let capacities = capacities(&args)?;
     let cgroup = match args.cgroup {
         Some(path) => path,
         None => datapath::cgroup2_root()?,
@@ -150,6 +187,7 @@ fn daemon(args: DaemonArgs) -> Result<()> {
         datapath: DatapathOptions {
             cgroup,
             pin_dir: args.pin_dir,
+            capacities,
         },
         detach_on_exit: args.detach_on_exit,
         node_name: node_name(args.node_name)?,
@@ -169,10 +207,27 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Daemon(args) => daemon(args),
         Command::List { pin_dir, json } => list::run(&pin_dir, json),
-        Command::Cleanup { pin_dir } => {
+        Command::Cleanup { pin_dir, force } => {
             datapath::check_root()?;
+            let holder = datapath::lock_holder(&pin_dir);
+            if let Some(pid) = holder
+                && !force
+            {
+                bail!(
+                    "lb daemon (pid {pid}) is using {}: stop it first (the datapath stays \
+                     pinned when it exits), then run lb cleanup again; --force removes the pins \
+                     anyway",
+                    pin_dir.display()
+                );
+            }
             datapath::cleanup(&pin_dir)?;
             eprintln!("removed the datapath pinned at {}", pin_dir.display());
+            if let Some(pid) = holder {
+                eprintln!(
+                    "lb daemon (pid {pid}) still runs: it was not stopped, keeps its maps open, \
+                     and has no program attached any more (restarting it attaches a new datapath)"
+                );
+            }
             Ok(())
         }
     }

@@ -241,6 +241,8 @@ fn run_task(manifests: Option<PathBuf>, daemon_args: Vec<String>) -> Result<()> 
         tb.cgroup().display().to_string(),
         "--pin-dir".to_string(),
         pin_dir.clone(),
+        // The sandbox goes away with the demo; nothing must stay attached.
+        "--detach-on-exit".to_string(),
     ];
     args.extend(daemon_args);
     let daemon = DaemonProcess::start(&lb, &args)?;
@@ -315,8 +317,9 @@ fn run_task(manifests: Option<PathBuf>, daemon_args: Vec<String>) -> Result<()> 
          \x20 cargo xtask client dig @{DNS_CLUSTER_IP} whoami.test\n\
          \x20 cargo xtask client            # a shell in the web pod, balanced like a real pod\n\
          \x20 target/debug/lb list --pin-dir {pin_dir}\n\
-         \x20 bpftool map dump pinned {pin_dir}/LB_SERVICES\n\
-         Edit examples/manifests/*.yaml and watch the daemon apply it. Ctrl-C stops and removes the sandbox."
+         \x20 bpftool map dump pinned {pin_dir}/v{layout}/LB_SERVICES\n\
+         Edit examples/manifests/*.yaml and watch the daemon apply it. Ctrl-C stops and removes the sandbox.",
+        layout = lb_common::LAYOUT_VERSION
     );
     while !stop.load(Ordering::SeqCst) {
         thread::sleep(Duration::from_millis(100));

@@ -25,11 +25,11 @@ use std::{
 use anyhow::{Result, anyhow};
 use tracing::{debug, error, info, warn};
 
-use super::{http::Health, metrics::Metrics};
+use super::{http::Health, metrics::Metrics, status::StatusBoard};
 use crate::{
     datapath::{Datapath, KernelMaps, sockets},
     model::{Changes, Frontend, FrontendKey, Model, NodeContext, NodeSpec, Protocol},
-    reconcile::{ApplyStats, GoneBackend, Reconciler},
+    reconcile::{ApplyStats, GoneBackend, Limits, Reconciler},
     source::{Event, Kind, Object},
     warnings::Summary,
 };
@@ -56,11 +56,13 @@ impl From<anyhow::Error> for SyncError {
 pub struct Controller {
     pub model: Model,
     pub reconciler: Reconciler,
+    limits: Limits,
     pub maps: KernelMaps,
     pub datapath: Datapath,
     pub node_name: String,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    board: StatusBoard,
     pub stop: Arc<AtomicBool>,
     /// Kinds the source announces; the first sync waits for all of them.
     pub kinds: BTreeSet<Kind>,
@@ -81,19 +83,23 @@ impl Controller {
     pub fn new(
         maps: KernelMaps,
         datapath: Datapath,
+        limits: Limits,
         node_name: String,
         health: Arc<Health>,
         metrics: Arc<Metrics>,
+        board: StatusBoard,
         stop: Arc<AtomicBool>,
     ) -> Self {
         Self {
             model: Model::default(),
-            reconciler: Reconciler::new(),
+            reconciler: Reconciler::new(limits),
+            limits,
             maps,
             datapath,
             node_name,
             health,
             metrics,
+            board,
             stop,
             kinds: Kind::ALL.into_iter().collect(),
             node: None,
@@ -279,10 +285,16 @@ impl Controller {
                 "services updated"
             );
         }
+        sizes.unprogrammed.store(
+            self.reconciler.unprogrammed().len() as u64,
+            Ordering::Relaxed,
+        );
+        self.report_capacity(&stats);
         self.terminate_gone(&stats.gone);
         if !self.initialized {
             self.initialized = true;
             self.health.set_ready();
+            self.board.set_ready();
             release_freed_memory();
             info!(
                 services = self.model.service_count(),
@@ -316,7 +328,10 @@ impl Controller {
 
     fn incremental_sync(&mut self) -> Result<ApplyStats, SyncError> {
         let changes = self.recompute()?;
-        self.apply_chunked(changes.frontends)
+        let result = self.apply_chunked(changes.frontends.clone());
+        self.board
+            .update(&changes.frontends, self.reconciler.unprogrammed());
+        result
     }
 
     /// Rebuilds the reconciler from the kernel's maps and writes what differs from the
@@ -324,9 +339,17 @@ impl Controller {
     fn full_sync(&mut self) -> Result<ApplyStats, SyncError> {
         self.recompute()?;
         let (services, backends, names) = self.maps.raw_entries()?;
-        self.reconciler = Reconciler::adopt(services, backends, names);
+        self.reconciler = Reconciler::adopt(self.limits, services, backends, names);
         let diff = self.reconciler.diff_all(self.model.frontends());
-        let stats = self.apply_chunked(diff)?;
+        let stats = self.apply_chunked(diff);
+        let everything: BTreeMap<FrontendKey, Option<Arc<Frontend>>> = self
+            .model
+            .frontends()
+            .iter()
+            .map(|(key, frontend)| (*key, Some(frontend.clone())))
+            .collect();
+        self.board.reset(&everything, self.reconciler.unprogrammed());
+        let stats = stats?;
         if !self.datapath.is_active() {
             self.datapath.activate().map_err(SyncError::Failed)?;
         }
@@ -334,8 +357,21 @@ impl Controller {
     }
 
     /// Applies changes in chunks (removals first, so space frees before additions),
-    /// checking the stop flag between chunks.
+    /// checking the stop flag between chunks; then, if space was freed, tries again
+    /// the frontends that did not fit before.
     fn apply_chunked(
+        &mut self,
+        changes: BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
+    ) -> Result<ApplyStats, SyncError> {
+        let mut stats = self.apply_chunks(changes)?;
+        if stats.freed_space() && !self.reconciler.unprogrammed().is_empty() {
+            let retry = self.apply_chunks(self.reconciler.pending())?;
+            stats.absorb(retry);
+        }
+        Ok(stats)
+    }
+
+    fn apply_chunks(
         &mut self,
         changes: BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
     ) -> Result<ApplyStats, SyncError> {
@@ -358,6 +394,37 @@ impl Controller {
             total.absorb(stats);
         }
         Ok(total)
+    }
+
+    /// Says which frontends did not fit the maps (and which fit now).
+    fn report_capacity(&self, stats: &ApplyStats) {
+        let mut summary = Summary::default();
+        let unprogrammed = self.reconciler.unprogrammed();
+        for (key, shortage) in &stats.unprogrammed {
+            let Some((frontend, _)) = unprogrammed.get(key) else {
+                continue;
+            };
+            let what = if self.reconciler.is_programmed(key) {
+                "update not programmed (the previous version keeps serving)"
+            } else {
+                "not programmed"
+            };
+            summary.warn(
+                Some("capacity"),
+                &format!(
+                    "Service {}: {key}: {what}: {shortage}; retried when space frees up",
+                    frontend.service
+                ),
+            );
+        }
+        summary.finish();
+        if !stats.now_programmed.is_empty() {
+            info!(
+                frontends = stats.now_programmed.len(),
+                still_waiting = unprogrammed.len(),
+                "frontends that did not fit are programmed now"
+            );
+        }
     }
 
     /// Ends sockets still connected to backends that left their Service (after the maps

@@ -235,9 +235,14 @@ impl Metrics {
     }
 
     /// Adds the scrape-time series (datapath counters from `pin_dir`, API errors).
-    pub fn with_live(mut self, pin_dir: &Path, api: Option<Arc<ApiStatus>>) -> Self {
+    pub fn with_live(
+        mut self,
+        pin_dir: &Path,
+        capacities: &crate::datapath::Capacities,
+        api: Option<Arc<ApiStatus>>,
+    ) -> Self {
         let stats = StatsReader::open(pin_dir).ok();
-        let capacities = crate::datapath::capacities(pin_dir);
+        let capacities = crate::datapath::capacities(capacities);
         self.registry.register_collector(Box::new(Live {
             stats,
             api,
@@ -279,7 +284,11 @@ mod tests {
         metrics.service_changes.inc_by(3);
         metrics.sync_duration.observe(0.02);
         metrics.sizes.frontends.store(7, Ordering::Relaxed);
-        let metrics = metrics.with_live(Path::new("/nonexistent"), None);
+        let metrics = metrics.with_live(
+            Path::new("/nonexistent"),
+            &crate::datapath::Capacities::default(),
+            None,
+        );
         let text = metrics.encode();
         let scrape =
             prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();

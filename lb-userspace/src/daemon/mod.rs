@@ -9,6 +9,7 @@
 mod controller;
 mod http;
 mod metrics;
+pub mod status;
 
 use std::{
     net::SocketAddr,
@@ -92,18 +93,31 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         }
         (SourceOptions::Kubernetes { .. }, None) => unreachable!("client built above"),
     };
-    let metrics = Arc::new(Metrics::new().with_live(&options.datapath.pin_dir, api));
+    let metrics = Arc::new(Metrics::new().with_live(
+        &options.datapath.pin_dir,
+        &options.datapath.capacities,
+        api,
+    ));
     if let Some(addr) = options.metrics_addr {
         http::serve_metrics(addr, metrics.clone(), health.clone()).await?;
     }
+
+    let source_name = match &options.source {
+        SourceOptions::Manifests { dir, .. } => format!("manifests {}", dir.display()),
+        SourceOptions::Kubernetes { .. } => "kubernetes".to_string(),
+    };
+    let board = status::StatusBoard::new(&options.node_name, &source_name);
+    status::serve(&options.datapath.pin_dir, board.clone()).await?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let controller = Controller::new(
         maps,
         datapath,
+        options.datapath.capacities.limits(),
         options.node_name.clone(),
         health,
         metrics,
+        board,
         stop.clone(),
     );
     let sync = std::thread::Builder::new()

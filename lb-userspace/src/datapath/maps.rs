@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    mem::size_of,
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::Path,
 };
@@ -10,13 +11,13 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, Pod,
-    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
-    Backend, FrontendName, FrontendStats, MAX_BACKENDS, MAX_FRONTENDS, SERVICE_MAP_SIZE,
-    SOCK_REVNAT_SIZE, ServiceKey, ServiceValue, SockRevKey, SockRevValue, map_names, stat,
+    Backend, FrontendName, FrontendStats, MapDef, ServiceKey, ServiceValue, SockRevKey,
+    SockRevValue, map_names, maps, stat,
 };
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::batch;
 
@@ -46,6 +47,9 @@ pub struct MapSnapshot {
     pub stats: Vec<u64>,
     /// Slot entries whose frontend is missing (left over by an interrupted update).
     pub orphan_slots: Vec<ServiceKey>,
+    /// Backends no frontend's slots point at (drift; the daemon's next resync removes
+    /// them).
+    pub unreferenced_backends: Vec<u32>,
     /// Number of live reverse-translation entries.
     pub sock_revnat_entries: usize,
 }
@@ -88,7 +92,8 @@ impl KernelMaps {
 
     /// Opens the maps pinned by a running (or kept) daemon.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        Self::from_maps(|name| open_pinned(pin_dir, name))
+        let dir = super::pins::readable_dir(pin_dir)?;
+        Self::from_maps(|name| open_pinned(&dir, name))
     }
 
     fn from_maps(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
@@ -171,7 +176,7 @@ impl KernelMaps {
                 None => orphan_slots.push(key),
             }
         }
-        let backends = backends
+        let backends: BTreeMap<u32, SnapshotBackend> = backends
             .into_iter()
             .map(|(id, backend)| {
                 let connections = self.backend_stats.get(&id, 0).unwrap_or(0);
@@ -185,7 +190,7 @@ impl KernelMaps {
             })
             .collect();
 
-        let frontends = frontends
+        let frontends: Vec<SnapshotFrontend> = frontends
             .into_iter()
             .map(|(key, (value, by_slot))| {
                 let count = value.count;
@@ -218,12 +223,22 @@ impl KernelMaps {
             })
             .collect();
         let sock_revnat_entries = self.sock_revnat.keys().filter(Result::is_ok).count();
+        let referenced: std::collections::BTreeSet<u32> = frontends
+            .iter()
+            .flat_map(|f: &SnapshotFrontend| f.slots.iter().flatten().copied())
+            .collect();
+        let unreferenced_backends = backends
+            .keys()
+            .filter(|id| !referenced.contains(id))
+            .copied()
+            .collect();
 
         Ok(MapSnapshot {
             frontends,
             backends,
             stats,
             orphan_slots,
+            unreferenced_backends,
             sock_revnat_entries,
         })
     }
@@ -261,8 +276,9 @@ impl KernelMaps {
         if entries.is_empty() {
             return Ok(());
         }
+        let fd = self.checked_fd(which, size_of::<K>(), Some(size_of::<V>()))?;
         if self.batch_ops {
-            match batch::update(self.fd(which), entries) {
+            match batch::update(fd, entries) {
                 Ok(()) => return Ok(()),
                 Err(err) if batch::unsupported(&err) => {
                     debug!("batched map updates unavailable ({err}); writing one entry at a time");
@@ -285,6 +301,7 @@ impl KernelMaps {
         if keys.is_empty() {
             return Ok(());
         }
+        self.checked_fd(which, size_of::<K>(), None)?;
         if self.batch_ops {
             match batch::delete(self.fd(which), keys) {
                 Ok(()) => return Ok(()),
@@ -305,6 +322,29 @@ impl KernelMaps {
         Ok(())
     }
 
+    /// The map's descriptor, after checking that `K` and `V` are its key and value
+    /// types' sizes: the raw batch calls trust the sizes, so a mismatch would make the
+    /// kernel read past the buffers.
+    /// (`value_size` is `None` for deletes.)
+    fn checked_fd(
+        &self,
+        which: MapFdKind,
+        key_size: usize,
+        value_size: Option<usize>,
+    ) -> Result<BorrowedFd<'_>> {
+        let def = which.def();
+        let value_size = value_size.unwrap_or(def.value_size as usize);
+        if key_size != def.key_size as usize || value_size != def.value_size as usize {
+            anyhow::bail!(
+                "{}: {key_size}-byte keys and {value_size}-byte values used on a map of {} and {}",
+                def.name,
+                def.key_size,
+                def.value_size
+            );
+        }
+        Ok(self.fd(which))
+    }
+
     fn fd(&self, which: MapFdKind) -> BorrowedFd<'_> {
         match which {
             MapFdKind::Services => self.fds.services.as_fd(),
@@ -317,12 +357,16 @@ impl KernelMaps {
 
     /// Single-element fallback through the syscall aya would make.
     fn put_one<K: Pod, V: Pod>(&mut self, which: MapFdKind, key: &K, value: &V) -> Result<()> {
-        batch::update_one(self.fd(which), key, value)
+        batch::update_one(
+            self.checked_fd(which, size_of::<K>(), Some(size_of::<V>()))?,
+            key,
+            value,
+        )
             .with_context(|| format!("writing an entry to {which:?}"))
     }
 
     fn delete_one<K: Pod>(&mut self, which: MapFdKind, key: &K) -> Result<()> {
-        match batch::delete_one(self.fd(which), key) {
+        match batch::delete_one(self.checked_fd(which, size_of::<K>(), None)?, key) {
             Err(err) if err.raw_os_error() != Some(libc::ENOENT) => {
                 Err(err).with_context(|| format!("deleting an entry from {which:?}"))
             }
@@ -339,6 +383,18 @@ enum MapFdKind {
     FrontendStats,
     BackendStats,
     FrontendNames,
+}
+
+impl MapFdKind {
+    fn def(self) -> &'static MapDef {
+        match self {
+            Self::Services => &maps::SERVICES,
+            Self::Backends => &maps::BACKENDS,
+            Self::FrontendStats => &maps::FRONTEND_STATS,
+            Self::BackendStats => &maps::BACKEND_STATS,
+            Self::FrontendNames => &maps::FRONTEND_NAMES,
+        }
+    }
 }
 
 /// Duplicated descriptors of the maps the reconciler writes (aya's typed maps do not
@@ -402,88 +458,4 @@ impl MapSet for KernelMaps {
     fn delete_frontend_names(&mut self, svc_ids: &[u32]) -> Result<()> {
         self.delete_batch(MapFdKind::FrontendNames, svc_ids)
     }
-}
-
-/// The maps the object declares, as the kernel describes them once created. A pin left
-/// by another build with a different layout cannot be adopted: it is removed (the
-/// daemon then rebuilds the tables from its source) rather than misread.
-pub fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 7] {
-    use std::mem::size_of;
-    [
-        (
-            map_names::SERVICES,
-            MapType::Hash,
-            size_of::<ServiceKey>(),
-            size_of::<ServiceValue>(),
-            SERVICE_MAP_SIZE,
-        ),
-        (
-            map_names::BACKENDS,
-            MapType::Hash,
-            size_of::<u32>(),
-            size_of::<Backend>(),
-            MAX_BACKENDS,
-        ),
-        (
-            map_names::SOCK_REVNAT,
-            MapType::LruHash,
-            size_of::<SockRevKey>(),
-            size_of::<SockRevValue>(),
-            SOCK_REVNAT_SIZE,
-        ),
-        (
-            map_names::STATS,
-            MapType::PerCpuArray,
-            size_of::<u32>(),
-            size_of::<u64>(),
-            stat::COUNT,
-        ),
-        (
-            map_names::FRONTEND_STATS,
-            MapType::Array,
-            size_of::<u32>(),
-            size_of::<FrontendStats>(),
-            MAX_FRONTENDS,
-        ),
-        (
-            map_names::BACKEND_STATS,
-            MapType::Array,
-            size_of::<u32>(),
-            size_of::<u64>(),
-            MAX_BACKENDS,
-        ),
-        (
-            map_names::FRONTEND_NAMES,
-            MapType::Hash,
-            size_of::<u32>(),
-            size_of::<FrontendName>(),
-            MAX_FRONTENDS,
-        ),
-    ]
-}
-
-pub fn drop_incompatible_pins(pin_dir: &Path) -> Result<()> {
-    for (name, map_type, key_size, value_size, max_entries) in expected_maps() {
-        let path = pin_dir.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let compatible = match MapInfo::from_pin(&path) {
-            Ok(info) => {
-                info.map_type().ok() == Some(map_type)
-                    && info.key_size() as usize == key_size
-                    && info.value_size() as usize == value_size
-                    && info.max_entries() == max_entries
-            }
-            Err(_) => false,
-        };
-        if !compatible {
-            warn!(
-                map = %path.display(),
-                "pinned map has a different layout (left by another version); replacing it"
-            );
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        }
-    }
-    Ok(())
 }

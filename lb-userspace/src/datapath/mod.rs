@@ -11,6 +11,7 @@
 mod batch;
 mod links;
 mod maps;
+pub mod pins;
 pub mod sockets;
 mod sys;
 
@@ -31,6 +32,7 @@ use tracing::{info, warn};
 
 pub use self::{
     maps::{KernelMaps, MapSnapshot},
+    pins::Capacities,
     sys::{bpffs_prepare, cgroup2_root, check_root},
 };
 
@@ -59,6 +61,7 @@ pub struct DatapathOptions {
     pub cgroup: PathBuf,
     /// bpffs directory for pinned maps and links.
     pub pin_dir: PathBuf,
+    pub capacities: Capacities,
 }
 
 /// A loaded datapath: programs verified, maps pinned (adopted if they were already).
@@ -66,6 +69,7 @@ pub struct DatapathOptions {
 pub struct Datapath {
     ebpf: Ebpf,
     options: DatapathOptions,
+    layout: pins::Layout,
     active: bool,
     /// Held while this daemon owns the pin directory.
     _instance_lock: fs::File,
@@ -89,12 +93,13 @@ impl Datapath {
             }
         };
         let loaded = (|| {
-            maps::drop_incompatible_pins(&options.pin_dir)?;
-            let ebpf = load_object(&options.pin_dir)?;
-            info!(pin_dir = %options.pin_dir.display(), "datapath loaded");
+            let layout = pins::prepare(&options.pin_dir, &options.capacities)?;
+            let ebpf = load_object(&layout.dir, &options.capacities)?;
+            info!(maps = %layout.dir.display(), "datapath loaded");
             Ok(Self {
                 ebpf,
                 options: options.clone(),
+                layout,
                 active: false,
                 _instance_lock: instance_lock,
             })
@@ -179,6 +184,8 @@ impl Datapath {
             links_attached = attached,
             "datapath attached"
         );
+        // Nothing uses the old maps any more.
+        pins::finish(&self.options.pin_dir, &mut self.layout)?;
         Ok(())
     }
 
@@ -225,7 +232,7 @@ impl Datapath {
     }
 }
 
-fn load_object(pin_dir: &Path) -> Result<Ebpf> {
+fn load_object(maps_dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
     let has_set_retval = sys::probe_set_retval();
     if !has_set_retval {
         warn!(
@@ -234,11 +241,21 @@ fn load_object(pin_dir: &Path) -> Result<Ebpf> {
         );
     }
     let flag = u8::from(has_set_retval);
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
-        .override_global("LB_CONFIG_HAS_SET_RETVAL", &flag, true)
-        .load(OBJECT)
-        .context("loading the eBPF object")?;
+    let mut loader = EbpfLoader::new();
+    loader
+        .default_map_pin_directory(maps_dir)
+        .override_global("LB_CONFIG_HAS_SET_RETVAL", &flag, true);
+    for def in &lb_common::maps::ALL {
+        loader.map_max_entries(def.name, capacities.entries(def));
+    }
+    let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+    // aya reuses a pinned map without looking at it: make sure every map (adopted or
+    // created) is what this build declares.
+    for def in &lb_common::maps::ALL {
+        if let Some(why) = pins::mismatch(&maps_dir.join(def.name), def, capacities.entries(def)) {
+            bail!("the map pinned at {} is not what this build expects: {why}", maps_dir.display());
+        }
+    }
     for name in PROGRAMS {
         let program: &mut CgroupSockAddr = ebpf
             .program_mut(name)
@@ -251,17 +268,26 @@ fn load_object(pin_dir: &Path) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Removes every pin under `pin_dir` (maps and links) and the directory itself.
+/// Removes every pin under `pin_dir` (links first, so the programs detach before
+/// their maps go; then every map set) and the directory itself.
 fn unpin_all(pin_dir: &Path) -> Result<()> {
     if !pin_dir.exists() {
         return Ok(());
     }
     let links_dir = pin_dir.join(LINKS_DIR);
-    if links_dir.exists() {
-        for entry in fs::read_dir(&links_dir)? {
-            fs::remove_file(entry?.path())?;
+    let mut dirs = vec![links_dir.clone()];
+    dirs.extend(
+        fs::read_dir(pin_dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && *p != links_dir),
+    );
+    for dir in dirs.iter().filter(|d| d.exists()) {
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
         }
-        fs::remove_dir(&links_dir)?;
+        fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     for entry in fs::read_dir(pin_dir)? {
         let path = entry?.path();
@@ -278,16 +304,22 @@ pub fn cleanup(pin_dir: &Path) -> Result<()> {
     unpin_all(pin_dir)
 }
 
-pub fn check_pin_dir_exists(pin_dir: &Path) -> Result<()> {
-    if !pin_dir.join(map_names::SERVICES).exists() {
-        bail!(
-            "no datapath pinned at {} (is `lb daemon` running with --pin-dir {}?)",
-            pin_dir.display(),
-            pin_dir.display()
-        );
-    }
-    Ok(())
+/// How many pinned links of `pin_dir` attach a program.
+pub fn attached_programs(pin_dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(pin_dir.join(LINKS_DIR)) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            links::open_pinned(&e.path())
+                .and_then(|fd| links::link_info(std::os::fd::AsFd::as_fd(&fd)))
+                .is_ok_and(|info| info.prog_id != 0)
+        })
+        .count()
 }
+
+pub use sys::lock_holder;
 
 /// Reads the global decision counters (`LB_STATS`) from the pins, for metrics.
 pub struct StatsReader {
@@ -302,7 +334,7 @@ impl std::fmt::Debug for StatsReader {
 
 impl StatsReader {
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let data = MapData::from_pin(pin_dir.join(map_names::STATS))?;
+        let data = MapData::from_pin(pins::readable_dir(pin_dir)?.join(map_names::STATS))?;
         Ok(Self {
             stats: Map::from_map_data(data)?.try_into()?,
         })
@@ -320,13 +352,10 @@ impl StatsReader {
     }
 }
 
-/// `max_entries` of every pinned map, for metrics.
-pub fn capacities(pin_dir: &Path) -> Vec<(String, u64)> {
-    maps::expected_maps()
+/// `max_entries` of every map under `capacities`, for metrics.
+pub fn capacities(capacities: &Capacities) -> Vec<(String, u64)> {
+    lb_common::maps::ALL
         .iter()
-        .filter_map(|(name, ..)| {
-            let info = aya::maps::MapInfo::from_pin(pin_dir.join(name)).ok()?;
-            Some((name.to_string(), info.max_entries() as u64))
-        })
+        .map(|def| (def.name.to_string(), capacities.entries(def) as u64))
         .collect()
 }

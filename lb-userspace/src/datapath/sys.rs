@@ -116,6 +116,23 @@ pub fn lock_pin_dir(pin_dir: &Path) -> Result<fs::File> {
     Ok(dir)
 }
 
+/// The pid of the process holding `pin_dir`'s lock (a running daemon), from
+/// /proc/locks. Read-only: taking the lock to test it could make a starting daemon fail.
+pub fn lock_holder(pin_dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(pin_dir).ok()?;
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&"FLOCK") {
+            return None;
+        }
+        let inode = fields.get(5)?.rsplit(':').next()?.parse::<u64>().ok()?;
+        (inode == meta.ino()).then(|| fields.get(4)?.parse().ok())?
+    })
+}
+
 /// Makes sure `pin_dir` can hold pins: its bpffs is mounted (mounting /sys/fs/bpf when
 /// absent) and the directory exists.
 pub fn bpffs_prepare(pin_dir: &Path) -> Result<()> {

@@ -23,7 +23,10 @@ use std::{
 };
 
 pub use self::{
-    frontends::{BackendAddr, Frontend, FrontendKey, NodeContext, Scope, service_frontends},
+    endpoints::{Exclusion, Topology},
+    frontends::{
+        BackendAddr, Frontend, FrontendKey, FrontendKind, NodeContext, Scope, service_frontends,
+    },
     spec::{NodeSpec, ObjectRef, Protocol, ServiceSpec, SliceSpec},
 };
 

@@ -22,14 +22,18 @@ use std::{
     sync::Arc,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::Result;
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS,
-    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, addr_from_ip,
-    addr_to_ip, port_from_net, port_to_net,
+    BACKEND_F_LOCAL, Backend, MAX_BACKENDS_PER_FRONTEND, SVC_F_AFFINITY, SVC_F_LOCAL,
+    SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, addr_from_ip, addr_to_ip, maps,
+    port_from_net, port_to_net,
 };
 
+use self::{ids::IdAllocator, layout::layout};
 use crate::model::{BackendAddr, Frontend, FrontendKey, Protocol, Scope};
+
+mod ids;
+mod layout;
 
 /// The map operations the reconciler needs; the kernel maps implement it, and so does
 /// an in-memory map set in tests. Each call is a batch applied element by element, in
@@ -101,64 +105,6 @@ impl FrontendAttrs {
     }
 }
 
-/// Round-robin id allocator over `1..limit`.
-#[derive(Debug)]
-struct IdAllocator {
-    used: Vec<bool>,
-    next: u32,
-    in_use: u32,
-}
-
-impl IdAllocator {
-    fn new(limit: u32) -> Self {
-        Self {
-            used: vec![false; limit as usize],
-            next: 1,
-            in_use: 0,
-        }
-    }
-
-    fn allocate(&mut self) -> Option<u32> {
-        let limit = self.used.len() as u32;
-        if self.in_use + 1 >= limit {
-            return None;
-        }
-        loop {
-            let id = self.next;
-            self.next = if id + 1 >= limit { 1 } else { id + 1 };
-            if !self.used[id as usize] {
-                self.used[id as usize] = true;
-                self.in_use += 1;
-                return Some(id);
-            }
-        }
-    }
-
-    /// Marks an id found in the kernel as taken. Returns false if it is out of range or
-    /// already taken.
-    fn claim(&mut self, id: u32) -> bool {
-        match self.used.get_mut(id as usize) {
-            Some(slot) if id != 0 && !*slot => {
-                *slot = true;
-                self.in_use += 1;
-                self.next = self.next.max(id + 1) % self.used.len() as u32;
-                self.next = self.next.max(1);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn release(&mut self, id: u32) {
-        if let Some(slot) = self.used.get_mut(id as usize)
-            && *slot
-        {
-            *slot = false;
-            self.in_use -= 1;
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Programmed {
     svc_id: u32,
@@ -185,10 +131,21 @@ pub struct GoneBackend {
     pub backend: BackendIdentity,
 }
 
+/// What an apply has admitted so far.
+#[derive(Debug, Default)]
+struct Budget {
+    frontend_ids: usize,
+    service_entries: usize,
+}
+
 /// What one [`Reconciler::apply`] wrote.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyStats {
     pub gone: Vec<GoneBackend>,
+    /// Frontends (or updates of them) that did not fit, and why.
+    pub unprogrammed: Vec<(FrontendKey, Shortage)>,
+    /// Frontends that had not fit before and are programmed now.
+    pub now_programmed: Vec<FrontendKey>,
     pub frontends_written: usize,
     pub frontends_deleted: usize,
     pub slots_written: usize,
@@ -201,12 +158,19 @@ impl ApplyStats {
     /// Adds another apply's stats (chunked syncs).
     pub fn absorb(&mut self, other: ApplyStats) {
         self.gone.extend(other.gone);
+        self.unprogrammed.extend(other.unprogrammed);
+        self.now_programmed.extend(other.now_programmed);
         self.frontends_written += other.frontends_written;
         self.frontends_deleted += other.frontends_deleted;
         self.slots_written += other.slots_written;
         self.slots_deleted += other.slots_deleted;
         self.backends_written += other.backends_written;
         self.backends_deleted += other.backends_deleted;
+    }
+
+    /// Whether anything was deleted (space for frontends that did not fit).
+    pub fn freed_space(&self) -> bool {
+        self.frontends_deleted + self.slots_deleted + self.backends_deleted > 0
     }
 
     pub fn writes(&self) -> usize {
@@ -222,19 +186,70 @@ impl ApplyStats {
 /// What the kernel holds, as far as the reconciler knows.
 #[derive(Debug)]
 pub struct Reconciler {
+    limits: Limits,
     frontends: BTreeMap<FrontendKey, Programmed>,
     backends: HashMap<BackendIdentity, BackendEntry>,
     backend_by_id: HashMap<u32, BackendIdentity>,
     svc_ids: IdAllocator,
     backend_ids: IdAllocator,
+    /// LB_SERVICES entries in use (frontend entries plus slots).
+    service_entries: usize,
+    /// Frontends that did not fit, with what they lacked; retried by
+    /// [`Reconciler::pending`] once space frees up.
+    unprogrammed: BTreeMap<FrontendKey, (Arc<Frontend>, Shortage)>,
     /// Entries found in the kernel that nothing references (cleaned on next apply).
     garbage_slots: Vec<ServiceKey>,
     garbage_backends: Vec<u32>,
 }
 
+/// How much the kernel maps hold (their `max_entries`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Frontend ids are `1..frontends` (LB_FRONTEND_STATS has this many entries).
+    pub frontends: u32,
+    /// Backend ids are `1..backends`.
+    pub backends: u32,
+    /// LB_SERVICES entries.
+    pub service_entries: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            frontends: maps::DEFAULT_FRONTENDS,
+            backends: maps::DEFAULT_BACKENDS,
+            service_entries: maps::DEFAULT_SERVICE_ENTRIES,
+        }
+    }
+}
+
+/// What a frontend that could not be programmed lacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Shortage {
+    /// No frontend id left (`--max-frontends`).
+    Frontends,
+    /// Not enough backend ids for its new backends (`--max-backends`).
+    Backends,
+    /// LB_SERVICES cannot hold its slots (`--max-service-entries`).
+    ServiceEntries,
+    /// More backends than one frontend can address (65 535).
+    TooManyBackends,
+}
+
+impl std::fmt::Display for Shortage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Frontends => "no frontend id left (raise --max-frontends)",
+            Self::Backends => "not enough backend ids for its backends (raise --max-backends)",
+            Self::ServiceEntries => "LB_SERVICES is full (raise --max-service-entries)",
+            Self::TooManyBackends => "more backends than one frontend can hold (65 535)",
+        })
+    }
+}
+
 impl Default for Reconciler {
     fn default() -> Self {
-        Self::new()
+        Self::new(Limits::default())
     }
 }
 
@@ -248,58 +263,45 @@ pub fn service_key(key: &FrontendKey, slot: u16) -> ServiceKey {
     )
 }
 
-/// Stable slot layout: survivors keep their slot, additions fill holes then append, and
-/// a shrink moves trailing backends into holes.
-fn layout(old: &[u32], wanted: &[u32]) -> Vec<u32> {
-    let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
-    let old_set: BTreeSet<u32> = old.iter().copied().collect();
-    let mut additions = wanted.iter().copied().filter(|id| !old_set.contains(id));
-    let mut slots: Vec<Option<u32>> = old
-        .iter()
-        .map(|id| wanted_set.contains(id).then_some(*id))
-        .collect();
-    for slot in slots.iter_mut().filter(|s| s.is_none()) {
-        *slot = additions.next();
-    }
-    slots.extend(additions.map(Some));
-    // Compact: drop trailing holes, then move the last backend into the first hole.
-    loop {
-        while slots.last() == Some(&None) {
-            slots.pop();
-        }
-        match slots.iter().position(Option::is_none) {
-            Some(hole) => {
-                let last = slots.pop().flatten();
-                slots[hole] = last;
-            }
-            None => break,
-        }
-    }
-    slots.into_iter().flatten().collect()
-}
-
 impl Reconciler {
-    pub fn new() -> Self {
+    pub fn new(limits: Limits) -> Self {
         Self {
+            limits,
             frontends: BTreeMap::new(),
             backends: HashMap::new(),
             backend_by_id: HashMap::new(),
-            svc_ids: IdAllocator::new(MAX_FRONTENDS),
-            backend_ids: IdAllocator::new(MAX_BACKENDS),
+            svc_ids: IdAllocator::new(limits.frontends),
+            backend_ids: IdAllocator::new(limits.backends),
+            service_entries: 0,
+            unprogrammed: BTreeMap::new(),
             garbage_slots: Vec::new(),
             garbage_backends: Vec::new(),
         }
+    }
+
+    /// Frontends that did not fit the maps, and what they lacked.
+    pub fn unprogrammed(&self) -> &BTreeMap<FrontendKey, (Arc<Frontend>, Shortage)> {
+        &self.unprogrammed
+    }
+
+    /// The unprogrammed frontends, as changes to try again (after space freed up).
+    pub fn pending(&self) -> BTreeMap<FrontendKey, Option<Arc<Frontend>>> {
+        self.unprogrammed
+            .iter()
+            .map(|(key, (frontend, _))| (*key, Some(frontend.clone())))
+            .collect()
     }
 
     /// Builds the reconciler's view from what the kernel maps hold (state pinned by a
     /// previous run), so the first sync after a restart only writes differences and live
     /// connections are never disturbed.
     pub fn adopt(
+        limits: Limits,
         entries: impl IntoIterator<Item = (ServiceKey, ServiceValue)>,
         backends: impl IntoIterator<Item = (u32, Backend)>,
         names: impl IntoIterator<Item = (u32, String)>,
     ) -> Self {
-        let mut this = Self::new();
+        let mut this = Self::new(limits);
         let names: HashMap<u32, String> = names.into_iter().collect();
         let mut frontend_values = BTreeMap::new();
         let mut slots: BTreeMap<ServiceKey, BTreeMap<u16, u32>> = BTreeMap::new();
@@ -315,9 +317,12 @@ impl Reconciler {
         }
         let mut known_backends = HashMap::new();
         for (id, backend) in backends {
-            let protocol = Protocol::from_number(backend.proto);
-            match protocol {
-                Some(protocol) if this.backend_ids.claim(id) => {
+            // Every id found stays claimed until its entry is deleted (garbage too):
+            // handing it out again first would let the garbage deletion remove the
+            // new backend that reused it.
+            let claimed = this.backend_ids.claim(id);
+            match Protocol::from_number(backend.proto) {
+                Some(protocol) if claimed => {
                     let identity = BackendIdentity {
                         addr: BackendAddr {
                             ip: addr_to_ip(&backend.addr),
@@ -392,14 +397,39 @@ impl Reconciler {
             this.garbage_slots
                 .extend(by_slot.keys().map(|slot| ServiceKey { slot: *slot, ..key }));
         }
-        for (id, identity) in known_backends {
-            if !this.backend_by_id.contains_key(&id) {
-                let _ = identity;
-                this.garbage_backends.push(id);
-                this.backend_ids.release(id);
+        for id in known_backends.keys() {
+            if !this.backend_by_id.contains_key(id) {
+                this.garbage_backends.push(*id);
             }
         }
+        this.service_entries = this.frontends.values().map(|p| 1 + p.slots.len()).sum::<usize>()
+            + this.garbage_slots.len();
         this
+    }
+
+    /// Whether the LB_SERVICES entry `key` belongs to a programmed frontend (its entry
+    /// or one of its current slots).
+    fn holds(&self, key: &ServiceKey) -> bool {
+        let (Some(protocol), Some(scope)) = (
+            Protocol::from_number(key.proto),
+            Scope::from_number(key.scope),
+        ) else {
+            return false;
+        };
+        let frontend = FrontendKey {
+            ip: addr_to_ip(&key.addr),
+            port: port_from_net(key.port),
+            protocol,
+            scope,
+        };
+        self.frontends
+            .get(&frontend)
+            .is_some_and(|p| key.slot as usize <= p.slots.len())
+    }
+
+    /// Whether `key` has a version in the kernel.
+    pub fn is_programmed(&self, key: &FrontendKey) -> bool {
+        self.frontends.contains_key(key)
     }
 
     /// Number of frontends programmed.
@@ -414,7 +444,7 @@ impl Reconciler {
 
     /// Entries of LB_SERVICES in use (frontend entries plus their slots).
     pub fn service_entry_count(&self) -> usize {
-        self.frontends.values().map(|p| 1 + p.slots.len()).sum()
+        self.service_entries
     }
 
     /// The backend identities currently programmed for a frontend, in slot order.
@@ -456,6 +486,42 @@ impl Reconciler {
         changes
     }
 
+    /// Whether `frontend` fits, counting what this apply already admitted (deletions
+    /// only free space after the apply, so they are not counted).
+    fn admit(&self, key: &FrontendKey, frontend: &Frontend, budget: &mut Budget) -> Result<(), Shortage> {
+        if frontend.backends.len() > MAX_BACKENDS_PER_FRONTEND as usize {
+            return Err(Shortage::TooManyBackends);
+        }
+        let old = self.frontends.get(key);
+        let is_new = old.is_none();
+        if is_new && self.svc_ids.available() as usize <= budget.frontend_ids {
+            return Err(Shortage::Frontends);
+        }
+        let new_backends = frontend
+            .backends
+            .iter()
+            .filter(|addr| {
+                !self.backends.contains_key(&BackendIdentity {
+                    addr: **addr,
+                    protocol: key.protocol,
+                })
+            })
+            .count();
+        // New backends are allocated right after admission, so `available` is current.
+        if new_backends > self.backend_ids.available() as usize {
+            return Err(Shortage::Backends);
+        }
+        let entries_after = usize::from(is_new) + frontend.backends.len();
+        let entries_before = old.map_or(0, |p| p.slots.len());
+        let growth = entries_after.saturating_sub(entries_before);
+        if self.service_entries + budget.service_entries + growth > self.limits.service_entries as usize {
+            return Err(Shortage::ServiceEntries);
+        }
+        budget.service_entries += growth;
+        budget.frontend_ids += usize::from(is_new);
+        Ok(())
+    }
+
     /// Applies frontend changes (`None` = remove) in make-before-break order. After an
     /// error the kernel is still consistent for readers, but this reconciler's view is
     /// not: rebuild it with [`Reconciler::adopt`].
@@ -466,19 +532,24 @@ impl Reconciler {
     ) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
 
-        // Phase 1: every backend a changed frontend wants exists in the kernel.
+        // Phase 1: admission (a frontend is programmed entirely or not at all, and an
+        // update that does not fit leaves the previous version serving), then every
+        // backend an admitted frontend wants exists in the kernel.
         let mut wanted_ids: BTreeMap<FrontendKey, Vec<u32>> = BTreeMap::new();
         let mut new_backends: Vec<(u32, Backend)> = Vec::new();
+        let mut budget = Budget::default();
         for (key, change) in changes {
-            let Some(frontend) = change else { continue };
-            if frontend.backends.len() > MAX_BACKENDS_PER_FRONTEND as usize {
-                bail!(
-                    "Service {}: {} has {} backends, more than the {} one frontend can hold",
-                    frontend.service,
-                    key,
-                    frontend.backends.len(),
-                    MAX_BACKENDS_PER_FRONTEND
-                );
+            let Some(frontend) = change else {
+                self.unprogrammed.remove(key);
+                continue;
+            };
+            if let Err(shortage) = self.admit(key, frontend, &mut budget) {
+                self.unprogrammed.insert(*key, (frontend.clone(), shortage));
+                stats.unprogrammed.push((*key, shortage));
+                continue;
+            }
+            if self.unprogrammed.remove(key).is_some() {
+                stats.now_programmed.push(*key);
             }
             let mut ids = Vec::with_capacity(frontend.backends.len());
             for addr in &frontend.backends {
@@ -495,7 +566,7 @@ impl Reconciler {
                         let id = self
                             .backend_ids
                             .allocate()
-                            .context("out of backend ids: LB_BACKENDS is full")?;
+                            .expect("admission counted the backend ids");
                         new_backends.push((id, identity.to_map_value(frontend.is_local(addr))));
                         self.backends.insert(identity, BackendEntry { id, refs: 1 });
                         self.backend_by_id.insert(id, identity);
@@ -535,7 +606,7 @@ impl Reconciler {
                         let id = self
                             .svc_ids
                             .allocate()
-                            .context("out of frontend ids: too many frontends")?;
+                            .expect("admission counted the frontend ids");
                         new_svc_ids.push(id);
                         (id, Vec::new(), String::new(), BTreeSet::new(), None, true)
                     }
@@ -599,6 +670,8 @@ impl Reconciler {
             shrunk_slots.extend(
                 (new_slots.len() + 1..=old_slots.len()).map(|slot| service_key(key, slot as u16)),
             );
+            self.service_entries = self.service_entries + usize::from(is_new) + new_slots.len()
+                - old_slots.len();
             released.extend(old_slots.iter().copied().filter(|id| *id != 0));
             self.frontends.insert(
                 *key,
@@ -622,7 +695,15 @@ impl Reconciler {
         // the entries of removed frontends first, then the slots of removed frontends.
         let mut first_deletes = shrunk_slots;
         stats.slots_deleted += first_deletes.len();
-        let mut removed_slots: Vec<ServiceKey> = std::mem::take(&mut self.garbage_slots);
+        // Adopted garbage, except entries this apply wrote again (a slot left by an
+        // interrupted update that now belongs to its frontend's new layout): those are
+        // live, and counted with their frontend.
+        let garbage = std::mem::take(&mut self.garbage_slots);
+        self.service_entries -= garbage.len();
+        let mut removed_slots: Vec<ServiceKey> = garbage
+            .into_iter()
+            .filter(|key| !self.holds(key))
+            .collect();
         let mut removed_ids: Vec<u32> = Vec::new();
         for (key, change) in changes {
             if change.is_some() {
@@ -633,6 +714,7 @@ impl Reconciler {
             };
             first_deletes.push(service_key(key, 0));
             stats.frontends_deleted += 1;
+            self.service_entries -= 1 + programmed.slots.len();
             removed_slots
                 .extend((1..=programmed.slots.len()).map(|slot| service_key(key, slot as u16)));
             let in_rotation = programmed
@@ -660,8 +742,10 @@ impl Reconciler {
             self.svc_ids.release(id);
         }
 
-        // Phase 4: backends nothing points at any more.
-        let mut dead_backends = std::mem::take(&mut self.garbage_backends);
+        // Phase 4: backends nothing points at any more (adopted garbage keeps its id
+        // until deleted).
+        let garbage_backends = std::mem::take(&mut self.garbage_backends);
+        let mut dead_backends = garbage_backends.clone();
         for id in released {
             let Some(identity) = self.backend_by_id.get(&id).copied() else {
                 continue;
@@ -679,575 +763,15 @@ impl Reconciler {
             }
         }
         maps.delete_backends(&dead_backends)?;
+        for id in garbage_backends {
+            self.backend_ids.release(id);
+        }
         stats.backends_deleted += dead_backends.len();
         Ok(stats)
     }
 }
 
 #[cfg(test)]
-pub mod memory {
-    //! An in-memory map set that checks, after every single operation, the invariant a
-    //! concurrent `connect()` relies on: every frontend's slots 1..=count exist and point
-    //! at existing backends.
-
-    use std::collections::{BTreeMap, HashMap};
-
-    use anyhow::{Result, bail};
-    use lb_common::{Backend, ServiceKey, ServiceValue};
-
-    use super::MapSet;
-
-    #[derive(Debug, Default)]
-    pub struct MemoryMaps {
-        pub services: BTreeMap<ServiceKey, ServiceValue>,
-        pub backends: HashMap<u32, Backend>,
-        pub names: HashMap<u32, String>,
-        /// Every operation, in order, for assertions on ordering and write counts.
-        pub log: Vec<String>,
-        /// Fail the n-th put (to test error handling).
-        pub fail_put_at: Option<usize>,
-        puts: usize,
-    }
-
-    impl MemoryMaps {
-        /// The backends a connect() to `frontend` can reach right now.
-        pub fn reachable(&self, frontend: &ServiceKey) -> Vec<Backend> {
-            let Some(value) = self.services.get(frontend) else {
-                return Vec::new();
-            };
-            (1..=value.count)
-                .map(|slot| {
-                    let slot_value = self.services[&ServiceKey { slot, ..*frontend }];
-                    self.backends[&slot_value.backend_id]
-                })
-                .collect()
-        }
-
-        fn check_invariant(&self, after: &str) {
-            for (key, value) in self.services.iter().filter(|(k, _)| k.slot == 0) {
-                for slot in 1..=value.count {
-                    let slot_key = ServiceKey { slot, ..*key };
-                    let Some(slot_value) = self.services.get(&slot_key) else {
-                        panic!(
-                            "after {after}: frontend {key:?} count {} but slot {slot} missing",
-                            value.count
-                        );
-                    };
-                    assert!(
-                        self.backends.contains_key(&slot_value.backend_id),
-                        "after {after}: slot {slot_key:?} points at missing backend {}",
-                        slot_value.backend_id
-                    );
-                }
-            }
-        }
-
-        fn put(&mut self) -> Result<()> {
-            self.puts += 1;
-            if self.fail_put_at == Some(self.puts) {
-                bail!("injected failure at put {}", self.puts);
-            }
-            Ok(())
-        }
-    }
-
-    impl MemoryMaps {
-        fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-            self.put()?;
-            self.backends.insert(id, *backend);
-            let op = format!("put_backend {id}");
-            self.check_invariant(&op);
-            self.log.push(op);
-            Ok(())
-        }
-
-        fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
-            self.put()?;
-            self.services.insert(*key, *value);
-            let op = if key.slot == 0 {
-                format!("put_frontend count={}", value.count)
-            } else {
-                format!("put_slot {}={}", key.slot, value.backend_id)
-            };
-            self.check_invariant(&op);
-            self.log.push(op);
-            Ok(())
-        }
-    }
-
-    /// Element by element, checking the invariant after each: the kernel applies a
-    /// batch the same way, so readers can observe any prefix.
-    impl MapSet for MemoryMaps {
-        fn put_backends(&mut self, entries: &[(u32, Backend)]) -> Result<()> {
-            entries
-                .iter()
-                .try_for_each(|(id, b)| self.put_backend(*id, b))
-        }
-
-        fn delete_backends(&mut self, ids: &[u32]) -> Result<()> {
-            for id in ids {
-                self.backends.remove(id);
-                let op = format!("delete_backend {id}");
-                self.check_invariant(&op);
-                self.log.push(op);
-            }
-            Ok(())
-        }
-
-        fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<()> {
-            entries.iter().try_for_each(|(k, v)| self.put_service(k, v))
-        }
-
-        fn delete_services(&mut self, keys: &[ServiceKey]) -> Result<()> {
-            for key in keys {
-                self.services.remove(key);
-                let op = if key.slot == 0 {
-                    "delete_frontend".to_string()
-                } else {
-                    format!("delete_slot {}", key.slot)
-                };
-                self.check_invariant(&op);
-                self.log.push(op);
-            }
-            Ok(())
-        }
-
-        fn reset_frontend_stats(&mut self, _svc_ids: &[u32]) -> Result<()> {
-            Ok(())
-        }
-
-        fn reset_backend_stats(&mut self, _backend_ids: &[u32]) -> Result<()> {
-            Ok(())
-        }
-
-        fn put_frontend_names(&mut self, names: &[(u32, String)]) -> Result<()> {
-            for (svc_id, name) in names {
-                self.names.insert(*svc_id, name.clone());
-            }
-            Ok(())
-        }
-
-        fn delete_frontend_names(&mut self, svc_ids: &[u32]) -> Result<()> {
-            for svc_id in svc_ids {
-                self.names.remove(svc_id);
-            }
-            Ok(())
-        }
-    }
-}
-
+pub mod memory;
 #[cfg(test)]
-mod tests {
-    use std::net::IpAddr;
-
-    use super::{memory::MemoryMaps, *};
-    use crate::model::{
-        ObjectRef,
-        endpoints::{Exclusion, Topology},
-        frontends::FrontendKind,
-    };
-
-    fn fkey(ip: &str, port: u16) -> FrontendKey {
-        FrontendKey::internal(ip.parse().unwrap(), port, Protocol::Tcp)
-    }
-
-    fn frontend(key: FrontendKey, backends: &[&str]) -> Frontend {
-        Frontend {
-            key,
-            service: ObjectRef::new("pods", "redis-master"),
-            port_name: String::new(),
-            kind: FrontendKind::ClusterIp,
-            backends: backends
-                .iter()
-                .map(|ip| BackendAddr {
-                    ip: ip.parse().unwrap(),
-                    port: 6379,
-                })
-                .collect(),
-            local_backends: Vec::new(),
-            excluded: Vec::new(),
-            affinity_timeout: None,
-            local_policy: false,
-            topology: Topology::Any,
-            source_ranges: Vec::new(),
-        }
-    }
-
-    fn change(f: Frontend) -> BTreeMap<FrontendKey, Option<Arc<Frontend>>> {
-        BTreeMap::from([(f.key, Some(Arc::new(f)))])
-    }
-
-    /// A frontend programmed with `backends`, with the operation log cleared.
-    fn programmed(backends: &[&str]) -> (MemoryMaps, Reconciler, FrontendKey) {
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let key = fkey("10.96.0.100", 6379);
-        rec.apply(&mut maps, &change(frontend(key, backends)))
-            .unwrap();
-        maps.log.clear();
-        (maps, rec, key)
-    }
-
-    /// What a restarted daemon builds from the maps.
-    fn adopt(maps: &MemoryMaps) -> Reconciler {
-        Reconciler::adopt(
-            maps.services.iter().map(|(k, v)| (*k, *v)),
-            maps.backends.iter().map(|(k, v)| (*k, *v)),
-            maps.names.iter().map(|(k, v)| (*k, v.clone())),
-        )
-    }
-
-    fn gone_ips(stats: &ApplyStats) -> Vec<String> {
-        stats
-            .gone
-            .iter()
-            .map(|g| g.backend.addr.ip.to_string())
-            .collect()
-    }
-
-    fn reachable_ips(maps: &MemoryMaps, key: &FrontendKey) -> BTreeSet<IpAddr> {
-        maps.reachable(&service_key(key, 0))
-            .iter()
-            .map(|b| addr_to_ip(&b.addr))
-            .collect()
-    }
-
-    fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
-        list.iter().map(|ip| ip.parse().unwrap()).collect()
-    }
-
-    #[test]
-    fn layout_is_stable() {
-        assert_eq!(layout(&[], &[1, 2, 3]), vec![1, 2, 3]);
-        // Remove the middle one: the last moves into its slot.
-        assert_eq!(layout(&[1, 2, 3], &[1, 3]), vec![1, 3]);
-        // Replace one: the new one takes the hole.
-        assert_eq!(layout(&[1, 2, 3], &[1, 3, 4]), vec![1, 4, 3]);
-        // Remove the last: nothing moves.
-        assert_eq!(layout(&[1, 2, 3], &[1, 2]), vec![1, 2]);
-        assert_eq!(layout(&[1, 2, 3, 4], &[4]), vec![4]);
-        assert_eq!(layout(&[1, 2], &[]), Vec::<u32>::new());
-    }
-
-    #[test]
-    fn first_sync_writes_backends_then_slots_then_frontend() {
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let key = fkey("10.96.0.100", 6379);
-        let stats = rec
-            .apply(
-                &mut maps,
-                &change(frontend(
-                    key,
-                    &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
-                )),
-            )
-            .unwrap();
-        assert_eq!(
-            maps.log,
-            vec![
-                "put_backend 1",
-                "put_backend 2",
-                "put_backend 3",
-                "put_slot 1=1",
-                "put_slot 2=2",
-                "put_slot 3=3",
-                "put_frontend count=3"
-            ]
-        );
-        assert_eq!(stats.writes(), 7);
-        assert_eq!(
-            reachable_ips(&maps, &key),
-            ips(&["10.244.1.11", "10.244.1.12", "10.244.1.13"])
-        );
-    }
-
-    #[test]
-    fn pod_restart_with_new_ip_rewrites_one_slot() {
-        let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12", "10.244.1.13"]);
-        // redis-2 restarts as 10.244.1.22.
-        let stats = rec
-            .apply(
-                &mut maps,
-                &change(frontend(
-                    key,
-                    &["10.244.1.11", "10.244.1.22", "10.244.1.13"],
-                )),
-            )
-            .unwrap();
-        assert_eq!(
-            maps.log,
-            vec!["put_backend 4", "put_slot 2=4", "delete_backend 2"]
-        );
-        assert_eq!(stats.writes(), 3);
-        assert_eq!(
-            reachable_ips(&maps, &key),
-            ips(&["10.244.1.11", "10.244.1.22", "10.244.1.13"])
-        );
-        // The old pod is gone: its sockets are to be terminated.
-        assert_eq!(gone_ips(&stats), vec!["10.244.1.12"]);
-    }
-
-    #[test]
-    fn scale_down_to_zero_and_back() {
-        let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12", "10.244.1.13"]);
-        rec.apply(&mut maps, &change(frontend(key, &["10.244.1.13"])))
-            .unwrap();
-        // Count shrinks before the slots go; then the unreferenced backends go.
-        assert_eq!(
-            maps.log,
-            vec![
-                "put_slot 1=3",
-                "put_frontend count=1",
-                "delete_slot 2",
-                "delete_slot 3",
-                "delete_backend 1",
-                "delete_backend 2"
-            ]
-        );
-        maps.log.clear();
-        rec.apply(&mut maps, &change(frontend(key, &[]))).unwrap();
-        assert_eq!(
-            maps.log,
-            vec!["put_frontend count=0", "delete_slot 1", "delete_backend 3"]
-        );
-        // The frontend stays, with no backends: connect() is refused.
-        assert_eq!(maps.services[&service_key(&key, 0)].count, 0);
-        rec.apply(&mut maps, &change(frontend(key, &["10.244.1.14"])))
-            .unwrap();
-        assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.14"]));
-    }
-
-    #[test]
-    fn removing_a_frontend_deletes_the_entry_first_and_frees_ids() {
-        let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
-        rec.apply(&mut maps, &BTreeMap::from([(key, None)]))
-            .unwrap();
-        assert_eq!(
-            maps.log,
-            vec![
-                "delete_frontend",
-                "delete_slot 1",
-                "delete_slot 2",
-                "delete_backend 1",
-                "delete_backend 2"
-            ]
-        );
-        assert!(maps.services.is_empty() && maps.backends.is_empty());
-        assert_eq!(rec.frontend_count(), 0);
-        assert_eq!(rec.backend_count(), 0);
-    }
-
-    #[test]
-    fn retained_endpoints_are_not_gone() {
-        let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
-        // .12 turns terminating: unselected but still listed, so it drains.
-        let mut draining = frontend(key, &["10.244.1.11"]);
-        draining.excluded = vec![(
-            BackendAddr {
-                ip: "10.244.1.12".parse().unwrap(),
-                port: 6379,
-            },
-            Exclusion::Terminating,
-        )];
-        let stats = rec.apply(&mut maps, &change(draining)).unwrap();
-        assert!(stats.gone.is_empty(), "{:?}", stats.gone);
-        assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.11"]));
-        // Then the pod disappears from the slice: now its sockets must go.
-        let stats = rec
-            .apply(&mut maps, &change(frontend(key, &["10.244.1.11"])))
-            .unwrap();
-        assert_eq!(gone_ips(&stats), vec!["10.244.1.12"]);
-        // Removing the whole frontend reports every backend it had.
-        let stats = rec
-            .apply(&mut maps, &BTreeMap::from([(key, None)]))
-            .unwrap();
-        assert_eq!(stats.gone.len(), 1);
-    }
-
-    #[test]
-    fn backends_shared_between_frontends_live_until_the_last_user_goes() {
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let a = fkey("10.96.0.100", 6379);
-        let b = fkey("10.96.0.101", 6379);
-        let mut both = change(frontend(a, &["10.244.1.11"]));
-        both.insert(b, Some(Arc::new(frontend(b, &["10.244.1.11"]))));
-        rec.apply(&mut maps, &both).unwrap();
-        assert_eq!(
-            maps.backends.len(),
-            1,
-            "one backend entry shared by two frontends"
-        );
-        rec.apply(&mut maps, &BTreeMap::from([(a, None)])).unwrap();
-        assert_eq!(maps.backends.len(), 1);
-        assert_eq!(reachable_ips(&maps, &b), ips(&["10.244.1.11"]));
-        rec.apply(&mut maps, &BTreeMap::from([(b, None)])).unwrap();
-        assert!(maps.backends.is_empty());
-    }
-
-    #[test]
-    fn ids_are_not_reused_immediately() {
-        let mut alloc = IdAllocator::new(8);
-        let a = alloc.allocate().unwrap();
-        alloc.release(a);
-        let b = alloc.allocate().unwrap();
-        assert_ne!(a, b);
-        let rest: Vec<u32> = (0..5).map(|_| alloc.allocate().unwrap()).collect();
-        assert_eq!(rest, vec![3, 4, 5, 6, 7]);
-        // Only once every other id was used does the freed one come back.
-        assert_eq!(alloc.allocate(), Some(a));
-        assert_eq!(alloc.allocate(), None, "ids 1..8 are all taken");
-    }
-
-    #[test]
-    fn adopting_kernel_state_writes_nothing_when_it_matches() {
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let key = fkey("10.96.0.100", 6379);
-        let desired = frontend(key, &["10.244.1.11", "10.244.1.12"]);
-        rec.apply(&mut maps, &change(desired.clone())).unwrap();
-
-        // A restarted daemon adopts the maps: identical desired state means no writes.
-        let mut adopted = adopt(&maps);
-        let desired_all = BTreeMap::from([(key, Arc::new(desired.clone()))]);
-        assert!(adopted.diff_all(&desired_all).is_empty());
-        maps.log.clear();
-        // A change after adoption reuses the adopted ids.
-        let changed = frontend(key, &["10.244.1.11", "10.244.1.13"]);
-        adopted.apply(&mut maps, &change(changed)).unwrap();
-        assert_eq!(
-            maps.log,
-            vec!["put_backend 3", "put_slot 2=3", "delete_backend 2"]
-        );
-    }
-
-    #[test]
-    fn adoption_cleans_leftovers_of_an_interrupted_update() {
-        let (mut maps, _, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
-        // Simulate a crash mid-shrink: count already 1, slot 2 and backend 2 left behind,
-        // plus an orphan slot of a frontend that no longer exists.
-        maps.services.get_mut(&service_key(&key, 0)).unwrap().count = 1;
-        let orphan = service_key(&fkey("10.96.0.200", 80), 1);
-        maps.services.insert(
-            orphan,
-            ServiceValue {
-                backend_id: 1,
-                svc_id: 9,
-                ..Default::default()
-            },
-        );
-        let mut adopted = adopt(&maps);
-        let desired = BTreeMap::from([(key, Arc::new(frontend(key, &["10.244.1.11"])))]);
-        let changes = adopted.diff_all(&desired);
-        assert!(changes.is_empty(), "slot 1 is intact: {changes:?}");
-        adopted.apply(&mut maps, &changes).unwrap();
-        assert!(!maps.services.contains_key(&service_key(&key, 2)));
-        assert!(!maps.services.contains_key(&orphan));
-        assert!(!maps.backends.contains_key(&2));
-        assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.11"]));
-    }
-
-    #[test]
-    fn diff_all_removes_what_is_not_desired() {
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let a = fkey("10.96.0.100", 6379);
-        rec.apply(&mut maps, &change(frontend(a, &["10.244.1.11"])))
-            .unwrap();
-        let changes = rec.diff_all(&BTreeMap::new());
-        assert_eq!(changes, BTreeMap::from([(a, None)]));
-    }
-
-    #[test]
-    fn a_failed_write_leaves_the_kernel_consistent() {
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let key = fkey("10.96.0.100", 6379);
-        rec.apply(&mut maps, &change(frontend(key, &["10.244.1.11"])))
-            .unwrap();
-        // The second backend write of the next update fails; the invariant checks in
-        // MemoryMaps prove no connect could have seen a dangling slot.
-        maps.fail_put_at = Some(4);
-        let err = rec
-            .apply(
-                &mut maps,
-                &change(frontend(
-                    key,
-                    &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
-                )),
-            )
-            .unwrap_err();
-        assert!(err.to_string().contains("injected failure"), "{err}");
-        assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.11"]));
-        // A resync from the kernel's state converges.
-        let mut resynced = adopt(&maps);
-        let desired = BTreeMap::from([(
-            key,
-            Arc::new(frontend(
-                key,
-                &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
-            )),
-        )]);
-        let changes = resynced.diff_all(&desired);
-        resynced.apply(&mut maps, &changes).unwrap();
-        assert_eq!(
-            reachable_ips(&maps, &key),
-            ips(&["10.244.1.11", "10.244.1.12", "10.244.1.13"])
-        );
-        assert_eq!(
-            maps.backends.len(),
-            3,
-            "the half-written backend was collected"
-        );
-    }
-
-    #[test]
-    fn many_random_updates_keep_the_invariant() {
-        // A deterministic pseudo-random walk over backend sets for a few frontends;
-        // MemoryMaps asserts the connect() invariant after every single operation.
-        let mut maps = MemoryMaps::default();
-        let mut rec = Reconciler::new();
-        let keys: Vec<FrontendKey> = (0..4)
-            .map(|i| fkey(&format!("10.96.0.{}", 10 + i), 80))
-            .collect();
-        let mut seed: u64 = 0x1234_5678;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for _ in 0..400 {
-            let key = keys[(next() % 4) as usize];
-            let change = if next() % 10 == 0 {
-                None
-            } else {
-                let n = next() % 6;
-                let pool: Vec<String> = (0..n)
-                    .map(|_| format!("10.244.1.{}", next() % 12 + 1))
-                    .collect();
-                let refs: Vec<&str> = pool.iter().map(String::as_str).collect();
-                let mut f = frontend(key, &refs);
-                f.backends.sort();
-                f.backends.dedup();
-                Some(f)
-            };
-            let expected: BTreeSet<IpAddr> = change
-                .as_ref()
-                .map(|f| f.backends.iter().map(|b| b.ip).collect())
-                .unwrap_or_default();
-            rec.apply(&mut maps, &BTreeMap::from([(key, change.map(Arc::new))]))
-                .unwrap();
-            assert_eq!(reachable_ips(&maps, &key), expected);
-        }
-        // No leaked backends: every backend in the map is referenced by some slot.
-        let referenced: BTreeSet<u32> = maps
-            .services
-            .iter()
-            .filter(|(k, _)| k.slot > 0)
-            .map(|(_, v)| v.backend_id)
-            .collect();
-        assert_eq!(referenced, maps.backends.keys().copied().collect());
-    }
-}
+mod tests;

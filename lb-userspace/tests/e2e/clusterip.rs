@@ -632,7 +632,10 @@ fn inconsistent_maps_refuse_and_log() -> Result<()> {
     // 10.96.0.150:80/TCP, slot 0: count 1, frontend id 999; slot 1 is never written.
     let key = "00 00 00 00 00 00 00 00 00 00 ff ff 0a 60 00 96 00 50 06 00 00 00 00 00";
     let value = "00 00 00 00 e7 03 00 00 01 00 00 00 00 00 00 00";
-    let map = daemon.pin_dir.join("LB_SERVICES");
+    let map = daemon
+        .pin_dir
+        .join(format!("v{}", lb_common::LAYOUT_VERSION))
+        .join("LB_SERVICES");
     let mut args: Vec<String> = vec![
         "map".into(),
         "update".into(),

@@ -83,8 +83,9 @@ pub struct MapProbe {
 
 impl MapProbe {
     pub fn open(pin_dir: &Path, vip: std::net::IpAddr) -> Result<Self> {
+        let maps_dir = pin_dir.join(format!("v{}", lb_common::LAYOUT_VERSION));
         let open = |name: &str| -> Result<Map> {
-            Ok(Map::from_map_data(MapData::from_pin(pin_dir.join(name))?)?)
+            Ok(Map::from_map_data(MapData::from_pin(maps_dir.join(name))?)?)
         };
         Ok(Self {
             vip,

@@ -1,0 +1,625 @@
+use std::net::IpAddr;
+
+use super::{memory::MemoryMaps, *};
+use crate::model::{
+    ObjectRef,
+    endpoints::{Exclusion, Topology},
+    frontends::FrontendKind,
+};
+
+fn fkey(ip: &str, port: u16) -> FrontendKey {
+    FrontendKey::internal(ip.parse().unwrap(), port, Protocol::Tcp)
+}
+
+fn frontend(key: FrontendKey, backends: &[&str]) -> Frontend {
+    Frontend {
+        key,
+        service: ObjectRef::new("pods", "redis-master"),
+        port_name: String::new(),
+        kind: FrontendKind::ClusterIp,
+        backends: backends
+            .iter()
+            .map(|ip| BackendAddr {
+                ip: ip.parse().unwrap(),
+                port: 6379,
+            })
+            .collect(),
+        local_backends: Vec::new(),
+        excluded: Vec::new(),
+        affinity_timeout: None,
+        local_policy: false,
+        topology: Topology::Any,
+        source_ranges: Vec::new(),
+    }
+}
+
+fn change(f: Frontend) -> BTreeMap<FrontendKey, Option<Arc<Frontend>>> {
+    BTreeMap::from([(f.key, Some(Arc::new(f)))])
+}
+
+/// A frontend programmed with `backends`, with the operation log cleared.
+fn programmed(backends: &[&str]) -> (MemoryMaps, Reconciler, FrontendKey) {
+    let mut maps = MemoryMaps::default();
+    let mut rec = Reconciler::default();
+    let key = fkey("10.96.0.100", 6379);
+    rec.apply(&mut maps, &change(frontend(key, backends)))
+        .unwrap();
+    maps.log.clear();
+    (maps, rec, key)
+}
+
+/// What a restarted daemon builds from the maps.
+fn adopt(maps: &MemoryMaps) -> Reconciler {
+    Reconciler::adopt(
+        Limits::default(),
+        maps.services.iter().map(|(k, v)| (*k, *v)),
+        maps.backends.iter().map(|(k, v)| (*k, *v)),
+        maps.names.iter().map(|(k, v)| (*k, v.clone())),
+    )
+}
+
+fn gone_ips(stats: &ApplyStats) -> Vec<String> {
+    stats
+        .gone
+        .iter()
+        .map(|g| g.backend.addr.ip.to_string())
+        .collect()
+}
+
+fn reachable_ips(maps: &MemoryMaps, key: &FrontendKey) -> BTreeSet<IpAddr> {
+    maps.reachable(&service_key(key, 0))
+        .iter()
+        .map(|b| addr_to_ip(&b.addr))
+        .collect()
+}
+
+fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
+    list.iter().map(|ip| ip.parse().unwrap()).collect()
+}
+
+#[test]
+fn layout_is_stable() {
+    assert_eq!(layout(&[], &[1, 2, 3]), vec![1, 2, 3]);
+    // Remove the middle one: the last moves into its slot.
+    assert_eq!(layout(&[1, 2, 3], &[1, 3]), vec![1, 3]);
+    // Replace one: the new one takes the hole.
+    assert_eq!(layout(&[1, 2, 3], &[1, 3, 4]), vec![1, 4, 3]);
+    // Remove the last: nothing moves.
+    assert_eq!(layout(&[1, 2, 3], &[1, 2]), vec![1, 2]);
+    assert_eq!(layout(&[1, 2, 3, 4], &[4]), vec![4]);
+    assert_eq!(layout(&[1, 2], &[]), Vec::<u32>::new());
+}
+
+#[test]
+fn first_sync_writes_backends_then_slots_then_frontend() {
+    let mut maps = MemoryMaps::default();
+    let mut rec = Reconciler::default();
+    let key = fkey("10.96.0.100", 6379);
+    let stats = rec
+        .apply(
+            &mut maps,
+            &change(frontend(
+                key,
+                &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
+            )),
+        )
+        .unwrap();
+    assert_eq!(
+        maps.log,
+        vec![
+            "put_backend 1",
+            "put_backend 2",
+            "put_backend 3",
+            "put_slot 1=1",
+            "put_slot 2=2",
+            "put_slot 3=3",
+            "put_frontend count=3"
+        ]
+    );
+    assert_eq!(stats.writes(), 7);
+    assert_eq!(
+        reachable_ips(&maps, &key),
+        ips(&["10.244.1.11", "10.244.1.12", "10.244.1.13"])
+    );
+}
+
+#[test]
+fn pod_restart_with_new_ip_rewrites_one_slot() {
+    let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12", "10.244.1.13"]);
+    // redis-2 restarts as 10.244.1.22.
+    let stats = rec
+        .apply(
+            &mut maps,
+            &change(frontend(
+                key,
+                &["10.244.1.11", "10.244.1.22", "10.244.1.13"],
+            )),
+        )
+        .unwrap();
+    assert_eq!(
+        maps.log,
+        vec!["put_backend 4", "put_slot 2=4", "delete_backend 2"]
+    );
+    assert_eq!(stats.writes(), 3);
+    assert_eq!(
+        reachable_ips(&maps, &key),
+        ips(&["10.244.1.11", "10.244.1.22", "10.244.1.13"])
+    );
+    // The old pod is gone: its sockets are to be terminated.
+    assert_eq!(gone_ips(&stats), vec!["10.244.1.12"]);
+}
+
+#[test]
+fn scale_down_to_zero_and_back() {
+    let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12", "10.244.1.13"]);
+    rec.apply(&mut maps, &change(frontend(key, &["10.244.1.13"])))
+        .unwrap();
+    // Count shrinks before the slots go; then the unreferenced backends go.
+    assert_eq!(
+        maps.log,
+        vec![
+            "put_slot 1=3",
+            "put_frontend count=1",
+            "delete_slot 2",
+            "delete_slot 3",
+            "delete_backend 1",
+            "delete_backend 2"
+        ]
+    );
+    maps.log.clear();
+    rec.apply(&mut maps, &change(frontend(key, &[]))).unwrap();
+    assert_eq!(
+        maps.log,
+        vec!["put_frontend count=0", "delete_slot 1", "delete_backend 3"]
+    );
+    // The frontend stays, with no backends: connect() is refused.
+    assert_eq!(maps.services[&service_key(&key, 0)].count, 0);
+    rec.apply(&mut maps, &change(frontend(key, &["10.244.1.14"])))
+        .unwrap();
+    assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.14"]));
+}
+
+#[test]
+fn removing_a_frontend_deletes_the_entry_first_and_frees_ids() {
+    let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
+    rec.apply(&mut maps, &BTreeMap::from([(key, None)]))
+        .unwrap();
+    assert_eq!(
+        maps.log,
+        vec![
+            "delete_frontend",
+            "delete_slot 1",
+            "delete_slot 2",
+            "delete_backend 1",
+            "delete_backend 2"
+        ]
+    );
+    assert!(maps.services.is_empty() && maps.backends.is_empty());
+    assert_eq!(rec.frontend_count(), 0);
+    assert_eq!(rec.backend_count(), 0);
+}
+
+#[test]
+fn retained_endpoints_are_not_gone() {
+    let (mut maps, mut rec, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
+    // .12 turns terminating: unselected but still listed, so it drains.
+    let mut draining = frontend(key, &["10.244.1.11"]);
+    draining.excluded = vec![(
+        BackendAddr {
+            ip: "10.244.1.12".parse().unwrap(),
+            port: 6379,
+        },
+        Exclusion::Terminating,
+    )];
+    let stats = rec.apply(&mut maps, &change(draining)).unwrap();
+    assert!(stats.gone.is_empty(), "{:?}", stats.gone);
+    assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.11"]));
+    // Then the pod disappears from the slice: now its sockets must go.
+    let stats = rec
+        .apply(&mut maps, &change(frontend(key, &["10.244.1.11"])))
+        .unwrap();
+    assert_eq!(gone_ips(&stats), vec!["10.244.1.12"]);
+    // Removing the whole frontend reports every backend it had.
+    let stats = rec
+        .apply(&mut maps, &BTreeMap::from([(key, None)]))
+        .unwrap();
+    assert_eq!(stats.gone.len(), 1);
+}
+
+#[test]
+fn backends_shared_between_frontends_live_until_the_last_user_goes() {
+    let mut maps = MemoryMaps::default();
+    let mut rec = Reconciler::default();
+    let a = fkey("10.96.0.100", 6379);
+    let b = fkey("10.96.0.101", 6379);
+    let mut both = change(frontend(a, &["10.244.1.11"]));
+    both.insert(b, Some(Arc::new(frontend(b, &["10.244.1.11"]))));
+    rec.apply(&mut maps, &both).unwrap();
+    assert_eq!(
+        maps.backends.len(),
+        1,
+        "one backend entry shared by two frontends"
+    );
+    rec.apply(&mut maps, &BTreeMap::from([(a, None)])).unwrap();
+    assert_eq!(maps.backends.len(), 1);
+    assert_eq!(reachable_ips(&maps, &b), ips(&["10.244.1.11"]));
+    rec.apply(&mut maps, &BTreeMap::from([(b, None)])).unwrap();
+    assert!(maps.backends.is_empty());
+}
+
+#[test]
+fn ids_are_not_reused_immediately() {
+    let mut alloc = IdAllocator::new(8);
+    let a = alloc.allocate().unwrap();
+    alloc.release(a);
+    let b = alloc.allocate().unwrap();
+    assert_ne!(a, b);
+    let rest: Vec<u32> = (0..5).map(|_| alloc.allocate().unwrap()).collect();
+    assert_eq!(rest, vec![3, 4, 5, 6, 7]);
+    // Only once every other id was used does the freed one come back.
+    assert_eq!(alloc.allocate(), Some(a));
+    assert_eq!(alloc.allocate(), None, "ids 1..8 are all taken");
+}
+
+#[test]
+fn adopting_kernel_state_writes_nothing_when_it_matches() {
+    let mut maps = MemoryMaps::default();
+    let mut rec = Reconciler::default();
+    let key = fkey("10.96.0.100", 6379);
+    let desired = frontend(key, &["10.244.1.11", "10.244.1.12"]);
+    rec.apply(&mut maps, &change(desired.clone())).unwrap();
+
+    // A restarted daemon adopts the maps: identical desired state means no writes.
+    let mut adopted = adopt(&maps);
+    let desired_all = BTreeMap::from([(key, Arc::new(desired.clone()))]);
+    assert!(adopted.diff_all(&desired_all).is_empty());
+    maps.log.clear();
+    // A change after adoption reuses the adopted ids.
+    let changed = frontend(key, &["10.244.1.11", "10.244.1.13"]);
+    adopted.apply(&mut maps, &change(changed)).unwrap();
+    assert_eq!(
+        maps.log,
+        vec!["put_backend 3", "put_slot 2=3", "delete_backend 2"]
+    );
+}
+
+#[test]
+fn adoption_cleans_leftovers_of_an_interrupted_update() {
+    let (mut maps, _, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
+    // Simulate a crash mid-shrink: count already 1, slot 2 and backend 2 left behind,
+    // plus an orphan slot of a frontend that no longer exists.
+    maps.services.get_mut(&service_key(&key, 0)).unwrap().count = 1;
+    let orphan = service_key(&fkey("10.96.0.200", 80), 1);
+    maps.services.insert(
+        orphan,
+        ServiceValue {
+            backend_id: 1,
+            svc_id: 9,
+            ..Default::default()
+        },
+    );
+    let mut adopted = adopt(&maps);
+    let desired = BTreeMap::from([(key, Arc::new(frontend(key, &["10.244.1.11"])))]);
+    let changes = adopted.diff_all(&desired);
+    assert!(changes.is_empty(), "slot 1 is intact: {changes:?}");
+    adopted.apply(&mut maps, &changes).unwrap();
+    assert!(!maps.services.contains_key(&service_key(&key, 2)));
+    assert!(!maps.services.contains_key(&orphan));
+    assert!(!maps.backends.contains_key(&2));
+    assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.11"]));
+}
+
+#[test]
+fn diff_all_removes_what_is_not_desired() {
+    let mut maps = MemoryMaps::default();
+    let mut rec = Reconciler::default();
+    let a = fkey("10.96.0.100", 6379);
+    rec.apply(&mut maps, &change(frontend(a, &["10.244.1.11"])))
+        .unwrap();
+    let changes = rec.diff_all(&BTreeMap::new());
+    assert_eq!(changes, BTreeMap::from([(a, None)]));
+}
+
+#[test]
+fn a_failed_write_leaves_the_kernel_consistent() {
+    let mut maps = MemoryMaps::default();
+    let mut rec = Reconciler::default();
+    let key = fkey("10.96.0.100", 6379);
+    rec.apply(&mut maps, &change(frontend(key, &["10.244.1.11"])))
+        .unwrap();
+    // The second backend write of the next update fails; the invariant checks in
+    // MemoryMaps prove no connect could have seen a dangling slot.
+    maps.fail_put_at = Some(4);
+    let err = rec
+        .apply(
+            &mut maps,
+            &change(frontend(
+                key,
+                &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
+            )),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.11"]));
+    // A resync from the kernel's state converges.
+    let mut resynced = adopt(&maps);
+    let desired = BTreeMap::from([(
+        key,
+        Arc::new(frontend(
+            key,
+            &["10.244.1.11", "10.244.1.12", "10.244.1.13"],
+        )),
+    )]);
+    let changes = resynced.diff_all(&desired);
+    resynced.apply(&mut maps, &changes).unwrap();
+    assert_eq!(
+        reachable_ips(&maps, &key),
+        ips(&["10.244.1.11", "10.244.1.12", "10.244.1.13"])
+    );
+    assert_eq!(
+        maps.backends.len(),
+        3,
+        "the half-written backend was collected"
+    );
+}
+
+#[test]
+fn many_random_updates_keep_the_invariant() {
+    // A deterministic pseudo-random walk over backend sets for a few frontends;
+    // MemoryMaps asserts the connect() invariant after every single operation.
+    let mut maps = MemoryMaps::default();
+    let mut rec = Reconciler::default();
+    let keys: Vec<FrontendKey> = (0..4)
+        .map(|i| fkey(&format!("10.96.0.{}", 10 + i), 80))
+        .collect();
+    let mut seed: u64 = 0x1234_5678;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..400 {
+        let key = keys[(next() % 4) as usize];
+        let change = if next() % 10 == 0 {
+            None
+        } else {
+            let n = next() % 6;
+            let pool: Vec<String> = (0..n)
+                .map(|_| format!("10.244.1.{}", next() % 12 + 1))
+                .collect();
+            let refs: Vec<&str> = pool.iter().map(String::as_str).collect();
+            let mut f = frontend(key, &refs);
+            f.backends.sort();
+            f.backends.dedup();
+            Some(f)
+        };
+        let expected: BTreeSet<IpAddr> = change
+            .as_ref()
+            .map(|f| f.backends.iter().map(|b| b.ip).collect())
+            .unwrap_or_default();
+        rec.apply(&mut maps, &BTreeMap::from([(key, change.map(Arc::new))]))
+            .unwrap();
+        assert_eq!(reachable_ips(&maps, &key), expected);
+    }
+    // No leaked backends: every backend in the map is referenced by some slot.
+    let referenced: BTreeSet<u32> = maps
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot > 0)
+        .map(|(_, v)| v.backend_id)
+        .collect();
+    assert_eq!(referenced, maps.backends.keys().copied().collect());
+}
+
+fn small(frontends: u32, backends: u32, service_entries: u32) -> Limits {
+    Limits {
+        frontends,
+        backends,
+        service_entries,
+    }
+}
+
+#[test]
+fn frontends_past_capacity_are_reported_and_earlier_ones_keep_working() {
+    // Ids 1..4: three frontends fit; LB_SERVICES holds 8 entries.
+    let limits = small(4, 64, 8);
+    let mut maps = MemoryMaps::with_limits(limits);
+    let mut rec = Reconciler::new(limits);
+    let keys: Vec<FrontendKey> = (0..5).map(|i| fkey(&format!("10.96.0.{}", 10 + i), 80)).collect();
+    let mut changes = BTreeMap::new();
+    for key in &keys {
+        changes.insert(*key, Some(Arc::new(frontend(*key, &["10.244.1.11"]))));
+    }
+    let stats = rec.apply(&mut maps, &changes).unwrap();
+    // Three frontends (2 entries each) get the three ids; two wait for one.
+    assert_eq!(rec.frontend_count(), 3);
+    assert_eq!(
+        stats.unprogrammed,
+        vec![(keys[3], Shortage::Frontends), (keys[4], Shortage::Frontends)]
+    );
+    for key in &keys[..3] {
+        assert_eq!(reachable_ips(&maps, key), ips(&["10.244.1.11"]));
+    }
+    for key in &keys[3..] {
+        assert!(!maps.services.contains_key(&service_key(key, 0)), "all of it or none");
+    }
+    assert!(maps.unreachable().is_empty());
+
+    // An update that does not fit (6 + 3 > 8 entries) leaves the previous version.
+    let four = ["10.244.1.11", "10.244.1.12", "10.244.1.13", "10.244.1.14"];
+    let stats = rec.apply(&mut maps, &change(frontend(keys[0], &four))).unwrap();
+    assert_eq!(stats.unprogrammed, vec![(keys[0], Shortage::ServiceEntries)]);
+    assert_eq!(reachable_ips(&maps, &keys[0]), ips(&["10.244.1.11"]));
+
+    // Space frees up: a retry of `pending` programs what fits now, in key order.
+    let stats = rec
+        .apply(&mut maps, &BTreeMap::from([(keys[1], None), (keys[2], None)]))
+        .unwrap();
+    assert!(stats.freed_space());
+    let stats = rec.apply(&mut maps, &rec.pending()).unwrap();
+    assert_eq!(stats.now_programmed, vec![keys[0], keys[3]]);
+    assert_eq!(stats.unprogrammed, vec![(keys[4], Shortage::ServiceEntries)]);
+    assert_eq!(reachable_ips(&maps, &keys[0]), ips(&four));
+    assert_eq!(reachable_ips(&maps, &keys[3]), ips(&["10.244.1.11"]));
+    assert!(!maps.services.contains_key(&service_key(&keys[4], 0)));
+    assert_eq!(rec.service_entry_count(), maps.services.len());
+    assert!(maps.unreachable().is_empty());
+}
+
+#[test]
+fn backends_past_capacity_keep_the_frontend_out_entirely() {
+    let limits = small(16, 4, 64);
+    let mut maps = MemoryMaps::with_limits(limits);
+    let mut rec = Reconciler::new(limits);
+    let a = fkey("10.96.0.10", 80);
+    let b = fkey("10.96.0.11", 80);
+    rec.apply(&mut maps, &change(frontend(a, &["10.244.1.1", "10.244.1.2"])))
+        .unwrap();
+    // b needs two new backends; only one id is left (ids 1..4).
+    let stats = rec
+        .apply(&mut maps, &change(frontend(b, &["10.244.1.1", "10.244.1.3", "10.244.1.4"])))
+        .unwrap();
+    assert_eq!(stats.unprogrammed, vec![(b, Shortage::Backends)]);
+    assert!(!maps.services.contains_key(&service_key(&b, 0)));
+    assert_eq!(maps.backends.len(), 2, "nothing half-written");
+    // Reusing existing backends fits.
+    let stats = rec
+        .apply(&mut maps, &change(frontend(b, &["10.244.1.1", "10.244.1.2", "10.244.1.3"])))
+        .unwrap();
+    assert!(stats.unprogrammed.is_empty());
+    assert_eq!(
+        reachable_ips(&maps, &b),
+        ips(&["10.244.1.1", "10.244.1.2", "10.244.1.3"])
+    );
+}
+
+/// A pseudo-random walk through Services (some fighting over one ClusterIP:port),
+/// slices, deletions, injected write failures and small capacities. After every step
+/// (with a resync from the kernel's state after a failure, as the daemon does), the
+/// maps hold exactly the model's frontends that fit, nothing unreachable, and
+/// frontends that did not fit are entirely absent or at their previous version.
+#[test]
+fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
+    use crate::model::{Model, ServiceSpec, SliceSpec, spec};
+
+    let limits = small(10, 14, 36);
+    let mut maps = MemoryMaps::with_limits(limits);
+    let mut rec = Reconciler::new(limits);
+    let mut model = Model::default();
+    let mut seed: u64 = 0x9e37_79b9;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let service = |i: u64, ip: u64| {
+        Arc::new(ServiceSpec {
+            id: ObjectRef::new("pods", format!("svc-{i}")),
+            service_type: spec::ServiceType::ClusterIP,
+            cluster_ips: vec![format!("10.96.0.{}", 10 + ip).parse().unwrap()],
+            ports: vec![spec::ServicePortSpec {
+                name: String::new(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                target_port: spec::TargetPort::Number(8080),
+                node_port: None,
+            }],
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            source_ranges: Vec::new(),
+            affinity_timeout: None,
+            internal_local: false,
+            external_local: false,
+            health_check_node_port: None,
+            traffic_distribution: None,
+        })
+    };
+    let slice = |i: u64, endpoints: Vec<IpAddr>| {
+        Arc::new(SliceSpec {
+            id: ObjectRef::new("pods", format!("svc-{i}-x")),
+            service: ObjectRef::new("pods", format!("svc-{i}")),
+            address_type: Some(spec::AddressType::Ipv4),
+            ports: vec![spec::SlicePort {
+                name: String::new(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints: endpoints
+                .into_iter()
+                .map(|address| spec::SliceEndpoint {
+                    address,
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    node_name: None,
+                    zone: None,
+                    zone_hints: Vec::new(),
+                    node_hints: Vec::new(),
+                })
+                .collect(),
+            trigger_time: None,
+        })
+    };
+    let mut failures = 0;
+    for step in 0..2000 {
+        let i = next(12);
+        match next(10) {
+            0 => model.remove_service(&ObjectRef::new("pods", format!("svc-{i}"))),
+            1 => model.remove_slice(&ObjectRef::new("pods", format!("svc-{i}-x"))),
+            // Eight addresses for twelve Services: conflicts happen.
+            2..=4 => model.upsert_service(service(i, next(8))),
+            _ => {
+                let n = next(6);
+                let endpoints = (0..n)
+                    .map(|_| format!("10.244.1.{}", next(20) + 1).parse().unwrap())
+                    .collect();
+                model.upsert_slice(slice(i, endpoints));
+            }
+        }
+        if next(4) == 0 {
+            maps.fail_put_at = Some(maps.puts() + 1 + next(4) as usize);
+        }
+        let changes = model.recompute();
+        let result = rec.apply(&mut maps, &changes.frontends);
+        maps.fail_put_at = None;
+        if result.is_err() {
+            failures += 1;
+            rec = adopt_with(limits, &maps);
+            let diff = rec.diff_all(model.frontends());
+            rec.apply(&mut maps, &diff).unwrap();
+        } else if result.as_ref().unwrap().freed_space() && !rec.unprogrammed().is_empty() {
+            rec.apply(&mut maps, &rec.pending()).unwrap();
+        }
+        assert!(maps.unreachable().is_empty(), "step {step}: {:?}", maps.unreachable());
+        for (key, frontend) in model.frontends() {
+            let in_kernel = maps.services.contains_key(&service_key(key, 0));
+            if rec.unprogrammed().contains_key(key) {
+                assert_eq!(in_kernel, rec.is_programmed(key), "step {step}: {key}");
+                continue;
+            }
+            let want: BTreeSet<IpAddr> = frontend.backends.iter().map(|b| b.ip).collect();
+            assert_eq!(reachable_ips(&maps, key), want, "step {step}: {key}");
+        }
+        for key in maps.services.keys().filter(|k| k.slot == 0) {
+            let ip = addr_to_ip(&key.addr);
+            assert!(
+                model.frontends().keys().any(|k| k.ip == ip),
+                "step {step}: {ip} is in the kernel but not in the model"
+            );
+        }
+        assert_eq!(rec.service_entry_count(), maps.services.len(), "step {step}");
+        assert!(maps.backends.len() < limits.backends as usize);
+    }
+    assert!(failures > 80, "only {failures} injected failures");
+}
+
+fn adopt_with(limits: Limits, maps: &MemoryMaps) -> Reconciler {
+    Reconciler::adopt(
+        limits,
+        maps.services.iter().map(|(k, v)| (*k, *v)),
+        maps.backends.iter().map(|(k, v)| (*k, *v)),
+        maps.names.iter().map(|(k, v)| (*k, v.clone())),
+    )
+}
