@@ -8,9 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, FrontendName, FrontendStats, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
-    maps::{
-        BACKEND_STATS, BACKENDS, FRONTEND_NAMES, FRONTEND_STATS, SERVICES, SOCK_REVNAT, STATS,
-    },
+    maps::{BACKEND_STATS, BACKENDS, FRONTEND_NAMES, FRONTEND_STATS, SERVICES, SOCK_REVNAT, STATS},
 };
 
 /// Frontends (slot 0) and their backend slots. Not preallocated: elements are freed

@@ -194,7 +194,9 @@ impl ControlPlane {
         // etcd syncs every write to disk; on tmpfs the control plane is as fast as the
         // machine allows (it holds test data only).
         let etcd_dir = if Path::new("/dev/shm").is_dir() {
-            Path::new("/dev/shm").join(dir.file_name().expect("named")).join("etcd")
+            Path::new("/dev/shm")
+                .join(dir.file_name().expect("named"))
+                .join("etcd")
         } else {
             dir.join("etcd")
         };

@@ -68,7 +68,12 @@ fn status_key(address: &str, port: u16, protocol: &str, scope: Scope) -> StatusK
         Scope::Internal => "internal",
         Scope::External => "external",
     };
-    (address.to_string(), port, protocol.to_string(), scope.to_string())
+    (
+        address.to_string(),
+        port,
+        protocol.to_string(),
+        scope.to_string(),
+    )
 }
 
 /// The kernel's frontends, joined with the daemon's view where it has one, plus the
@@ -79,7 +84,11 @@ pub fn frontends(snapshot: &MapSnapshot, daemon: Option<&Value>) -> Vec<ListedFr
         .into_iter()
         .flatten()
         .map(|f| {
-            let scope = if f["scope"] == "external" { Scope::External } else { Scope::Internal };
+            let scope = if f["scope"] == "external" {
+                Scope::External
+            } else {
+                Scope::Internal
+            };
             (
                 status_key(
                     f["address"].as_str().unwrap_or(""),
@@ -129,8 +138,14 @@ pub fn frontends(snapshot: &MapSnapshot, daemon: Option<&Value>) -> Vec<ListedFr
                     translated: fe.stats.translated,
                     refused: fe.stats.refused,
                 },
-                affinity_timeout: (flags & SVC_F_AFFINITY != 0).then_some(fe.value.affinity_timeout),
-                policy: if flags & SVC_F_LOCAL != 0 { "Local" } else { "Cluster" }.into(),
+                affinity_timeout: (flags & SVC_F_AFFINITY != 0)
+                    .then_some(fe.value.affinity_timeout),
+                policy: if flags & SVC_F_LOCAL != 0 {
+                    "Local"
+                } else {
+                    "Cluster"
+                }
+                .into(),
                 topology: info
                     .and_then(|i| i["topology"].as_str())
                     .unwrap_or("none")
@@ -139,7 +154,9 @@ pub fn frontends(snapshot: &MapSnapshot, daemon: Option<&Value>) -> Vec<ListedFr
                     .and_then(|i| i["excluded"].as_array())
                     .cloned()
                     .unwrap_or_default(),
-                not_programmed: info.and_then(|i| i["not_programmed"].as_str()).map(str::to_string),
+                not_programmed: info
+                    .and_then(|i| i["not_programmed"].as_str())
+                    .map(str::to_string),
                 missing_slots: fe.slots.iter().filter(|s| s.is_none()).count(),
                 stale_slots: fe.extra_slots.len(),
             };
@@ -151,7 +168,11 @@ pub fn frontends(snapshot: &MapSnapshot, daemon: Option<&Value>) -> Vec<ListedFr
         let Some(reason) = info["not_programmed"].as_str() else {
             continue;
         };
-        let scope = if info["scope"] == "external" { Scope::External } else { Scope::Internal };
+        let scope = if info["scope"] == "external" {
+            Scope::External
+        } else {
+            Scope::Internal
+        };
         let Ok(ip) = info["address"].as_str().unwrap_or("").parse() else {
             continue;
         };
@@ -256,7 +277,9 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
             notes.push(format!("topology {}", fe.topology));
         }
         if let Some(reason) = fe.not_programmed.as_ref().filter(|_| fe.id != 0) {
-            notes.push(format!("update not programmed ({reason}); serving the previous version"));
+            notes.push(format!(
+                "update not programmed ({reason}); serving the previous version"
+            ));
         }
         if !fe.excluded.is_empty() {
             let excluded: Vec<String> = fe
@@ -265,7 +288,10 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
                 .map(|e| {
                     format!(
                         "{} ({})",
-                        endpoint(e["address"].as_str().unwrap_or(""), e["port"].as_u64().unwrap_or(0) as u16),
+                        endpoint(
+                            e["address"].as_str().unwrap_or(""),
+                            e["port"].as_u64().unwrap_or(0) as u16
+                        ),
                         e["reason"].as_str().unwrap_or("")
                     )
                 })
@@ -309,9 +335,16 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
             d["pid"],
             d["node"].as_str().unwrap_or(""),
             d["source"].as_str().unwrap_or(""),
-            if d["ready"] == true { ", ready" } else { ", not ready yet (first sync pending)" }
+            if d["ready"] == true {
+                ", ready"
+            } else {
+                ", not ready yet (first sync pending)"
+            }
         )?,
-        (None, Some(pid)) => writeln!(out, "daemon: pid {pid} holds the pin directory (its status socket does not answer)")?,
+        (None, Some(pid)) => writeln!(
+            out,
+            "daemon: pid {pid} holds the pin directory (its status socket does not answer)"
+        )?,
         (None, None) => writeln!(
             out,
             "daemon: none running; the datapath keeps serving what it was last given"
@@ -319,7 +352,10 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
     }
     let unprogrammed = listed.iter().filter(|f| f.not_programmed.is_some()).count();
     if unprogrammed > 0 {
-        writeln!(out, "{unprogrammed} frontends do not fit the maps (see NOT PROGRAMMED above)")?;
+        writeln!(
+            out,
+            "{unprogrammed} frontends do not fit the maps (marked above); raise the --max-* flag named"
+        )?;
     }
     if !snapshot.orphan_slots.is_empty() || !snapshot.unreferenced_backends.is_empty() {
         writeln!(

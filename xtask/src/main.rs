@@ -236,7 +236,10 @@ fn run_task(manifests: Option<PathBuf>, daemon_args: Vec<String>) -> Result<()> 
     let pin_dir = format!("/sys/fs/bpf/{}", tb.id);
     let mut args = vec![
         "--manifests".to_string(),
-        workspace_root().join("examples/manifests").display().to_string(),
+        workspace_root()
+            .join("examples/manifests")
+            .display()
+            .to_string(),
         "--cgroup".to_string(),
         tb.cgroup().display().to_string(),
         "--pin-dir".to_string(),
@@ -345,11 +348,17 @@ fn cluster_task(daemon_args: Vec<String>) -> Result<()> {
     }
     let lb = build_lb(false)?;
     let stop = ctrl_c_flag();
-    eprintln!("Starting a Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)");
+    eprintln!(
+        "Starting a Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)"
+    );
     let cp = ControlPlane::start(Etcd::Bundled)?;
     let world = std::sync::Arc::new(World::new(&["node-1"])?);
     let node = SimNode::start(&cp, world.clone(), "node-1", NodeOptions::default())?;
-    eprintln!("Simulated node {} registered (pods on {})", node.name, node.net().pod_cidr_v4);
+    eprintln!(
+        "Simulated node {} registered (pods on {})",
+        node.name,
+        node.net().pod_cidr_v4
+    );
     let pin_dir = format!("/sys/fs/bpf/{}", node.name);
     let mut args = vec![
         "--kubeconfig".to_string(),
@@ -381,18 +390,41 @@ fn cluster_task(daemon_args: Vec<String>) -> Result<()> {
     };
     let demo = (|| -> Result<()> {
         let deployment = workspace_root().join("examples/cluster/r-deployment.yaml");
-        println!("\n$ kubectl apply -f examples/cluster/r-deployment.yaml   # the seed's redis Deployment");
+        println!(
+            "\n$ kubectl apply -f examples/cluster/r-deployment.yaml   # the seed's redis Deployment"
+        );
         kubectl(&["apply", "-f", &deployment.display().to_string()])?;
         println!("$ kubectl expose deployment redis-master --port=6379");
         kubectl(&["expose", "deployment", "redis-master", "--port=6379"])?;
         println!("$ kubectl run web --image=busybox -- sleep infinity        # the client pod");
-        kubectl(&["run", "web", "--image=busybox", "--restart=Never", "--", "sleep", "infinity"])?;
+        kubectl(&[
+            "run",
+            "web",
+            "--image=busybox",
+            "--restart=Never",
+            "--",
+            "sleep",
+            "infinity",
+        ])?;
         let deadline = Instant::now() + Duration::from_secs(60);
         let vip = loop {
             let ready = cp.kubectl(&["get", "pods", "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"])?;
-            let slices = cp.kubectl(&["get", "endpointslices", "-l", "kubernetes.io/service-name=redis-master", "-o", "jsonpath={.items[*].endpoints[*].addresses[0]}"])?;
+            let slices = cp.kubectl(&[
+                "get",
+                "endpointslices",
+                "-l",
+                "kubernetes.io/service-name=redis-master",
+                "-o",
+                "jsonpath={.items[*].endpoints[*].addresses[0]}",
+            ])?;
             if ready.lines().filter(|l| *l == "True").count() == 2 && !slices.trim().is_empty() {
-                break cp.kubectl(&["get", "service", "redis-master", "-o", "jsonpath={.spec.clusterIP}"])?;
+                break cp.kubectl(&[
+                    "get",
+                    "service",
+                    "redis-master",
+                    "-o",
+                    "jsonpath={.spec.clusterIP}",
+                ])?;
             }
             if Instant::now() > deadline {
                 bail!("the pods did not become ready");
@@ -402,13 +434,28 @@ fn cluster_task(daemon_args: Vec<String>) -> Result<()> {
         println!("$ kubectl get pods,services,endpointslices -o wide");
         kubectl(&["get", "pods,services,endpointslices", "-o", "wide"])?;
         thread::sleep(Duration::from_millis(300));
-        println!("\nThe web pod connects to redis-master at the ClusterIP the API server allocated ({vip}):");
+        println!(
+            "\nThe web pod connects to redis-master at the ClusterIP the API server allocated ({vip}):"
+        );
         for _ in 0..3 {
-            let out = node.exec("default", "web", &["redis-cli", "-h", &vip, "GET", "whoami"], Duration::from_secs(5))?;
-            println!("  redis-cli -h {vip} GET whoami  ->  {}", String::from_utf8_lossy(&out.stdout).trim());
+            let out = node.exec(
+                "default",
+                "web",
+                &["redis-cli", "-h", &vip, "GET", "whoami"],
+                Duration::from_secs(5),
+            )?;
+            println!(
+                "  redis-cli -h {vip} GET whoami  ->  {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
         }
-        let list = Command::new(&lb).args(["list", "--pin-dir", &pin_dir]).output()?;
-        println!("\nlb list --pin-dir {pin_dir}:\n{}", String::from_utf8_lossy(&list.stdout));
+        let list = Command::new(&lb)
+            .args(["list", "--pin-dir", &pin_dir])
+            .output()?;
+        println!(
+            "\nlb list --pin-dir {pin_dir}:\n{}",
+            String::from_utf8_lossy(&list.stdout)
+        );
         let web = node.pod("default", "web").context("the web pod is gone")?;
         let state = SandboxState {
             client_netns: web.netns.clone(),
@@ -427,7 +474,10 @@ fn cluster_task(daemon_args: Vec<String>) -> Result<()> {
              \x20 curl -s localhost:10249/metrics | grep kubeproxy_\n\
              Ctrl-C stops the daemon and removes the control plane and the node.",
             kubeconfig = cp.kubeconfig.display(),
-            kubectl_bin = lb_testbed::k8s::binaries()?.unwrap_or_default().join("kubectl").display(),
+            kubectl_bin = lb_testbed::k8s::binaries()?
+                .unwrap_or_default()
+                .join("kubectl")
+                .display(),
         );
         Ok(())
     })();

@@ -35,10 +35,17 @@ use crate::{
 };
 
 /// Frontend changes written per chunk (between stop checks).
-const CHUNK: usize = 4096;
+const CHUNK: usize = 1024;
 /// Retry delays after a failed sync.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Where the controller reports what it does.
+pub struct Outputs {
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub board: StatusBoard,
+}
 
 /// Why a sync ended early.
 #[derive(Debug)]
@@ -85,11 +92,14 @@ impl Controller {
         datapath: Datapath,
         limits: Limits,
         node_name: String,
-        health: Arc<Health>,
-        metrics: Arc<Metrics>,
-        board: StatusBoard,
+        outputs: Outputs,
         stop: Arc<AtomicBool>,
     ) -> Self {
+        let Outputs {
+            health,
+            metrics,
+            board,
+        } = outputs;
         Self {
             model: Model::default(),
             reconciler: Reconciler::new(limits),
@@ -131,10 +141,20 @@ impl Controller {
                 .min(Duration::from_millis(200));
             match events.recv_timeout(wait) {
                 Ok(batch) => {
+                    let started = Instant::now();
+                    let mut count = batch.len();
                     self.absorb(batch);
-                    while let Ok(batch) = events.try_recv() {
+                    while !self.stopping()
+                        && let Ok(batch) = events.try_recv()
+                    {
+                        count += batch.len();
                         self.absorb(batch);
                     }
+                    debug!(
+                        events = count,
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "source events absorbed"
+                    );
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -150,6 +170,10 @@ impl Controller {
                 break;
             }
         }
+        // The process is about to exit: tearing down the model and the reconciler
+        // (hundreds of thousands of objects) would only delay it.
+        std::mem::forget(self.model);
+        std::mem::forget(self.reconciler);
         self.datapath
     }
 
@@ -167,7 +191,11 @@ impl Controller {
 
     fn absorb(&mut self, batch: Vec<Event>) {
         let mut node_changed = false;
-        for event in batch {
+        for (i, event) in batch.into_iter().enumerate() {
+            // A huge batch (a first list) must not hold up a shutdown.
+            if i % 1024 == 1023 && self.stopping() {
+                return;
+            }
             match event {
                 Event::Upsert(Object::Service(spec)) => self.model.upsert_service(spec),
                 Event::Upsert(Object::Slice(spec)) => self.model.upsert_slice(spec),
@@ -219,7 +247,10 @@ impl Controller {
         match result {
             Ok(stats) => self.succeeded(started, full, stats),
             Err(SyncError::Stopped) => {
-                info!("sync interrupted by shutdown; the kernel maps are consistent");
+                info!(
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "sync interrupted by shutdown; the kernel maps are consistent"
+                );
             }
             Err(SyncError::Failed(err)) => {
                 self.metrics.sync_failures.inc();
@@ -348,7 +379,8 @@ impl Controller {
             .iter()
             .map(|(key, frontend)| (*key, Some(frontend.clone())))
             .collect();
-        self.board.reset(&everything, self.reconciler.unprogrammed());
+        self.board
+            .reset(&everything, self.reconciler.unprogrammed());
         let stats = stats?;
         if !self.datapath.is_active() {
             self.datapath.activate().map_err(SyncError::Failed)?;
@@ -381,6 +413,8 @@ impl Controller {
             .partition(|(_, change)| change.is_none());
         let mut all = removals;
         all.extend(upserts);
+        let count = all.len();
+        let mut done = 0;
         let mut rest = all.into_iter().peekable();
         while rest.peek().is_some() {
             if self.stopping() {
@@ -391,6 +425,10 @@ impl Controller {
                 .reconciler
                 .apply(&mut self.maps, &chunk)
                 .map_err(|err| SyncError::Failed(anyhow!(err)))?;
+            done += chunk.len();
+            if done < count {
+                debug!(done, count, "frontend changes written so far");
+            }
             total.absorb(stats);
         }
         Ok(total)

@@ -115,9 +115,11 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         datapath,
         options.datapath.capacities.limits(),
         options.node_name.clone(),
-        health,
-        metrics,
-        board,
+        controller::Outputs {
+            health,
+            metrics,
+            board,
+        },
         stop.clone(),
     );
     let sync = std::thread::Builder::new()

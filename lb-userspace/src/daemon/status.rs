@@ -33,7 +33,13 @@ pub fn socket_path(pin_dir: &Path) -> PathBuf {
         .to_string_lossy()
         .trim_matches('/')
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     PathBuf::from("/run/lb").join(format!("{name}.sock"))
 }
@@ -236,7 +242,10 @@ mod tests {
 
     #[test]
     fn socket_names_follow_the_pin_directory() {
-        assert_eq!(socket_path(Path::new("/sys/fs/bpf/lb")), PathBuf::from("/run/lb/sys_fs_bpf_lb.sock"));
+        assert_eq!(
+            socket_path(Path::new("/sys/fs/bpf/lb")),
+            PathBuf::from("/run/lb/sys_fs_bpf_lb.sock")
+        );
         assert_ne!(
             socket_path(Path::new("/sys/fs/bpf/a-b")),
             socket_path(Path::new("/sys/fs/bpf/a_c"))

@@ -362,7 +362,7 @@ impl KernelMaps {
             key,
             value,
         )
-            .with_context(|| format!("writing an entry to {which:?}"))
+        .with_context(|| format!("writing an entry to {which:?}"))
     }
 
     fn delete_one<K: Pod>(&mut self, which: MapFdKind, key: &K) -> Result<()> {

@@ -242,9 +242,11 @@ fn load_object(maps_dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
     }
     let flag = u8::from(has_set_retval);
     let mut loader = EbpfLoader::new();
-    loader
-        .default_map_pin_directory(maps_dir)
-        .override_global("LB_CONFIG_HAS_SET_RETVAL", &flag, true);
+    loader.default_map_pin_directory(maps_dir).override_global(
+        "LB_CONFIG_HAS_SET_RETVAL",
+        &flag,
+        true,
+    );
     for def in &lb_common::maps::ALL {
         loader.map_max_entries(def.name, capacities.entries(def));
     }
@@ -253,7 +255,10 @@ fn load_object(maps_dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
     // created) is what this build declares.
     for def in &lb_common::maps::ALL {
         if let Some(why) = pins::mismatch(&maps_dir.join(def.name), def, capacities.entries(def)) {
-            bail!("the map pinned at {} is not what this build expects: {why}", maps_dir.display());
+            bail!(
+                "the map pinned at {} is not what this build expects: {why}",
+                maps_dir.display()
+            );
         }
     }
     for name in PROGRAMS {

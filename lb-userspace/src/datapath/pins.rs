@@ -88,7 +88,10 @@ pub fn mismatch(path: &Path, def: &MapDef, entries: u32) -> Option<String> {
     };
     let kind = info.map_type().ok().and_then(kind_of);
     if kind != Some(def.kind) {
-        return Some(format!("{} has type {:?}, expected {:?}", def.name, kind, def.kind));
+        return Some(format!(
+            "{} has type {:?}, expected {:?}",
+            def.name, kind, def.kind
+        ));
     }
     if info.key_size() != def.key_size || info.value_size() != def.value_size {
         return Some(format!(
@@ -138,7 +141,10 @@ fn other_map_sets(pin_dir: &Path) -> Vec<PathBuf> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let is_version_dir = path.is_dir()
             && name.starts_with('v')
-            && name[1..].split('_').next().is_some_and(|n| n.parse::<u32>().is_ok());
+            && name[1..]
+                .split('_')
+                .next()
+                .is_some_and(|n| n.parse::<u32>().is_ok());
         let is_legacy_pin = path.is_file() && name.starts_with("LB_");
         if (is_version_dir && !ours.contains(&path)) || is_legacy_pin {
             found.push(path);
@@ -151,7 +157,9 @@ fn other_map_sets(pin_dir: &Path) -> Vec<PathBuf> {
 /// The version a map set was pinned with, for messages.
 fn describe(set: &Path) -> String {
     match set.file_name().and_then(|n| n.to_str()) {
-        Some(name) if name.starts_with("LB_") => "layout v1 (maps pinned in the pin directory itself)".into(),
+        Some(name) if name.starts_with("LB_") => {
+            "layout v1 (maps pinned in the pin directory itself)".into()
+        }
         Some(name) => format!("layout {name}"),
         None => set.display().to_string(),
     }
@@ -204,8 +212,9 @@ pub fn prepare(pin_dir: &Path, capacities: &Capacities) -> Result<Layout> {
             if target.exists() {
                 remove_map_set(&target)?;
             }
-            fs::rename(&staging, &target)
-                .with_context(|| format!("renaming {} to {}", staging.display(), target.display()))?;
+            fs::rename(&staging, &target).with_context(|| {
+                format!("renaming {} to {}", staging.display(), target.display())
+            })?;
         } else {
             remove_map_set(&staging)?;
         }
@@ -265,8 +274,9 @@ pub fn finish(pin_dir: &Path, layout: &mut Layout) -> Result<()> {
     }
     if layout.staging {
         let target = version_dir(pin_dir);
-        fs::rename(&layout.dir, &target)
-            .with_context(|| format!("renaming {} to {}", layout.dir.display(), target.display()))?;
+        fs::rename(&layout.dir, &target).with_context(|| {
+            format!("renaming {} to {}", layout.dir.display(), target.display())
+        })?;
         layout.dir = target;
         layout.staging = false;
     }

@@ -83,7 +83,7 @@ pub fn sockets_of_gone(
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TerminateReport {
-    /// Sockets destroyed.
+    /// Live sockets (established, or connected UDP) the kernel destroyed.
     pub destroyed: usize,
     /// Network namespaces searched.
     pub namespaces: usize,
@@ -98,6 +98,12 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const SO_NETNS_COOKIE: i32 = 71;
+
+/// TCP states (as a sock_diag bit mask) of sockets worth destroying: ESTABLISHED,
+/// SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING. A
+/// connected UDP socket reports ESTABLISHED.
+const LIVE_STATES: u32 =
+    (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -309,12 +315,14 @@ impl SockDiag {
         }
     }
 
-    /// Every socket of one family and protocol in the current namespace.
+    /// The sockets of one family and protocol in the current namespace that still
+    /// talk to a peer: established (or connected, for UDP) and half-closed ones; not
+    /// TIME_WAIT or closed sockets, which have nothing left to reset.
     fn dump(&mut self, family: u8, protocol: u8) -> io::Result<Vec<InetDiagMsg>> {
         let req = InetDiagReqV2 {
             family,
             protocol,
-            states: u32::MAX,
+            states: LIVE_STATES,
             ..Default::default()
         };
         let seq = self.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &req)?;

@@ -31,4 +31,3 @@ pub fn layout(old: &[u32], wanted: &[u32]) -> Vec<u32> {
     }
     slots.into_iter().flatten().collect()
 }
-

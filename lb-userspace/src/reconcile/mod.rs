@@ -25,8 +25,8 @@ use std::{
 use anyhow::Result;
 use lb_common::{
     BACKEND_F_LOCAL, Backend, MAX_BACKENDS_PER_FRONTEND, SVC_F_AFFINITY, SVC_F_LOCAL,
-    SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, addr_from_ip, addr_to_ip, maps,
-    port_from_net, port_to_net,
+    SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, addr_from_ip, addr_to_ip, maps, port_from_net,
+    port_to_net,
 };
 
 use self::{ids::IdAllocator, layout::layout};
@@ -402,7 +402,11 @@ impl Reconciler {
                 this.garbage_backends.push(*id);
             }
         }
-        this.service_entries = this.frontends.values().map(|p| 1 + p.slots.len()).sum::<usize>()
+        this.service_entries = this
+            .frontends
+            .values()
+            .map(|p| 1 + p.slots.len())
+            .sum::<usize>()
             + this.garbage_slots.len();
         this
     }
@@ -488,7 +492,12 @@ impl Reconciler {
 
     /// Whether `frontend` fits, counting what this apply already admitted (deletions
     /// only free space after the apply, so they are not counted).
-    fn admit(&self, key: &FrontendKey, frontend: &Frontend, budget: &mut Budget) -> Result<(), Shortage> {
+    fn admit(
+        &self,
+        key: &FrontendKey,
+        frontend: &Frontend,
+        budget: &mut Budget,
+    ) -> Result<(), Shortage> {
         if frontend.backends.len() > MAX_BACKENDS_PER_FRONTEND as usize {
             return Err(Shortage::TooManyBackends);
         }
@@ -514,7 +523,9 @@ impl Reconciler {
         let entries_after = usize::from(is_new) + frontend.backends.len();
         let entries_before = old.map_or(0, |p| p.slots.len());
         let growth = entries_after.saturating_sub(entries_before);
-        if self.service_entries + budget.service_entries + growth > self.limits.service_entries as usize {
+        if self.service_entries + budget.service_entries + growth
+            > self.limits.service_entries as usize
+        {
             return Err(Shortage::ServiceEntries);
         }
         budget.service_entries += growth;
@@ -670,8 +681,8 @@ impl Reconciler {
             shrunk_slots.extend(
                 (new_slots.len() + 1..=old_slots.len()).map(|slot| service_key(key, slot as u16)),
             );
-            self.service_entries = self.service_entries + usize::from(is_new) + new_slots.len()
-                - old_slots.len();
+            self.service_entries =
+                self.service_entries + usize::from(is_new) + new_slots.len() - old_slots.len();
             released.extend(old_slots.iter().copied().filter(|id| *id != 0));
             self.frontends.insert(
                 *key,
@@ -700,10 +711,8 @@ impl Reconciler {
         // live, and counted with their frontend.
         let garbage = std::mem::take(&mut self.garbage_slots);
         self.service_entries -= garbage.len();
-        let mut removed_slots: Vec<ServiceKey> = garbage
-            .into_iter()
-            .filter(|key| !self.holds(key))
-            .collect();
+        let mut removed_slots: Vec<ServiceKey> =
+            garbage.into_iter().filter(|key| !self.holds(key)).collect();
         let mut removed_ids: Vec<u32> = Vec::new();
         for (key, change) in changes {
             if change.is_some() {

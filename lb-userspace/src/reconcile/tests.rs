@@ -426,7 +426,9 @@ fn frontends_past_capacity_are_reported_and_earlier_ones_keep_working() {
     let limits = small(4, 64, 8);
     let mut maps = MemoryMaps::with_limits(limits);
     let mut rec = Reconciler::new(limits);
-    let keys: Vec<FrontendKey> = (0..5).map(|i| fkey(&format!("10.96.0.{}", 10 + i), 80)).collect();
+    let keys: Vec<FrontendKey> = (0..5)
+        .map(|i| fkey(&format!("10.96.0.{}", 10 + i), 80))
+        .collect();
     let mut changes = BTreeMap::new();
     for key in &keys {
         changes.insert(*key, Some(Arc::new(frontend(*key, &["10.244.1.11"]))));
@@ -436,30 +438,47 @@ fn frontends_past_capacity_are_reported_and_earlier_ones_keep_working() {
     assert_eq!(rec.frontend_count(), 3);
     assert_eq!(
         stats.unprogrammed,
-        vec![(keys[3], Shortage::Frontends), (keys[4], Shortage::Frontends)]
+        vec![
+            (keys[3], Shortage::Frontends),
+            (keys[4], Shortage::Frontends)
+        ]
     );
     for key in &keys[..3] {
         assert_eq!(reachable_ips(&maps, key), ips(&["10.244.1.11"]));
     }
     for key in &keys[3..] {
-        assert!(!maps.services.contains_key(&service_key(key, 0)), "all of it or none");
+        assert!(
+            !maps.services.contains_key(&service_key(key, 0)),
+            "all of it or none"
+        );
     }
     assert!(maps.unreachable().is_empty());
 
     // An update that does not fit (6 + 3 > 8 entries) leaves the previous version.
     let four = ["10.244.1.11", "10.244.1.12", "10.244.1.13", "10.244.1.14"];
-    let stats = rec.apply(&mut maps, &change(frontend(keys[0], &four))).unwrap();
-    assert_eq!(stats.unprogrammed, vec![(keys[0], Shortage::ServiceEntries)]);
+    let stats = rec
+        .apply(&mut maps, &change(frontend(keys[0], &four)))
+        .unwrap();
+    assert_eq!(
+        stats.unprogrammed,
+        vec![(keys[0], Shortage::ServiceEntries)]
+    );
     assert_eq!(reachable_ips(&maps, &keys[0]), ips(&["10.244.1.11"]));
 
     // Space frees up: a retry of `pending` programs what fits now, in key order.
     let stats = rec
-        .apply(&mut maps, &BTreeMap::from([(keys[1], None), (keys[2], None)]))
+        .apply(
+            &mut maps,
+            &BTreeMap::from([(keys[1], None), (keys[2], None)]),
+        )
         .unwrap();
     assert!(stats.freed_space());
     let stats = rec.apply(&mut maps, &rec.pending()).unwrap();
     assert_eq!(stats.now_programmed, vec![keys[0], keys[3]]);
-    assert_eq!(stats.unprogrammed, vec![(keys[4], Shortage::ServiceEntries)]);
+    assert_eq!(
+        stats.unprogrammed,
+        vec![(keys[4], Shortage::ServiceEntries)]
+    );
     assert_eq!(reachable_ips(&maps, &keys[0]), ips(&four));
     assert_eq!(reachable_ips(&maps, &keys[3]), ips(&["10.244.1.11"]));
     assert!(!maps.services.contains_key(&service_key(&keys[4], 0)));
@@ -474,18 +493,27 @@ fn backends_past_capacity_keep_the_frontend_out_entirely() {
     let mut rec = Reconciler::new(limits);
     let a = fkey("10.96.0.10", 80);
     let b = fkey("10.96.0.11", 80);
-    rec.apply(&mut maps, &change(frontend(a, &["10.244.1.1", "10.244.1.2"])))
-        .unwrap();
+    rec.apply(
+        &mut maps,
+        &change(frontend(a, &["10.244.1.1", "10.244.1.2"])),
+    )
+    .unwrap();
     // b needs two new backends; only one id is left (ids 1..4).
     let stats = rec
-        .apply(&mut maps, &change(frontend(b, &["10.244.1.1", "10.244.1.3", "10.244.1.4"])))
+        .apply(
+            &mut maps,
+            &change(frontend(b, &["10.244.1.1", "10.244.1.3", "10.244.1.4"])),
+        )
         .unwrap();
     assert_eq!(stats.unprogrammed, vec![(b, Shortage::Backends)]);
     assert!(!maps.services.contains_key(&service_key(&b, 0)));
     assert_eq!(maps.backends.len(), 2, "nothing half-written");
     // Reusing existing backends fits.
     let stats = rec
-        .apply(&mut maps, &change(frontend(b, &["10.244.1.1", "10.244.1.2", "10.244.1.3"])))
+        .apply(
+            &mut maps,
+            &change(frontend(b, &["10.244.1.1", "10.244.1.2", "10.244.1.3"])),
+        )
         .unwrap();
     assert!(stats.unprogrammed.is_empty());
     assert_eq!(
@@ -584,15 +612,20 @@ fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
         let changes = model.recompute();
         let result = rec.apply(&mut maps, &changes.frontends);
         maps.fail_put_at = None;
+        let freed = result.as_ref().is_ok_and(ApplyStats::freed_space);
         if result.is_err() {
             failures += 1;
             rec = adopt_with(limits, &maps);
             let diff = rec.diff_all(model.frontends());
             rec.apply(&mut maps, &diff).unwrap();
-        } else if result.as_ref().unwrap().freed_space() && !rec.unprogrammed().is_empty() {
+        } else if freed && !rec.unprogrammed().is_empty() {
             rec.apply(&mut maps, &rec.pending()).unwrap();
         }
-        assert!(maps.unreachable().is_empty(), "step {step}: {:?}", maps.unreachable());
+        assert!(
+            maps.unreachable().is_empty(),
+            "step {step}: {:?}",
+            maps.unreachable()
+        );
         for (key, frontend) in model.frontends() {
             let in_kernel = maps.services.contains_key(&service_key(key, 0));
             if rec.unprogrammed().contains_key(key) {
@@ -609,7 +642,11 @@ fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
                 "step {step}: {ip} is in the kernel but not in the model"
             );
         }
-        assert_eq!(rec.service_entry_count(), maps.services.len(), "step {step}");
+        assert_eq!(
+            rec.service_entry_count(),
+            maps.services.len(),
+            "step {step}"
+        );
         assert!(maps.backends.len() < limits.backends as usize);
     }
     assert!(failures > 80, "only {failures} injected failures");

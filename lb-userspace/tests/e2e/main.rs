@@ -11,6 +11,7 @@ mod clusterip;
 mod examples;
 mod kube;
 mod probe;
+mod reliability;
 mod support;
 mod udp;
 
@@ -43,6 +44,7 @@ fn main() {
     trials.extend(examples::trials());
     trials.extend(udp::trials());
     trials.extend(kube::trials());
+    trials.extend(reliability::trials());
     let conclusion = libtest_mimic::run(&args, trials);
     // The shared control plane outlives single tests; stop it before exiting.
     cluster::shutdown();

@@ -220,6 +220,27 @@ pub fn main(args: &[String]) -> ! {
                 Err(err) => out(errno_line(&err)),
             }
         }
+        // load <ip> <port> <interval_ms>: a new redis connection (GET whoami) every
+        // interval until killed; one line per connection: "ok <who>" or "fail <errno>".
+        "load" => {
+            let addr = target(rest);
+            let interval = Duration::from_millis(rest[2].parse().expect("interval"));
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(300) {
+                let begun = Instant::now();
+                let result =
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).and_then(|mut s| {
+                        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                        s.write_all(b"GET whoami\r\n")?;
+                        redis_reply(&mut s)
+                    });
+                match result {
+                    Ok(who) => out(format!("ok {who}")),
+                    Err(err) => out(format!("fail {}", errno_line(&err))),
+                }
+                thread::sleep(interval.saturating_sub(begun.elapsed()));
+            }
+        }
         other => {
             eprintln!("unknown probe command {other:?}");
             std::process::exit(2);

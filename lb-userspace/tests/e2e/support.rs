@@ -105,6 +105,19 @@ impl Daemon {
         Ok(())
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the daemon with SIGKILL (a crash, an OOM kill).
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
     /// The address a daemon's server (`health` or `metrics`) bound, from its log.
     pub fn server_addr(&self, which: &str) -> Result<String> {
         let needle = format!("{which} server listening");

@@ -136,7 +136,11 @@ fn histogram_quantile(metrics: &str, name: &str, q: f64) -> (f64, u64) {
         .filter(|l| l.starts_with(&format!("{name}_bucket")))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
             let count = l.rsplit(' ').next()?.parse::<f64>().ok()? as u64;
             Some((bound, count))
         })
@@ -164,18 +168,37 @@ pub fn run(lb: &Path, plan: &Plan, work_dir: &Path) -> Result<KubeBench> {
         .build()?;
     let client = runtime.block_on(admin_client(&cp.kubeconfig))?;
     let started = Instant::now();
-    let vip = runtime.block_on(create_objects(&client, ns, plan.kube_services, plan.kube_endpoints))?;
+    let vip = runtime.block_on(create_objects(
+        &client,
+        ns,
+        plan.kube_services,
+        plan.kube_endpoints,
+    ))?;
     let create_objects_s = started.elapsed().as_secs_f64();
 
-    let cgroup = Cgroup::create(&format!("{}{}kbench", lb_testbed::PREFIX, std::process::id()))?;
-    let pin_dir = format!("/sys/fs/bpf/{}{}kbench", lb_testbed::PREFIX, std::process::id());
+    let cgroup = Cgroup::create(&format!(
+        "{}{}kbench",
+        lb_testbed::PREFIX,
+        std::process::id()
+    ))?;
+    let pin_dir = format!(
+        "/sys/fs/bpf/{}{}kbench",
+        lb_testbed::PREFIX,
+        std::process::id()
+    );
     let log = work_dir.join("daemon-kube.log");
     let started = Instant::now();
     let mut child = Command::new(lb)
         .arg("daemon")
         .arg("--kubeconfig")
         .arg(&cp.kubeconfig)
-        .args(["--node-name", "bench-node", "--pin-dir", &pin_dir, "--detach-on-exit"])
+        .args([
+            "--node-name",
+            "bench-node",
+            "--pin-dir",
+            &pin_dir,
+            "--detach-on-exit",
+        ])
         .arg("--cgroup")
         .arg(&cgroup.path)
         .args(["--health-addr", "off", "--metrics-addr", "127.0.0.1:0"])
@@ -207,7 +230,11 @@ pub fn run(lb: &Path, plan: &Plan, work_dir: &Path) -> Result<KubeBench> {
             let trigger = SystemTime::now();
             let stamp = now_rfc3339();
             let patch = slice("changing", &[expected], Some(&stamp));
-            runtime.block_on(slices.patch("changing-x", &PatchParams::default(), &Patch::Merge(&patch)))?;
+            runtime.block_on(slices.patch(
+                "changing-x",
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ))?;
             loop {
                 if probe.backend() == Some(expected) {
                     latencies.push(trigger.elapsed().unwrap_or_default());

@@ -310,7 +310,13 @@ impl Daemon {
             .arg(&topo.cgroup.path)
             .args(["--pin-dir", &format!("/sys/fs/bpf/{}", topo.id)])
             // Each run starts from scratch and leaves nothing attached.
-            .args(["--detach-on-exit", "--health-addr", "off", "--metrics-addr", "off"])
+            .args([
+                "--detach-on-exit",
+                "--health-addr",
+                "off",
+                "--metrics-addr",
+                "off",
+            ])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -443,7 +449,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     eprintln!("==> building lb (release)");
     let lb = crate::build_lb(true)?;
     if args.kube_only {
-        let work = std::env::temp_dir().join(format!("{}{}kbench-work", lb_testbed::PREFIX, std::process::id()));
+        let work = std::env::temp_dir().join(format!(
+            "{}{}kbench-work",
+            lb_testbed::PREFIX,
+            std::process::id()
+        ));
         fs::create_dir_all(&work)?;
         let result = kube::run(&lb, &plan, &work);
         let _ = fs::remove_dir_all(&work);

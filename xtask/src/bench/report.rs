@@ -171,13 +171,19 @@ fn targets(results: &Results) -> Vec<(String, String, bool)> {
     ));
     if let Some(k) = &results.kubernetes {
         lines.push((
-            format!("Kubernetes source, {} Services / {} endpoints: start to ready under 3 s", k.services, k.endpoints),
+            format!(
+                "Kubernetes source, {} Services / {} endpoints: start to ready under 3 s",
+                k.services, k.endpoints
+            ),
             format!("{:.3} s", k.start_to_ready_s),
             k.start_to_ready_s < 3.0,
         ));
         lines.push((
             "Kubernetes source: daemon RSS under 100 MB".into(),
-            format!("peak {:.1} MB, {:.1} MB after sync", k.peak_rss_mb, k.rss_after_sync_mb),
+            format!(
+                "peak {:.1} MB, {:.1} MB after sync",
+                k.peak_rss_mb, k.rss_after_sync_mb
+            ),
             k.peak_rss_mb < 100.0,
         ));
         lines.push((
@@ -371,14 +377,25 @@ fn markdown(
         cp.iptables_nft_restore_s
     );
     if let Some(k) = &results.kubernetes {
-        let _ = writeln!(md, "\n## Kubernetes source (a real kube-apiserver)\n\n| | |\n|---|---:|");
+        let _ = writeln!(
+            md,
+            "\n## Kubernetes source (a real kube-apiserver)\n\n| | |\n|---|---:|"
+        );
         let _ = writeln!(
             md,
             "| objects in the API server | {} Services, {} EndpointSlices, {} endpoints (created in {:.1} s) |",
             k.services, k.services, k.endpoints, k.create_objects_s
         );
-        let _ = writeln!(md, "| daemon start to ready (list all, program the maps) | {:.3} s |", k.start_to_ready_s);
-        let _ = writeln!(md, "| daemon RSS, peak / after sync | {:.1} MB / {:.1} MB |", k.peak_rss_mb, k.rss_after_sync_mb);
+        let _ = writeln!(
+            md,
+            "| daemon start to ready (list all, program the maps) | {:.3} s |",
+            k.start_to_ready_s
+        );
+        let _ = writeln!(
+            md,
+            "| daemon RSS, peak / after sync | {:.1} MB / {:.1} MB |",
+            k.peak_rss_mb, k.rss_after_sync_mb
+        );
         let _ = writeln!(
             md,
             "| network programming latency (slice trigger time to kernel map), p50 / p99 / max ({} changes) | {:.2} / {:.2} / {:.2} ms |",
@@ -516,7 +533,10 @@ pub fn check_smoke(out: &Path) -> Result<()> {
     if json["throughput"]["lb_gbps"].as_f64().unwrap_or(0.0) <= 0.0 {
         bail!("no throughput measured");
     }
-    if json["kubernetes"]["programming"]["samples"].as_u64().unwrap_or(0) == 0
+    if json["kubernetes"]["programming"]["samples"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
         || json["kubernetes"]["metric_samples"].as_u64().unwrap_or(0) == 0
     {
         bail!("no Kubernetes-source measurements: {}", json["kubernetes"]);
