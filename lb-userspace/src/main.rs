@@ -4,6 +4,7 @@ mod daemon;
 mod datapath;
 mod list;
 mod model;
+mod privileges;
 mod reconcile;
 mod source;
 mod warnings;
@@ -198,6 +199,9 @@ fn daemon(args: DaemonArgs) -> Result<()> {
     let _ = args.keep_pinned;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // The runtime's threads serve HTTP, the watchers and the log ring: CAP_BPF at
+        // most (see privileges.rs).
+        .on_thread_start(|| privileges::limit_thread(privileges::OTHER))
         .enable_all()
         .build()?
         .block_on(daemon::run(options))

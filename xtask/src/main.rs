@@ -572,9 +572,10 @@ fn test_task() -> Result<()> {
                 workspace_root().join("target/ebpf-clippy"),
             ),
     )?;
+    // As root, the unit tests that need root (ignored elsewhere) run too.
     step(
         "unit and end-to-end tests",
-        cargo().args(["test", "--workspace"]),
+        cargo().args(["test", "--workspace", "--", "--include-ignored"]),
     )?;
     step(
         "benchmark harness smoke test",

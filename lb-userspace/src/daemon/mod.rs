@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use self::{controller::Controller, http::Health, metrics::Metrics};
 use crate::{
     datapath::{self, Datapath, DatapathOptions},
-    source,
+    privileges, source,
 };
 
 #[derive(Debug, Clone)]
@@ -76,15 +76,12 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     let maps = datapath.take_maps()?;
 
     let (sink, events) = std::sync::mpsc::channel();
+    // The Kubernetes watchers are tasks on the runtime; the manifest source is a
+    // thread of its own, started below once this thread has shed its privileges.
+    let mut manifest_sink = None;
     let api = match (&options.source, client) {
-        (
-            SourceOptions::Manifests {
-                dir,
-                rescan_interval,
-            },
-            _,
-        ) => {
-            source::manifests::spawn(dir.clone(), *rescan_interval, sink)?;
+        (SourceOptions::Manifests { .. }, _) => {
+            manifest_sink = Some(sink);
             None
         }
         (SourceOptions::Kubernetes { .. }, Some(client)) => {
@@ -124,8 +121,23 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     );
     let sync = std::thread::Builder::new()
         .name("sync".into())
-        .spawn(move || controller.run(events))
+        .spawn(move || {
+            privileges::limit_thread(privileges::SYNC);
+            controller.run(events)
+        })
         .context("starting the sync thread")?;
+    // Loading is done: this thread (and any it starts) needs no more than CAP_BPF.
+    privileges::limit_thread(privileges::OTHER);
+    if let (
+        Some(sink),
+        SourceOptions::Manifests {
+            dir,
+            rescan_interval,
+        },
+    ) = (manifest_sink, &options.source)
+    {
+        source::manifests::spawn(dir.clone(), *rescan_interval, sink)?;
+    }
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;

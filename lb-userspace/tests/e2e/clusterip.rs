@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use libtest_mimic::Trial;
 
 use crate::{support::*, trial};
@@ -118,6 +118,38 @@ fn redis_cli_through_cluster_ip() -> Result<()> {
         human.contains("10.96.0.100:6379") && human.contains("10.244.1.11:6379 (3)"),
         "{human}"
     );
+
+    // Least privilege: no thread keeps more than the sync thread needs (BPF, NET_ADMIN,
+    // SYS_ADMIN, SYS_PTRACE), and the main thread keeps only CAP_BPF.
+    let pid = daemon.pid().context("daemon pid")?;
+    let sync_caps: u64 = (1 << 39) | (1 << 12) | (1 << 21) | (1 << 19);
+    let mut seen_sync = false;
+    for task in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let status = fs::read_to_string(task.join("status"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap_or(u64::MAX)
+        };
+        let (effective, bounding) = (field("CapEff:"), field("CapBnd:"));
+        let comm = fs::read_to_string(task.join("comm"))?;
+        ensure!(
+            effective & !sync_caps == 0 && bounding & !sync_caps == 0,
+            "thread {} ({}) has capabilities {effective:#x} / bounding {bounding:#x}",
+            task.display(),
+            comm.trim()
+        );
+        if comm.trim() == "sync" {
+            seen_sync = true;
+            ensure!(effective == sync_caps, "sync thread: {effective:#x}");
+        } else {
+            ensure!(effective == 1 << 39, "thread {} ({}): {effective:#x}", task.display(), comm.trim());
+        }
+    }
+    ensure!(seen_sync, "no sync thread found");
     Ok(())
 }
 
