@@ -574,8 +574,12 @@ fn test_task() -> Result<()> {
     )?;
     // As root, the unit tests that need root (ignored elsewhere) run too.
     step(
-        "unit and end-to-end tests",
-        cargo().args(["test", "--workspace", "--", "--include-ignored"]),
+        "unit tests",
+        cargo().args(["test", "--workspace", "--lib", "--bins", "--", "--include-ignored"]),
+    )?;
+    step(
+        "end-to-end tests (real kernel, real control plane)",
+        cargo().args(["test", "-p", "lb-userspace", "--test", "e2e"]),
     )?;
     step(
         "benchmark harness smoke test",
