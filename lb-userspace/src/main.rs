@@ -1,20 +1,11 @@
 //! `lb`: an eBPF Kubernetes service load balancer (a kube-proxy replacement).
 
-mod daemon;
-mod datapath;
-mod list;
-mod model;
-mod privileges;
-mod reconcile;
-mod source;
-mod warnings;
-
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::datapath::DatapathOptions;
+use lb_userspace::{daemon, datapath, datapath::DatapathOptions, list, privileges};
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 

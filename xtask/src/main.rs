@@ -575,18 +575,60 @@ fn test_task() -> Result<()> {
     // As root, the unit tests that need root (ignored elsewhere) run too.
     step(
         "unit tests",
-        cargo().args(["test", "--workspace", "--lib", "--bins", "--", "--include-ignored"]),
+        cargo().args([
+            "test",
+            "--workspace",
+            "--lib",
+            "--bins",
+            "--",
+            "--include-ignored",
+        ]),
     )?;
     step(
         "end-to-end tests (real kernel, real control plane)",
         cargo().args(["test", "-p", "lb-userspace", "--test", "e2e"]),
     )?;
+    for target in FUZZ_TARGETS {
+        step(
+            &format!("fuzzing {target} ({FUZZ_SECONDS} s)"),
+            &mut fuzz_command(target, FUZZ_SECONDS),
+        )?;
+    }
     step(
         "benchmark harness smoke test",
         cargo().args(["xtask", "bench", "--smoke", "--out", "target/bench-smoke"]),
     )?;
     eprintln!("==> all checks passed in {:.1?}", started.elapsed());
     Ok(())
+}
+
+/// The fuzz targets (`fuzz/fuzz_targets/`), and how long `cargo xtask test` runs each.
+const FUZZ_TARGETS: [&str; 2] = ["manifests", "model"];
+const FUZZ_SECONDS: u32 = 30;
+
+/// A bounded fuzzing run of one target, unoptimized (it builds in half the time; a
+/// longer run is `cargo +nightly fuzz run <target> -s none` from the workspace root).
+/// Findings are written to fuzz/artifacts/ and fail the step.
+fn fuzz_command(target: &str, seconds: u32) -> Command {
+    let root = workspace_root();
+    let corpus = root.join("fuzz/corpus").join(target);
+    let _ = fs::create_dir_all(&corpus);
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(&root)
+        .args([
+            "run", "nightly", "cargo", "fuzz", "run", "--dev", "-s", "none", target,
+        ])
+        .arg(&corpus);
+    let seeds = root.join("fuzz/seeds").join(target);
+    if seeds.is_dir() {
+        cmd.arg(seeds);
+    }
+    cmd.arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .env_remove("RUSTC")
+        .env_remove("CARGO")
+        .env_remove("RUSTUP_TOOLCHAIN");
+    cmd
 }
 
 fn cleanup_task() -> Result<()> {

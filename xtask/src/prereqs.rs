@@ -29,6 +29,8 @@ const TOOLS: &[(&str, &str)] = &[
 
 /// The bpf-linker release that links with rustc's own LLVM (DESIGN.md section 6).
 const BPF_LINKER_VERSION: &str = "0.10.0";
+/// cargo-fuzz, for the bounded fuzzing run of `cargo xtask test`.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn have(command: &str) -> bool {
     Command::new("sh")
@@ -85,6 +87,19 @@ pub fn ensure() -> Result<()> {
                 "clippy",
                 "--toolchain",
                 "nightly",
+            ],
+        )?;
+    }
+
+    let fuzz = Command::new("cargo").args(["fuzz", "--version"]).output();
+    if !fuzz.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)) {
+        eprintln!("==> installing cargo-fuzz {CARGO_FUZZ_VERSION} (about two minutes, once)");
+        run(
+            "cargo",
+            &[
+                "install",
+                &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+                "--locked",
             ],
         )?;
     }

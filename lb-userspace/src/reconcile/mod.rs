@@ -358,10 +358,13 @@ impl Reconciler {
                 scope,
             };
             let mut programmed = Vec::with_capacity(value.count as usize);
+            let mut seen = BTreeSet::new();
             for slot in 1..=value.count {
                 let id = frontend_slots.get(&slot).copied().unwrap_or(0);
-                // A slot pointing at an unknown backend is rewritten on the next apply.
-                programmed.push(if known_backends.contains_key(&id) {
+                // A slot pointing at an unknown backend, or at one an earlier slot
+                // already holds (an interrupted shrink moves a backend before it clears
+                // its old slot), is rewritten on the next apply.
+                programmed.push(if known_backends.contains_key(&id) && seen.insert(id) {
                     id
                 } else {
                     0
@@ -780,7 +783,7 @@ impl Reconciler {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub mod memory;
 #[cfg(test)]
 mod tests;

@@ -88,6 +88,9 @@ fn layout_is_stable() {
     assert_eq!(layout(&[1, 2, 3], &[1, 2]), vec![1, 2]);
     assert_eq!(layout(&[1, 2, 3, 4], &[4]), vec![4]);
     assert_eq!(layout(&[1, 2], &[]), Vec::<u32>::new());
+    // A backend in two slots (left by an interrupted shrink) ends up in one.
+    assert_eq!(layout(&[4, 2, 3, 4], &[4]), vec![4]);
+    assert_eq!(layout(&[4, 2, 4], &[4, 2]), vec![4, 2]);
 }
 
 #[test]
@@ -281,6 +284,31 @@ fn adopting_kernel_state_writes_nothing_when_it_matches() {
         maps.log,
         vec!["put_backend 3", "put_slot 2=3", "delete_backend 2"]
     );
+}
+
+/// An interrupted shrink can leave one backend in two slots (moved into a hole before
+/// the count dropped); adoption counts it once, and the next update neither keeps the
+/// duplicate nor frees the backend while a slot still points at it.
+#[test]
+fn a_backend_left_in_two_slots_is_counted_once() {
+    let (mut maps, _, key) = programmed(&["10.244.1.11", "10.244.1.12", "10.244.1.13"]);
+    let third = maps.services[&service_key(&key, 3)];
+    maps.services.insert(service_key(&key, 1), third);
+    let mut adopted = adopt(&maps);
+    let changes = adopted.diff_all(&BTreeMap::from([(
+        key,
+        Arc::new(frontend(key, &["10.244.1.13"])),
+    )]));
+    adopted.apply(&mut maps, &changes).unwrap();
+    assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.13"]));
+    assert_eq!(maps.services[&service_key(&key, 0)].count, 1);
+    // Moving the backend to another frontend and removing this one frees nothing in use.
+    let other = fkey("10.96.0.101", 6379);
+    let mut swap = change(frontend(other, &["10.244.1.13"]));
+    swap.insert(key, None);
+    adopted.apply(&mut maps, &swap).unwrap();
+    assert_eq!(reachable_ips(&maps, &other), ips(&["10.244.1.13"]));
+    assert!(maps.unreachable().is_empty());
 }
 
 #[test]

@@ -459,6 +459,21 @@ fn parse_file(
     Some(objects)
 }
 
+/// Parses the text of one manifest file (as if it were new): its valid objects and
+/// the problems found. The fuzz target's entry point.
+pub fn parse_text(text: &str) -> (Vec<Object>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let objects = parse_file(
+        Path::new("fuzz.yaml"),
+        text,
+        &BTreeMap::new(),
+        &mut problems,
+    )
+    .map(|objects| objects.into_values().collect())
+    .unwrap_or_default();
+    (objects, problems)
+}
+
 /// Items of a `kind: List` (or `ServiceList`, `EndpointSliceList`) document; any
 /// other document comes back as `Err`.
 fn list_items(document: Value) -> Result<Vec<Value>, Value> {

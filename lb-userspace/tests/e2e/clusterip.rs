@@ -146,7 +146,12 @@ fn redis_cli_through_cluster_ip() -> Result<()> {
             seen_sync = true;
             ensure!(effective == sync_caps, "sync thread: {effective:#x}");
         } else {
-            ensure!(effective == 1 << 39, "thread {} ({}): {effective:#x}", task.display(), comm.trim());
+            ensure!(
+                effective == 1 << 39,
+                "thread {} ({}): {effective:#x}",
+                task.display(),
+                comm.trim()
+            );
         }
     }
     ensure!(seen_sync, "no sync thread found");

@@ -1,0 +1,174 @@
+//! Arbitrary sequences of Service and EndpointSlice changes, conflicts, write
+//! failures and small capacities, through the model and the reconciler into an
+//! in-memory map set that checks after every write what a concurrent connect() relies
+//! on. After every step (and a resync from the maps after a failure, as the daemon
+//! does) nothing in the maps is unreachable and every frontend that fits is exactly
+//! what the model wants.
+#![no_main]
+
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
+
+use arbitrary::Arbitrary;
+use lb_common::addr_to_ip;
+use lb_userspace::{
+    model::{Model, ObjectRef, Protocol, ServiceSpec, SliceSpec, spec},
+    reconcile::{Limits, Reconciler, memory::MemoryMaps, service_key},
+};
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Service {
+        id: u8,
+        ip: u8,
+        port: u8,
+        udp: bool,
+    },
+    RemoveService {
+        id: u8,
+    },
+    Slice {
+        id: u8,
+        endpoints: Vec<(u8, bool, bool)>,
+    },
+    RemoveSlice {
+        id: u8,
+    },
+    FailNextWrites {
+        after: u8,
+    },
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    frontends: u8,
+    backends: u8,
+    entries: u8,
+    ops: Vec<Op>,
+}
+
+fn service(id: u8, ip: u8, port: u8, udp: bool) -> Arc<ServiceSpec> {
+    Arc::new(ServiceSpec {
+        id: ObjectRef::new("f", format!("s{}", id % 16)),
+        service_type: spec::ServiceType::ClusterIP,
+        cluster_ips: vec![IpAddr::from([10, 96, 0, ip % 8])],
+        ports: vec![spec::ServicePortSpec {
+            name: String::new(),
+            port: 80 + (port % 3) as u16,
+            protocol: if udp { Protocol::Udp } else { Protocol::Tcp },
+            target_port: spec::TargetPort::Number(8080),
+            node_port: None,
+        }],
+        external_ips: Vec::new(),
+        load_balancer_ips: Vec::new(),
+        source_ranges: Vec::new(),
+        affinity_timeout: None,
+        internal_local: false,
+        external_local: false,
+        health_check_node_port: None,
+        traffic_distribution: None,
+    })
+}
+
+fn slice(id: u8, endpoints: &[(u8, bool, bool)]) -> Arc<SliceSpec> {
+    Arc::new(SliceSpec {
+        id: ObjectRef::new("f", format!("s{}-x", id % 16)),
+        service: ObjectRef::new("f", format!("s{}", id % 16)),
+        address_type: Some(spec::AddressType::Ipv4),
+        ports: vec![
+            spec::SlicePort {
+                name: String::new(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            },
+            spec::SlicePort {
+                name: String::new(),
+                port: 8080,
+                protocol: Protocol::Udp,
+            },
+        ],
+        endpoints: endpoints
+            .iter()
+            .take(40)
+            .map(|(host, ready, terminating)| spec::SliceEndpoint {
+                address: IpAddr::from([10, 244, 1, host % 30]),
+                ready: *ready,
+                serving: true,
+                terminating: *terminating,
+                node_name: None,
+                zone: None,
+                zone_hints: Vec::new(),
+                node_hints: Vec::new(),
+            })
+            .collect(),
+        trigger_time: None,
+    })
+}
+
+fn adopt(limits: Limits, maps: &MemoryMaps) -> Reconciler {
+    Reconciler::adopt(
+        limits,
+        maps.services.iter().map(|(k, v)| (*k, *v)),
+        maps.backends.iter().map(|(k, v)| (*k, *v)),
+        maps.names.iter().map(|(k, v)| (*k, v.clone())),
+    )
+}
+
+fuzz_target!(|input: Input| {
+    let limits = Limits {
+        frontends: 2 + (input.frontends % 16) as u32,
+        backends: 2 + (input.backends % 32) as u32,
+        service_entries: 2 + (input.entries % 64) as u32,
+    };
+    let mut maps = MemoryMaps::with_limits(limits);
+    let mut rec = Reconciler::new(limits);
+    let mut model = Model::default();
+    for op in input.ops.iter().take(200) {
+        match op {
+            Op::Service { id, ip, port, udp } => {
+                model.upsert_service(service(*id, *ip, *port, *udp))
+            }
+            Op::RemoveService { id } => {
+                model.remove_service(&ObjectRef::new("f", format!("s{}", id % 16)))
+            }
+            Op::Slice { id, endpoints } => model.upsert_slice(slice(*id, endpoints)),
+            Op::RemoveSlice { id } => {
+                model.remove_slice(&ObjectRef::new("f", format!("s{}-x", id % 16)))
+            }
+            Op::FailNextWrites { after } => {
+                maps.fail_put_at = Some(maps.puts() + 1 + (*after % 8) as usize);
+                continue;
+            }
+        }
+        let changes = model.recompute_until(&|| false);
+        let result = rec.apply(&mut maps, &changes.frontends);
+        maps.fail_put_at = None;
+        match result {
+            Err(_) => {
+                rec = adopt(limits, &maps);
+                let diff = rec.diff_all(model.frontends());
+                rec.apply(&mut maps, &diff)
+                    .expect("a resync without injected failures succeeds");
+            }
+            Ok(stats) if stats.freed_space() && !rec.unprogrammed().is_empty() => {
+                rec.apply(&mut maps, &rec.pending())
+                    .expect("a retry succeeds");
+            }
+            Ok(_) => {}
+        }
+        assert!(maps.unreachable().is_empty(), "{:?}", maps.unreachable());
+        for (key, frontend) in model.frontends() {
+            if rec.unprogrammed().contains_key(key) {
+                continue;
+            }
+            let want: BTreeSet<IpAddr> = frontend.backends.iter().map(|b| b.ip).collect();
+            let got: BTreeSet<IpAddr> = maps
+                .reachable(&service_key(key, 0))
+                .iter()
+                .map(|b| addr_to_ip(&b.addr))
+                .collect();
+            assert_eq!(got, want, "{key}");
+        }
+        assert_eq!(rec.service_entry_count(), maps.services.len());
+    }
+});
