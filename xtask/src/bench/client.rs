@@ -91,8 +91,37 @@ fn crr_once(target: SocketAddr) -> std::io::Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// Runs in the client namespace: `__bench-client crr|rr <targets,...> <count> <concurrency>`.
+/// `crr-paced`: one connection every `interval_ms`, `count` of them, for a run that
+/// must span a period of time (restarts under load).
+fn crr_paced(target: SocketAddr, count: usize, interval: Duration) -> Summary {
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(count);
+    let mut errors = 0;
+    for n in 0..count {
+        match crr_once(target) {
+            Ok(d) => latencies.push(d.as_nanos() as u64),
+            Err(_) => errors += 1,
+        }
+        let due = interval * (n as u32 + 1);
+        std::thread::sleep(due.saturating_sub(started.elapsed()));
+    }
+    Summary::from_latencies(latencies, errors, started.elapsed())
+}
+
+/// Runs in the client namespace: `__bench-client crr|rr <targets,...> <count>
+/// <concurrency>`, or `crr-paced <target> <count> 1 <interval_ms>`.
 pub fn main(args: &[String]) -> Result<()> {
+    if let [mode, target, count, _, interval] = args
+        && mode == "crr-paced"
+    {
+        let summary = crr_paced(
+            target.parse().context("target")?,
+            count.parse()?,
+            Duration::from_millis(interval.parse()?),
+        );
+        serde_json::to_writer(std::io::stdout().lock(), &summary)?;
+        return Ok(());
+    }
     let [mode, targets, count, concurrency] = args else {
         bail!("usage: {CLIENT_ARG} crr|rr <ip:port,...> <count> <concurrency>");
     };

@@ -14,6 +14,7 @@ mod control_plane;
 mod kube;
 mod report;
 mod rules;
+mod scale;
 mod topology;
 
 use std::{
@@ -74,6 +75,12 @@ pub struct Plan {
     pub cp_services: usize,
     pub cp_endpoints: usize,
     pub cp_changes: usize,
+    /// Full syncs from manifests at these sizes, each also with this many duplicates.
+    pub scale_services: Vec<usize>,
+    pub scale_duplicates: usize,
+    /// Restarts under load (0: skipped), and the Service count meanwhile.
+    pub restarts: usize,
+    pub restart_services: usize,
     /// The Kubernetes-source run (0 services: skipped).
     pub kube_services: usize,
     pub kube_endpoints: usize,
@@ -94,6 +101,10 @@ impl Plan {
                 cp_services: 200,
                 cp_endpoints: 10,
                 cp_changes: 5,
+                scale_services: vec![100],
+                scale_duplicates: 20,
+                restarts: 3,
+                restart_services: 20,
                 kube_services: 50,
                 kube_endpoints: 10,
                 kube_changes: 5,
@@ -110,6 +121,10 @@ impl Plan {
                 cp_services: 10_000,
                 cp_endpoints: 10,
                 cp_changes: 50,
+                scale_services: Vec::new(),
+                scale_duplicates: 0,
+                restarts: 0,
+                restart_services: 0,
                 kube_services: 0,
                 kube_endpoints: 0,
                 kube_changes: 0,
@@ -126,6 +141,10 @@ impl Plan {
                 cp_services: 10_000,
                 cp_endpoints: 10,
                 cp_changes: 200,
+                scale_services: vec![10_000, 50_000, 100_000],
+                scale_duplicates: 10_000,
+                restarts: 20,
+                restart_services: 10_000,
                 kube_services: 10_000,
                 kube_endpoints: 10,
                 kube_changes: 200,
@@ -299,7 +318,18 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
+    /// A daemon that removes its datapath when it stops (each run starts from scratch).
     fn start(lb: &Path, topo: &Topology, manifests: &Path, tag: &str) -> Result<Self> {
+        Self::start_with(lb, topo, manifests, tag, &["--detach-on-exit"])
+    }
+
+    fn start_with(
+        lb: &Path,
+        topo: &Topology,
+        manifests: &Path,
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let log = topo.work_dir.join(format!("daemon-{tag}.log"));
         let log_file = fs::File::create(&log)?;
         let started = Instant::now();
@@ -309,14 +339,8 @@ impl Daemon {
             .arg("--cgroup")
             .arg(&topo.cgroup.path)
             .args(["--pin-dir", &format!("/sys/fs/bpf/{}", topo.id)])
-            // Each run starts from scratch and leaves nothing attached.
-            .args([
-                "--detach-on-exit",
-                "--health-addr",
-                "off",
-                "--metrics-addr",
-                "off",
-            ])
+            .args(["--health-addr", "off", "--metrics-addr", "off"])
+            .args(extra)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -327,7 +351,7 @@ impl Daemon {
         loop {
             if fs::read_to_string(&log)
                 .unwrap_or_default()
-                .contains(" ready ")
+                .contains("controller: ready")
             {
                 break;
             }
@@ -356,6 +380,18 @@ impl Daemon {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL: a crash.
+    fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM; the datapath stays (unless started with --detach-on-exit).
+    fn stop_keeping(self) -> Result<()> {
+        self.stop()
     }
 
     fn stop(mut self) -> Result<()> {
@@ -438,6 +474,8 @@ pub struct Results {
     pub throughput: Option<Throughput>,
     pub setup: SetupTimes,
     pub control_plane: control_plane::ControlPlane,
+    pub scale: Vec<scale::ScaleRow>,
+    pub restarts: Option<scale::RestartRun>,
     pub kubernetes: Option<kube::KubeBench>,
 }
 
@@ -604,7 +642,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         plan.cp_services,
         plan.cp_services * plan.cp_endpoints
     );
+    let restarts = if plan.restarts > 0 {
+        eprintln!("==> {} restarts under load", plan.restarts);
+        Some(scale::restarts(&lb, &topo, &exe, &plan)?)
+    } else {
+        None
+    };
     let control_plane = control_plane::run(&lb, &mut topo, &pin_dir, &plan)?;
+    let scale = scale::scale(&lb, &topo, &plan)?;
     let kubernetes = if plan.kube_services > 0 {
         eprintln!(
             "==> Kubernetes source: {} services, {} endpoints in a real API server",
@@ -628,6 +673,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         throughput,
         setup,
         control_plane,
+        scale,
+        restarts,
         kubernetes,
     };
     report::write(

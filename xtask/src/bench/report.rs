@@ -195,7 +195,44 @@ fn targets(results: &Results) -> Vec<(String, String, bool)> {
             k.programming.p99_ms < 50.0,
         ));
     }
+    if let Some(r) = &results.restarts {
+        lines.push((
+            format!(
+                "no failed connection across {} daemon restarts under load",
+                r.restarts
+            ),
+            format!(
+                "{} of {} connections failed ({} SIGTERM, {} kill -9, {} map-migrating upgrades)",
+                r.failed, r.connections, r.sigterm, r.kill_9, r.upgrades
+            ),
+            r.failed == 0,
+        ));
+    }
+    if let Some((worst, best)) = scale_per_endpoint_spread(&results.scale) {
+        lines.push((
+            "control plane linear: sync time per endpoint at the largest size within 2x of the smallest, duplicates included".into(),
+            format!("{:.2} us per endpoint at worst, {:.2} us at best", worst * 1e6, best * 1e6),
+            worst <= 2.0 * best,
+        ));
+    }
     lines
+}
+
+/// Sync seconds per endpoint, worst and best over the scale rows: a quadratic path
+/// shows up as the per-endpoint cost growing with size. Rows below 100 000
+/// endpoints (the smoke run's) are left out: fixed costs dominate them.
+fn scale_per_endpoint_spread(rows: &[super::scale::ScaleRow]) -> Option<(f64, f64)> {
+    let per: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.endpoints >= 100_000)
+        .map(|r| r.sync_s / r.endpoints as f64)
+        .collect();
+    if per.len() < 2 {
+        return None;
+    }
+    let worst = per.iter().cloned().fold(f64::MIN, f64::max);
+    let best = per.iter().cloned().fold(f64::MAX, f64::min);
+    Some((worst, best))
 }
 
 fn chart(results: &Results, path: &Path) -> Result<()> {
@@ -407,6 +444,29 @@ fn markdown(
             k.metric_samples, k.metric_p50_ms, k.metric_p99_ms
         );
     }
+    if !results.scale.is_empty() {
+        md.push_str("\n## Control plane at scale (manifests, 10 endpoints per Service)\n\nA duplicate is a Service whose ClusterIP:port another Service already holds: it waits, reported, until that address frees (the path that used to be quadratic).\n\n| services | of which duplicates | endpoints | start to ready | per endpoint | RSS peak / after sync |\n|---:|---:|---:|---:|---:|---:|\n");
+        for r in &results.scale {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.2} s | {:.2} µs | {:.0} MB / {:.0} MB |",
+                r.services,
+                r.duplicates,
+                r.endpoints,
+                r.sync_s,
+                r.sync_s / r.endpoints.max(1) as f64 * 1e6,
+                r.peak_rss_mb,
+                r.rss_after_sync_mb
+            );
+        }
+    }
+    if let Some(r) = &results.restarts {
+        let _ = writeln!(
+            md,
+            "\n## Restarts under load\n\nA client opens a new connection through a ClusterIP every 5 ms while the daemon is restarted {} times in turn by SIGTERM, kill -9, and kill -9 followed by an upgrade whose maps differ (a capacity change the next daemon migrates while the old maps serve).\n\n| restarts | connections | failed | seconds |\n|---:|---:|---:|---:|\n| {} | {} | {} | {:.1} |",
+            r.restarts, r.restarts, r.connections, r.failed, r.seconds
+        );
+    }
     md.push_str("\nSetup time per service count (3 endpoints each):\n\n| services | lb daemon start to ready | iptables-legacy-restore | iptables-nft-restore |\n|---:|---:|---:|---:|\n");
     for n in results.setup.lb_ready_s.keys() {
         let get = |m: &std::collections::BTreeMap<usize, f64>| {
@@ -436,6 +496,8 @@ pub fn write(
         "throughput": results.throughput,
         "control_plane": results.control_plane,
         "kubernetes": results.kubernetes,
+        "scale": results.scale,
+        "restarts": results.restarts,
         "setup": results.setup,
         "machine": machine,
         "plan": results.plan,
@@ -540,6 +602,12 @@ pub fn check_smoke(out: &Path) -> Result<()> {
         || json["kubernetes"]["metric_samples"].as_u64().unwrap_or(0) == 0
     {
         bail!("no Kubernetes-source measurements: {}", json["kubernetes"]);
+    }
+    if json["scale"].as_array().is_none_or(|rows| rows.is_empty()) {
+        bail!("no control-plane scale rows");
+    }
+    if json["restarts"]["connections"].as_u64().unwrap_or(0) == 0 {
+        bail!("no restart-under-load run: {}", json["restarts"]);
     }
     let svg = fs::read_to_string(out.join("latency.svg"))?;
     if !svg.contains("<svg") || !svg.contains("lb") {

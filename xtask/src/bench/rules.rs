@@ -40,7 +40,8 @@ pub fn endpoint(
     if i == target_index(services) {
         servers[j % servers.len()]
     } else {
-        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 1)) + (i * per_service + j) as u32)
+        // From 10.128.0.1: up to 8 million endpoints stay inside 10.128.0.0/9.
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 1)) + (i * per_service + j) as u32)
     }
 }
 
@@ -117,7 +118,7 @@ pub fn iptables_rules(services: usize, endpoints: usize, servers: &[Ipv4Addr]) -
     format!("{chains}{rules}{service_rules}COMMIT\n")
 }
 
-fn service_manifest(
+pub fn service_manifest(
     out: &mut String,
     name: &str,
     vip: Ipv4Addr,
