@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use lb_userspace::{
+use lb::{
     model::{Model, NodeContext},
     source::{Object, manifests::parse_text},
 };

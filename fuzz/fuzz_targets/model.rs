@@ -10,7 +10,7 @@ use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 
 use arbitrary::Arbitrary;
 use lb_common::addr_to_ip;
-use lb_userspace::{
+use lb::{
     model::{Model, ObjectRef, Protocol, ServiceSpec, SliceSpec, spec},
     reconcile::{Limits, Reconciler, memory::MemoryMaps, service_key},
 };

@@ -20,7 +20,7 @@ pub const IPPROTO_SCTP: u8 = 132;
 /// Version of the layout of every map below (keys, values, types, meaning). A daemon
 /// adopts pinned maps only of its own version; any change to a map's layout or
 /// meaning must bump it (the loader also compares types and sizes as a safety net).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Kernel map types used (`enum bpf_map_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +30,7 @@ pub enum MapKind {
     Array = 2,
     PerCpuArray = 6,
     LruHash = 9,
+    SkStorage = 24,
 }
 
 /// What sizes a map: a fixed count, or one of the capacity settings (`lb daemon
@@ -43,8 +44,11 @@ pub enum Capacity {
     Backends,
     /// Frontend entries plus their backend slots.
     ServiceEntries,
-    /// Sockets remembered for reverse translation.
+    /// Translated connected sockets remembered for reverse translation.
     Sockets,
+    /// The LRU that replaces the socket map on kernels without `cgroup/sock_release`
+    /// (sized like it there, one entry otherwise).
+    LegacySockets,
 }
 
 /// One map: every property the eBPF side, the loader, the adoption check and `lb list`
@@ -80,8 +84,9 @@ pub mod maps {
     pub const DEFAULT_BACKENDS: u32 = 1 << 18;
     /// Default of `--max-service-entries` (frontends plus backend slots).
     pub const DEFAULT_SERVICE_ENTRIES: u32 = 1 << 20;
-    /// Default of `--max-sockets`.
-    pub const DEFAULT_SOCKETS: u32 = 1 << 17;
+    /// Default of `--max-sockets`: open translated connected sockets on the node
+    /// (memory follows use: about 110 bytes per open socket, plus 8 bytes per slot).
+    pub const DEFAULT_SOCKETS: u32 = 1 << 18;
 
     pub const SERVICES: MapDef = MapDef {
         name: "LB_SERVICES",
@@ -105,13 +110,35 @@ pub mod maps {
     };
     pub const SOCK_REVNAT: MapDef = MapDef {
         name: "LB_SOCK_REVNAT",
+        kind: MapKind::Hash,
+        key_size: size_of::<SockRevKey>() as u32,
+        value_size: size_of::<SockRevValue>() as u32,
+        max_entries: DEFAULT_SOCKETS,
+        flags: BPF_F_NO_PREALLOC,
+        capacity: Capacity::Sockets,
+        help: "translated connected sockets: (cookie, backend) -> what the application dialled; \
+               an entry lives exactly as long as its socket (deleted by cgroup/sock_release)",
+    };
+    pub const SOCK_REVNAT_LRU: MapDef = MapDef {
+        name: "LB_SOCK_REVNAT_LRU",
         kind: MapKind::LruHash,
         key_size: size_of::<SockRevKey>() as u32,
         value_size: size_of::<SockRevValue>() as u32,
         max_entries: DEFAULT_SOCKETS,
         flags: 0,
-        capacity: Capacity::Sockets,
-        help: "translated sockets: (cookie, backend) -> what the application dialled",
+        capacity: Capacity::LegacySockets,
+        help: "kernels without cgroup/sock_release: every translated socket, evicted least recently used",
+    };
+    pub const SOCK_LOCAL: MapDef = MapDef {
+        name: "LB_SOCK_LOCAL",
+        kind: MapKind::SkStorage,
+        key_size: size_of::<i32>() as u32,
+        value_size: size_of::<SockLocal>() as u32,
+        max_entries: 0,
+        flags: BPF_F_NO_PREALLOC,
+        capacity: Capacity::Fixed,
+        help: "per-socket storage (freed with the socket): unconnected UDP sends, and translations \
+               LB_SOCK_REVNAT had no room for",
     };
     pub const STATS: MapDef = MapDef {
         name: "LB_STATS",
@@ -155,10 +182,12 @@ pub mod maps {
     };
 
     /// Every map the object declares.
-    pub const ALL: [MapDef; 7] = [
+    pub const ALL: [MapDef; 9] = [
         SERVICES,
         BACKENDS,
         SOCK_REVNAT,
+        SOCK_REVNAT_LRU,
+        SOCK_LOCAL,
         STATS,
         FRONTEND_STATS,
         BACKEND_STATS,
@@ -173,6 +202,8 @@ pub mod map_names {
     pub const SERVICES: &str = maps::SERVICES.name;
     pub const BACKENDS: &str = maps::BACKENDS.name;
     pub const SOCK_REVNAT: &str = maps::SOCK_REVNAT.name;
+    pub const SOCK_REVNAT_LRU: &str = maps::SOCK_REVNAT_LRU.name;
+    pub const SOCK_LOCAL: &str = maps::SOCK_LOCAL.name;
     pub const STATS: &str = maps::STATS.name;
     pub const FRONTEND_STATS: &str = maps::FRONTEND_STATS.name;
     pub const BACKEND_STATS: &str = maps::BACKEND_STATS.name;
@@ -363,6 +394,51 @@ pub struct SockRevValue {
     pub netns_cookie: u64,
 }
 
+/// Entries of one socket's [`SockLocal`].
+pub const SOCK_LOCAL_ENTRIES: usize = 4;
+/// `SockLocalEntry::kind`: unused.
+pub const LOCAL_EMPTY: u8 = 0;
+/// `SockLocalEntry::kind`: an unconnected UDP send (`sendmsg` with an address).
+pub const LOCAL_SENT: u8 = 1;
+/// `SockLocalEntry::kind`: a `connect()` translation `LB_SOCK_REVNAT` had no room for.
+pub const LOCAL_OVERFLOW: u8 = 2;
+/// `SockLocal::flags`: the socket holds (or held) a [`LOCAL_OVERFLOW`] entry.
+pub const SOCK_LOCAL_F_OVERFLOWED: u32 = 1;
+
+/// One reverse translation kept in a socket's own storage.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockLocalEntry {
+    /// Backend address, network order, IPv4-mapped for IPv4.
+    pub backend: Addr,
+    /// What the application dialled, network order, IPv4-mapped for IPv4.
+    pub orig: Addr,
+    /// Frontend id.
+    pub svc_id: u32,
+    /// Backend port, network order.
+    pub backend_port: u16,
+    /// Dialled port, network order.
+    pub orig_port: u16,
+    /// `LOCAL_*`.
+    pub kind: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `LB_SOCK_LOCAL`, socket-local storage the kernel frees with its socket:
+/// the reverse translations of an unconnected UDP socket (one per backend it sent to,
+/// the oldest overwritten first), and a connected socket's translation when
+/// `LB_SOCK_REVNAT` was full. `lb` finds the latter through sock_diag to terminate
+/// them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockLocal {
+    pub entries: [SockLocalEntry; SOCK_LOCAL_ENTRIES],
+    /// Next entry to (over)write, modulo [`SOCK_LOCAL_ENTRIES`].
+    pub next: u32,
+    /// `SOCK_LOCAL_F_*`.
+    pub flags: u32,
+}
+
 /// Per-frontend counters (`LB_FRONTEND_STATS`, indexed by frontend id, updated with
 /// atomic adds).
 #[repr(C)]
@@ -419,10 +495,23 @@ pub mod stat {
     pub const LOOKUP_FAILED: u32 = 4;
     /// A reply source or peer name was translated back to the ClusterIP.
     pub const REVNAT_HIT: u32 = 5;
-    /// Recording a translated socket for reverse translation failed.
+    /// Recording a translated socket for reverse translation failed (other than for
+    /// lack of room).
     pub const REVNAT_UPDATE_FAILED: u32 = 6;
+    /// `LB_SOCK_REVNAT` was full: the translation was kept in the socket's own storage.
+    pub const REVNAT_FULL: u32 = 7;
+    /// Sockets that got such an overflow entry (once each).
+    pub const OVERFLOWED_SOCKETS: u32 = 8;
+    /// ... and of those, how many were released since.
+    pub const OVERFLOWED_RELEASED: u32 = 9;
+    /// Sockets given per-socket storage (unconnected UDP sends, overflow).
+    pub const LOCAL_CREATED: u32 = 10;
+    /// ... and of those, how many were released since.
+    pub const LOCAL_RELEASED: u32 = 11;
+    /// `LB_SOCK_REVNAT` entries deleted because their socket was released.
+    pub const REVNAT_RELEASED: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 16;
 
     /// Human names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -433,6 +522,14 @@ pub mod stat {
         "lookup_failed",
         "revnat_hit",
         "revnat_update_failed",
+        "revnat_full",
+        "overflowed_sockets",
+        "overflowed_released",
+        "local_created",
+        "local_released",
+        "revnat_released",
+        "reserved",
+        "reserved",
         "reserved",
     ];
 }
@@ -442,6 +539,8 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 32);
+const _: () = assert!(core::mem::size_of::<SockLocalEntry>() == 44);
+const _: () = assert!(core::mem::size_of::<SockLocal>() == 184);
 const _: () = assert!(core::mem::size_of::<FrontendStats>() == 16);
 const _: () = assert!(core::mem::size_of::<FrontendName>() == 128);
 
@@ -455,6 +554,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for SockLocal {}
     unsafe impl aya::Pod for FrontendStats {}
     unsafe impl aya::Pod for FrontendName {}
 }

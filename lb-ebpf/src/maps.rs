@@ -2,13 +2,21 @@
 //! in `lb_common::maps` (the loader resizes maps to the daemon's `--max-*` flags);
 //! layouts and byte order are documented there too.
 
+use core::{ffi::c_void, ptr};
+
 use aya_ebpf::{
-    macros::map,
+    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
+    helpers::generated::bpf_sk_storage_get,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, FrontendName, FrontendStats, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
-    maps::{BACKEND_STATS, BACKENDS, FRONTEND_NAMES, FRONTEND_STATS, SERVICES, SOCK_REVNAT, STATS},
+    Backend, FrontendName, FrontendStats, ServiceKey, ServiceValue, SockLocal, SockRevKey,
+    SockRevValue,
+    maps::{
+        BACKEND_STATS, BACKENDS, FRONTEND_NAMES, FRONTEND_STATS, SERVICES, SOCK_REVNAT,
+        SOCK_REVNAT_LRU, STATS,
+    },
 };
 
 /// Frontends (slot 0) and their backend slots. Not preallocated: elements are freed
@@ -23,12 +31,70 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
 pub static LB_BACKENDS: HashMap<u32, Backend> =
     HashMap::pinned(BACKENDS.max_entries, BACKENDS.flags);
 
-/// Translated sockets: (socket cookie, backend) -> the ClusterIP:port the application
-/// dialled. Read by recvmsg/getpeername; read by userspace to terminate sockets whose
-/// backend went away.
+/// Translated connected sockets: (socket cookie, backend) -> the ClusterIP:port the
+/// application dialled. Read by recvmsg/getpeername and by userspace to terminate
+/// sockets whose backend went away; an entry is deleted when its socket is released,
+/// so nothing is ever evicted.
 #[map]
-pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
-    LruHashMap::pinned(SOCK_REVNAT.max_entries, SOCK_REVNAT.flags);
+pub static LB_SOCK_REVNAT: HashMap<SockRevKey, SockRevValue> =
+    HashMap::pinned(SOCK_REVNAT.max_entries, SOCK_REVNAT.flags);
+
+/// Stands in for `LB_SOCK_REVNAT` on kernels without `cgroup/sock_release` (< 5.9),
+/// where nothing could delete entries: every translated socket, least recently used
+/// evicted first. One entry elsewhere.
+#[map]
+pub static LB_SOCK_REVNAT_LRU: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::pinned(SOCK_REVNAT_LRU.max_entries, SOCK_REVNAT_LRU.flags);
+
+/// A BTF socket-storage map definition that is pinned by name (aya-ebpf's `SkStorage`
+/// is not pinned, and storage must survive daemon restarts like the other maps).
+/// The fields are the BTF map-definition convention; they are never read.
+#[repr(C)]
+pub struct PinnedSockStorage {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SockLocal,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// LIBBPF_PIN_BY_NAME.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: a placeholder the loader replaces with a map reference; no state.
+unsafe impl Sync for PinnedSockStorage {}
+
+impl PinnedSockStorage {
+    const fn new() -> Self {
+        Self {
+            r#type: ptr::null(),
+            key: ptr::null(),
+            value: ptr::null(),
+            max_entries: ptr::null(),
+            map_flags: ptr::null(),
+            pinning: ptr::null(),
+        }
+    }
+
+    /// The storage of socket `sk` (a `struct bpf_sock *` the verifier knows as a full
+    /// socket, or a `cgroup/sock` context), created zeroed if `create`; null if it has
+    /// none (or it could not be created).
+    #[inline(always)]
+    pub fn get_ptr(&self, sk: *mut c_void, create: bool) -> *mut SockLocal {
+        let flags = if create {
+            BPF_SK_STORAGE_GET_F_CREATE as u64
+        } else {
+            0
+        };
+        let map = ptr::from_ref(self).cast_mut().cast();
+        unsafe { bpf_sk_storage_get(map, sk, ptr::null_mut(), flags) }.cast()
+    }
+}
+
+/// Per-socket storage, freed by the kernel with its socket: the reverse translations
+/// of unconnected UDP sends, and connected translations `LB_SOCK_REVNAT` had no room
+/// for (flagged, so userspace can find those sockets through sock_diag).
+#[btf_map]
+pub static LB_SOCK_LOCAL: PinnedSockStorage = PinnedSockStorage::new();
 
 /// Global per-CPU decision counters, indexed by `lb_common::stat`.
 #[map]

@@ -227,6 +227,36 @@ fn frontend_cell(fe: &ListedFrontend) -> String {
     cell
 }
 
+/// What the datapath remembers about translated sockets.
+fn sockets_line(snapshot: &MapSnapshot) -> String {
+    let stat = |i: u32| snapshot.stats.get(i as usize).copied().unwrap_or(0);
+    let table = snapshot.sockets;
+    if table.legacy {
+        return format!(
+            "sockets: {} of {} remembered in {} (an LRU: this kernel has no cgroup/sock_release, \
+             so entries of closed sockets stay until evicted)",
+            snapshot.sock_revnat_entries,
+            table.capacity,
+            table.map_name()
+        );
+    }
+    let overflowed = stat(stat::OVERFLOWED_SOCKETS).saturating_sub(stat(stat::OVERFLOWED_RELEASED));
+    let mut line = format!(
+        "sockets: {} of {} open connected sockets tracked in {} (deleted when the socket closes); \
+         {} open sockets with per-socket storage (unconnected UDP)",
+        snapshot.sock_revnat_entries,
+        table.capacity,
+        table.map_name(),
+        stat(stat::LOCAL_CREATED).saturating_sub(stat(stat::LOCAL_RELEASED)),
+    );
+    if overflowed > 0 {
+        line.push_str(&format!(
+            "; {overflowed} open sockets OVERFLOWED (the map was full: raise --max-sockets)"
+        ));
+    }
+    line
+}
+
 pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
     let maps = KernelMaps::open_pinned(pin_dir)?;
     let snapshot = maps.snapshot()?;
@@ -312,12 +342,12 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
         .collect();
     writeln!(
         out,
-        "{} frontends, {} backends, {} tracked sockets; datapath counters: {}",
+        "{} frontends, {} backends; datapath counters: {}",
         snapshot.frontends.len(),
         snapshot.backends.len(),
-        snapshot.sock_revnat_entries,
         counters.join(" ")
     )?;
+    writeln!(out, "{}", sockets_line(&snapshot))?;
     match attached {
         0 => writeln!(
             out,

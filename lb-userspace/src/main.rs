@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
-use lb_userspace::{daemon, datapath, datapath::DatapathOptions, list, privileges};
+use lb::{daemon, datapath, datapath::DatapathOptions, list, privileges};
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
@@ -95,9 +95,15 @@ struct DaemonArgs {
     /// LB_SERVICES entries: one per frontend plus one per backend of each frontend.
     #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_SERVICE_ENTRIES)]
     max_service_entries: u32,
-    /// Sockets remembered for reverse translation and stale-socket termination.
+    /// Open translated connected sockets remembered for reverse translation and
+    /// stale-socket termination (an entry lives as long as its socket; past this,
+    /// translations are kept in the socket's own storage and counted as overflow).
     #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_SOCKETS)]
     max_sockets: u32,
+    /// Remember sockets in an LRU as on kernels without cgroup/sock_release (< 5.9),
+    /// even where the kernel has it. For testing that fallback.
+    #[arg(long, hide = true)]
+    legacy_socket_tracking: bool,
 }
 
 fn init_logging(level: &str) {
@@ -156,6 +162,7 @@ fn capacities(args: &DaemonArgs) -> Result<datapath::Capacities> {
         backends: args.max_backends,
         service_entries: args.max_service_entries,
         sockets: args.max_sockets,
+        legacy_sockets: args.legacy_socket_tracking,
     })
 }
 

@@ -23,6 +23,7 @@ use std::{
 };
 
 use anyhow::{Result, anyhow};
+use lb_common::stat;
 use tracing::{debug, error, info, warn};
 
 use super::{http::Health, metrics::Metrics, status::StatusBoard};
@@ -84,6 +85,9 @@ pub struct Controller {
     created: Instant,
     /// Trigger times of slice changes not yet in the kernel.
     triggers: Vec<SystemTime>,
+    /// `stat::REVNAT_FULL` when last reported.
+    revnat_full_seen: u64,
+    last_socket_check: Instant,
 }
 
 impl Controller {
@@ -100,7 +104,10 @@ impl Controller {
             metrics,
             board,
         } = outputs;
+        let revnat_full_seen = maps.stat(stat::REVNAT_FULL);
         Self {
+            revnat_full_seen,
+            last_socket_check: Instant::now(),
             model: Model::default(),
             reconciler: Reconciler::new(limits),
             limits,
@@ -162,6 +169,7 @@ impl Controller {
             if self.stopping() {
                 break;
             }
+            self.watch_socket_map();
             if self.retry_at.is_some_and(|at| Instant::now() < at) {
                 continue;
             }
@@ -472,10 +480,17 @@ impl Controller {
             return;
         }
         let started = Instant::now();
-        let result = self
-            .maps
-            .take_sockets_of(gone)
-            .and_then(|sockets| Ok((sockets.len(), sockets::terminate(&sockets)?)));
+        // Sockets whose translation did not fit in the socket map are found through
+        // their own storage, which costs a search of every namespace: only while some
+        // are open.
+        let overflowed_open = self.overflowed_open();
+        let result = self.maps.take_sockets_of(gone).and_then(|tracked| {
+            let overflowed = (overflowed_open > 0).then(|| sockets::Overflowed {
+                storage_map: self.maps.sock_local_fd(),
+                gone,
+            });
+            Ok((tracked.len(), sockets::terminate(&tracked, overflowed)?))
+        });
         match result {
             Ok((tracked, report)) => {
                 self.metrics
@@ -484,7 +499,9 @@ impl Controller {
                 info!(
                     removed_backends = gone.len(),
                     tracked_sockets = tracked,
+                    overflowed_open,
                     destroyed = report.destroyed,
+                    destroyed_overflowed = report.destroyed_overflowed,
                     namespaces_searched = report.namespaces,
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "terminated sockets of removed backends"
@@ -494,6 +511,43 @@ impl Controller {
         }
     }
 }
+
+impl Controller {
+    /// Open sockets whose translation is kept in their own storage because the socket
+    /// map was full.
+    fn overflowed_open(&self) -> u64 {
+        self.maps
+            .stat(stat::OVERFLOWED_SOCKETS)
+            .saturating_sub(self.maps.stat(stat::OVERFLOWED_RELEASED))
+    }
+
+    /// Reports translations the socket map had no room for since the last check.
+    fn watch_socket_map(&mut self) {
+        if self.last_socket_check.elapsed() < SOCKET_CHECK_INTERVAL {
+            return;
+        }
+        self.last_socket_check = Instant::now();
+        let full = self.maps.stat(stat::REVNAT_FULL);
+        if full > self.revnat_full_seen {
+            let table = self.maps.sockets;
+            warn!(
+                map = table.map_name(),
+                capacity = table.capacity,
+                translations = full - self.revnat_full_seen,
+                overflowed_open = self.overflowed_open(),
+                "the socket map is full (--max-sockets {}): connections were translated but \
+                 kept in their sockets' own storage instead; replies still translate, and \
+                 their termination when a backend leaves needs a slower search of every \
+                 namespace. Raise --max-sockets",
+                table.capacity
+            );
+            self.revnat_full_seen = full;
+        }
+    }
+}
+
+/// How often the socket map is checked for overflow.
+const SOCKET_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Hands memory freed after a large sync (parse buffers, batch vectors) back to the
 /// kernel; glibc keeps it otherwise, and operators read RSS.

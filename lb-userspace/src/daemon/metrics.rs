@@ -142,6 +142,34 @@ impl Collector for Live {
         if let Some(stats) = &self.stats
             && let Ok(values) = stats.read()
         {
+            let value = |name: &str| {
+                values
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(0, |(_, v)| *v)
+            };
+            gauge(
+                &mut encoder,
+                "lb_sockets_local_storage",
+                "Open sockets holding per-socket storage (unconnected UDP senders, overflow)",
+                value("local_created").saturating_sub(value("local_released")),
+            )?;
+            gauge(
+                &mut encoder,
+                "lb_sockets_overflowed",
+                "Open sockets whose translation the socket map had no room for (raise --max-sockets)",
+                value("overflowed_sockets").saturating_sub(value("overflowed_released")),
+            )?;
+            if let Ok((map, tracked)) = stats.tracked_sockets() {
+                let mut family = encoder.encode_descriptor(
+                    "lb_tracked_sockets",
+                    "Translated connected sockets the socket map remembers",
+                    None,
+                    prometheus_client::metrics::MetricType::Gauge,
+                )?;
+                let label = MapLabel { map: map.into() };
+                ConstGauge::new(tracked as i64).encode(family.encode_family(&label)?)?;
+            }
             let mut family = encoder.encode_descriptor(
                 "lb_datapath_decisions",
                 "Decisions of the eBPF programs, summed over CPUs (LB_STATS)",

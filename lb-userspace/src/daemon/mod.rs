@@ -90,11 +90,8 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         }
         (SourceOptions::Kubernetes { .. }, None) => unreachable!("client built above"),
     };
-    let metrics = Arc::new(Metrics::new().with_live(
-        &options.datapath.pin_dir,
-        &options.datapath.capacities,
-        api,
-    ));
+    let metrics =
+        Arc::new(Metrics::new().with_live(&options.datapath.pin_dir, &datapath.capacities(), api));
     if let Some(addr) = options.metrics_addr {
         http::serve_metrics(addr, metrics.clone(), health.clone()).await?;
     }

@@ -178,3 +178,55 @@ pub fn delete<K: Copy>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
     }
     Ok(())
 }
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Reads every entry of a hash map with `BPF_MAP_LOOKUP_BATCH` (a few syscalls for
+/// hundreds of thousands of entries, where iterating costs two per entry). Entries
+/// added or deleted meanwhile may or may not be seen, as with any iteration.
+pub fn lookup_all<K: Copy + Default, V: Copy + Default>(
+    fd: BorrowedFd<'_>,
+) -> io::Result<Vec<(K, V)>> {
+    const CHUNK: usize = 4096;
+    let mut out = Vec::new();
+    // The batch position is opaque (a bucket index for hash maps); a key-sized buffer
+    // holds any of the kernel's forms.
+    let token_len = size_of::<K>().max(8);
+    let mut in_token = vec![0u8; token_len];
+    let mut out_token = vec![0u8; token_len];
+    let mut first = true;
+    let mut chunk = CHUNK;
+    loop {
+        let mut keys = vec![K::default(); chunk];
+        let mut values = vec![V::default(); chunk];
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { in_token.as_ptr() as u64 },
+            out_batch: out_token.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: key, value and token buffers are sized for `count` elements of the
+        // map's key and value types; the kernel writes at most that much.
+        let result = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let got = attr.count as usize;
+        match result {
+            Ok(()) => {}
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
+                out.extend(keys.into_iter().zip(values).take(got));
+                return Ok(out);
+            }
+            // One bucket holds more than a chunk: retry it with room for all.
+            Err(err) if err.raw_os_error() == Some(libc::ENOSPC) && got == 0 => {
+                chunk *= 2;
+                continue;
+            }
+            Err(err) => return Err(err),
+        }
+        out.extend(keys.into_iter().zip(values).take(got));
+        in_token.copy_from_slice(&out_token);
+        first = false;
+    }
+}

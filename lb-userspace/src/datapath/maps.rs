@@ -28,6 +28,10 @@ pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     sock_revnat: HashMap<MapData, SockRevKey, SockRevValue>,
+    sock_revnat_fd: OwnedFd,
+    /// `LB_SOCK_LOCAL`, for sock_diag dumps of per-socket storage.
+    sock_local_fd: OwnedFd,
+    pub sockets: SocketTable,
     stats: PerCpuArray<MapData, u64>,
     frontend_stats: Array<MapData, FrontendStats>,
     backend_stats: Array<MapData, u64>,
@@ -35,6 +39,25 @@ pub struct KernelMaps {
     fds: MapFds,
     /// Cleared once the kernel refuses a batch operation.
     batch_ops: bool,
+}
+
+/// Which map remembers translated sockets, and its size.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SocketTable {
+    /// `LB_SOCK_REVNAT_LRU` (kernels without `cgroup/sock_release`) rather than
+    /// `LB_SOCK_REVNAT`.
+    pub legacy: bool,
+    pub capacity: u32,
+}
+
+impl SocketTable {
+    pub fn map_name(&self) -> &'static str {
+        if self.legacy {
+            map_names::SOCK_REVNAT_LRU
+        } else {
+            map_names::SOCK_REVNAT
+        }
+    }
 }
 
 /// What the kernel tables hold right now.
@@ -52,6 +75,7 @@ pub struct MapSnapshot {
     pub unreferenced_backends: Vec<u32>,
     /// Number of live reverse-translation entries.
     pub sock_revnat_entries: usize,
+    pub sockets: SocketTable,
 }
 
 #[derive(Debug, Clone)]
@@ -86,22 +110,46 @@ fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
 }
 
 impl KernelMaps {
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        Self::from_maps(|name| take_map(ebpf, name))
+    pub fn take(ebpf: &mut Ebpf, capacities: &super::Capacities) -> Result<Self> {
+        let sockets = SocketTable {
+            legacy: capacities.legacy_sockets,
+            capacity: capacities.sockets,
+        };
+        Self::from_maps(sockets, |name| take_map(ebpf, name))
     }
 
     /// Opens the maps pinned by a running (or kept) daemon.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
         let dir = super::pins::readable_dir(pin_dir)?;
-        Self::from_maps(|name| open_pinned(&dir, name))
+        let entries = |name: &str| {
+            aya::maps::MapInfo::from_pin(dir.join(name))
+                .map(|info| info.max_entries())
+                .with_context(|| format!("opening {}", dir.join(name).display()))
+        };
+        // The map not in use holds one entry.
+        let lru = entries(map_names::SOCK_REVNAT_LRU)?;
+        let sockets = if lru > 1 {
+            SocketTable {
+                legacy: true,
+                capacity: lru,
+            }
+        } else {
+            SocketTable {
+                legacy: false,
+                capacity: entries(map_names::SOCK_REVNAT)?,
+            }
+        };
+        Self::from_maps(sockets, |name| open_pinned(&dir, name))
     }
 
-    fn from_maps(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+    fn from_maps(sockets: SocketTable, mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
         let services = get(map_names::SERVICES)?;
         let backends = get(map_names::BACKENDS)?;
         let frontend_stats = get(map_names::FRONTEND_STATS)?;
         let backend_stats = get(map_names::BACKEND_STATS)?;
         let frontend_names = get(map_names::FRONTEND_NAMES)?;
+        let sock_revnat = get(sockets.map_name())?;
+        let sock_local = get(map_names::SOCK_LOCAL)?;
         let fds = MapFds {
             services: dup_fd(&services)?,
             backends: dup_fd(&backends)?,
@@ -112,7 +160,10 @@ impl KernelMaps {
         Ok(Self {
             services: services.try_into()?,
             backends: backends.try_into()?,
-            sock_revnat: get(map_names::SOCK_REVNAT)?.try_into()?,
+            sock_revnat_fd: dup_fd(&sock_revnat)?,
+            sock_revnat: sock_revnat.try_into()?,
+            sock_local_fd: dup_fd(&sock_local)?,
+            sockets,
             stats: get(map_names::STATS)?.try_into()?,
             frontend_stats: frontend_stats.try_into()?,
             backend_stats: backend_stats.try_into()?,
@@ -120,6 +171,28 @@ impl KernelMaps {
             fds,
             batch_ops: true,
         })
+    }
+
+    /// Every reverse-translation entry: batched reads where the kernel has them.
+    pub fn sock_revnat_entries(&self) -> Result<Vec<(SockRevKey, SockRevValue)>> {
+        match batch::lookup_all(self.sock_revnat_fd.as_fd()) {
+            Ok(entries) => Ok(entries),
+            Err(err) if batch::unsupported(&err) => collect_entries(self.sock_revnat.iter()),
+            Err(err) => Err(err).context("reading the socket map"),
+        }
+    }
+
+    /// The per-socket storage map, for sock_diag requests.
+    pub fn sock_local_fd(&self) -> BorrowedFd<'_> {
+        self.sock_local_fd.as_fd()
+    }
+
+    /// A global counter summed over CPUs.
+    pub fn stat(&self, index: u32) -> u64 {
+        self.stats
+            .get(&index, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
     }
 
     /// Every service entry, backend and frontend name, as [`crate::reconcile::Reconciler::adopt`]
@@ -147,7 +220,7 @@ impl KernelMaps {
         if gone.is_empty() {
             return Ok(Vec::new());
         }
-        let entries = collect_entries(self.sock_revnat.iter())?;
+        let entries = self.sock_revnat_entries()?;
         let selected = sockets_of_gone(&entries, gone);
         for (key, _) in &selected {
             ignore_missing(self.sock_revnat.remove(key))?;
@@ -214,15 +287,8 @@ impl KernelMaps {
             })
             .collect();
 
-        let stats = (0..stat::COUNT)
-            .map(|i| {
-                self.stats
-                    .get(&i, 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0)
-            })
-            .collect();
-        let sock_revnat_entries = self.sock_revnat.keys().filter(Result::is_ok).count();
+        let stats = (0..stat::COUNT).map(|i| self.stat(i)).collect();
+        let sock_revnat_entries = self.sock_revnat_entries()?.len();
         let referenced: std::collections::BTreeSet<u32> = frontends
             .iter()
             .flat_map(|f: &SnapshotFrontend| f.slots.iter().flatten().copied())
@@ -240,6 +306,7 @@ impl KernelMaps {
             orphan_slots,
             unreferenced_backends,
             sock_revnat_entries,
+            sockets: self.sockets,
         })
     }
 }
@@ -409,9 +476,11 @@ struct MapFds {
 
 fn dup_fd(map: &Map) -> Result<OwnedFd> {
     let data = match map {
-        Map::HashMap(data) | Map::Array(data) | Map::LruHashMap(data) | Map::PerCpuArray(data) => {
-            data
-        }
+        Map::HashMap(data)
+        | Map::Array(data)
+        | Map::LruHashMap(data)
+        | Map::PerCpuArray(data)
+        | Map::SkStorage(data) => data,
         _ => anyhow::bail!("unexpected map type"),
     };
     Ok(data.fd().as_fd().try_clone_to_owned()?)

@@ -25,7 +25,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{CgroupAttachMode, Program, links::FdLink},
 };
 use lb_common::{map_names, stat};
 use tracing::{info, warn};
@@ -39,9 +39,9 @@ pub use self::{
 /// The eBPF object built by `build.rs` from `lb-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-datapath"));
 
-/// Every program in the object; each attaches to the cgroup hook its ELF section
-/// names (`cgroup/connect4`, ...).
-pub const PROGRAMS: [&str; 8] = [
+/// Every socket-address program in the object; each attaches to the cgroup hook its
+/// ELF section names (`cgroup/connect4`, ...).
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     "lb_connect4",
     "lb_connect6",
     "lb_sendmsg4",
@@ -51,6 +51,19 @@ pub const PROGRAMS: [&str; 8] = [
     "lb_getpeername4",
     "lb_getpeername6",
 ];
+
+/// Deletes a released socket's state (`cgroup/sock_release`); not loaded on kernels
+/// without that hook.
+const RELEASE_PROGRAM: &str = "lb_sock_release";
+
+/// The programs this datapath runs on this kernel.
+fn programs(capacities: &Capacities) -> Vec<&'static str> {
+    let mut names = SOCK_ADDR_PROGRAMS.to_vec();
+    if !capacities.legacy_sockets {
+        names.push(RELEASE_PROGRAM);
+    }
+    names
+}
 
 /// Sub-directory of the pin directory that holds pinned program links.
 const LINKS_DIR: &str = "links";
@@ -92,6 +105,17 @@ impl Datapath {
                 return Err(err);
             }
         };
+        if options.capacities.legacy_sockets {
+            warn!("socket tracking: LRU forced by --legacy-socket-tracking");
+        } else if let Err(why) = sys::probe_socket_tracking() {
+            warn!(
+                "socket tracking: {why}; translated sockets are remembered in an LRU of \
+                 --max-sockets entries, so under heavy socket churn a long-lived socket's \
+                 entry can be evicted (getpeername() then shows the pod, and the socket is \
+                 not terminated when its backend leaves)"
+            );
+            options.capacities.legacy_sockets = true;
+        }
         let loaded = (|| {
             let layout = pins::prepare(&options.pin_dir, &options.capacities)?;
             let ebpf = load_object(&layout.dir, &options.capacities)?;
@@ -113,7 +137,12 @@ impl Datapath {
 
     /// Takes the typed map handles (once).
     pub fn take_maps(&mut self) -> Result<KernelMaps> {
-        KernelMaps::take(&mut self.ebpf)
+        KernelMaps::take(&mut self.ebpf, &self.options.capacities)
+    }
+
+    /// The capacities in force, with the socket-tracking mode the kernel allows.
+    pub fn capacities(&self) -> Capacities {
+        self.options.capacities
     }
 
     pub fn is_active(&self) -> bool {
@@ -132,12 +161,12 @@ impl Datapath {
             .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
         let cgroup_id = links::cgroup_id(cgroup_path)?;
         let (mut updated, mut attached) = (0, 0);
-        for name in PROGRAMS {
-            let program: &mut CgroupSockAddr = self
+        let names = programs(&self.options.capacities);
+        for name in &names {
+            let program = self
                 .ebpf
                 .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
+                .with_context(|| format!("program {name} missing from the eBPF object"))?;
             let pin = links_dir.join(name);
             if let Ok(link) = links::open_pinned(&pin) {
                 let info = links::link_info(link.as_fd())
@@ -150,13 +179,8 @@ impl Datapath {
                 }
                 info!(link = %pin.display(), "pinned link is attached elsewhere; replacing it");
             }
-            let id = program
-                .attach(&cgroup, CgroupAttachMode::Single)
+            let link = attach_cgroup(program, &cgroup)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup_path.display()))?;
-            let link: FdLink = program
-                .take_link(id)?
-                .try_into()
-                .context("cgroup link is not fd-based")?;
             // Pin under a temporary name (bpffs forbids dots in names), then rename over
             // any old pin: the old link (if any) detaches only once the new one is
             // attached and pinned.
@@ -171,7 +195,7 @@ impl Datapath {
         // Links of programs this build no longer has.
         for entry in fs::read_dir(&links_dir)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !PROGRAMS.contains(&name.as_str()) && !name.ends_with("_new") {
+            if !names.contains(&name.as_str()) && !name.ends_with("_new") {
                 warn!(link = %entry.path().display(), "removing a pinned link this build has no program for");
                 let _ = fs::remove_file(entry.path());
             }
@@ -232,6 +256,23 @@ impl Datapath {
     }
 }
 
+/// Attaches a cgroup program of either kind the object has and returns its link.
+fn attach_cgroup(program: &mut Program, cgroup: &fs::File) -> Result<FdLink> {
+    let link: FdLink = match program {
+        Program::CgroupSockAddr(p) => {
+            let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into()
+        }
+        Program::CgroupSock(p) => {
+            let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into()
+        }
+        other => bail!("unexpected program type {:?}", other.prog_type()),
+    }
+    .context("cgroup link is not fd-based")?;
+    Ok(link)
+}
+
 fn load_object(maps_dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
     let has_set_retval = sys::probe_set_retval();
     if !has_set_retval {
@@ -241,12 +282,12 @@ fn load_object(maps_dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
         );
     }
     let flag = u8::from(has_set_retval);
+    let track_sockets = u8::from(!capacities.legacy_sockets);
     let mut loader = EbpfLoader::new();
-    loader.default_map_pin_directory(maps_dir).override_global(
-        "LB_CONFIG_HAS_SET_RETVAL",
-        &flag,
-        true,
-    );
+    loader
+        .default_map_pin_directory(maps_dir)
+        .override_global("LB_CONFIG_HAS_SET_RETVAL", &flag, true)
+        .override_global("LB_CONFIG_TRACK_SOCKETS", &track_sockets, true);
     for def in &lb_common::maps::ALL {
         loader.map_max_entries(def.name, capacities.entries(def));
     }
@@ -261,14 +302,16 @@ fn load_object(maps_dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
             );
         }
     }
-    for name in PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
+    for name in programs(capacities) {
+        let program = ebpf
             .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("verifying program {name}"))?;
+            .with_context(|| format!("program {name} missing from the eBPF object"))?;
+        match program {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::CgroupSock(p) => p.load(),
+            other => bail!("unexpected program type {:?} for {name}", other.prog_type()),
+        }
+        .with_context(|| format!("verifying program {name}"))?;
     }
     Ok(ebpf)
 }
@@ -326,9 +369,12 @@ pub fn attached_programs(pin_dir: &Path) -> usize {
 
 pub use sys::lock_holder;
 
-/// Reads the global decision counters (`LB_STATS`) from the pins, for metrics.
+/// Reads the global decision counters (`LB_STATS`) and the socket map's fill from the
+/// pins, for metrics.
 pub struct StatsReader {
     stats: PerCpuArray<MapData, u64>,
+    /// The socket map in use, its name and descriptor.
+    sockets: (&'static str, std::os::fd::OwnedFd),
 }
 
 impl std::fmt::Debug for StatsReader {
@@ -339,9 +385,19 @@ impl std::fmt::Debug for StatsReader {
 
 impl StatsReader {
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let data = MapData::from_pin(pins::readable_dir(pin_dir)?.join(map_names::STATS))?;
+        let dir = pins::readable_dir(pin_dir)?;
+        let data = MapData::from_pin(dir.join(map_names::STATS))?;
+        // The map not in use holds one entry.
+        let lru = aya::maps::MapInfo::from_pin(dir.join(map_names::SOCK_REVNAT_LRU))?;
+        let name = if lru.max_entries() > 1 {
+            map_names::SOCK_REVNAT_LRU
+        } else {
+            map_names::SOCK_REVNAT
+        };
+        let sockets = MapData::from_pin(dir.join(name))?;
         Ok(Self {
             stats: Map::from_map_data(data)?.try_into()?,
+            sockets: (name, sockets.fd().as_fd().try_clone_to_owned()?),
         })
     }
 
@@ -355,12 +411,22 @@ impl StatsReader {
             })
             .collect()
     }
+
+    /// The socket map's name and how many sockets it remembers.
+    pub fn tracked_sockets(&self) -> Result<(&'static str, usize)> {
+        let entries = batch::lookup_all::<lb_common::SockRevKey, lb_common::SockRevValue>(
+            self.sockets.1.as_fd(),
+        )?;
+        Ok((self.sockets.0, entries.len()))
+    }
 }
 
 /// `max_entries` of every map under `capacities`, for metrics.
 pub fn capacities(capacities: &Capacities) -> Vec<(String, u64)> {
     lb_common::maps::ALL
         .iter()
+        // Socket storage has no capacity: it grows with the sockets.
+        .filter(|def| def.kind != lb_common::MapKind::SkStorage)
         .map(|def| (def.name.to_string(), capacities.entries(def) as u64))
         .collect()
 }

@@ -24,6 +24,9 @@ pub struct Capacities {
     pub backends: u32,
     pub service_entries: u32,
     pub sockets: u32,
+    /// The kernel has no `cgroup/sock_release`: sockets are remembered in the LRU
+    /// (`LB_SOCK_REVNAT_LRU`) instead. Decided by probing the kernel at load time.
+    pub legacy_sockets: bool,
 }
 
 impl Default for Capacities {
@@ -33,6 +36,7 @@ impl Default for Capacities {
             backends: maps::DEFAULT_BACKENDS,
             service_entries: maps::DEFAULT_SERVICE_ENTRIES,
             sockets: maps::DEFAULT_SOCKETS,
+            legacy_sockets: false,
         }
     }
 }
@@ -54,7 +58,11 @@ impl Capacities {
             Capacity::Frontends => self.frontends,
             Capacity::Backends => self.backends,
             Capacity::ServiceEntries => self.service_entries,
+            // The map that is not in use keeps one entry.
+            Capacity::Sockets if self.legacy_sockets => 1,
             Capacity::Sockets => self.sockets,
+            Capacity::LegacySockets if self.legacy_sockets => self.sockets,
+            Capacity::LegacySockets => 1,
         }
     }
 }
@@ -76,6 +84,7 @@ fn kind_of(map_type: MapType) -> Option<MapKind> {
         MapType::Array => MapKind::Array,
         MapType::PerCpuArray => MapKind::PerCpuArray,
         MapType::LruHash => MapKind::LruHash,
+        MapType::SkStorage => MapKind::SkStorage,
         _ => return None,
     })
 }

@@ -16,6 +16,12 @@
 //! kernel can tell: `SO_NETNS_COOKIE`, Linux >= 5.14). Only sockets whose cookie is in
 //! the translation map *and* whose current peer is the removed backend are touched:
 //! never a socket that dialled the pod directly, never an unconnected UDP socket.
+//!
+//! When the translation map was full, a socket's translation lives in its own storage
+//! (`LB_SOCK_LOCAL`) instead, flagged as overflow. While any such socket is open, the
+//! dumps also ask the kernel for that storage (`INET_DIAG_REQ_SK_BPF_STORAGES`) and a
+//! socket whose overflow entry names the removed backend, and whose peer it still is,
+//! is destroyed too: a full map never leaves a stale socket behind.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -23,7 +29,7 @@ use std::{
     mem::size_of,
     net::{IpAddr, SocketAddr},
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
     },
     path::PathBuf,
@@ -31,7 +37,10 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_common::{Addr, SockRevKey, SockRevValue, addr_from_ip, port_to_net};
+use lb_common::{
+    Addr, LOCAL_OVERFLOW, SOCK_LOCAL_F_OVERFLOWED, SockLocal, SockRevKey, SockRevValue,
+    addr_from_ip, addr_to_ip, port_from_net, port_to_net,
+};
 use tracing::{debug, warn};
 
 use crate::reconcile::GoneBackend;
@@ -85,6 +94,8 @@ pub fn sockets_of_gone(
 pub struct TerminateReport {
     /// Live sockets (established, or connected UDP) the kernel destroyed.
     pub destroyed: usize,
+    /// Of which found through their own storage (the socket map was full).
+    pub destroyed_overflowed: usize,
     /// Network namespaces searched.
     pub namespaces: usize,
 }
@@ -98,6 +109,16 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const SO_NETNS_COOKIE: i32 = 71;
+/// `INET_DIAG_REQ_SK_BPF_STORAGES`, and in it `SK_DIAG_BPF_STORAGE_REQ_MAP_FD`.
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+/// Reply attributes: `INET_DIAG_SK_BPF_STORAGES` > `SK_DIAG_BPF_STORAGE` >
+/// `SK_DIAG_BPF_STORAGE_MAP_VALUE`.
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | (1 << 14));
 
 /// TCP states (as a sock_diag bit mask) of sockets worth destroying: ESTABLISHED,
 /// SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING. A
@@ -198,6 +219,75 @@ fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && canonical(a.ip()) == canonical(b.ip())
 }
 
+/// `INET_DIAG_REQ_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE_REQ_MAP_FD: fd }`.
+fn storage_request(map: BorrowedFd<'_>) -> Vec<u8> {
+    let fd = map.as_raw_fd() as u32;
+    let mut inner = Vec::new();
+    inner.extend_from_slice(&8u16.to_ne_bytes());
+    inner.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+    inner.extend_from_slice(&fd.to_ne_bytes());
+    let mut outer = Vec::new();
+    outer.extend_from_slice(&((4 + inner.len()) as u16).to_ne_bytes());
+    outer.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+    outer.extend_from_slice(&inner);
+    outer
+}
+
+/// Netlink attributes in `data`: (type without flags, payload).
+fn attributes(mut data: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while data.len() >= 4 {
+        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > data.len() {
+            break;
+        }
+        out.push((kind, &data[4..len]));
+        let aligned = (len + 3) & !3;
+        data = &data[aligned.min(data.len())..];
+    }
+    out
+}
+
+/// The socket-storage value in a sock_diag reply's attributes (one map was asked
+/// for, so the first value is its).
+fn storage_value(attrs: &[u8]) -> Option<SockLocal> {
+    let (_, storages) = attributes(attrs)
+        .into_iter()
+        .find(|(kind, _)| *kind == INET_DIAG_SK_BPF_STORAGES)?;
+    let (_, storage) = attributes(storages)
+        .into_iter()
+        .find(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE)?;
+    let (_, value) = attributes(storage)
+        .into_iter()
+        .find(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE_MAP_VALUE)?;
+    read_struct::<SockLocal>(value)
+}
+
+/// The backend an overflowed socket was translated to, if it is one of `gone` (for the
+/// frontend it was translated for).
+fn overflowed_to_gone(local: &SockLocal, gone: &[GoneBackend]) -> Option<SocketAddr> {
+    if local.flags & SOCK_LOCAL_F_OVERFLOWED == 0 {
+        return None;
+    }
+    local
+        .entries
+        .iter()
+        .filter(|e| e.kind == LOCAL_OVERFLOW)
+        .find_map(|e| {
+            let backend = SocketAddr::new(addr_to_ip(&e.backend), port_from_net(e.backend_port));
+            gone.iter()
+                .any(|g| {
+                    g.svc_id == e.svc_id
+                        && same_endpoint(
+                            backend,
+                            SocketAddr::new(g.backend.addr.ip, g.backend.addr.port),
+                        )
+                })
+                .then_some(backend)
+        })
+}
+
 struct SockDiag {
     fd: OwnedFd,
     seq: u32,
@@ -240,10 +330,16 @@ impl SockDiag {
         (rc == 0).then_some(cookie)
     }
 
-    fn send(&mut self, kind: u16, flags: u16, req: &InetDiagReqV2) -> io::Result<u32> {
+    fn send(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        req: &InetDiagReqV2,
+        attrs: &[u8],
+    ) -> io::Result<u32> {
         self.seq += 1;
         let header = NlMsgHdr {
-            len: (size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>()) as u32,
+            len: (size_of::<NlMsgHdr>() + size_of::<InetDiagReqV2>() + attrs.len()) as u32,
             kind,
             flags,
             seq: self.seq,
@@ -252,6 +348,7 @@ impl SockDiag {
         let mut message = Vec::with_capacity(header.len as usize);
         message.extend_from_slice(as_bytes(&header));
         message.extend_from_slice(as_bytes(req));
+        message.extend_from_slice(attrs);
         // SAFETY: sending an initialised buffer on our socket (to the kernel, address 0).
         let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         kernel.nl_family = libc::AF_NETLINK as u16;
@@ -317,19 +414,33 @@ impl SockDiag {
 
     /// The sockets of one family and protocol in the current namespace that still
     /// talk to a peer: established (or connected, for UDP) and half-closed ones; not
-    /// TIME_WAIT or closed sockets, which have nothing left to reset.
-    fn dump(&mut self, family: u8, protocol: u8) -> io::Result<Vec<InetDiagMsg>> {
+    /// TIME_WAIT or closed sockets, which have nothing left to reset. With
+    /// `storage_map`, each comes with its value in that socket-storage map, if any.
+    fn dump(
+        &mut self,
+        family: u8,
+        protocol: u8,
+        storage_map: Option<BorrowedFd<'_>>,
+    ) -> io::Result<Vec<(InetDiagMsg, Option<SockLocal>)>> {
         let req = InetDiagReqV2 {
             family,
             protocol,
             states: LIVE_STATES,
             ..Default::default()
         };
-        let seq = self.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &req)?;
+        let attrs = storage_map.map(storage_request).unwrap_or_default();
+        let seq = self.send(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            &req,
+            &attrs,
+        )?;
         let mut sockets = Vec::new();
         self.receive(seq, |payload| {
             if let Some(msg) = read_struct::<InetDiagMsg>(payload) {
-                sockets.push(msg);
+                let storage =
+                    storage_map.and_then(|_| storage_value(&payload[size_of::<InetDiagMsg>()..]));
+                sockets.push((msg, storage));
             }
         })?;
         Ok(sockets)
@@ -343,42 +454,66 @@ impl SockDiag {
             id: msg.id,
             ..Default::default()
         };
-        let seq = self.send(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &req)?;
+        let seq = self.send(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &req, &[])?;
         self.receive(seq, |_| {})
     }
 }
 
-/// Destroys `sockets` in the current thread's network namespace; returns how many.
+/// Sockets whose translation overflowed into their own storage, to be found through
+/// sock_diag.
+#[derive(Clone, Copy)]
+pub struct Overflowed<'a> {
+    /// `LB_SOCK_LOCAL`.
+    pub storage_map: BorrowedFd<'a>,
+    pub gone: &'a [GoneBackend],
+}
+
+/// Destroys `sockets` (and overflowed sockets of `overflowed`) in the current thread's
+/// network namespace; returns how many of each, or None if the namespace was skipped.
 fn destroy_here(
     sockets: &[TrackedSocket],
     wanted_netns: &BTreeSet<u64>,
-) -> io::Result<Option<usize>> {
+    overflowed: Option<Overflowed<'_>>,
+) -> io::Result<Option<(usize, usize)>> {
     let mut diag = SockDiag::open()?;
-    if let Some(cookie) = diag.netns_cookie()
+    // Overflowed sockets carry no namespace cookie: every namespace is searched then.
+    if overflowed.is_none()
+        && let Some(cookie) = diag.netns_cookie()
         && !wanted_netns.contains(&cookie)
         && !wanted_netns.contains(&0)
     {
         return Ok(None);
     }
     let by_cookie: BTreeMap<u64, &TrackedSocket> = sockets.iter().map(|s| (s.cookie, s)).collect();
-    let protocols: BTreeSet<u8> = sockets.iter().map(|s| s.protocol).collect();
-    let mut destroyed = 0;
+    let mut protocols: BTreeSet<u8> = sockets.iter().map(|s| s.protocol).collect();
+    if let Some(o) = overflowed {
+        protocols.extend(o.gone.iter().map(|g| g.backend.protocol.number()));
+    }
+    let (mut destroyed, mut destroyed_overflowed) = (0, 0);
     for protocol in protocols {
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-            for msg in diag.dump(family, protocol)? {
+            for (msg, storage) in diag.dump(family, protocol, overflowed.map(|o| o.storage_map))? {
                 let cookie = msg.id.cookie[0] as u64 | (msg.id.cookie[1] as u64) << 32;
-                let Some(tracked) = by_cookie.get(&cookie) else {
-                    continue;
-                };
-                // The socket must still be connected to the removed backend.
                 let peer = sock_addr(msg.family, &msg.id.dst, msg.id.dport);
-                if tracked.protocol != protocol
-                    || !peer.is_some_and(|p| same_endpoint(p, tracked.backend))
-                {
+                // The socket must still be connected to the removed backend.
+                let tracked = by_cookie.get(&cookie).is_some_and(|t| {
+                    t.protocol == protocol && peer.is_some_and(|p| same_endpoint(p, t.backend))
+                });
+                let overflow = !tracked
+                    && overflowed.is_some_and(|o| {
+                        storage
+                            .as_ref()
+                            .and_then(|local| overflowed_to_gone(local, o.gone))
+                            .is_some_and(|backend| peer.is_some_and(|p| same_endpoint(p, backend)))
+                    });
+                if !tracked && !overflow {
                     continue;
                 }
                 match diag.destroy(protocol, &msg) {
-                    Ok(()) => destroyed += 1,
+                    Ok(()) => {
+                        destroyed += 1;
+                        destroyed_overflowed += usize::from(overflow);
+                    }
                     // Closed in the meantime.
                     Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
                     Err(err) => return Err(err),
@@ -386,7 +521,7 @@ fn destroy_here(
             }
         }
     }
-    Ok(Some(destroyed))
+    Ok(Some((destroyed, destroyed_overflowed)))
 }
 
 /// Every network namespace on the host, once each: those of running processes and
@@ -422,11 +557,15 @@ fn network_namespaces() -> Vec<PathBuf> {
     paths
 }
 
-/// Destroys the given sockets wherever they live. Namespaces are visited one thread
-/// each (a thread's `setns` does not affect the rest of the daemon).
-pub fn terminate(sockets: &[TrackedSocket]) -> Result<TerminateReport> {
+/// Destroys the given sockets (and overflowed ones) wherever they live. Namespaces
+/// are visited one thread each (a thread's `setns` does not affect the rest of the
+/// daemon).
+pub fn terminate(
+    sockets: &[TrackedSocket],
+    overflowed: Option<Overflowed<'_>>,
+) -> Result<TerminateReport> {
     let mut report = TerminateReport::default();
-    if sockets.is_empty() {
+    if sockets.is_empty() && overflowed.is_none_or(|o| o.gone.is_empty()) {
         return Ok(report);
     }
     let wanted_netns: BTreeSet<u64> = sockets.iter().map(|s| s.netns_cookie).collect();
@@ -436,19 +575,20 @@ pub fn terminate(sockets: &[TrackedSocket]) -> Result<TerminateReport> {
         };
         let result = thread::scope(|scope| {
             scope
-                .spawn(|| -> io::Result<Option<usize>> {
+                .spawn(|| -> io::Result<Option<(usize, usize)>> {
                     // SAFETY: setns on this (short-lived, dedicated) thread only.
                     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                         return Err(io::Error::last_os_error());
                     }
-                    destroy_here(sockets, &wanted_netns)
+                    destroy_here(sockets, &wanted_netns, overflowed)
                 })
                 .join()
         });
         match result {
-            Ok(Ok(Some(destroyed))) => {
+            Ok(Ok(Some((destroyed, destroyed_overflowed)))) => {
                 report.namespaces += 1;
                 report.destroyed += destroyed;
+                report.destroyed_overflowed += destroyed_overflowed;
             }
             Ok(Ok(None)) => {}
             Ok(Err(err)) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => {
@@ -548,6 +688,87 @@ mod tests {
         assert!(sockets_of_gone(&entries, &[]).is_empty());
     }
 
+    /// Builds one netlink attribute (4-byte aligned).
+    fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(payload);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out
+    }
+
+    fn overflowed(svc_id: u32, backend: &str) -> SockLocal {
+        let backend: SocketAddr = backend.parse().unwrap();
+        let mut local = SockLocal {
+            flags: SOCK_LOCAL_F_OVERFLOWED,
+            ..Default::default()
+        };
+        local.entries[1] = lb_common::SockLocalEntry {
+            backend: addr_from_ip(backend.ip()),
+            backend_port: port_to_net(backend.port()),
+            svc_id,
+            kind: LOCAL_OVERFLOW,
+            ..Default::default()
+        };
+        local
+    }
+
+    #[test]
+    fn storage_values_are_found_in_nested_reply_attributes() {
+        let local = overflowed(7, "10.244.1.21:6379");
+        // SK_DIAG_BPF_STORAGE { MAP_ID, MAP_VALUE }, after an unrelated attribute, with
+        // the nested flag set as the kernel sends it.
+        let value = unsafe {
+            std::slice::from_raw_parts(
+                (&local as *const SockLocal).cast::<u8>(),
+                size_of::<SockLocal>(),
+            )
+        };
+        let storage = [
+            attr(2, &42u32.to_ne_bytes()),
+            attr(SK_DIAG_BPF_STORAGE_MAP_VALUE, value),
+        ]
+        .concat();
+        let storages = attr(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &storage);
+        let reply = [
+            attr(8, &[1]), // INET_DIAG_SHUTDOWN
+            attr(INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED, &storages),
+        ]
+        .concat();
+        assert_eq!(storage_value(&reply), Some(local));
+        assert_eq!(storage_value(&attr(8, &[1])), None);
+        // Truncated input is not misread.
+        assert_eq!(storage_value(&reply[..reply.len() - 8]), None);
+    }
+
+    #[test]
+    fn overflowed_sockets_match_only_their_frontend_and_backend() {
+        let local = overflowed(7, "10.244.1.21:6379");
+        let backend: SocketAddr = "10.244.1.21:6379".parse().unwrap();
+        assert_eq!(
+            overflowed_to_gone(&local, &[gone(7, "10.244.1.21:6379", Protocol::Tcp)]),
+            Some(backend)
+        );
+        // Another frontend lost that backend; another backend left this frontend.
+        assert_eq!(
+            overflowed_to_gone(&local, &[gone(8, "10.244.1.21:6379", Protocol::Tcp)]),
+            None
+        );
+        assert_eq!(
+            overflowed_to_gone(&local, &[gone(7, "10.244.1.22:6379", Protocol::Tcp)]),
+            None
+        );
+        // Unconnected sends (not flagged) are never terminated.
+        let sent = SockLocal { flags: 0, ..local };
+        assert_eq!(
+            overflowed_to_gone(&sent, &[gone(7, "10.244.1.21:6379", Protocol::Tcp)]),
+            None
+        );
+    }
+
     #[test]
     fn mapped_and_plain_ipv4_are_the_same_endpoint() {
         let a: SocketAddr = "10.244.1.11:53".parse().unwrap();
@@ -594,8 +815,8 @@ mod tests {
                 protocol: libc::IPPROTO_UDP as u8,
             },
         ];
-        let destroyed = destroy_here(&tracked, &BTreeSet::from([0])).unwrap();
-        assert_eq!(destroyed, Some(2));
+        let destroyed = destroy_here(&tracked, &BTreeSet::from([0]), None).unwrap();
+        assert_eq!(destroyed, Some((2, 0)));
         let err = client.send(b"x").unwrap_err();
         assert!(
             matches!(

@@ -164,21 +164,61 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether the kernel lets cgroup sock_addr programs call `bpf_set_retval` (Linux
-/// >= 5.18), probed by loading a four-instruction program that calls it.
-pub fn probe_set_retval() -> bool {
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
-    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
-    const BPF_FUNC_SET_RETVAL: i32 = 187;
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Insn {
-        code: u8,
-        regs: u8,
-        off: i16,
-        imm: i32,
+const BPF_PROG_TYPE_CGROUP_SOCK: u32 = 9;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
+const BPF_FUNC_GET_SOCKET_COOKIE: i32 = 46;
+const BPF_FUNC_SK_STORAGE_GET: i32 = 107;
+const BPF_FUNC_SET_RETVAL: i32 = 187;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Insn {
+    code: u8,
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+const fn mov_r1_0() -> Insn {
+    Insn {
+        code: 0xb7,
+        regs: 0x01,
+        off: 0,
+        imm: 0,
     }
+}
+
+const fn call(helper: i32) -> Insn {
+    Insn {
+        code: 0x85,
+        regs: 0,
+        off: 0,
+        imm: helper,
+    }
+}
+
+/// `r0 = 1; exit`.
+const RETURN_1: [Insn; 2] = [
+    Insn {
+        code: 0xb7,
+        regs: 0x00,
+        off: 0,
+        imm: 1,
+    },
+    Insn {
+        code: 0x95,
+        regs: 0,
+        off: 0,
+        imm: 0,
+    },
+];
+
+/// Loads a probe program; Ok if the kernel accepted it, else the errno and the
+/// verifier's log.
+fn probe_load(prog_type: u32, attach_type: u32, body: &[Insn]) -> Result<(), (i32, String)> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
     #[repr(C)]
     #[derive(Default)]
     struct LoadAttr {
@@ -195,43 +235,23 @@ pub fn probe_set_retval() -> bool {
         prog_ifindex: u32,
         expected_attach_type: u32,
     }
-    let insns = [
-        Insn {
-            code: 0xb7,
-            regs: 0x01,
-            off: 0,
-            imm: 0,
-        }, // r1 = 0
-        Insn {
-            code: 0x85,
-            regs: 0,
-            off: 0,
-            imm: BPF_FUNC_SET_RETVAL,
-        }, // call bpf_set_retval
-        Insn {
-            code: 0xb7,
-            regs: 0x00,
-            off: 0,
-            imm: 1,
-        }, // r0 = 1
-        Insn {
-            code: 0x95,
-            regs: 0,
-            off: 0,
-            imm: 0,
-        }, // exit
-    ];
+    let mut insns = body.to_vec();
+    insns.extend_from_slice(&RETURN_1);
     let license = c"GPL";
+    let mut log = vec![0u8; 4096];
     let mut attr = LoadAttr {
-        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        expected_attach_type: attach_type,
         ..Default::default()
     };
-    // SAFETY: a valid BPF_PROG_LOAD attribute pointing at live instruction and
-    // license buffers.
+    // SAFETY: a valid BPF_PROG_LOAD attribute pointing at live instruction, license
+    // and log buffers.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -241,11 +261,67 @@ pub fn probe_set_retval() -> bool {
         )
     };
     if fd < 0 {
-        return false;
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+        return Err((errno, String::from_utf8_lossy(&log[..end]).into_owned()));
     }
     // SAFETY: the kernel returned a program descriptor we own.
     unsafe { libc::close(fd as i32) };
-    true
+    Ok(())
+}
+
+/// Whether programs of this type may call `helper`. The probe passes no valid
+/// arguments, so the verifier refuses it either way; what matters is whether it
+/// knew the helper.
+fn helper_known(prog_type: u32, attach_type: u32, helper: i32) -> bool {
+    match probe_load(prog_type, attach_type, &[mov_r1_0(), call(helper)]) {
+        Ok(()) => true,
+        Err((_, log)) => !log.contains("unknown func") && !log.is_empty(),
+    }
+}
+
+/// Whether the kernel lets cgroup sock_addr programs call `bpf_set_retval` (Linux
+/// >= 5.18).
+pub fn probe_set_retval() -> bool {
+    probe_load(
+        BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        BPF_CGROUP_INET4_CONNECT,
+        &[mov_r1_0(), call(BPF_FUNC_SET_RETVAL)],
+    )
+    .is_ok()
+}
+
+/// What per-socket state lifetimes need, or why it is missing: a `cgroup/sock_release`
+/// hook that can read the socket cookie (Linux >= 5.9) and socket storage in both
+/// that hook and the socket-address hooks.
+pub fn probe_socket_tracking() -> Result<(), String> {
+    if let Err((errno, _)) = probe_load(
+        BPF_PROG_TYPE_CGROUP_SOCK,
+        BPF_CGROUP_INET_SOCK_RELEASE,
+        &[call(BPF_FUNC_GET_SOCKET_COOKIE)],
+    ) {
+        return Err(format!(
+            "the kernel has no cgroup/sock_release hook ({})",
+            std::io::Error::from_raw_os_error(errno)
+        ));
+    }
+    for (prog_type, attach_type, hook) in [
+        (
+            BPF_PROG_TYPE_CGROUP_SOCK,
+            BPF_CGROUP_INET_SOCK_RELEASE,
+            "cgroup/sock_release",
+        ),
+        (
+            BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            BPF_CGROUP_INET4_CONNECT,
+            "cgroup/connect4",
+        ),
+    ] {
+        if !helper_known(prog_type, attach_type, BPF_FUNC_SK_STORAGE_GET) {
+            return Err(format!("{hook} programs cannot use socket storage"));
+        }
+    }
+    Ok(())
 }
 
 fn mount_bpffs(target: &Path) -> Result<()> {

@@ -454,7 +454,7 @@ fn restart_keeps_the_datapath() -> Result<()> {
         log.contains("kernel maps synchronised") && log.contains("map_writes=0"),
         "{log}"
     );
-    ensure!(log.contains("links_updated=8"), "{log}");
+    ensure!(log.contains("links_updated=9"), "{log}");
     whoami(&tb, &client, VIP, 6379)?;
     daemon.stop()?;
     daemon.restart(&["--detach-on-exit"])?;

@@ -12,6 +12,7 @@ mod examples;
 mod kube;
 mod probe;
 mod reliability;
+mod sockets;
 mod support;
 mod udp;
 
@@ -43,6 +44,7 @@ fn main() {
     trials.extend(clusterip::trials());
     trials.extend(examples::trials());
     trials.extend(udp::trials());
+    trials.extend(sockets::trials());
     trials.extend(kube::trials());
     trials.extend(reliability::trials());
     let conclusion = libtest_mimic::run(&args, trials);

@@ -241,6 +241,115 @@ pub fn main(args: &[String]) -> ! {
                 thread::sleep(interval.saturating_sub(begun.elapsed()));
             }
         }
+        // hold-many-tcp <ip> <port> <n> <seconds>: n redis connections, each announced
+        // as "conn <i> <who> <peer>"; then every 100 ms a PING on each live one and its
+        // getpeername(): "error <i> <errno>" when one fails, "peer <i> <addr>" when its
+        // peer name differs from the first. Ends after <seconds>.
+        "hold-many-tcp" => {
+            let addr = target(rest);
+            let n: usize = rest[2].parse().expect("count");
+            let seconds: u64 = rest[3].parse().expect("seconds");
+            let mut conns = Vec::new();
+            for i in 0..n {
+                let opened =
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
+                        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                        s.write_all(b"GET whoami\r\n")?;
+                        let who = redis_reply(&mut s)?;
+                        let peer = s.peer_addr()?;
+                        Ok((s, who, peer))
+                    });
+                match opened {
+                    Ok((s, who, peer)) => {
+                        out(format!("conn {i} {who} {peer}"));
+                        conns.push(Some((s, peer)));
+                    }
+                    Err(err) => {
+                        out(format!("error {i} {}", errno_line(&err)));
+                        conns.push(None);
+                    }
+                }
+            }
+            out("opened".into());
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(seconds) {
+                for (i, slot) in conns.iter_mut().enumerate() {
+                    let Some((stream, first_peer)) = slot else {
+                        continue;
+                    };
+                    let ping = stream
+                        .write_all(b"PING\r\n")
+                        .and_then(|()| redis_reply(stream));
+                    if let Err(err) = ping {
+                        out(format!("error {i} {}", errno_line(&err)));
+                        *slot = None;
+                        continue;
+                    }
+                    match stream.peer_addr() {
+                        Ok(peer) if peer == *first_peer => {}
+                        Ok(peer) => out(format!("peer {i} {peer}")),
+                        Err(err) => out(format!("peer {i} {}", errno_line(&err))),
+                    }
+                }
+                out("round".into());
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+        // hold-sendto <ip> <port> <name> <seconds>: one unconnected UDP socket, a query
+        // every 100 ms, "answer <a> from <source>" per reply.
+        "hold-sendto" => {
+            let addr = target(rest);
+            let seconds: u64 = rest[3].parse().expect("seconds");
+            let socket = UdpSocket::bind(unspecified_for(&addr)).expect("bind");
+            socket
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let started = Instant::now();
+            let mut id = 0u16;
+            while started.elapsed() < Duration::from_secs(seconds) {
+                id = id.wrapping_add(1);
+                let result = socket
+                    .send_to(&dns_query(id, &rest[2]), addr)
+                    .and_then(|_| {
+                        let mut buf = [0u8; 512];
+                        socket
+                            .recv_from(&mut buf)
+                            .map(|(n, from)| (buf[..n].to_vec(), from))
+                    });
+                match result {
+                    Ok((response, from)) => out(format!(
+                        "answer {} from {from}",
+                        dns_answer(&response).unwrap_or_default()
+                    )),
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                        out("timeout".into())
+                    }
+                    Err(err) => out(errno_line(&err)),
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+        // churn-udp <ip> <port> <count>: count short-lived UDP sockets, alternately
+        // connected (connect, send, close) and unconnected (sendto, close), like a
+        // node's resolvers; "done <ms>" at the end.
+        "churn-udp" => {
+            let addr = target(rest);
+            let count: usize = rest[2].parse().expect("count");
+            let started = Instant::now();
+            for i in 0..count {
+                let socket = UdpSocket::bind(unspecified_for(&addr)).expect("bind");
+                let sent = if i % 2 == 0 {
+                    socket.connect(addr).and_then(|()| socket.send(b"x"))
+                } else {
+                    socket.send_to(b"x", addr)
+                };
+                if let Err(err) = sent {
+                    out(errno_line(&err));
+                    std::process::exit(1);
+                }
+            }
+            out(format!("done {}", started.elapsed().as_millis()));
+        }
         other => {
             eprintln!("unknown probe command {other:?}");
             std::process::exit(2);

@@ -316,7 +316,7 @@ fn cleanup_removes_everything() -> Result<()> {
     let (_dir, mut daemon) = serve_redis(&tb, &[&backends[0]])?;
     let (progs, maps) = our_objects(&daemon, &tb)?;
     ensure!(
-        progs.len() == 8 && maps.len() == lb_common::maps::ALL.len(),
+        progs.len() == 9 && maps.len() == lb_common::maps::ALL.len(),
         "{progs:?} {maps:?}"
     );
     let refused = Command::new(LB)

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use lb_testbed::{Pod, Testbed};
 use serde_json::Value;
 
@@ -204,6 +204,35 @@ impl Daemon {
         self.child
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// `lb list` (text) for this daemon's pin directory.
+    pub fn list_text(&self) -> Result<String> {
+        let output = Command::new(LB)
+            .args(["list", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "lb list failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// A sample of the daemon's /metrics, summed over label sets.
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let (code, body) = self.http_get("metrics", "/metrics")?;
+        ensure!(code == 200, "/metrics answered {code}");
+        Ok(body
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
     }
 
     /// `lb list --json` for this daemon's pin directory.

@@ -14,11 +14,11 @@ use libtest_mimic::Trial;
 
 use crate::{probe::Probe, support::*, trial};
 
-const DNS_V4: &str = "10.96.0.10";
+pub(crate) const DNS_V4: &str = "10.96.0.10";
 const DNS_V6: &str = "fd00:96::10";
-const REDIS_V4: &str = "10.96.0.100";
+pub(crate) const REDIS_V4: &str = "10.96.0.100";
 const REDIS_V6: &str = "fd00:96::100";
-const ZONE_NAME: &str = "redis-master-sr.default.svc.cluster.local";
+pub(crate) const ZONE_NAME: &str = "redis-master-sr.default.svc.cluster.local";
 const ZONE_ANSWER: &str = "10.99.187.220";
 
 pub fn trials() -> Vec<Trial> {
@@ -49,7 +49,7 @@ pub fn trials() -> Vec<Trial> {
 }
 
 /// Backend pods running dnsmasq (and redis) and one client pod.
-fn dns_world(n: usize, with_redis: bool) -> Result<(Testbed, Vec<Pod>, Pod)> {
+pub(crate) fn dns_world(n: usize, with_redis: bool) -> Result<(Testbed, Vec<Pod>, Pod)> {
     let mut tb = Testbed::new()?;
     let mut backends = Vec::new();
     for i in 1..=n {
@@ -66,7 +66,7 @@ fn dns_world(n: usize, with_redis: bool) -> Result<(Testbed, Vec<Pod>, Pod)> {
 
 /// kube-dns (53/UDP, 53/TCP, 9153/TCP) and, optionally, redis on the same pods; with
 /// `dual_stack` both Services get an IPv6 ClusterIP and IPv6 slices too.
-fn manifests(backends: &[&Pod], dual_stack: bool, with_redis: bool) -> String {
+pub(crate) fn manifests(backends: &[&Pod], dual_stack: bool, with_redis: bool) -> String {
     let mut docs = Vec::new();
     let dns_ips: Vec<&str> = if dual_stack {
         vec![DNS_V4, DNS_V6]
