@@ -111,6 +111,7 @@ fn adopt(limits: Limits, maps: &MemoryMaps) -> Reconciler {
         maps.services.iter().map(|(k, v)| (*k, *v)),
         maps.backends.iter().map(|(k, v)| (*k, *v)),
         maps.names.iter().map(|(k, v)| (*k, v.clone())),
+        maps.members.iter().copied(),
     )
 }
 

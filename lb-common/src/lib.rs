@@ -20,7 +20,7 @@ pub const IPPROTO_SCTP: u8 = 132;
 /// Version of the layout of every map below (keys, values, types, meaning). A daemon
 /// adopts pinned maps only of its own version; any change to a map's layout or
 /// meaning must bump it (the loader also compares types and sizes as a safety net).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Kernel map types used (`enum bpf_map_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +49,8 @@ pub enum Capacity {
     /// The LRU that replaces the socket map on kernels without `cgroup/sock_release`
     /// (sized like it there, one entry otherwise).
     LegacySockets,
+    /// Session-affinity entries: (client, frontend) pairs remembered.
+    Affinity,
 }
 
 /// One map: every property the eBPF side, the loader, the adoption check and `lb list`
@@ -108,6 +110,9 @@ pub mod maps {
         capacity: Capacity::Backends,
         help: "backend id -> pod address and port",
     };
+    /// Default of `--max-affinity-entries`.
+    pub const DEFAULT_AFFINITY: u32 = 1 << 16;
+
     pub const SOCK_REVNAT: MapDef = MapDef {
         name: "LB_SOCK_REVNAT",
         kind: MapKind::Hash,
@@ -139,6 +144,27 @@ pub mod maps {
         capacity: Capacity::Fixed,
         help: "per-socket storage (freed with the socket): unconnected UDP sends, and translations \
                LB_SOCK_REVNAT had no room for",
+    };
+    pub const AFFINITY: MapDef = MapDef {
+        name: "LB_AFFINITY",
+        kind: MapKind::LruHash,
+        key_size: size_of::<AffinityKey>() as u32,
+        value_size: size_of::<AffinityValue>() as u32,
+        max_entries: DEFAULT_AFFINITY,
+        flags: 0,
+        capacity: Capacity::Affinity,
+        help: "sessionAffinity ClientIP: (client, frontend) -> backend and last use",
+    };
+    pub const AFFINITY_MEMBERS: MapDef = MapDef {
+        name: "LB_AFFINITY_MEMBERS",
+        kind: MapKind::Hash,
+        key_size: size_of::<AffinityMember>() as u32,
+        value_size: size_of::<u32>() as u32,
+        max_entries: DEFAULT_SERVICE_ENTRIES,
+        flags: BPF_F_NO_PREALLOC,
+        capacity: Capacity::ServiceEntries,
+        help: "(frontend, backend) pairs of affinity frontends: an affinity entry is used only \
+               while its backend is still a member",
     };
     pub const STATS: MapDef = MapDef {
         name: "LB_STATS",
@@ -182,9 +208,11 @@ pub mod maps {
     };
 
     /// Every map the object declares.
-    pub const ALL: [MapDef; 9] = [
+    pub const ALL: [MapDef; 11] = [
         SERVICES,
         BACKENDS,
+        AFFINITY,
+        AFFINITY_MEMBERS,
         SOCK_REVNAT,
         SOCK_REVNAT_LRU,
         SOCK_LOCAL,
@@ -204,6 +232,8 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = maps::SOCK_REVNAT.name;
     pub const SOCK_REVNAT_LRU: &str = maps::SOCK_REVNAT_LRU.name;
     pub const SOCK_LOCAL: &str = maps::SOCK_LOCAL.name;
+    pub const AFFINITY: &str = maps::AFFINITY.name;
+    pub const AFFINITY_MEMBERS: &str = maps::AFFINITY_MEMBERS.name;
     pub const STATS: &str = maps::STATS.name;
     pub const FRONTEND_STATS: &str = maps::FRONTEND_STATS.name;
     pub const BACKEND_STATS: &str = maps::BACKEND_STATS.name;
@@ -394,6 +424,57 @@ pub struct SockRevValue {
     pub netns_cookie: u64,
 }
 
+/// `AffinityKey::kind`: the client is a network namespace (socket hooks: a pod).
+pub const AFFINITY_CLIENT_NETNS: u8 = 0;
+/// `AffinityKey::kind`: the client is an IP address (packets from outside the node).
+pub const AFFINITY_CLIENT_IP: u8 = 1;
+
+/// Key of `LB_AFFINITY`: one client of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    /// The client: a netns cookie in the first two words (`AFFINITY_CLIENT_NETNS`), or
+    /// an address, network order, IPv4-mapped for IPv4 (`AFFINITY_CLIENT_IP`).
+    pub client: Addr,
+    /// Frontend id.
+    pub svc_id: u32,
+    /// `AFFINITY_CLIENT_*`.
+    pub kind: u8,
+    pub _pad: [u8; 3],
+}
+
+impl AffinityKey {
+    pub const fn netns(cookie: u64, svc_id: u32) -> Self {
+        Self {
+            client: [cookie as u32, (cookie >> 32) as u32, 0, 0],
+            svc_id,
+            kind: AFFINITY_CLIENT_NETNS,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of `LB_AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    /// The backend this client sticks to.
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last connection that used it; the entry is stale
+    /// once the frontend's `affinity_timeout` seconds have passed since.
+    pub last_used_ns: u64,
+}
+
+/// Key of `LB_AFFINITY_MEMBERS` (the value is unused): this backend is one of the
+/// frontend's current backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct AffinityMember {
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
+
 /// Entries of one socket's [`SockLocal`].
 pub const SOCK_LOCAL_ENTRIES: usize = 4;
 /// `SockLocalEntry::kind`: unused.
@@ -510,6 +591,11 @@ pub mod stat {
     pub const LOCAL_RELEASED: u32 = 11;
     /// `LB_SOCK_REVNAT` entries deleted because their socket was released.
     pub const REVNAT_RELEASED: u32 = 12;
+    /// sessionAffinity: the client's remembered backend was used.
+    pub const AFFINITY_HIT: u32 = 13;
+    /// sessionAffinity: no live entry (new client, expired, backend gone): chosen
+    /// afresh and remembered.
+    pub const AFFINITY_MISS: u32 = 14;
     /// Number of counters.
     pub const COUNT: u32 = 16;
 
@@ -528,8 +614,8 @@ pub mod stat {
         "local_created",
         "local_released",
         "revnat_released",
-        "reserved",
-        "reserved",
+        "affinity_hit",
+        "affinity_miss",
         "reserved",
     ];
 }
@@ -539,6 +625,9 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 32);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityMember>() == 8);
 const _: () = assert!(core::mem::size_of::<SockLocalEntry>() == 44);
 const _: () = assert!(core::mem::size_of::<SockLocal>() == 184);
 const _: () = assert!(core::mem::size_of::<FrontendStats>() == 16);
@@ -555,6 +644,9 @@ mod pod {
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for SockLocal {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for AffinityMember {}
     unsafe impl aya::Pod for FrontendStats {}
     unsafe impl aya::Pod for FrontendName {}
 }
@@ -591,6 +683,18 @@ mod tests {
         let long = "é".repeat(100);
         let stored = FrontendName::new(&long);
         assert_eq!(stored.as_str(), "é".repeat(64));
+    }
+
+    #[test]
+    fn affinity_keys_hold_the_netns_cookie_in_the_first_words() {
+        let key = AffinityKey::netns(0x1122_3344_5566_7788, 9);
+        assert_eq!(key.client, [0x5566_7788, 0x1122_3344, 0, 0]);
+        assert_eq!((key.svc_id, key.kind), (9, AFFINITY_CLIENT_NETNS));
+        // Byte layout as bpftool shows it: client (16), svc_id (4), kind (1), padding.
+        let bytes: [u8; 24] = unsafe { core::mem::transmute(key) };
+        assert_eq!(&bytes[0..8], &0x1122_3344_5566_7788u64.to_ne_bytes());
+        assert_eq!(&bytes[16..20], &9u32.to_ne_bytes());
+        assert_eq!(bytes[20], AFFINITY_CLIENT_NETNS);
     }
 
     #[test]

@@ -11,11 +11,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, FrontendName, FrontendStats, ServiceKey, ServiceValue, SockLocal, SockRevKey,
-    SockRevValue,
+    AffinityKey, AffinityMember, AffinityValue, Backend, FrontendName, FrontendStats, ServiceKey,
+    ServiceValue, SockLocal, SockRevKey, SockRevValue,
     maps::{
-        BACKEND_STATS, BACKENDS, FRONTEND_NAMES, FRONTEND_STATS, SERVICES, SOCK_REVNAT,
-        SOCK_REVNAT_LRU, STATS,
+        AFFINITY, AFFINITY_MEMBERS, BACKEND_STATS, BACKENDS, FRONTEND_NAMES, FRONTEND_STATS,
+        SERVICES, SOCK_REVNAT, SOCK_REVNAT_LRU, STATS,
     },
 };
 
@@ -30,6 +30,19 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map]
 pub static LB_BACKENDS: HashMap<u32, Backend> =
     HashMap::pinned(BACKENDS.max_entries, BACKENDS.flags);
+
+/// sessionAffinity ClientIP: (client, frontend) -> backend and last use. An LRU: a
+/// busy node forgets its least recently seen clients first, as kube-proxy's `recent`
+/// lists do.
+#[map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(AFFINITY.max_entries, AFFINITY.flags);
+
+/// The current (frontend, backend) pairs of affinity frontends, written by userspace:
+/// a remembered backend that left its frontend is never used again.
+#[map]
+pub static LB_AFFINITY_MEMBERS: HashMap<AffinityMember, u32> =
+    HashMap::pinned(AFFINITY_MEMBERS.max_entries, AFFINITY_MEMBERS.flags);
 
 /// Translated connected sockets: (socket cookie, backend) -> the ClusterIP:port the
 /// application dialled. Read by recvmsg/getpeername and by userspace to terminate

@@ -1,8 +1,12 @@
-//! Backend selection: the one place that reads `LB_SERVICES` and `LB_BACKENDS`.
+//! Backend selection: the one place that reads `LB_SERVICES` and `LB_BACKENDS`, and
+//! applies session affinity.
 
-use lb_common::{Backend, ServiceKey, stat};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    AffinityKey, AffinityMember, AffinityValue, Backend, SVC_F_AFFINITY, ServiceKey, stat,
+};
 
-use crate::maps::{LB_BACKENDS, LB_SERVICES, count};
+use crate::maps::{LB_AFFINITY, LB_AFFINITY_MEMBERS, LB_BACKENDS, LB_SERVICES, count};
 
 pub enum Selection {
     /// The destination is not a service: leave it alone.
@@ -23,9 +27,32 @@ pub enum Selection {
 /// lands between our reads; re-reading the frontend then sees the new count.
 const ATTEMPTS: u32 = 3;
 
-/// Picks a backend for `key` (slot ignored) using `hash` to choose the slot.
+/// The backend `client` sticks to on frontend `svc_id`, if its entry is fresh and the
+/// backend still serves the frontend; refreshes the entry's last use.
 #[inline(always)]
-pub fn select_backend(key: &mut ServiceKey, hash: u32) -> Selection {
+fn sticky(client: &AffinityKey, timeout_s: u32, now: u64) -> Option<(u32, Backend)> {
+    let entry = LB_AFFINITY.get_ptr_mut(client)?;
+    // SAFETY: a value in the LRU, valid while the program runs (RCU); a concurrent
+    // update of the same client at worst loses one last-use refresh.
+    let value = unsafe { *entry };
+    if now.saturating_sub(value.last_used_ns) > timeout_s as u64 * 1_000_000_000 {
+        return None;
+    }
+    let member = AffinityMember {
+        svc_id: client.svc_id,
+        backend_id: value.backend_id,
+    };
+    unsafe { LB_AFFINITY_MEMBERS.get(member) }?;
+    let backend = (unsafe { LB_BACKENDS.get(value.backend_id) }).copied()?;
+    unsafe { (*entry).last_used_ns = now };
+    Some((value.backend_id, backend))
+}
+
+/// Picks a backend for `key` (slot ignored) using `hash` to choose the slot; on a
+/// frontend with session affinity, `client` (its `svc_id` filled in here) sticks to
+/// the backend it was given last, within the frontend's timeout.
+#[inline(always)]
+pub fn select_backend(key: &mut ServiceKey, hash: u32, client: &mut AffinityKey) -> Selection {
     let mut svc_id = 0;
     for _ in 0..ATTEMPTS {
         key.slot = 0;
@@ -37,10 +64,36 @@ pub fn select_backend(key: &mut ServiceKey, hash: u32) -> Selection {
         if frontend.count == 0 {
             return Selection::NoBackend { svc_id };
         }
+        let affinity = frontend.flags & SVC_F_AFFINITY != 0;
+        let now = if affinity {
+            unsafe { bpf_ktime_get_ns() }
+        } else {
+            0
+        };
+        if affinity {
+            client.svc_id = svc_id;
+            if let Some((backend_id, backend)) = sticky(client, frontend.affinity_timeout, now) {
+                count(stat::AFFINITY_HIT);
+                return Selection::Backend {
+                    backend,
+                    backend_id,
+                    svc_id,
+                };
+            }
+        }
         key.slot = (hash % frontend.count as u32) as u16 + 1;
         if let Some(slot) = (unsafe { LB_SERVICES.get(*key) }).copied()
             && let Some(backend) = (unsafe { LB_BACKENDS.get(slot.backend_id) }).copied()
         {
+            if affinity {
+                count(stat::AFFINITY_MISS);
+                let value = AffinityValue {
+                    backend_id: slot.backend_id,
+                    _pad: 0,
+                    last_used_ns: now,
+                };
+                let _ = LB_AFFINITY.insert(*client, value, 0);
+            }
             return Selection::Backend {
                 backend,
                 backend_id: slot.backend_id,

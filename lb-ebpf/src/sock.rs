@@ -27,8 +27,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use lb_common::{
-    Addr, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, LOCAL_EMPTY, LOCAL_OVERFLOW, LOCAL_SENT,
-    SCOPE_INTERNAL, SOCK_LOCAL_ENTRIES, SOCK_LOCAL_F_OVERFLOWED, ServiceKey, SockLocal,
+    Addr, AffinityKey, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, LOCAL_EMPTY, LOCAL_OVERFLOW,
+    LOCAL_SENT, SCOPE_INTERNAL, SOCK_LOCAL_ENTRIES, SOCK_LOCAL_F_OVERFLOWED, ServiceKey, SockLocal,
     SockLocalEntry, SockRevKey, SockRevValue, addr_from_v4_raw, addr_is_v4, stat,
 };
 
@@ -298,13 +298,17 @@ fn translate(ctx: &SockAddrContext, hook: Hook, ipv4_socket: bool) -> i32 {
     let mut key = ServiceKey::new(dst, port, proto, SCOPE_INTERNAL, 0);
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // For session affinity, the client of socket-level balancing is the pod: its
+    // network namespace.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let mut client = AffinityKey::netns(netns_cookie, 0);
     let hash = if proto == IPPROTO_UDP {
         hash64(cookie)
     } else {
         unsafe { bpf_get_prandom_u32() }
     };
 
-    match select_backend(&mut key, hash) {
+    match select_backend(&mut key, hash, &mut client) {
         Selection::NotService => {
             count(stat::NOT_SERVICE);
             ALLOW
@@ -360,7 +364,7 @@ fn translate(ctx: &SockAddrContext, hook: Hook, ipv4_socket: bool) -> i32 {
                     port,
                     _pad: 0,
                     svc_id,
-                    netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+                    netns_cookie,
                 };
                 record(ctx, hook, sk, &rev_key, &rev_value);
             }

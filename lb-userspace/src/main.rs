@@ -100,6 +100,10 @@ struct DaemonArgs {
     /// translations are kept in the socket's own storage and counted as overflow).
     #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_SOCKETS)]
     max_sockets: u32,
+    /// Session-affinity entries: (client pod, Service port) pairs remembered for
+    /// `sessionAffinity: ClientIP`, least recently used forgotten first.
+    #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_AFFINITY)]
+    max_affinity_entries: u32,
     /// Remember sockets in an LRU as on kernels without cgroup/sock_release (< 5.9),
     /// even where the kernel has it. For testing that fallback.
     #[arg(long, hide = true)]
@@ -152,6 +156,7 @@ fn capacities(args: &DaemonArgs) -> Result<datapath::Capacities> {
         ("max-backends", args.max_backends),
         ("max-service-entries", args.max_service_entries),
         ("max-sockets", args.max_sockets),
+        ("max-affinity-entries", args.max_affinity_entries),
     ] {
         if !(16..=1 << 26).contains(&value) {
             bail!("--{flag} {value} is out of range (16 to {})", 1u32 << 26);
@@ -162,6 +167,7 @@ fn capacities(args: &DaemonArgs) -> Result<datapath::Capacities> {
         backends: args.max_backends,
         service_entries: args.max_service_entries,
         sockets: args.max_sockets,
+        affinity: args.max_affinity_entries,
         legacy_sockets: args.legacy_socket_tracking,
     })
 }

@@ -378,7 +378,8 @@ impl Controller {
     fn full_sync(&mut self) -> Result<ApplyStats, SyncError> {
         self.recompute()?;
         let (services, backends, names) = self.maps.raw_entries()?;
-        self.reconciler = Reconciler::adopt(self.limits, services, backends, names);
+        let members = self.maps.affinity_members()?;
+        self.reconciler = Reconciler::adopt(self.limits, services, backends, names, members);
         let diff = self.reconciler.diff_all(self.model.frontends());
         let stats = self.apply_chunked(diff);
         let everything: BTreeMap<FrontendKey, Option<Arc<Frontend>>> = self

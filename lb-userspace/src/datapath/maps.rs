@@ -14,8 +14,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
-    Backend, FrontendName, FrontendStats, MapDef, ServiceKey, ServiceValue, SockRevKey,
-    SockRevValue, map_names, maps, stat,
+    AffinityMember, Backend, FrontendName, FrontendStats, MapDef, ServiceKey, ServiceValue,
+    SockRevKey, SockRevValue, map_names, maps, stat,
 };
 use tracing::debug;
 
@@ -36,6 +36,7 @@ pub struct KernelMaps {
     frontend_stats: Array<MapData, FrontendStats>,
     backend_stats: Array<MapData, u64>,
     frontend_names: HashMap<MapData, u32, FrontendName>,
+    affinity_members: HashMap<MapData, AffinityMember, u32>,
     fds: MapFds,
     /// Cleared once the kernel refuses a batch operation.
     batch_ops: bool,
@@ -148,6 +149,7 @@ impl KernelMaps {
         let frontend_stats = get(map_names::FRONTEND_STATS)?;
         let backend_stats = get(map_names::BACKEND_STATS)?;
         let frontend_names = get(map_names::FRONTEND_NAMES)?;
+        let affinity_members = get(map_names::AFFINITY_MEMBERS)?;
         let sock_revnat = get(sockets.map_name())?;
         let sock_local = get(map_names::SOCK_LOCAL)?;
         let fds = MapFds {
@@ -156,8 +158,10 @@ impl KernelMaps {
             frontend_stats: dup_fd(&frontend_stats)?,
             backend_stats: dup_fd(&backend_stats)?,
             frontend_names: dup_fd(&frontend_names)?,
+            affinity_members: dup_fd(&affinity_members)?,
         };
         Ok(Self {
+            affinity_members: affinity_members.try_into()?,
             services: services.try_into()?,
             backends: backends.try_into()?,
             sock_revnat_fd: dup_fd(&sock_revnat)?,
@@ -171,6 +175,19 @@ impl KernelMaps {
             fds,
             batch_ops: true,
         })
+    }
+
+    /// Every LB_AFFINITY_MEMBERS entry.
+    pub fn affinity_members(&self) -> Result<Vec<AffinityMember>> {
+        let entries: Vec<(AffinityMember, u32)> =
+            match batch::lookup_all(self.fds.affinity_members.as_fd()) {
+                Ok(entries) => entries,
+                Err(err) if batch::unsupported(&err) => {
+                    collect_entries(self.affinity_members.iter())?
+                }
+                Err(err) => return Err(err).context("reading LB_AFFINITY_MEMBERS"),
+            };
+        Ok(entries.into_iter().map(|(member, _)| member).collect())
     }
 
     /// Every reverse-translation entry: batched reads where the kernel has them.
@@ -419,6 +436,7 @@ impl KernelMaps {
             MapFdKind::FrontendStats => self.fds.frontend_stats.as_fd(),
             MapFdKind::BackendStats => self.fds.backend_stats.as_fd(),
             MapFdKind::FrontendNames => self.fds.frontend_names.as_fd(),
+            MapFdKind::AffinityMembers => self.fds.affinity_members.as_fd(),
         }
     }
 
@@ -450,6 +468,7 @@ enum MapFdKind {
     FrontendStats,
     BackendStats,
     FrontendNames,
+    AffinityMembers,
 }
 
 impl MapFdKind {
@@ -460,6 +479,7 @@ impl MapFdKind {
             Self::FrontendStats => &maps::FRONTEND_STATS,
             Self::BackendStats => &maps::BACKEND_STATS,
             Self::FrontendNames => &maps::FRONTEND_NAMES,
+            Self::AffinityMembers => &maps::AFFINITY_MEMBERS,
         }
     }
 }
@@ -472,6 +492,7 @@ struct MapFds {
     frontend_stats: OwnedFd,
     backend_stats: OwnedFd,
     frontend_names: OwnedFd,
+    affinity_members: OwnedFd,
 }
 
 fn dup_fd(map: &Map) -> Result<OwnedFd> {
@@ -526,5 +547,14 @@ impl MapSet for KernelMaps {
 
     fn delete_frontend_names(&mut self, svc_ids: &[u32]) -> Result<()> {
         self.delete_batch(MapFdKind::FrontendNames, svc_ids)
+    }
+
+    fn put_affinity_members(&mut self, members: &[AffinityMember]) -> Result<()> {
+        let entries: Vec<(AffinityMember, u32)> = members.iter().map(|m| (*m, 1)).collect();
+        self.put_batch(MapFdKind::AffinityMembers, &entries)
+    }
+
+    fn delete_affinity_members(&mut self, members: &[AffinityMember]) -> Result<()> {
+        self.delete_batch(MapFdKind::AffinityMembers, members)
     }
 }

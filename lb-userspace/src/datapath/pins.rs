@@ -24,6 +24,7 @@ pub struct Capacities {
     pub backends: u32,
     pub service_entries: u32,
     pub sockets: u32,
+    pub affinity: u32,
     /// The kernel has no `cgroup/sock_release`: sockets are remembered in the LRU
     /// (`LB_SOCK_REVNAT_LRU`) instead. Decided by probing the kernel at load time.
     pub legacy_sockets: bool,
@@ -36,6 +37,7 @@ impl Default for Capacities {
             backends: maps::DEFAULT_BACKENDS,
             service_entries: maps::DEFAULT_SERVICE_ENTRIES,
             sockets: maps::DEFAULT_SOCKETS,
+            affinity: maps::DEFAULT_AFFINITY,
             legacy_sockets: false,
         }
     }
@@ -63,6 +65,7 @@ impl Capacities {
             Capacity::Sockets => self.sockets,
             Capacity::LegacySockets if self.legacy_sockets => self.sockets,
             Capacity::LegacySockets => 1,
+            Capacity::Affinity => self.affinity,
         }
     }
 }

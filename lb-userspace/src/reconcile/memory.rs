@@ -2,10 +2,10 @@
 //! concurrent `connect()` relies on: every frontend's slots 1..=count exist and point
 //! at existing backends.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::{Result, bail};
-use lb_common::{Backend, ServiceKey, ServiceValue};
+use lb_common::{AffinityMember, Backend, SVC_F_AFFINITY, ServiceKey, ServiceValue};
 
 use super::MapSet;
 
@@ -14,6 +14,7 @@ pub struct MemoryMaps {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: HashMap<u32, Backend>,
     pub names: HashMap<u32, String>,
+    pub members: BTreeSet<AffinityMember>,
     /// Every operation, in order, for assertions on ordering and write counts.
     pub log: Vec<String>,
     /// Fail the n-th put (to test error handling).
@@ -45,7 +46,30 @@ impl MemoryMaps {
                 found.push(format!("backend {id}"));
             }
         }
+        let wanted = self.wanted_members();
+        for member in self.members.difference(&wanted) {
+            found.push(format!("affinity member {member:?}"));
+        }
         found
+    }
+
+    /// The members the affinity frontends' slots call for.
+    pub fn wanted_members(&self) -> BTreeSet<AffinityMember> {
+        let mut wanted = BTreeSet::new();
+        for (key, value) in &self.services {
+            if key.slot != 0 || value.flags & SVC_F_AFFINITY == 0 {
+                continue;
+            }
+            for slot in 1..=value.count {
+                if let Some(slot_value) = self.services.get(&ServiceKey { slot, ..*key }) {
+                    wanted.insert(AffinityMember {
+                        svc_id: value.svc_id,
+                        backend_id: slot_value.backend_id,
+                    });
+                }
+            }
+        }
+        wanted
     }
 
     /// Maps that refuse writes past `limits`, like the kernel's.
@@ -193,6 +217,29 @@ impl MapSet for MemoryMaps {
     fn delete_frontend_names(&mut self, svc_ids: &[u32]) -> Result<()> {
         for svc_id in svc_ids {
             self.names.remove(svc_id);
+        }
+        Ok(())
+    }
+
+    fn put_affinity_members(&mut self, members: &[AffinityMember]) -> Result<()> {
+        for member in members {
+            self.put()?;
+            self.members.insert(*member);
+            self.log.push(format!(
+                "put_member {}/{}",
+                member.svc_id, member.backend_id
+            ));
+        }
+        Ok(())
+    }
+
+    fn delete_affinity_members(&mut self, members: &[AffinityMember]) -> Result<()> {
+        for member in members {
+            self.members.remove(member);
+            self.log.push(format!(
+                "delete_member {}/{}",
+                member.svc_id, member.backend_id
+            ));
         }
         Ok(())
     }

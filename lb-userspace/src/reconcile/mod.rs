@@ -9,6 +9,10 @@
 //!    deleted;
 //! 4. backends no longer referenced by any slot are deleted.
 //!
+//! Frontends with session affinity also list their backends in `LB_AFFINITY_MEMBERS`
+//! (written with the slots, deleted with them), so a client's remembered backend is
+//! used only while it still serves the frontend.
+//!
 //! Slots are stable: a surviving backend keeps its slot, new backends fill holes, and a
 //! shrink moves the last backends into the holes. One backend change is therefore one or
 //! two slot writes, whatever the service size.
@@ -24,9 +28,9 @@ use std::{
 
 use anyhow::Result;
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, MAX_BACKENDS_PER_FRONTEND, SVC_F_AFFINITY, SVC_F_LOCAL,
-    SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, addr_from_ip, addr_to_ip, maps, port_from_net,
-    port_to_net,
+    AffinityMember, BACKEND_F_LOCAL, Backend, MAX_BACKENDS_PER_FRONTEND, SVC_F_AFFINITY,
+    SVC_F_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, addr_from_ip, addr_to_ip, maps,
+    port_from_net, port_to_net,
 };
 
 use self::{ids::IdAllocator, layout::layout};
@@ -49,6 +53,8 @@ pub trait MapSet {
     /// Names frontends for operators (`lb list`, `bpftool`); the datapath ignores them.
     fn put_frontend_names(&mut self, names: &[(u32, String)]) -> Result<()>;
     fn delete_frontend_names(&mut self, svc_ids: &[u32]) -> Result<()>;
+    fn put_affinity_members(&mut self, members: &[AffinityMember]) -> Result<()>;
+    fn delete_affinity_members(&mut self, members: &[AffinityMember]) -> Result<()>;
 }
 
 /// How a frontend is named in `LB_FRONTEND_NAMES`: `namespace/service:port`.
@@ -152,6 +158,8 @@ pub struct ApplyStats {
     pub slots_deleted: usize,
     pub backends_written: usize,
     pub backends_deleted: usize,
+    pub members_written: usize,
+    pub members_deleted: usize,
 }
 
 impl ApplyStats {
@@ -166,6 +174,8 @@ impl ApplyStats {
         self.slots_deleted += other.slots_deleted;
         self.backends_written += other.backends_written;
         self.backends_deleted += other.backends_deleted;
+        self.members_written += other.members_written;
+        self.members_deleted += other.members_deleted;
     }
 
     /// Whether anything was deleted (space for frontends that did not fit).
@@ -180,6 +190,8 @@ impl ApplyStats {
             + self.slots_deleted
             + self.backends_written
             + self.backends_deleted
+            + self.members_written
+            + self.members_deleted
     }
 }
 
@@ -200,6 +212,21 @@ pub struct Reconciler {
     /// Entries found in the kernel that nothing references (cleaned on next apply).
     garbage_slots: Vec<ServiceKey>,
     garbage_backends: Vec<u32>,
+    /// LB_AFFINITY_MEMBERS as the kernel holds it.
+    members: BTreeSet<AffinityMember>,
+    garbage_members: Vec<AffinityMember>,
+}
+
+/// The members an affinity frontend's slots call for (none without affinity).
+fn wanted_members(svc_id: u32, attrs: &FrontendAttrs, slots: &[u32]) -> BTreeSet<AffinityMember> {
+    if attrs.flags & SVC_F_AFFINITY == 0 {
+        return BTreeSet::new();
+    }
+    slots
+        .iter()
+        .filter(|id| **id != 0)
+        .map(|&backend_id| AffinityMember { svc_id, backend_id })
+        .collect()
 }
 
 /// How much the kernel maps hold (their `max_entries`).
@@ -276,7 +303,21 @@ impl Reconciler {
             unprogrammed: BTreeMap::new(),
             garbage_slots: Vec::new(),
             garbage_backends: Vec::new(),
+            members: BTreeSet::new(),
+            garbage_members: Vec::new(),
         }
+    }
+
+    /// The members the kernel holds for frontend `svc_id`.
+    fn members_of(&self, svc_id: u32) -> BTreeSet<AffinityMember> {
+        let range = AffinityMember {
+            svc_id,
+            backend_id: 0,
+        }..=AffinityMember {
+            svc_id,
+            backend_id: u32::MAX,
+        };
+        self.members.range(range).copied().collect()
     }
 
     /// Frontends that did not fit the maps, and what they lacked.
@@ -300,6 +341,7 @@ impl Reconciler {
         entries: impl IntoIterator<Item = (ServiceKey, ServiceValue)>,
         backends: impl IntoIterator<Item = (u32, Backend)>,
         names: impl IntoIterator<Item = (u32, String)>,
+        members: impl IntoIterator<Item = AffinityMember>,
     ) -> Self {
         let mut this = Self::new(limits);
         let names: HashMap<u32, String> = names.into_iter().collect();
@@ -411,6 +453,20 @@ impl Reconciler {
             .map(|p| 1 + p.slots.len())
             .sum::<usize>()
             + this.garbage_slots.len();
+        // Members an adopted frontend's slots call for are kept; the rest is garbage.
+        // Missing ones make diff_all rewrite their frontend.
+        let wanted: BTreeSet<AffinityMember> = this
+            .frontends
+            .values()
+            .flat_map(|p| wanted_members(p.svc_id, &p.attrs, &p.slots))
+            .collect();
+        for member in members {
+            if wanted.contains(&member) {
+                this.members.insert(member);
+            } else {
+                this.garbage_members.push(member);
+            }
+        }
         this
     }
 
@@ -480,6 +536,8 @@ impl Reconciler {
                     && current.slots.iter().all(|id| *id != 0)
                     && current.name == frontend_name(frontend)
                     && current.attrs == FrontendAttrs::of(frontend)
+                    && self.members_of(current.svc_id)
+                        == wanted_members(current.svc_id, &current.attrs, &current.slots)
             });
             if !same {
                 changes.insert(*key, Some(frontend.clone()));
@@ -605,6 +663,8 @@ impl Reconciler {
         let mut shrunk_slots: Vec<ServiceKey> = Vec::new();
         let mut new_svc_ids: Vec<u32> = Vec::new();
         let mut names: Vec<(u32, String)> = Vec::new();
+        let mut member_puts: Vec<AffinityMember> = Vec::new();
+        let mut member_deletes: Vec<AffinityMember> = Vec::new();
         for (key, ids) in &wanted_ids {
             let (svc_id, old_slots, old_name, old_draining, old_attrs, is_new) =
                 match self.frontends.get(key) {
@@ -669,6 +729,14 @@ impl Reconciler {
                 }
             }
             let attrs = FrontendAttrs::of(frontend);
+            let members = wanted_members(svc_id, &attrs, &new_slots);
+            let current_members = self.members_of(svc_id);
+            member_puts.extend(members.difference(&current_members));
+            member_deletes.extend(current_members.difference(&members));
+            self.members.extend(members.iter().copied());
+            for member in current_members.difference(&members) {
+                self.members.remove(member);
+            }
             if is_new || new_slots.len() != old_slots.len() || old_attrs != Some(attrs) {
                 frontend_writes.push((
                     service_key(key, 0),
@@ -701,6 +769,10 @@ impl Reconciler {
         maps.reset_frontend_stats(&new_svc_ids)?;
         maps.put_frontend_names(&names)?;
         maps.put_services(&slot_writes)?;
+        // Members before the frontend entry makes new slots reachable: a client given a
+        // new backend then finds it listed (were it not, it would only choose again).
+        maps.put_affinity_members(&member_puts)?;
+        stats.members_written += member_puts.len();
         maps.put_services(&frontend_writes)?;
         stats.slots_written += slot_writes.len();
         stats.frontends_written += frontend_writes.len();
@@ -744,11 +816,25 @@ impl Reconciler {
                 },
             }));
             released.extend(programmed.slots.iter().copied().filter(|id| *id != 0));
+            let members = self.members_of(programmed.svc_id);
+            for member in &members {
+                self.members.remove(member);
+            }
+            member_deletes.extend(members);
             removed_ids.push(programmed.svc_id);
         }
         stats.slots_deleted += removed_slots.len();
         maps.delete_services(&first_deletes)?;
         maps.delete_services(&removed_slots)?;
+        // Adopted garbage, except members this apply wants again.
+        let garbage_members = std::mem::take(&mut self.garbage_members);
+        member_deletes.extend(
+            garbage_members
+                .into_iter()
+                .filter(|member| !self.members.contains(member)),
+        );
+        maps.delete_affinity_members(&member_deletes)?;
+        stats.members_deleted += member_deletes.len();
         maps.delete_frontend_names(&removed_ids)?;
         for id in removed_ids {
             self.svc_ids.release(id);

@@ -55,6 +55,7 @@ fn adopt(maps: &MemoryMaps) -> Reconciler {
         maps.services.iter().map(|(k, v)| (*k, *v)),
         maps.backends.iter().map(|(k, v)| (*k, *v)),
         maps.names.iter().map(|(k, v)| (*k, v.clone())),
+        maps.members.iter().copied(),
     )
 }
 
@@ -550,6 +551,76 @@ fn backends_past_capacity_keep_the_frontend_out_entirely() {
     );
 }
 
+#[test]
+fn affinity_frontends_list_their_backends_as_members() {
+    let key = fkey("10.96.0.100", 6379);
+    let mut sticky = frontend(key, &["10.244.1.1", "10.244.1.2"]);
+    sticky.affinity_timeout = Some(10_800);
+    let mut maps = MemoryMaps::default();
+    let mut rec = Reconciler::default();
+    rec.apply(&mut maps, &change(sticky.clone())).unwrap();
+    assert_eq!(maps.members.len(), 2);
+    assert_eq!(maps.members, maps.wanted_members());
+    // Written with the slots, before the frontend entry makes them reachable.
+    let put_member = maps
+        .log
+        .iter()
+        .position(|op| op.starts_with("put_member"))
+        .unwrap();
+    let put_frontend = maps
+        .log
+        .iter()
+        .position(|op| op.starts_with("put_frontend"))
+        .unwrap();
+    assert!(put_member < put_frontend, "{:?}", maps.log);
+
+    // A backend leaves: its member goes after its slot.
+    maps.log.clear();
+    let mut shrunk = sticky.clone();
+    shrunk.backends.truncate(1);
+    rec.apply(&mut maps, &change(shrunk.clone())).unwrap();
+    assert_eq!(maps.members.len(), 1);
+    assert_eq!(maps.members, maps.wanted_members());
+    let slot = maps
+        .log
+        .iter()
+        .position(|op| op.starts_with("delete_slot"))
+        .unwrap();
+    let member = maps
+        .log
+        .iter()
+        .position(|op| op.starts_with("delete_member"))
+        .unwrap();
+    assert!(slot < member, "{:?}", maps.log);
+
+    // A restart that finds a member missing rewrites it; one left over is deleted.
+    maps.members.clear();
+    maps.members.insert(AffinityMember {
+        svc_id: 77,
+        backend_id: 5,
+    });
+    let mut adopted = adopt(&maps);
+    let desired = BTreeMap::from([(key, Arc::new(shrunk.clone()))]);
+    let diff = adopted.diff_all(&desired);
+    assert_eq!(diff.len(), 1, "missing members make the frontend differ");
+    adopted.apply(&mut maps, &diff).unwrap();
+    assert_eq!(maps.members, maps.wanted_members());
+    assert_eq!(maps.members.len(), 1);
+
+    // Affinity switched off: no members; removed frontends leave none either.
+    let mut plain = shrunk.clone();
+    plain.affinity_timeout = None;
+    adopted.apply(&mut maps, &change(plain)).unwrap();
+    assert!(maps.members.is_empty());
+    adopted.apply(&mut maps, &change(shrunk)).unwrap();
+    assert_eq!(maps.members.len(), 1);
+    adopted
+        .apply(&mut maps, &BTreeMap::from([(key, None)]))
+        .unwrap();
+    assert!(maps.members.is_empty());
+    assert!(maps.unreachable().is_empty());
+}
+
 /// A pseudo-random walk through Services (some fighting over one ClusterIP:port),
 /// slices, deletions, injected write failures and small capacities. After every step
 /// (with a resync from the kernel's state after a failure, as the daemon does), the
@@ -570,7 +641,7 @@ fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
         seed ^= seed << 17;
         seed % n
     };
-    let service = |i: u64, ip: u64| {
+    let service = |i: u64, ip: u64, affinity: bool| {
         Arc::new(ServiceSpec {
             id: ObjectRef::new("pods", format!("svc-{i}")),
             service_type: spec::ServiceType::ClusterIP,
@@ -585,7 +656,7 @@ fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
             source_ranges: Vec::new(),
-            affinity_timeout: None,
+            affinity_timeout: affinity.then_some(10_800),
             internal_local: false,
             external_local: false,
             health_check_node_port: None,
@@ -625,7 +696,8 @@ fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
             0 => model.remove_service(&ObjectRef::new("pods", format!("svc-{i}"))),
             1 => model.remove_slice(&ObjectRef::new("pods", format!("svc-{i}-x"))),
             // Eight addresses for twelve Services: conflicts happen.
-            2..=4 => model.upsert_service(service(i, next(8))),
+            // Affinity comes and goes too.
+            2..=4 => model.upsert_service(service(i, next(8), next(2) == 0)),
             _ => {
                 let n = next(6);
                 let endpoints = (0..n)
@@ -654,6 +726,7 @@ fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
             "step {step}: {:?}",
             maps.unreachable()
         );
+        assert_eq!(maps.members, maps.wanted_members(), "step {step}");
         for (key, frontend) in model.frontends() {
             let in_kernel = maps.services.contains_key(&service_key(key, 0));
             if rec.unprogrammed().contains_key(key) {
@@ -686,5 +759,6 @@ fn adopt_with(limits: Limits, maps: &MemoryMaps) -> Reconciler {
         maps.services.iter().map(|(k, v)| (*k, *v)),
         maps.backends.iter().map(|(k, v)| (*k, *v)),
         maps.names.iter().map(|(k, v)| (*k, v.clone())),
+        maps.members.iter().copied(),
     )
 }

@@ -453,7 +453,7 @@ const R_DEPLOYMENT: &str = include_str!("../../../examples/cluster/r-deployment.
 
 /// `redis-cli GET whoami` through `vip` from the client pod: the pod that answered, or
 /// the error text.
-fn whoami(cluster: &Cluster, client: &str, vip: &str) -> Result<String> {
+pub(crate) fn whoami(cluster: &Cluster, client: &str, vip: &str) -> Result<String> {
     let out = cluster
         .exec(
             client,
@@ -513,7 +513,11 @@ fn pod_ips(cluster: &Cluster, names: &[String]) -> Result<Vec<String>> {
     pod_ips_of(cluster, "app=redis", names)
 }
 
-fn pod_ips_of(cluster: &Cluster, selector: &str, names: &[String]) -> Result<Vec<String>> {
+pub(crate) fn pod_ips_of(
+    cluster: &Cluster,
+    selector: &str,
+    names: &[String],
+) -> Result<Vec<String>> {
     let pods = cluster.pods(selector)?;
     Ok(names
         .iter()

@@ -12,6 +12,7 @@ mod examples;
 mod kube;
 mod probe;
 mod reliability;
+mod semantics;
 mod sockets;
 mod support;
 mod udp;
@@ -45,6 +46,7 @@ fn main() {
     trials.extend(examples::trials());
     trials.extend(udp::trials());
     trials.extend(sockets::trials());
+    trials.extend(semantics::trials());
     trials.extend(kube::trials());
     trials.extend(reliability::trials());
     let conclusion = libtest_mimic::run(&args, trials);

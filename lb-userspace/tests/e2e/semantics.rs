@@ -1,0 +1,371 @@
+//! Service semantics for ClusterIP traffic on a real control plane with two simulated
+//! nodes and the daemon on node A: session affinity, internalTrafficPolicy Local and
+//! topology (trafficDistribution PreferClose).
+
+use std::{
+    collections::BTreeSet,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use libtest_mimic::Trial;
+use serde_json::Value;
+
+use crate::{
+    cluster::{Cluster, shared_control_plane, trial},
+    kube::{pod_ips_of, whoami},
+    support::Daemon,
+};
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial(
+            "semantics::session_affinity_client_ip",
+            session_affinity_client_ip,
+        ),
+        trial(
+            "semantics::internal_traffic_policy_local",
+            internal_traffic_policy_local,
+        ),
+        trial(
+            "semantics::prefer_close_keeps_traffic_in_the_zone",
+            prefer_close_keeps_traffic_in_the_zone,
+        ),
+    ]
+}
+
+/// A redis Deployment part (`app: redis`, `part: <name>`), optionally pinned to a node,
+/// draining for `prestop` seconds when stopped.
+fn redis_part(name: &str, replicas: usize, node: Option<&str>, prestop: u32) -> String {
+    let selector = node
+        .map(|n| format!("nodeSelector: {{kubernetes.io/hostname: {n}}}"))
+        .unwrap_or_else(|| "nodeSelector: {}".into());
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: redis, part: {name}}}}}
+  template:
+    metadata: {{labels: {{app: redis, part: {name}}}}}
+    spec:
+      {selector}
+      terminationGracePeriodSeconds: {grace}
+      containers:
+      - name: redis
+        image: redis
+        ports: [{{containerPort: 6379}}]
+        lifecycle: {{preStop: {{sleep: {{seconds: {prestop}}}}}}}
+"#,
+        grace = prestop + 10,
+        prestop = prestop.max(1),
+    )
+}
+
+/// The `redis` Service in front of every part, with extra spec lines.
+fn redis_service(extra_spec: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: redis}}
+spec:
+  selector: {{app: redis}}
+  ports: [{{port: 6379}}]
+{extra_spec}
+"#
+    )
+}
+
+/// Client pods (busybox: `sleep infinity`) on node `node`.
+fn clients(cluster: &Cluster, names: &[&str], node: &str) -> Result<()> {
+    for name in names {
+        cluster.apply(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{role: client}}}}
+spec:
+  nodeName: {node}
+  containers: [{{name: sleep, image: busybox, command: [sleep, infinity]}}]
+"#
+        ))?;
+    }
+    cluster.wait_ready("role=client", names.len())?;
+    Ok(())
+}
+
+/// Who answers `n` connections from `client`, in order.
+fn answers(cluster: &Cluster, client: &str, vip: &str, n: usize) -> Result<Vec<String>> {
+    (0..n).map(|_| whoami(cluster, client, vip)).collect()
+}
+
+/// The daemon's frontend for `vip`:6379/TCP in `lb list --json`.
+fn listed(daemon: &Daemon, vip: &str) -> Result<Option<Value>> {
+    Ok(daemon
+        .list()?
+        .into_iter()
+        .find(|fe| fe["address"] == vip && fe["port"] == 6379 && fe["protocol"] == "TCP"))
+}
+
+/// Waits until the daemon's maps hold exactly `ips` (port 6379) for `vip`.
+fn wait_backends(cluster: &Cluster, daemon: &Daemon, vip: &str, ips: &[String]) -> Result<()> {
+    let mut want: Vec<String> = ips.iter().map(|ip| format!("{ip}:6379")).collect();
+    want.sort();
+    cluster.wait(
+        &format!("backends {want:?}"),
+        Duration::from_secs(20),
+        || Ok((daemon.backends_of(vip, 6379, "TCP")?.as_ref() == Some(&want)).then_some(())),
+    )
+}
+
+fn ready_ips(cluster: &Cluster, selector: &str, n: usize) -> Result<(Vec<String>, Vec<String>)> {
+    let names = cluster.wait_ready(selector, n)?;
+    let ips = pod_ips_of(cluster, selector, &names)?;
+    Ok((names, ips))
+}
+
+fn distinct(answers: &[String]) -> BTreeSet<&String> {
+    answers.iter().collect()
+}
+
+const AFFINITY_MISS: &str = "lb_datapath_decisions_total{decision=\"affinity_miss\"}";
+const AFFINITY_HIT: &str = "lb_datapath_decisions_total{decision=\"affinity_hit\"}";
+
+/// sessionAffinity ClientIP with a 5 s timeout: one client pod sticks to one backend,
+/// another pod has its own choice, an idle client chooses afresh, a deleted backend
+/// moves its clients at once, and switching affinity off spreads them again.
+fn session_affinity_client_ip() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let node_a = cluster.nodes[0].name.clone();
+    let daemon = cluster.daemon(0, &[])?;
+    cluster.apply(&redis_part("redis", 3, None, 1))?;
+    cluster.apply(&redis_service(
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}",
+    ))?;
+    clients(&cluster, &["web-1", "web-2"], &node_a)?;
+    let (names, ips) = ready_ips(&cluster, "app=redis", 3)?;
+    let vip = cluster.cluster_ip("redis")?;
+    wait_backends(&cluster, &daemon, &vip, &ips)?;
+    let fe = listed(&daemon, &vip)?.context("frontend listed")?;
+    ensure!(fe["affinity_timeout"] == 5, "lb list: {fe}");
+
+    let first = answers(&cluster, "web-1", &vip, 50)?;
+    ensure!(
+        distinct(&first).len() == 1,
+        "web-1 reached {:?}",
+        distinct(&first)
+    );
+    let second = answers(&cluster, "web-2", &vip, 20)?;
+    ensure!(
+        distinct(&second).len() == 1,
+        "web-2 reached {:?}",
+        distinct(&second)
+    );
+    ensure!(
+        daemon.metric(AFFINITY_HIT)? >= 68.0,
+        "affinity hits counted"
+    );
+
+    // After 7 s idle the entry has expired: the next connection is a fresh choice
+    // (counted as a miss), which then sticks; over a few tries it changes.
+    let mut pinned = first[0].clone();
+    let mut changed = false;
+    for _ in 0..6 {
+        thread::sleep(Duration::from_secs(7));
+        let misses = daemon.metric(AFFINITY_MISS)?;
+        let now = answers(&cluster, "web-1", &vip, 10)?;
+        ensure!(
+            distinct(&now).len() == 1,
+            "web-1 after idling: {:?}",
+            distinct(&now)
+        );
+        ensure!(
+            daemon.metric(AFFINITY_MISS)? == misses + 1.0,
+            "an expired entry is one fresh choice"
+        );
+        if now[0] != pinned {
+            changed = true;
+            pinned = now[0].clone();
+            break;
+        }
+    }
+    ensure!(
+        changed,
+        "six fresh choices among 3 backends all picked {pinned}"
+    );
+
+    // The pinned backend's pod is deleted: web-1 moves to a live backend at once.
+    let victim_ip = ips[names
+        .iter()
+        .position(|n| *n == pinned)
+        .context("pinned pod")?]
+    .clone();
+    cluster.kubectl(&["delete", "pod", &pinned, "--wait=false"])?;
+    cluster.wait(
+        "the deleted pod out of rotation",
+        Duration::from_secs(20),
+        || {
+            let backends = daemon.backends_of(&vip, 6379, "TCP")?.unwrap_or_default();
+            Ok((!backends.contains(&format!("{victim_ip}:6379"))).then_some(()))
+        },
+    )?;
+    let moved = answers(&cluster, "web-1", &vip, 10)?;
+    ensure!(
+        distinct(&moved).len() == 1 && moved[0] != pinned,
+        "after deleting {pinned}: {:?}",
+        distinct(&moved)
+    );
+
+    // Affinity off: the same client spreads again.
+    cluster.kubectl(&[
+        "patch",
+        "service",
+        "redis",
+        "-p",
+        r#"{"spec":{"sessionAffinity":"None"}}"#,
+    ])?;
+    cluster.wait("affinity off in the maps", Duration::from_secs(10), || {
+        Ok(listed(&daemon, &vip)?
+            .is_some_and(|fe| fe["affinity_timeout"].is_null())
+            .then_some(()))
+    })?;
+    let spread = answers(&cluster, "web-1", &vip, 30)?;
+    ensure!(
+        distinct(&spread).len() >= 2,
+        "without affinity: {:?}",
+        distinct(&spread)
+    );
+    Ok(())
+}
+
+/// internalTrafficPolicy Local: only node A's endpoints answer; node A's only endpoint
+/// terminating is still used; none on node A (node B's still ready) is ECONNREFUSED
+/// at once.
+fn internal_traffic_policy_local() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let (node_a, node_b) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+    let daemon = cluster.daemon(0, &[])?;
+    cluster.apply(&redis_part("redis-a", 2, Some(&node_a), 6))?;
+    cluster.apply(&redis_part("redis-b", 2, Some(&node_b), 1))?;
+    cluster.apply(&redis_service("  internalTrafficPolicy: Local"))?;
+    clients(&cluster, &["web"], &node_a)?;
+    let (a_names, a_ips) = ready_ips(&cluster, "part=redis-a", 2)?;
+    let (_, b_ips) = ready_ips(&cluster, "part=redis-b", 2)?;
+    let vip = cluster.cluster_ip("redis")?;
+    wait_backends(&cluster, &daemon, &vip, &a_ips)?;
+    let seen = answers(&cluster, "web", &vip, 20)?;
+    ensure!(
+        seen.iter().all(|who| a_names.contains(who)),
+        "Local policy reached {:?}, node A runs {a_names:?}",
+        distinct(&seen)
+    );
+    let fe = listed(&daemon, &vip)?.context("frontend listed")?;
+    ensure!(fe["policy"] == "Local", "lb list: {fe}");
+    let excluded: BTreeSet<String> = fe["excluded"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["reason"] == "not-local")
+        .filter_map(|e| e["address"].as_str().map(str::to_string))
+        .collect();
+    ensure!(
+        excluded == b_ips.iter().cloned().collect(),
+        "node B's endpoints listed as not local: {excluded:?}, expected {b_ips:?}"
+    );
+
+    // Down to one local endpoint, then that one terminating (6 s preStop): it is still
+    // used, the other node's ready endpoints are not.
+    cluster.kubectl(&["scale", "deployment", "redis-a", "--replicas=1"])?;
+    let (last, last_ip) = ready_ips(&cluster, "part=redis-a", 1)?;
+    wait_backends(&cluster, &daemon, &vip, &last_ip)?;
+    // The scaled-down pod drains (terminating, serving) before it leaves the slice.
+    cluster.wait("the scaled-down pod gone", Duration::from_secs(30), || {
+        Ok((cluster.endpoints("redis")?.len() == 3).then_some(()))
+    })?;
+    cluster.kubectl(&["scale", "deployment", "redis-a", "--replicas=0"])?;
+    cluster.wait(
+        "the last local endpoint terminating",
+        Duration::from_secs(20),
+        || {
+            Ok(cluster
+                .endpoints("redis")?
+                .iter()
+                .any(|e| e.0 == last_ip[0] && !e.1 && e.2 && e.3)
+                .then_some(()))
+        },
+    )?;
+    let draining = answers(&cluster, "web", &vip, 5)?;
+    ensure!(
+        draining.iter().all(|who| *who == last[0]),
+        "the terminating local endpoint must still serve: {draining:?}"
+    );
+
+    // It is gone: no local endpoint, so connections are refused at once.
+    wait_backends(&cluster, &daemon, &vip, &[])?;
+    let started = Instant::now();
+    let answer = whoami(&cluster, "web", &vip)?;
+    ensure!(
+        answer.contains("Connection refused"),
+        "no local endpoint: {answer}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_millis(800),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// trafficDistribution PreferClose with nodes in two zones: the controller hints each
+/// endpoint for its zone; traffic from node A stays in node A's zone while it has an
+/// endpoint there, and spreads over the other zone once the hints do not cover it.
+fn prefer_close_keeps_traffic_in_the_zone() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[Some("zone-1"), Some("zone-2")])?;
+    let (node_a, node_b) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+    let daemon = cluster.daemon(0, &[])?;
+    cluster.apply(&redis_part("redis-z1", 1, Some(&node_a), 1))?;
+    cluster.apply(&redis_part("redis-z2", 2, Some(&node_b), 1))?;
+    cluster.apply(&redis_service("  trafficDistribution: PreferClose"))?;
+    clients(&cluster, &["web"], &node_a)?;
+    let (z1_names, z1_ips) = ready_ips(&cluster, "part=redis-z1", 1)?;
+    let (z2_names, z2_ips) = ready_ips(&cluster, "part=redis-z2", 2)?;
+    let vip = cluster.cluster_ip("redis")?;
+    match wait_backends(&cluster, &daemon, &vip, &z1_ips) {
+        Ok(()) => {}
+        Err(err) => bail!(
+            "{err:#}; slices: {}",
+            cluster.kubectl(&["get", "endpointslices", "-o", "yaml"])?
+        ),
+    }
+    let seen = answers(&cluster, "web", &vip, 20)?;
+    ensure!(
+        seen.iter().all(|who| z1_names.contains(who)),
+        "PreferClose reached {:?}, zone-1 runs {z1_names:?}",
+        distinct(&seen)
+    );
+    let fe = listed(&daemon, &vip)?.context("frontend listed")?;
+    ensure!(fe["topology"] == "PreferSameZone", "lb list: {fe}");
+    let other_zone = fe["excluded"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["reason"] == "other-zone")
+        .count();
+    ensure!(
+        other_zone == 2,
+        "zone-2 endpoints excluded as other-zone: {fe}"
+    );
+
+    // No endpoint left in zone-1: the hints do not cover node A's zone, so they are
+    // ignored and traffic spreads over zone-2.
+    cluster.kubectl(&["scale", "deployment", "redis-z1", "--replicas=0"])?;
+    wait_backends(&cluster, &daemon, &vip, &z2_ips)?;
+    let spread = answers(&cluster, "web", &vip, 30)?;
+    let reached: BTreeSet<&String> = distinct(&spread);
+    ensure!(
+        reached == z2_names.iter().collect(),
+        "without zone-1 endpoints: {reached:?}, zone-2 runs {z2_names:?}"
+    );
+    Ok(())
+}
