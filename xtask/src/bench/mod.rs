@@ -11,6 +11,7 @@
 
 mod client;
 mod control_plane;
+mod hooks;
 mod kube;
 mod report;
 mod rules;
@@ -34,7 +35,7 @@ use serde::Serialize;
 pub use self::client::{CLIENT_ARG, main as client_main};
 use self::{
     client::Summary,
-    rules::{IPERF_PORT, IPERF_VIP, PROXY_VIP, SERVICE_PORT},
+    rules::{AFFINITY_VIP, IPERF_PORT, IPERF_VIP, PROXY_VIP, SERVICE_PORT},
     topology::{SERVER_IPS, Topology},
 };
 
@@ -162,15 +163,18 @@ impl Plan {
 pub enum Mode {
     Direct,
     Lb,
+    /// lb, to a ClusterIP with `sessionAffinity: ClientIP` (largest service count only).
+    LbAffinity,
     UserspaceProxy,
     IptablesNft,
     IptablesLegacy,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Direct,
         Mode::Lb,
+        Mode::LbAffinity,
         Mode::IptablesLegacy,
         Mode::IptablesNft,
         Mode::UserspaceProxy,
@@ -180,6 +184,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Lb => "lb",
+            Mode::LbAffinity => "lb-affinity",
             Mode::UserspaceProxy => "userspace-proxy",
             Mode::IptablesNft => "iptables-nft",
             Mode::IptablesLegacy => "iptables-legacy",
@@ -192,6 +197,7 @@ impl Mode {
                 .map(|ip| format!("{ip}:{SERVICE_PORT}"))
                 .join(","),
             Mode::UserspaceProxy => format!("{PROXY_VIP}:{SERVICE_PORT}"),
+            Mode::LbAffinity => format!("{AFFINITY_VIP}:{SERVICE_PORT}"),
             _ => format!(
                 "{}:{SERVICE_PORT}",
                 rules::vip(rules::target_index(services))
@@ -200,7 +206,7 @@ impl Mode {
     }
 
     fn balanced(self) -> bool {
-        self == Mode::Lb
+        matches!(self, Mode::Lb | Mode::LbAffinity)
     }
 }
 
@@ -477,6 +483,7 @@ pub struct Results {
     pub scale: Vec<scale::ScaleRow>,
     pub restarts: Option<scale::RestartRun>,
     pub kubernetes: Option<kube::KubeBench>,
+    pub hook_cost: Option<hooks::HookCost>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -513,11 +520,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let largest = *plan.services.iter().max().context("no service counts")?;
     let points_per_n = plan.concurrency.len() as u64 * (plan.rounds as u64 * 3 + 2);
-    let bar = progress(points_per_n * plan.services.len() as u64 + 2);
+    let affinity_points = (plan.concurrency.len() * plan.rounds) as u64;
+    let bar = progress(points_per_n * plan.services.len() as u64 + affinity_points + 2);
     let mut samples: BTreeMap<(Mode, usize, usize), Vec<Summary>> = BTreeMap::new();
     let mut request = Vec::new();
     let mut throughput = None;
     let mut setup = SetupTimes::default();
+    let mut hook_cost = None;
+    let bpf_stats = hooks::StatsEnabled::new()?;
 
     let result = (|| -> Result<()> {
         // Phase A: no iptables rules anywhere: direct, lb and the userspace proxy,
@@ -532,12 +542,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 rules::manifests(n, 3, &SERVER_IPS),
             )?;
             fs::write(dir.join("iperf.yaml"), rules::iperf_manifest(&SERVER_IPS))?;
+            fs::write(
+                dir.join("affinity.yaml"),
+                rules::affinity_manifest(&SERVER_IPS),
+            )?;
             let daemon = Daemon::start(&lb, &topo, &dir, &n.to_string())?;
             setup.lb_ready_s.insert(n, daemon.ready_s);
-            let modes = [Mode::Direct, Mode::Lb, Mode::UserspaceProxy];
-            for mode in modes {
+            let mut modes = vec![Mode::Direct, Mode::Lb, Mode::UserspaceProxy];
+            if n == largest {
+                modes.insert(2, Mode::LbAffinity);
+            }
+            for &mode in &modes {
                 measure(&topo, &exe, mode, n, "crr", 200, 2)?; // warm-up, not recorded
             }
+            let (mut plain_cost, mut affinity_cost) =
+                (hooks::Cost::default(), hooks::Cost::default());
             for round in 0..plan.rounds {
                 for &c in &plan.concurrency {
                     // Rotate the order each round: no mode always runs first.
@@ -548,15 +567,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
                             round + 1,
                             mode.name()
                         ));
+                        let before = hooks::connect4(&pin_dir)?;
                         let s = measure(&topo, &exe, mode, n, "crr", plan.connections, c)?;
+                        let after = hooks::connect4(&pin_dir)?;
+                        match mode {
+                            Mode::Lb => plain_cost.add(before, after),
+                            Mode::LbAffinity => affinity_cost.add(before, after),
+                            _ => {}
+                        }
                         samples.entry((mode, n, c)).or_default().push(s);
                         bar.inc(1);
                     }
                 }
             }
             if n == largest {
+                hook_cost = Some(hooks::HookCost {
+                    services: n,
+                    plain_ns_per_connect: plain_cost.ns_per_run(),
+                    affinity_ns_per_connect: affinity_cost.ns_per_run(),
+                    plain: plain_cost,
+                    affinity: affinity_cost,
+                });
                 bar.set_message("request latency on established connections");
-                for mode in modes {
+                for &mode in &modes {
                     let s = measure(&topo, &exe, mode, n, "rr", plan.round_trips, 1)?;
                     request.push(Row::new(mode, n, 1, &s));
                 }
@@ -635,6 +668,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Ok(())
     })();
     bar.finish_and_clear();
+    drop(bpf_stats);
     result?;
 
     eprintln!(
@@ -676,6 +710,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         scale,
         restarts,
         kubernetes,
+        hook_cost,
     };
     report::write(
         &results,

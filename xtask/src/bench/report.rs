@@ -44,17 +44,12 @@ fn row(rows: &[Row], mode: Mode, services: usize, concurrency: usize) -> Option<
         .find(|r| r.mode == mode && r.services == services && r.concurrency == concurrency)
 }
 
-/// The largest lb/direct ratio of p50 and of p99 over every service count and
-/// concurrency.
-fn worst_lb_ratios(results: &Results) -> (f64, f64) {
+/// The largest `mode`/direct ratio of p50 and of p99 over every service count and
+/// concurrency `mode` was measured at.
+fn worst_ratios(results: &Results, mode: Mode) -> (f64, f64) {
     let mut worst = (0.0f64, 0.0f64);
     for direct in results.connect.iter().filter(|r| r.mode == Mode::Direct) {
-        if let Some(lb) = row(
-            &results.connect,
-            Mode::Lb,
-            direct.services,
-            direct.concurrency,
-        ) {
+        if let Some(lb) = row(&results.connect, mode, direct.services, direct.concurrency) {
             worst.0 = worst.0.max(lb.p50_us / direct.p50_us);
             worst.1 = worst.1.max(lb.p99_us / direct.p99_us);
         }
@@ -122,13 +117,27 @@ fn connect_table(results: &Results, markdown: bool) -> String {
 }
 
 fn targets(results: &Results) -> Vec<(String, String, bool)> {
-    let (p50, p99) = worst_lb_ratios(results);
+    let (p50, p99) = worst_ratios(results, Mode::Lb);
     let mut lines = vec![(
         "new-connection p50 and p99 via ClusterIP within 5% of direct at every service count"
             .to_string(),
         format!("worst p50 {:.3}x, worst p99 {:.3}x of direct", p50, p99),
         p50 <= 1.05 && p99 <= 1.05,
     )];
+    if let Some(h) = &results.hook_cost {
+        let (p50, p99) = worst_ratios(results, Mode::LbAffinity);
+        lines.push((
+            format!(
+                "with sessionAffinity ClientIP at {} services: p50 and p99 within 5% of direct",
+                h.services
+            ),
+            format!(
+                "worst p50 {p50:.3}x, worst p99 {p99:.3}x of direct; connect4 {:.0} ns per call with affinity, {:.0} ns without (bpf_stats, {} and {} calls)",
+                h.affinity_ns_per_connect, h.plain_ns_per_connect, h.affinity.runs, h.plain.runs
+            ),
+            p50 <= 1.05 && p99 <= 1.05,
+        ));
+    }
     if let Some(t) = &results.throughput {
         lines.push((
             "throughput via ClusterIP at least 98% of direct".into(),
@@ -261,6 +270,7 @@ fn chart(results: &Results, path: &Path) -> Result<()> {
     let colors = [
         RGBColor(0, 0, 0),
         RGBColor(31, 119, 180),
+        RGBColor(148, 103, 189),
         RGBColor(214, 39, 40),
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
@@ -320,7 +330,7 @@ fn markdown(
     let mut md = String::new();
     md.push_str("# Benchmarks\n\n");
     md.push_str("Produced by `cargo xtask bench` (method in `xtask/src/bench/`). Everything in one run, on the same namespaces and the same real servers: a client namespace, a node namespace routing to three server namespaces running `redis-server`. Compared side by side:\n\n");
-    md.push_str("- **direct**: the client dials the pod IPs itself, one picked at random per connection like the balancers do: the physical limit.\n- **lb**: this load balancer (cgroup `connect4` rewrite of the ClusterIP).\n- **iptables-legacy** / **iptables-nft**: kube-proxy's iptables mode, the same rule shapes (KUBE-SERVICES -> KUBE-SVC-* `statistic --mode random` -> KUBE-SEP-* DNAT, plus the masquerade marks), loaded with `iptables-restore` on each backend.\n- **userspace-proxy**: haproxy in TCP mode on the node (the old kube-proxy userspace mode's extra hop); configured with the target service only, so its numbers do not depend on the service count.\n\n");
+    md.push_str("- **direct**: the client dials the pod IPs itself, one picked at random per connection like the balancers do: the physical limit.\n- **lb**: this load balancer (cgroup `connect4` rewrite of the ClusterIP).\n- **lb-affinity**: the same, to a Service with `sessionAffinity: ClientIP` (at the largest service count; the client namespace sticks to one server, so this includes the affinity map lookup and refresh on every connect).\n- **iptables-legacy** / **iptables-nft**: kube-proxy's iptables mode, the same rule shapes (KUBE-SERVICES -> KUBE-SVC-* `statistic --mode random` -> KUBE-SEP-* DNAT, plus the masquerade marks), loaded with `iptables-restore` on each backend.\n- **userspace-proxy**: haproxy in TCP mode on the node (the old kube-proxy userspace mode's extra hop); configured with the target service only, so its numbers do not depend on the service count.\n\n");
     let _ = writeln!(
         md,
         "Each service has 3 endpoints; the clients use the service in the middle of the table. A new connection is connect + one request/response (`PING`/`+PONG`) + close, like netperf TCP_CRR; {} connections per point and round, {} rounds interleaved between direct, lb and userspace-proxy. Whole run: {:.0} s.\n",
@@ -498,6 +508,7 @@ pub fn write(
         "kubernetes": results.kubernetes,
         "scale": results.scale,
         "restarts": results.restarts,
+        "hook_cost": results.hook_cost,
         "setup": results.setup,
         "machine": machine,
         "plan": results.plan,
@@ -562,7 +573,8 @@ pub fn check_smoke(out: &Path) -> Result<()> {
         .iter()
         .filter_map(|r| r["concurrency"].as_u64())
         .collect();
-    let expected = Mode::ALL.len() * services.len() * concurrency.len();
+    // lb-affinity is measured at the largest service count only.
+    let expected = (Mode::ALL.len() - 1) * services.len() * concurrency.len() + concurrency.len();
     if rows.len() != expected {
         bail!("{} connect rows, expected {expected}", rows.len());
     }
@@ -605,6 +617,11 @@ pub fn check_smoke(out: &Path) -> Result<()> {
     }
     if json["scale"].as_array().is_none_or(|rows| rows.is_empty()) {
         bail!("no control-plane scale rows");
+    }
+    if json["hook_cost"]["affinity"]["runs"].as_u64().unwrap_or(0) == 0
+        || json["hook_cost"]["plain"]["runs"].as_u64().unwrap_or(0) == 0
+    {
+        bail!("no connect4 cost measured: {}", json["hook_cost"]);
     }
     if json["restarts"]["connections"].as_u64().unwrap_or(0) == 0 {
         bail!("no restart-under-load run: {}", json["restarts"]);

@@ -15,6 +15,8 @@ pub const SERVICE_PORT: u16 = 6379;
 /// The iperf3 service's ClusterIP (outside the range services are numbered in).
 pub const IPERF_VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 253);
 pub const IPERF_PORT: u16 = 5201;
+/// A ClusterIP with `sessionAffinity: ClientIP` in front of the three servers.
+pub const AFFINITY_VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 252);
 /// Where haproxy listens, in the node namespace.
 pub const PROXY_VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 254);
 
@@ -125,9 +127,21 @@ pub fn service_manifest(
     port: u16,
     endpoints: &[Ipv4Addr],
 ) {
+    service_manifest_with(out, name, vip, port, endpoints, "");
+}
+
+/// [`service_manifest`] with extra lines in the Service's spec.
+pub fn service_manifest_with(
+    out: &mut String,
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    endpoints: &[Ipv4Addr],
+    extra_spec: &str,
+) {
     let _ = write!(
         out,
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: {port}, targetPort: {port}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-x\n  namespace: bench\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{port: {port}, protocol: TCP}}]\nendpoints:\n"
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: {port}, targetPort: {port}}}]\n{extra_spec}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-x\n  namespace: bench\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{port: {port}, protocol: TCP}}]\nendpoints:\n"
     );
     for ep in endpoints {
         let _ = writeln!(out, "- addresses: [\"{ep}\"]");
@@ -150,6 +164,21 @@ pub fn manifests(services: usize, endpoints: usize, servers: &[Ipv4Addr]) -> Str
 pub fn iperf_manifest(servers: &[Ipv4Addr]) -> String {
     let mut out = String::new();
     service_manifest(&mut out, "iperf", IPERF_VIP, IPERF_PORT, &servers[..1]);
+    out
+}
+
+/// The session-affinity service: the three servers, ClientIP affinity (every
+/// connection of the benchmark's one client namespace reaches one of them).
+pub fn affinity_manifest(servers: &[Ipv4Addr]) -> String {
+    let mut out = String::new();
+    service_manifest_with(
+        &mut out,
+        "affinity",
+        AFFINITY_VIP,
+        SERVICE_PORT,
+        servers,
+        "  sessionAffinity: ClientIP\n",
+    );
     out
 }
 
@@ -241,5 +270,8 @@ mod tests {
         assert_eq!(text.matches("- addresses: [").count(), 12);
         assert!(text.contains("clusterIP: 10.96.0.3\n"));
         assert!(iperf_manifest(&SERVERS).contains(&format!("clusterIP: {IPERF_VIP}")));
+        let affinity = affinity_manifest(&SERVERS);
+        assert!(affinity.contains("]\n  sessionAffinity: ClientIP\n---\n"));
+        assert_eq!(affinity.matches("- addresses: [").count(), 3);
     }
 }
