@@ -2,7 +2,7 @@
 //! benchmarks: network namespaces on one bridge, a cgroup2 subtree for the processes
 //! the load balancer should see, and real servers and clients started inside them.
 //!
-//! Network rules (DESIGN.md section 7): pods get addresses in 10.244.0.0/16 and
+//! Network rules (../shared/DESIGN.md section 7): pods get addresses in 10.244.0.0/16 and
 //! fd00:244::/64 on a bridge that lives in a namespace of its own, and have no default
 //! route; the service ranges (10.96.0.0/12, fd00:96::/64) are blackholed in every pod, so
 //! a connection the load balancer did not rewrite fails inside the sandbox instead of

@@ -265,7 +265,8 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
     let attached = datapath::attached_programs(pin_dir);
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, &listed)?;
+        // As an io::Error, so `lb list --json | head` ends quietly like the table.
+        serde_json::to_writer_pretty(&mut out, &listed).map_err(std::io::Error::from)?;
         writeln!(out)?;
         return Ok(());
     }

@@ -28,7 +28,7 @@ enum Command {
     List {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// One JSON object per frontend.
+        /// A JSON array with one object per frontend.
         #[arg(long)]
         json: bool,
     },
@@ -172,7 +172,20 @@ fn capacities(args: &DaemonArgs) -> Result<datapath::Capacities> {
     })
 }
 
+/// glibc gives each thread that allocates concurrently its own arena and keeps freed
+/// memory in it: the parallel parse of a large sync then leaves several arenas' worth
+/// behind (10 000 Services / 100 000 endpoints on 2 cores: peak RSS 98 MB by default,
+/// 84 MB with two arenas, the sync as fast). Only a sync allocates from many threads.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator tuning; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn daemon(args: DaemonArgs) -> Result<()> {
+    limit_malloc_arenas();
     let capacities = capacities(&args)?;
     let cgroup = match args.cgroup {
         Some(path) => path,

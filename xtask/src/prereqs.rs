@@ -27,7 +27,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("etcd", "etcd-server"),
 ];
 
-/// The bpf-linker release that links with rustc's own LLVM (DESIGN.md section 6).
+/// The bpf-linker release that links with rustc's own LLVM (../shared/DESIGN.md section 6).
 const BPF_LINKER_VERSION: &str = "0.10.0";
 /// cargo-fuzz, for the bounded fuzzing run of `cargo xtask test`.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";

@@ -13,7 +13,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -74,6 +73,9 @@ pub struct Controller {
     pub stop: Arc<AtomicBool>,
     /// Kinds the source announces; the first sync waits for all of them.
     pub kinds: BTreeSet<Kind>,
+    /// The source always has this node's Node object (Kubernetes; a folder of
+    /// manifests may leave it out): warn when it has not.
+    pub node_expected: bool,
     node: Option<Arc<NodeSpec>>,
     listed: BTreeSet<Kind>,
     initialized: bool,
@@ -119,6 +121,7 @@ impl Controller {
             board,
             stop,
             kinds: Kind::ALL.into_iter().collect(),
+            node_expected: false,
             node: None,
             listed: BTreeSet::new(),
             initialized: false,
@@ -342,6 +345,16 @@ impl Controller {
                 elapsed_ms = self.created.elapsed().as_millis() as u64,
                 "ready"
             );
+            if self.node_expected && self.node.is_none() {
+                // A misnamed node is otherwise silent: local endpoints still come from
+                // the endpoints' nodeName, but zones and node addresses are unknown.
+                warn!(
+                    node = %self.node_name,
+                    "no Node object of this name in the source: topology hints are ignored and \
+                     node-port addresses are unknown (endpoints count as local by their \
+                     nodeName); check --node-name"
+                );
+            }
         } else if stats.writes() > 10_000 {
             release_freed_memory();
         }
@@ -569,18 +582,12 @@ fn report(changes: &Changes) {
             summary.warn(
                 Some("sctp"),
                 &format!(
-                    "Service {}: {} is programmed, but SCTP is not balanced by the socket hooks \
-                     (verified for TCP and UDP only); SCTP clients reach the ClusterIP untranslated",
+                    "Service {}: {} is programmed and SCTP connects are translated like TCP, \
+                     but SCTP balancing is untested (only TCP and UDP are verified)",
                     frontend.service, frontend.key
                 ),
             );
         }
     }
     summary.finish();
-}
-
-/// Addresses of this node when the source has no Node object for it.
-#[allow(dead_code)]
-pub fn no_addresses() -> Vec<IpAddr> {
-    Vec::new()
 }

@@ -126,21 +126,28 @@ fn health_response(health: &Health, path: &str) -> Response<Full<Bytes>> {
     response(status, "application/json", health.body())
 }
 
-/// Binds `addr` now (so a busy port is a start-up error, not a silent gap) and serves
-/// `handler` on it until the process ends. Returns the bound address (port 0 picks one).
-pub async fn serve<F>(what: &'static str, addr: SocketAddr, handler: F) -> Result<SocketAddr>
+/// Binds `addr` before anything touches the kernel, so a busy port is a start-up error
+/// (not a silent gap, nor a datapath loaded by a daemon that then exits).
+pub async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("{what} server: binding {addr} (in use by another kube-proxy or lb? choose another address)")
+    })
+}
+
+/// Serves `handler` on `listener` until the process ends. Returns the bound address
+/// (port 0 picks one).
+pub fn serve<F>(what: &'static str, listener: TcpListener, handler: F) -> Result<SocketAddr>
 where
     F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("{what} server: binding {addr} (in use by another kube-proxy or lb? choose another address)"))?;
     let bound = listener.local_addr()?;
     info!(%bound, "{what} server listening");
     let handler = Arc::new(handler);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of file descriptors, say: retry without spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
             let handler = handler.clone();
@@ -161,27 +168,25 @@ where
     Ok(bound)
 }
 
-pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr> {
-    serve("health", addr, move |req| {
+pub fn serve_health(listener: TcpListener, health: Arc<Health>) -> Result<SocketAddr> {
+    serve("health", listener, move |req| {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return response(StatusCode::METHOD_NOT_ALLOWED, "text/plain", String::new());
         }
         health_response(&health, req.uri().path())
     })
-    .await
 }
 
-pub async fn serve_metrics(
-    addr: SocketAddr,
+pub fn serve_metrics(
+    listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 ) -> Result<SocketAddr> {
-    serve("metrics", addr, move |req| match req.uri().path() {
+    serve("metrics", listener, move |req| match req.uri().path() {
         "/metrics" => response(StatusCode::OK, metrics::CONTENT_TYPE, metrics.encode()),
         // kube-proxy serves its health endpoints on the metrics port too.
         path => health_response(&health, path),
     })
-    .await
 }
 
 #[cfg(test)]

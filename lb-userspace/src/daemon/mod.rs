@@ -68,8 +68,12 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     };
     let health = Arc::new(Health::new(options.health_timeout));
     if let Some(addr) = options.health_addr {
-        http::serve_health(addr, health.clone()).await?;
+        http::serve_health(http::bind("health", addr).await?, health.clone())?;
     }
+    let metrics_listener = match options.metrics_addr {
+        Some(addr) => Some(http::bind("metrics", addr).await?),
+        None => None,
+    };
 
     let mut datapath = Datapath::load(options.datapath.clone())?;
     datapath.start_logger();
@@ -92,8 +96,8 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     };
     let metrics =
         Arc::new(Metrics::new().with_live(&options.datapath.pin_dir, &datapath.capacities(), api));
-    if let Some(addr) = options.metrics_addr {
-        http::serve_metrics(addr, metrics.clone(), health.clone()).await?;
+    if let Some(listener) = metrics_listener {
+        http::serve_metrics(listener, metrics.clone(), health.clone())?;
     }
 
     let source_name = match &options.source {
@@ -104,7 +108,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     status::serve(&options.datapath.pin_dir, board.clone()).await?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let controller = Controller::new(
+    let mut controller = Controller::new(
         maps,
         datapath,
         options.datapath.capacities.limits(),
@@ -116,6 +120,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         },
         stop.clone(),
     );
+    controller.node_expected = matches!(options.source, SourceOptions::Kubernetes { .. });
     let sync = std::thread::Builder::new()
         .name("sync".into())
         .spawn(move || {

@@ -44,11 +44,12 @@ impl Default for Capacities {
 }
 
 impl Capacities {
-    /// What the reconciler may use.
+    /// What the reconciler may use: ids `1..=N` for `--max-frontends N` and
+    /// `--max-backends N` (id 0 means "none", so the maps indexed by id hold N + 1).
     pub fn limits(&self) -> crate::reconcile::Limits {
         crate::reconcile::Limits {
-            frontends: self.frontends,
-            backends: self.backends,
+            frontends: self.frontends + 1,
+            backends: self.backends + 1,
             service_entries: self.service_entries,
         }
     }
@@ -57,8 +58,8 @@ impl Capacities {
     pub fn entries(&self, def: &MapDef) -> u32 {
         match def.capacity {
             Capacity::Fixed => def.max_entries,
-            Capacity::Frontends => self.frontends,
-            Capacity::Backends => self.backends,
+            Capacity::Frontends => self.frontends + 1,
+            Capacity::Backends => self.backends + 1,
             Capacity::ServiceEntries => self.service_entries,
             // The map that is not in use keeps one entry.
             Capacity::Sockets if self.legacy_sockets => 1,

@@ -712,7 +712,8 @@ impl SliceSpec {
                 Err(e) => errors.push(format!("{what}: {e}")),
             }
         }
-        let mut endpoints = Vec::new();
+        // Sized once: a slice holds up to 100 endpoints and the model keeps every one.
+        let mut endpoints = Vec::with_capacity(slice.endpoints.as_ref().map_or(0, Vec::len));
         if let Some(address_type) = address_type {
             for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
                 let mut address = None;

@@ -243,8 +243,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            frontends: maps::DEFAULT_FRONTENDS,
-            backends: maps::DEFAULT_BACKENDS,
+            // Id 0 is unused: the default flags' N ids need N + 1 entries.
+            frontends: maps::DEFAULT_FRONTENDS + 1,
+            backends: maps::DEFAULT_BACKENDS + 1,
             service_entries: maps::DEFAULT_SERVICE_ENTRIES,
         }
     }

@@ -1,7 +1,9 @@
 //! End-to-end tests on the real kernel: each test builds its own namespaces ("pods" on a
 //! bridge), cgroup and pin directory, runs real servers (redis-server, dnsmasq), runs the
-//! real `lb daemon` on manifests, and drives real clients (redis-cli, dig) from a client
-//! pod that has no route out of the sandbox. They need root, like the daemon.
+//! real `lb daemon` on manifests or against a real control plane (etcd, kube-apiserver,
+//! controller-manager, scheduler; kubelet stand-ins run the pods), and drives real
+//! clients (redis-cli, dig, curl) from a client pod that has no route out of the
+//! sandbox. They need root, like the daemon.
 //!
 //! Tests run in parallel (each on its own cgroup subtree and pin directory); the number
 //! of threads defaults to 2 to keep timing assertions honest on small machines.

