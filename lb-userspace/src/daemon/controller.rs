@@ -28,7 +28,9 @@ use tracing::{debug, error, info, warn};
 use super::{http::Health, metrics::Metrics, status::StatusBoard};
 use crate::{
     datapath::{Datapath, KernelMaps, sockets},
-    model::{Changes, Frontend, FrontendKey, Model, NodeContext, NodeSpec, Protocol},
+    model::{
+        Changes, Frontend, FrontendKey, FrontendKind, Model, NodeContext, NodeSpec, Protocol, Scope,
+    },
     reconcile::{ApplyStats, GoneBackend, Limits, Reconciler},
     source::{Event, Kind, Object},
     warnings::Summary,
@@ -76,6 +78,8 @@ pub struct Controller {
     /// The source always has this node's Node object (Kubernetes; a folder of
     /// manifests may leave it out): warn when it has not.
     pub node_expected: bool,
+    /// External-scope frontends already reported as not served from outside.
+    external_reported: BTreeSet<FrontendKey>,
     node: Option<Arc<NodeSpec>>,
     listed: BTreeSet<Kind>,
     initialized: bool,
@@ -122,6 +126,7 @@ impl Controller {
             stop,
             kinds: Kind::ALL.into_iter().collect(),
             node_expected: false,
+            external_reported: BTreeSet::new(),
             node: None,
             listed: BTreeSet::new(),
             initialized: false,
@@ -371,7 +376,7 @@ impl Controller {
             .endpoint_changes
             .inc_by(changes.slice_changes as u64);
         self.triggers.extend(changes.triggers.iter().copied());
-        report(&changes);
+        report(&changes, &mut self.external_reported);
         if changes.interrupted {
             return Err(SyncError::Stopped);
         }
@@ -570,10 +575,35 @@ fn release_freed_memory() {
     unsafe { libc::malloc_trim(0) };
 }
 
-/// Logs what the model could not apply, and protocols the socket hooks may not cover,
-/// summarising floods.
-fn report(changes: &Changes) {
+/// Logs what the model could not apply, and what the datapath does not serve yet
+/// (once per frontend: `reported` remembers them), summarising floods.
+fn report(changes: &Changes, reported: &mut BTreeSet<FrontendKey>) {
     let mut summary = Summary::default();
+    for (key, frontend) in &changes.frontends {
+        let Some(frontend) = frontend else {
+            reported.remove(key);
+            continue;
+        };
+        if key.scope == Scope::External && reported.insert(*key) {
+            summary.warn(
+                Some("external"),
+                &format!(
+                    "Service {}: {} {} is served to connections made on this node only: \
+                     traffic arriving from other machines is not balanced yet (no TC datapath)",
+                    frontend.service,
+                    match frontend.kind {
+                        FrontendKind::NodePort => "node port",
+                        FrontendKind::LoadBalancer => "load-balancer IP",
+                        FrontendKind::ExternalIp | FrontendKind::ClusterIp => "external IP",
+                    },
+                    FrontendKey {
+                        scope: Scope::Internal,
+                        ..*key
+                    }
+                ),
+            );
+        }
+    }
     for conflict in &changes.conflicts {
         summary.warn(Some("conflict"), &conflict.to_string());
     }
