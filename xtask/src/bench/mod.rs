@@ -305,6 +305,25 @@ fn measure(
     Ok(summary)
 }
 
+/// Removes the benchmark's datapath (`lb cleanup`) when the run ends, also on errors.
+struct PinCleanup {
+    lb: PathBuf,
+    pin_dir: PathBuf,
+}
+
+impl Drop for PinCleanup {
+    fn drop(&mut self) {
+        if self.pin_dir.exists() {
+            let _ = Command::new(&self.lb)
+                .arg("cleanup")
+                .arg("--pin-dir")
+                .arg(&self.pin_dir)
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// A running `lb daemon` for the benchmark.
 struct Daemon {
     child: Child,
@@ -517,6 +536,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut topo = Topology::new()?;
     topo.start_servers(&rules::haproxy_config(&SERVER_IPS))?;
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.id));
+    // Daemons restarted without --detach-on-exit leave their datapath pinned on purpose.
+    let _cleanup = PinCleanup {
+        lb: lb.clone(),
+        pin_dir: pin_dir.clone(),
+    };
 
     let largest = *plan.services.iter().max().context("no service counts")?;
     let points_per_n = plan.concurrency.len() as u64 * (plan.rounds as u64 * 3 + 2);
