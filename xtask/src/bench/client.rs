@@ -33,6 +33,9 @@ pub struct Summary {
     /// Raw latencies (ns), kept so rounds can be merged before percentiles.
     pub latencies_ns: Vec<u64>,
     pub wall_s: f64,
+    /// The first few errors, with when they happened (paced runs only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error_samples: Vec<String>,
 }
 
 pub fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -55,6 +58,7 @@ impl Summary {
             per_s: latencies_ns.len() as f64 / wall.as_secs_f64(),
             latencies_ns,
             wall_s: wall.as_secs_f64(),
+            error_samples: Vec::new(),
         }
     }
 
@@ -97,15 +101,24 @@ fn crr_paced(target: SocketAddr, count: usize, interval: Duration) -> Summary {
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(count);
     let mut errors = 0;
+    let mut samples = Vec::new();
     for n in 0..count {
+        let at = started.elapsed();
         match crr_once(target) {
             Ok(d) => latencies.push(d.as_nanos() as u64),
-            Err(_) => errors += 1,
+            Err(err) => {
+                errors += 1;
+                if samples.len() < 10 {
+                    samples.push(format!("at {:.3} s: {err}", at.as_secs_f64()));
+                }
+            }
         }
         let due = interval * (n as u32 + 1);
         std::thread::sleep(due.saturating_sub(started.elapsed()));
     }
-    Summary::from_latencies(latencies, errors, started.elapsed())
+    let mut summary = Summary::from_latencies(latencies, errors, started.elapsed());
+    summary.error_samples = samples;
+    summary
 }
 
 /// Runs in the client namespace: `__bench-client crr|rr <targets,...> <count>

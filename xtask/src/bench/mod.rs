@@ -51,6 +51,9 @@ pub struct BenchArgs {
     /// Only the Kubernetes-source measurements (a real API server), printed as JSON.
     #[arg(long)]
     kube_only: bool,
+    /// Only the restarts under load, printed as JSON.
+    #[arg(long, conflicts_with = "kube_only")]
+    restarts_only: bool,
     /// Service counts to measure at (comma-separated).
     #[arg(long, value_delimiter = ',')]
     services: Option<Vec<usize>>,
@@ -541,6 +544,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         lb: lb.clone(),
         pin_dir: pin_dir.clone(),
     };
+    if args.restarts_only {
+        let run = scale::restarts(&lb, &topo, &exe, &plan)?;
+        println!("{}", serde_json::to_string_pretty(&run)?);
+        return Ok(());
+    }
 
     let largest = *plan.services.iter().max().context("no service counts")?;
     let points_per_n = plan.concurrency.len() as u64 * (plan.rounds as u64 * 3 + 2);

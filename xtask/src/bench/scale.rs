@@ -44,6 +44,10 @@ pub struct RestartRun {
     pub connections: usize,
     pub failed: usize,
     pub seconds: f64,
+    /// The client's first errors and the restarts, timed from the client's start
+    /// (to tell which restart a failure belongs to).
+    pub error_samples: Vec<String>,
+    pub events: Vec<String>,
 }
 
 /// Capacities large enough for a million endpoints.
@@ -113,7 +117,9 @@ pub fn restarts(lb: &Path, topo: &Topology, exe: &Path, plan: &Plan) -> Result<R
         dir.join("services.yaml"),
         rules::manifests(plan.restart_services, 3, &SERVER_IPS),
     )?;
-    let mut daemon = Daemon::start(lb, topo, &dir, "restarts-0")?;
+    // Kept on exit like every later one (a daemon started with --detach-on-exit would
+    // take the datapath down at the first SIGTERM).
+    let mut daemon = Daemon::start_with(lb, topo, &dir, "restarts-0", &[])?;
     // A client that runs through all restarts: about one connection per 5 ms.
     let count = plan.restarts * 150;
     let target = Mode::Lb.targets(plan.restart_services);
@@ -133,6 +139,15 @@ pub fn restarts(lb: &Path, topo: &Topology, exe: &Path, plan: &Plan) -> Result<R
     let mut sockets = lb_common::maps::DEFAULT_SOCKETS;
     thread::sleep(Duration::from_millis(200));
     for round in 0..plan.restarts {
+        let at = started.elapsed().as_secs_f64();
+        run.events.push(format!(
+            "at {at:.3} s: {}",
+            [
+                "SIGTERM",
+                "kill -9",
+                "kill -9, then a map-migrating upgrade"
+            ][round % 3]
+        ));
         match round % 3 {
             0 => {
                 daemon.stop_keeping()?;
@@ -178,5 +193,6 @@ pub fn restarts(lb: &Path, topo: &Topology, exe: &Path, plan: &Plan) -> Result<R
         serde_json::from_slice(&output.stdout).context("client output")?;
     run.connections = summary.samples + summary.errors;
     run.failed = summary.errors;
+    run.error_samples = summary.error_samples;
     Ok(run)
 }
