@@ -11,6 +11,7 @@
 mod cluster;
 mod clusterip;
 mod examples;
+mod external;
 mod kube;
 mod probe;
 mod reliability;
@@ -49,6 +50,7 @@ fn main() {
     trials.extend(udp::trials());
     trials.extend(sockets::trials());
     trials.extend(semantics::trials());
+    trials.extend(external::trials());
     trials.extend(kube::trials());
     trials.extend(reliability::trials());
     let conclusion = libtest_mimic::run(&args, trials);
