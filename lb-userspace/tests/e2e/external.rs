@@ -10,7 +10,7 @@ use libtest_mimic::Trial;
 
 use crate::{
     cluster::{Cluster, shared_control_plane, trial},
-    kube::pod_ips_of,
+    kube::{pod_ips_of, whoami_at},
 };
 
 pub fn trials() -> Vec<Trial> {
@@ -24,19 +24,6 @@ pub fn trials() -> Vec<Trial> {
 /// rewrite fails inside the sandbox.
 const EXTERNAL_IP: &str = "10.111.254.10";
 const LB_IP: &str = "10.111.254.11";
-
-/// `redis-cli GET whoami` from `client` to `host`:`port`.
-fn whoami_at(cluster: &Cluster, client: &str, host: &str, port: &str) -> Result<String> {
-    let out = cluster.exec(
-        client,
-        &["redis-cli", "-h", host, "-p", port, "GET", "whoami"],
-    )?;
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    ))
-}
 
 /// The seed's `kubectl expose --type=NodePort`, and a LoadBalancer Service with an
 /// external IP and an ingress IP: a pod on node A reaches each through node A's address

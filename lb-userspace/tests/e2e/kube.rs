@@ -454,14 +454,19 @@ const R_DEPLOYMENT: &str = include_str!("../../../examples/cluster/r-deployment.
 /// `redis-cli GET whoami` through `vip` from the client pod: the pod that answered, or
 /// the error text.
 pub(crate) fn whoami(cluster: &Cluster, client: &str, vip: &str) -> Result<String> {
+    whoami_at(cluster, client, vip, "6379")
+}
+
+/// `redis-cli GET whoami` from pod `client` to `host`:`port`: the answer, or the error.
+pub(crate) fn whoami_at(cluster: &Cluster, client: &str, host: &str, port: &str) -> Result<String> {
     let out = cluster
         .exec(
             client,
-            &["redis-cli", "-h", vip, "-p", "6379", "GET", "whoami"],
+            &["redis-cli", "-h", host, "-p", port, "GET", "whoami"],
         )
         .with_context(|| {
             format!(
-                "redis-cli GET whoami via {vip}; pods: {:?}",
+                "redis-cli GET whoami via {host}:{port}; pods: {:?}",
                 cluster.pods("app=redis")
             )
         })?;
@@ -471,6 +476,22 @@ pub(crate) fn whoami(cluster: &Cluster, client: &str, vip: &str) -> Result<Strin
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(text)
+}
+
+/// A connection from `client` to `vip` is refused (ECONNREFUSED) at once, not hung.
+pub(crate) fn refused_at_once(cluster: &Cluster, client: &str, vip: &str) -> Result<()> {
+    let started = Instant::now();
+    let answer = whoami(cluster, client, vip)?;
+    ensure!(
+        answer.contains("Connection refused"),
+        "not refused: {answer}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_millis(800),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    Ok(())
 }
 
 fn answers(
@@ -590,17 +611,7 @@ fn seed_redis_scenario() -> Result<()> {
             "scale to {replicas}: the maps followed the EndpointSlice after {took:?}"
         );
         if replicas == 0 {
-            let started = Instant::now();
-            let answer = whoami(&cluster, "web", &vip)?;
-            ensure!(
-                answer.contains("Connection refused"),
-                "no endpoints: {answer}"
-            );
-            ensure!(
-                started.elapsed() < Duration::from_millis(800),
-                "refused after {:?}",
-                started.elapsed()
-            );
+            refused_at_once(&cluster, "web", &vip)?;
             continue;
         }
         // Scaled-down pods may still be terminating: connections reach current pods only.
