@@ -532,6 +532,7 @@ fn step(name: &str, cmd: &mut Command) -> Result<()> {
 fn test_task() -> Result<()> {
     require_root("cargo xtask test")?;
     let started = Instant::now();
+    let _bpffs = BpffsRestore::new();
     prereqs::ensure()?;
     step("rustfmt", cargo().args(["fmt", "--all", "--", "--check"]))?;
     step(
@@ -600,6 +601,56 @@ fn test_task() -> Result<()> {
     )?;
     eprintln!("==> all checks passed in {:.1?}", started.elapsed());
     Ok(())
+}
+
+fn bpffs_mounted() -> bool {
+    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+        info.lines()
+            .any(|l| l.split(' ').nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "))
+    })
+}
+
+/// The daemons under test mount bpffs when the machine has none; the run unmounts it
+/// again at the end (also on failure) if it only holds the kernel's own preload
+/// entries (`maps.debug`, `progs.debug`), so the machine is left as it was.
+struct BpffsRestore {
+    was_mounted: bool,
+}
+
+impl BpffsRestore {
+    fn new() -> Self {
+        Self {
+            was_mounted: bpffs_mounted(),
+        }
+    }
+}
+
+impl Drop for BpffsRestore {
+    fn drop(&mut self) {
+        if self.was_mounted {
+            return;
+        }
+        while bpffs_mounted() {
+            let ours_only = fs::read_dir("/sys/fs/bpf").is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .all(|e| e.file_name().to_string_lossy().ends_with(".debug"))
+            });
+            if !ours_only {
+                eprintln!(
+                    "bpffs at /sys/fs/bpf still holds pins: left mounted (cargo xtask cleanup)"
+                );
+                return;
+            }
+            let unmounted = Command::new("umount")
+                .arg("/sys/fs/bpf")
+                .status()
+                .is_ok_and(|s| s.success());
+            if !unmounted {
+                return;
+            }
+        }
+    }
 }
 
 /// The fuzz targets (`fuzz/fuzz_targets/`), and how long `cargo xtask test` runs each.

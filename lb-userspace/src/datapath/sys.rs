@@ -143,7 +143,7 @@ pub fn bpffs_prepare(pin_dir: &Path) -> Result<()> {
     }
     if fs_magic(parent)? != BPF_FS_MAGIC {
         if parent == default_bpffs {
-            mount_bpffs(default_bpffs)?;
+            mount_bpffs_once(default_bpffs)?;
         } else {
             bail!(
                 "{} is not on a bpf file system; choose a --pin-dir under /sys/fs/bpf",
@@ -322,6 +322,28 @@ pub fn probe_socket_tracking() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Mounts bpffs at `target` unless another process just did: daemons starting
+/// together (parallel tests, two instances on one node) would otherwise each see no
+/// bpffs and stack one mount over the other.
+fn mount_bpffs_once(target: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    const LOCK: &str = "/run/lb-bpffs-mount.lock";
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK)
+        .with_context(|| format!("opening {LOCK}"))?;
+    // SAFETY: flock on a descriptor we own; released when `lock` is closed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {LOCK}"));
+    }
+    if fs_magic(target)? == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    mount_bpffs(target)
 }
 
 fn mount_bpffs(target: &Path) -> Result<()> {
