@@ -109,11 +109,7 @@ fn redis_cli_through_cluster_ip() -> Result<()> {
     ensure!(fe["service"] == "pods/redis-master:6379", "{fe}");
     ensure!(fe["counters"]["translated"].as_u64() == Some(3), "{fe}");
     ensure!(fe["backends"][0]["connections"].as_u64() == Some(3), "{fe}");
-    let human = Command::new(LB)
-        .args(["list", "--pin-dir"])
-        .arg(&daemon.pin_dir)
-        .output()?;
-    let human = String::from_utf8_lossy(&human.stdout);
+    let human = daemon.list_text()?;
     ensure!(
         human.contains("10.96.0.100:6379") && human.contains("10.244.1.11:6379 (3)"),
         "{human}"

@@ -30,6 +30,20 @@ fn errno_line(err: &std::io::Error) -> String {
     format!("error {} {err}", err.raw_os_error().unwrap_or(0))
 }
 
+/// One unconnected query with `sendto()` and its answer with `recvfrom()`: the answer
+/// and the address it came from.
+fn dns_exchange(
+    socket: &UdpSocket,
+    addr: SocketAddr,
+    id: u16,
+    name: &str,
+) -> std::io::Result<(Vec<u8>, SocketAddr)> {
+    socket.send_to(&dns_query(id, name), addr)?;
+    let mut buf = [0u8; 512];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    Ok((buf[..n].to_vec(), from))
+}
+
 /// A DNS query for `name`, type A.
 fn dns_query(id: u16, name: &str) -> Vec<u8> {
     let mut q = Vec::new();
@@ -129,12 +143,7 @@ pub fn main(args: &[String]) -> ! {
             socket
                 .set_read_timeout(Some(Duration::from_secs(2)))
                 .unwrap();
-            let result = socket.send_to(&dns_query(7, &rest[2]), addr).and_then(|_| {
-                let mut buf = [0u8; 512];
-                socket
-                    .recv_from(&mut buf)
-                    .map(|(n, from)| (buf[..n].to_vec(), from))
-            });
+            let result = dns_exchange(&socket, addr, 7, &rest[2]);
             match result {
                 Ok((response, from)) => out(format!(
                     "answer {} from {from}",
@@ -308,14 +317,7 @@ pub fn main(args: &[String]) -> ! {
             let mut id = 0u16;
             while started.elapsed() < Duration::from_secs(seconds) {
                 id = id.wrapping_add(1);
-                let result = socket
-                    .send_to(&dns_query(id, &rest[2]), addr)
-                    .and_then(|_| {
-                        let mut buf = [0u8; 512];
-                        socket
-                            .recv_from(&mut buf)
-                            .map(|(n, from)| (buf[..n].to_vec(), from))
-                    });
+                let result = dns_exchange(&socket, addr, id, &rest[2]);
                 match result {
                     Ok((response, from)) => out(format!(
                         "answer {} from {from}",

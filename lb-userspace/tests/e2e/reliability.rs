@@ -241,11 +241,7 @@ fn capacity_overflow() -> Result<()> {
             "svc-{i} not reported:\n{log}"
         );
     }
-    let human = Command::new(LB)
-        .args(["list", "--pin-dir"])
-        .arg(&daemon.pin_dir)
-        .output()?;
-    let human = String::from_utf8_lossy(&human.stdout);
+    let human = daemon.list_text()?;
     ensure!(
         human.matches("NOT PROGRAMMED").count() == 5 && human.contains("5 frontends do not fit"),
         "{human}"

@@ -4,12 +4,13 @@
 //! the sockets' own storage without losing either.
 
 use std::{
+    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use lb_testbed::Pod;
+use lb_testbed::{Pod, Testbed};
 use libtest_mimic::Trial;
 
 use crate::{
@@ -57,8 +58,37 @@ fn socket_counts(daemon: &Daemon) -> Result<(u64, u64, u64, u64)> {
     Ok((numbers[0], numbers[1], numbers[2], overflowed))
 }
 
-/// `conn <i> <who> <peer>` lines of a hold-many-tcp probe: (index, backend, peer).
-fn connections(probe: &Probe) -> Vec<(usize, String, String)> {
+/// `count` pooled TCP connections to the redis ClusterIP held for `seconds`, each
+/// checked to see the ClusterIP as its peer: the probe and its connections.
+fn hold_pool(tb: &Testbed, client: &Pod, count: usize, seconds: u64) -> Result<(Probe, Vec<Conn>)> {
+    let mut pool = Probe::start(
+        tb,
+        client,
+        &[
+            "hold-many-tcp",
+            REDIS_V4,
+            "6379",
+            &count.to_string(),
+            &seconds.to_string(),
+        ],
+    )?;
+    wait_line(&mut pool, "opened", Duration::from_secs(10))?;
+    let conns = connections(&pool);
+    ensure!(conns.len() == count, "pool: {:?}", pool.lines());
+    for (i, _, peer) in &conns {
+        ensure!(
+            *peer == format!("{REDIS_V4}:6379"),
+            "connection {i} peer {peer}"
+        );
+    }
+    Ok((pool, conns))
+}
+
+/// One pooled connection: (index, backend pod, peer name).
+type Conn = (usize, String, String);
+
+/// `conn <i> <who> <peer>` lines of a hold-many-tcp probe.
+fn connections(probe: &Probe) -> Vec<Conn> {
     probe
         .lines()
         .iter()
@@ -145,6 +175,19 @@ fn remove_backend_and_check(
     Ok(())
 }
 
+/// The DNS world's Services (UDP and TCP on both backends) served by a daemon
+/// started with `extra` flags.
+fn dns_daemon(tb: &Testbed, backends: &[Pod], extra: &[&str]) -> Result<(PathBuf, Daemon)> {
+    let dir = manifest_dir(tb)?;
+    write_manifest(
+        &dir,
+        "services.yaml",
+        &manifests(&backends.iter().collect::<Vec<_>>(), false, true),
+    )?;
+    let daemon = Daemon::start_with(tb, &dir, extra)?;
+    Ok((dir, daemon))
+}
+
 /// The scenario: a long-lived TCP connection (a database pool) and a
 /// long-lived unconnected UDP socket to ClusterIPs, then 200 000 short-lived UDP
 /// sockets to the DNS ClusterIP. The long-lived ones keep their translation, the
@@ -152,28 +195,9 @@ fn remove_backend_and_check(
 /// backend still resets it within 1 s while connections to the other backend stay.
 fn long_lived_sockets_survive_churn() -> Result<()> {
     let (tb, backends, client) = dns_world(2, true)?;
-    let dir = manifest_dir(&tb)?;
-    write_manifest(
-        &dir,
-        "services.yaml",
-        &manifests(&backends.iter().collect::<Vec<_>>(), false, true),
-    )?;
-    let daemon = Daemon::start(&tb, &dir)?;
+    let (dir, daemon) = dns_daemon(&tb, &backends, &[])?;
     // Four pooled connections (both backends, almost surely) and one resolver socket.
-    let mut pool = Probe::start(
-        &tb,
-        &client,
-        &["hold-many-tcp", REDIS_V4, "6379", "8", "120"],
-    )?;
-    wait_line(&mut pool, "opened", Duration::from_secs(10))?;
-    let conns = connections(&pool);
-    ensure!(conns.len() == 8, "pool: {:?}", pool.lines());
-    for (i, _, peer) in &conns {
-        ensure!(
-            *peer == format!("{REDIS_V4}:6379"),
-            "connection {i} peer {peer}"
-        );
-    }
+    let (pool, conns) = hold_pool(&tb, &client, 8, 120)?;
     let mut resolver = Probe::start(
         &tb,
         &client,
@@ -254,27 +278,8 @@ fn long_lived_sockets_survive_churn() -> Result<()> {
 /// still see the ClusterIP, and are still terminated when their backend leaves.
 fn full_socket_map_overflows_and_still_terminates() -> Result<()> {
     let (tb, backends, client) = dns_world(2, true)?;
-    let dir = manifest_dir(&tb)?;
-    write_manifest(
-        &dir,
-        "services.yaml",
-        &manifests(&backends.iter().collect::<Vec<_>>(), false, true),
-    )?;
-    let mut daemon = Daemon::start_with(&tb, &dir, &["--max-sockets", "16"])?;
-    let mut pool = Probe::start(
-        &tb,
-        &client,
-        &["hold-many-tcp", REDIS_V4, "6379", "40", "60"],
-    )?;
-    wait_line(&mut pool, "opened", Duration::from_secs(10))?;
-    let conns = connections(&pool);
-    ensure!(conns.len() == 40, "pool: {:?}", pool.lines());
-    for (i, _, peer) in &conns {
-        ensure!(
-            *peer == format!("{REDIS_V4}:6379"),
-            "connection {i} peer {peer}"
-        );
-    }
+    let (dir, mut daemon) = dns_daemon(&tb, &backends, &["--max-sockets", "16"])?;
+    let (pool, conns) = hold_pool(&tb, &client, 40, 60)?;
     let (tracked, capacity, _, overflowed) = socket_counts(&daemon)?;
     ensure!(
         capacity == 16 && tracked == 16,
@@ -337,13 +342,7 @@ fn full_socket_map_overflows_and_still_terminates() -> Result<()> {
 /// one start-up line and keeps the LRU: translation, getpeername and termination work.
 fn kernels_without_sock_release_fall_back_to_the_lru() -> Result<()> {
     let (tb, backends, client) = dns_world(2, true)?;
-    let dir = manifest_dir(&tb)?;
-    write_manifest(
-        &dir,
-        "services.yaml",
-        &manifests(&backends.iter().collect::<Vec<_>>(), false, true),
-    )?;
-    let daemon = Daemon::start_with(&tb, &dir, &["--legacy-socket-tracking"])?;
+    let (dir, daemon) = dns_daemon(&tb, &backends, &["--legacy-socket-tracking"])?;
     let log = daemon.log_text();
     let notes: Vec<&str> = log
         .lines()
@@ -363,13 +362,7 @@ fn kernels_without_sock_release_fall_back_to_the_lru() -> Result<()> {
         line == format!("peer {REDIS_V4}:6379"),
         "getpeername: {line}"
     );
-    let mut pool = Probe::start(
-        &tb,
-        &client,
-        &["hold-many-tcp", REDIS_V4, "6379", "8", "30"],
-    )?;
-    wait_line(&mut pool, "opened", Duration::from_secs(10))?;
-    let conns = connections(&pool);
+    let (pool, conns) = hold_pool(&tb, &client, 8, 30)?;
     let removed = backends
         .iter()
         .position(|p| p.name == conns[0].1)

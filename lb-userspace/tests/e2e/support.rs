@@ -206,10 +206,12 @@ impl Daemon {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// `lb list` (text) for this daemon's pin directory.
-    pub fn list_text(&self) -> Result<String> {
+    /// `lb list [extra]` for this daemon's pin directory: its standard output.
+    fn run_list(&self, extra: &[&str]) -> Result<Vec<u8>> {
         let output = Command::new(LB)
-            .args(["list", "--pin-dir"])
+            .arg("list")
+            .args(extra)
+            .arg("--pin-dir")
             .arg(&self.pin_dir)
             .output()?;
         if !output.status.success() {
@@ -218,7 +220,12 @@ impl Daemon {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        Ok(output.stdout)
+    }
+
+    /// `lb list` (text) for this daemon's pin directory.
+    pub fn list_text(&self) -> Result<String> {
+        Ok(String::from_utf8_lossy(&self.run_list(&[])?).into_owned())
     }
 
     /// A sample of the daemon's /metrics, summed over label sets.
@@ -237,17 +244,7 @@ impl Daemon {
 
     /// `lb list --json` for this daemon's pin directory.
     pub fn list(&self) -> Result<Vec<Value>> {
-        let output = Command::new(LB)
-            .args(["list", "--json", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .output()?;
-        if !output.status.success() {
-            bail!(
-                "lb list failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(serde_json::from_slice(&output.stdout)?)
+        Ok(serde_json::from_slice(&self.run_list(&["--json"])?)?)
     }
 
     /// The sorted backend `ip:port` list of one frontend in `lb list --json`.
