@@ -599,13 +599,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
                             round + 1,
                             mode.name()
                         ));
-                        let before = hooks::connect4(&pin_dir)?;
+                        // connect4's run time, for the two modes it serves.
+                        let cost = match mode {
+                            Mode::Lb => Some(&mut plain_cost),
+                            Mode::LbAffinity => Some(&mut affinity_cost),
+                            _ => None,
+                        };
+                        let before = cost
+                            .is_some()
+                            .then(|| hooks::connect4(&pin_dir))
+                            .transpose()?;
                         let s = measure(&topo, &exe, mode, n, "crr", plan.connections, c)?;
-                        let after = hooks::connect4(&pin_dir)?;
-                        match mode {
-                            Mode::Lb => plain_cost.add(before, after),
-                            Mode::LbAffinity => affinity_cost.add(before, after),
-                            _ => {}
+                        if let (Some(cost), Some(before)) = (cost, before) {
+                            cost.add(before, hooks::connect4(&pin_dir)?);
                         }
                         samples.entry((mode, n, c)).or_default().push(s);
                         bar.inc(1);
