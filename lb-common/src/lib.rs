@@ -20,7 +20,7 @@ pub const IPPROTO_SCTP: u8 = 132;
 /// Version of the layout of every map below (keys, values, types, meaning). A daemon
 /// adopts pinned maps only of its own version; any change to a map's layout or
 /// meaning must bump it (the loader also compares types and sizes as a safety net).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Kernel map types used (`enum bpf_map_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +30,8 @@ pub enum MapKind {
     Array = 2,
     PerCpuArray = 6,
     LruHash = 9,
+    LpmTrie = 11,
+    HashOfMaps = 13,
     SkStorage = 24,
 }
 
@@ -51,6 +53,8 @@ pub enum Capacity {
     LegacySockets,
     /// Session-affinity entries: (client, frontend) pairs remembered.
     Affinity,
+    /// Flows from other machines tracked by the TC programs (two entries each).
+    Flows,
 }
 
 /// One map: every property the eBPF side, the loader, the adoption check and `lb list`
@@ -207,8 +211,53 @@ pub mod maps {
         help: "frontend id -> Service name (for lb list and bpftool; the programs never read it)",
     };
 
+    /// Default of `--max-flows`: connections from other machines tracked at once.
+    pub const DEFAULT_FLOWS: u32 = 1 << 17;
+
+    pub const CT: MapDef = MapDef {
+        name: "LB_CT",
+        kind: MapKind::LruHash,
+        key_size: size_of::<CtKey>() as u32,
+        value_size: size_of::<CtValue>() as u32,
+        max_entries: DEFAULT_FLOWS * 2,
+        flags: 0,
+        capacity: Capacity::Flows,
+        help: "TC connection tracking: both directions of every external flow -> how its packets \
+               are rewritten (least recently used evicted first)",
+    };
+    pub const MAGLEV: MapDef = MapDef {
+        name: "LB_MAGLEV",
+        kind: MapKind::HashOfMaps,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<u32>() as u32,
+        max_entries: DEFAULT_FRONTENDS,
+        flags: 0,
+        capacity: Capacity::Frontends,
+        help: "external frontend id -> its Maglev lookup table (an array of backend ids)",
+    };
+    pub const SOURCE_RANGES: MapDef = MapDef {
+        name: "LB_SOURCE_RANGES",
+        kind: MapKind::LpmTrie,
+        key_size: size_of::<SourceRangeKey>() as u32,
+        value_size: size_of::<u32>() as u32,
+        max_entries: DEFAULT_FRONTENDS,
+        flags: BPF_F_NO_PREALLOC,
+        capacity: Capacity::Frontends,
+        help: "loadBalancerSourceRanges: (frontend id, client prefix) allowed",
+    };
+    pub const NODE_ADDRS: MapDef = MapDef {
+        name: "LB_NODE_ADDRS",
+        kind: MapKind::Array,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<Addr>() as u32,
+        max_entries: 2,
+        flags: 0,
+        capacity: Capacity::Fixed,
+        help: "this node's SNAT source addresses: [0] IPv4 (mapped), [1] IPv6; zero = none",
+    };
+
     /// Every map the object declares.
-    pub const ALL: [MapDef; 11] = [
+    pub const ALL: [MapDef; 15] = [
         SERVICES,
         BACKENDS,
         AFFINITY,
@@ -220,6 +269,10 @@ pub mod maps {
         FRONTEND_STATS,
         BACKEND_STATS,
         FRONTEND_NAMES,
+        CT,
+        MAGLEV,
+        SOURCE_RANGES,
+        NODE_ADDRS,
     ];
 }
 
@@ -238,6 +291,79 @@ pub mod map_names {
     pub const FRONTEND_STATS: &str = maps::FRONTEND_STATS.name;
     pub const BACKEND_STATS: &str = maps::BACKEND_STATS.name;
     pub const FRONTEND_NAMES: &str = maps::FRONTEND_NAMES.name;
+    pub const CT: &str = maps::CT.name;
+    pub const MAGLEV: &str = maps::MAGLEV.name;
+    pub const SOURCE_RANGES: &str = maps::SOURCE_RANGES.name;
+    pub const NODE_ADDRS: &str = maps::NODE_ADDRS.name;
+}
+
+/// Default Maglev table size (`--maglev-table-size`): a prime, about 100 times the
+/// backends of a large Service, as the Maglev paper advises for even spread.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16381;
+
+/// `BPF_F_INNER_MAP`: Maglev tables of any size fit the outer map (kernel >= 5.10).
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// `CtKey::dir`: a packet from the client towards the frontend.
+pub const CT_FORWARD: u8 = 0;
+/// `CtKey::dir`: a reply from the backend, as it arrives (after any SNAT).
+pub const CT_REPLY: u8 = 1;
+
+/// `CtValue::flags`: the client's source was replaced by the node's address (SNAT).
+pub const CT_F_SNAT: u32 = 1 << 0;
+/// `CtValue::flags`: the backend runs on this node.
+pub const CT_F_LOCAL_BACKEND: u32 = 1 << 1;
+
+/// Key of `LB_CT`: a packet's tuple as it arrives at the TC hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    /// Source address, network order, IPv4-mapped for IPv4.
+    pub src: Addr,
+    /// Destination address, network order, IPv4-mapped for IPv4.
+    pub dst: Addr,
+    /// Ports, network order.
+    pub sport: u16,
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`CT_FORWARD`] or [`CT_REPLY`].
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// Value of `LB_CT`: the tuple a matching packet is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    /// New source address and port (network order, IPv4-mapped for IPv4).
+    pub src: Addr,
+    /// New destination address and port.
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// Frontend id of the flow.
+    pub svc_id: u32,
+    /// Backend id chosen for the flow (forward entries): a flow whose backend left is
+    /// balanced afresh.
+    pub backend_id: u32,
+    /// `CT_F_*`.
+    pub flags: u32,
+    /// `bpf_ktime_get_ns()` when the flow was last seen (refreshed at most once a
+    /// second).
+    pub last_seen_ns: u64,
+}
+
+/// Key of `LB_SOURCE_RANGES` (an LPM trie): `prefix_len` counts the 32 bits of
+/// `svc_id` plus the prefix bits of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub prefix_len: u32,
+    /// Frontend id, big-endian (an LPM key is matched bytewise).
+    pub svc_id_be: u32,
+    /// Client prefix, network order, IPv4-mapped for IPv4.
+    pub addr: Addr,
 }
 
 /// Largest number of backends one frontend may have (slots are u16, slot 0 is the
@@ -596,8 +722,36 @@ pub mod stat {
     /// sessionAffinity: no live entry (new client, expired, backend gone): chosen
     /// afresh and remembered.
     pub const AFFINITY_MISS: u32 = 14;
+    /// TC: a packet to an external frontend was sent to a backend.
+    pub const TC_TRANSLATED: u32 = 16;
+    /// TC: a reply of a tracked flow was translated back to the frontend.
+    pub const TC_REVERSE_TRANSLATED: u32 = 17;
+    /// TC: a TCP/UDP packet whose destination is not an external frontend.
+    pub const TC_NOT_SERVICE: u32 = 18;
+    /// TC: an external frontend without (local) backends: dropped.
+    pub const TC_NO_BACKEND: u32 = 19;
+    /// TC: a client outside `loadBalancerSourceRanges`: dropped.
+    pub const TC_POLICY_DROP: u32 = 20;
+    /// TC: a TCP packet other than a SYN with no tracked flow (a flow from before a
+    /// restart, or evicted): balanced by Maglev, so it reaches the same backend.
+    pub const TC_CT_MISS_NON_SYN: u32 = 21;
+    /// TC: an IPv4 fragment or IPv6 fragment header seen (the first fragment of a
+    /// datagram for a frontend is dropped: later ones carry no ports).
+    pub const TC_FRAGMENT: u32 = 22;
+    /// TC: a new flow's source was replaced by the node's address.
+    pub const TC_SNAT: u32 = 23;
+    /// TC: no free SNAT port (or no node address of the family): dropped.
+    pub const TC_SNAT_FAILED: u32 = 24;
+    /// TC: the route lookup after translation failed; the kernel routes the packet.
+    pub const TC_FIB_MISS: u32 = 25;
+    /// TC: a packet of a tracked flow (either direction).
+    pub const TC_CT_HIT: u32 = 26;
+    /// TC: a new flow was tracked.
+    pub const TC_CT_CREATED: u32 = 27;
+    /// TC: rewriting a packet failed (a helper error): dropped.
+    pub const TC_REWRITE_FAILED: u32 = 28;
     /// Number of counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 32;
 
     /// Human names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -617,6 +771,22 @@ pub mod stat {
         "affinity_hit",
         "affinity_miss",
         "reserved",
+        "tc_translated",
+        "tc_reverse_translated",
+        "tc_not_service",
+        "tc_no_backend",
+        "tc_policy_drop",
+        "tc_ct_miss_non_syn",
+        "tc_fragment",
+        "tc_snat",
+        "tc_snat_failed",
+        "tc_fib_miss",
+        "tc_ct_hit",
+        "tc_ct_created",
+        "tc_rewrite_failed",
+        "reserved",
+        "reserved",
+        "reserved",
     ];
 }
 
@@ -632,6 +802,9 @@ const _: () = assert!(core::mem::size_of::<SockLocalEntry>() == 44);
 const _: () = assert!(core::mem::size_of::<SockLocal>() == 184);
 const _: () = assert!(core::mem::size_of::<FrontendStats>() == 16);
 const _: () = assert!(core::mem::size_of::<FrontendName>() == 128);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
+const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -649,6 +822,9 @@ mod pod {
     unsafe impl aya::Pod for AffinityMember {}
     unsafe impl aya::Pod for FrontendStats {}
     unsafe impl aya::Pod for FrontendName {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
 }
 
 #[cfg(test)]

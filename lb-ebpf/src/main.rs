@@ -6,6 +6,9 @@
 //! `cgroup/getpeername*` translate the backend back to the ClusterIP so applications see
 //! the address they dialled.
 //!
+//! `tc` serves packets from other machines to node ports, external IPs and
+//! load-balancer IPs: DNAT (and SNAT for backends on other nodes), tracked per flow.
+//!
 //! Built for `bpfel-unknown-none` by `lb-userspace/build.rs`; on the host this crate is an
 //! empty binary so workspace-wide `cargo check` keeps working.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -20,6 +23,8 @@ mod maps;
 mod select;
 #[cfg(target_arch = "bpf")]
 mod sock;
+#[cfg(target_arch = "bpf")]
+mod tc;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

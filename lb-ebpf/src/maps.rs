@@ -10,12 +10,13 @@ use aya_ebpf::{
     macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
+use aya_ebpf::{helpers::generated::bpf_map_lookup_elem, maps::LpmTrie};
 use lb_common::{
-    AffinityKey, AffinityMember, AffinityValue, Backend, FrontendName, FrontendStats, ServiceKey,
-    ServiceValue, SockLocal, SockRevKey, SockRevValue,
+    Addr, AffinityKey, AffinityMember, AffinityValue, Backend, CtKey, CtValue, FrontendName,
+    FrontendStats, ServiceKey, ServiceValue, SockLocal, SockRevKey, SockRevValue,
     maps::{
-        AFFINITY, AFFINITY_MEMBERS, BACKEND_STATS, BACKENDS, FRONTEND_NAMES, FRONTEND_STATS,
-        SERVICES, SOCK_REVNAT, SOCK_REVNAT_LRU, STATS,
+        AFFINITY, AFFINITY_MEMBERS, BACKEND_STATS, BACKENDS, CT, DEFAULT_FRONTENDS, FRONTEND_NAMES,
+        FRONTEND_STATS, NODE_ADDRS, SERVICES, SOCK_REVNAT, SOCK_REVNAT_LRU, SOURCE_RANGES, STATS,
     },
 };
 
@@ -108,6 +109,79 @@ impl PinnedSockStorage {
 /// for (flagged, so userspace can find those sockets through sock_diag).
 #[btf_map]
 pub static LB_SOCK_LOCAL: PinnedSockStorage = PinnedSockStorage::new();
+
+/// TC connection tracking: both directions of every flow from another machine, each
+/// keyed by the tuple as it arrives, valued by the tuple to rewrite it to.
+#[map]
+pub static LB_CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT.max_entries, CT.flags);
+
+/// `loadBalancerSourceRanges`: (frontend id, client prefix) -> 1.
+#[map]
+pub static LB_SOURCE_RANGES: LpmTrie<[u32; 5], u32> =
+    LpmTrie::pinned(SOURCE_RANGES.max_entries, SOURCE_RANGES.flags);
+
+/// The node's SNAT source per family: [0] IPv4 (mapped), [1] IPv6.
+#[map]
+pub static LB_NODE_ADDRS: Array<Addr> = Array::pinned(NODE_ADDRS.max_entries, NODE_ADDRS.flags);
+
+/// BTF definition of one Maglev table (the inner map template): backend ids indexed by
+/// `flow hash % table size`. `BPF_F_INNER_MAP` lets tables of any `--maglev-table-size`
+/// stand in for it. Fields follow the BTF map-definition convention; never read.
+#[repr(C)]
+pub struct MaglevTableDef {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_ARRAY as usize],
+    key: *const u32,
+    value: *const u32,
+    max_entries: *const [i32; lb_common::DEFAULT_MAGLEV_TABLE_SIZE as usize],
+    map_flags: *const [i32; lb_common::BPF_F_INNER_MAP as usize],
+}
+
+/// BTF definition of `LB_MAGLEV`: a pinned hash of maps, frontend id -> its table.
+/// Userspace builds a new table and swaps it in with one update, so a lookup sees
+/// either the old table or the new one, never a half-written one.
+#[repr(C)]
+pub struct MaglevMapDef {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_HASH_OF_MAPS as usize],
+    key: *const u32,
+    max_entries: *const [i32; DEFAULT_FRONTENDS as usize],
+    /// LIBBPF_PIN_BY_NAME.
+    pinning: *const [i32; 1],
+    values: [*const MaglevTableDef; 0],
+}
+
+// SAFETY: a placeholder the loader replaces with a map reference; no state.
+unsafe impl Sync for MaglevMapDef {}
+
+impl MaglevMapDef {
+    const fn new() -> Self {
+        Self {
+            r#type: ptr::null(),
+            key: ptr::null(),
+            max_entries: ptr::null(),
+            pinning: ptr::null(),
+            values: [],
+        }
+    }
+
+    /// Entry `index` of frontend `svc_id`'s table (a backend id), if it has a table and
+    /// the index is inside it.
+    #[inline(always)]
+    pub fn backend_id(&self, svc_id: u32, index: u32) -> Option<u32> {
+        let outer = ptr::from_ref(self).cast_mut().cast();
+        let table = unsafe { bpf_map_lookup_elem(outer, ptr::from_ref(&svc_id).cast()) };
+        if table.is_null() {
+            return None;
+        }
+        let entry = unsafe { bpf_map_lookup_elem(table, ptr::from_ref(&index).cast()) };
+        if entry.is_null() {
+            return None;
+        }
+        Some(unsafe { *entry.cast::<u32>() })
+    }
+}
+
+#[btf_map]
+pub static LB_MAGLEV: MaglevMapDef = MaglevMapDef::new();
 
 /// Global per-CPU decision counters, indexed by `lb_common::stat`.
 #[map]

@@ -1,12 +1,15 @@
 //! Backend selection: the one place that reads `LB_SERVICES` and `LB_BACKENDS`, and
-//! applies session affinity.
+//! applies session affinity. The socket hooks look up internal-scope frontends and
+//! pick a random slot; the TC programs look up external-scope frontends and use the
+//! frontend's Maglev table, so every node picks the same backend for a flow.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    AffinityKey, AffinityMember, AffinityValue, Backend, SVC_F_AFFINITY, ServiceKey, stat,
+    AffinityKey, AffinityMember, AffinityValue, Backend, SVC_F_AFFINITY, ServiceKey, ServiceValue,
+    stat,
 };
 
-use crate::maps::{LB_AFFINITY, LB_AFFINITY_MEMBERS, LB_BACKENDS, LB_SERVICES, count};
+use crate::maps::{LB_AFFINITY, LB_AFFINITY_MEMBERS, LB_BACKENDS, LB_MAGLEV, LB_SERVICES, count};
 
 pub enum Selection {
     /// The destination is not a service: leave it alone.
@@ -103,6 +106,69 @@ pub fn select_backend(key: &mut ServiceKey, hash: u32, client: &mut AffinityKey)
         count(stat::RACE_RETRY);
     }
     Selection::Failed { svc_id }
+}
+
+/// The frontend entry of `key` (its slot is reset to 0), if it is a frontend.
+#[inline(always)]
+pub fn frontend(key: &mut ServiceKey) -> Option<ServiceValue> {
+    key.slot = 0;
+    (unsafe { LB_SERVICES.get(*key) }).copied()
+}
+
+/// Picks a backend for an external flow of frontend `key` hashed to `hash`: through
+/// the frontend's Maglev table (the same choice on every node), or, for session
+/// affinity or while the table is not written yet, as the socket hooks do.
+#[inline(always)]
+pub fn select_external(key: &mut ServiceKey, hash: u32, client: &mut AffinityKey) -> Selection {
+    let Some(frontend) = frontend(key) else {
+        return Selection::NotService;
+    };
+    let svc_id = frontend.svc_id;
+    if frontend.count == 0 {
+        return Selection::NoBackend { svc_id };
+    }
+    if frontend.flags & SVC_F_AFFINITY == 0
+        && let Some(backend_id) = LB_MAGLEV.backend_id(svc_id, hash % maglev_size())
+        && let Some(backend) = (unsafe { LB_BACKENDS.get(backend_id) }).copied()
+    {
+        return Selection::Backend {
+            backend,
+            backend_id,
+            svc_id,
+        };
+    }
+    select_backend(key, hash, client)
+}
+
+/// Entries of every Maglev table (`--maglev-table-size`, set by the loader).
+#[unsafe(no_mangle)]
+static LB_CONFIG_MAGLEV_SIZE: u32 = lb_common::DEFAULT_MAGLEV_TABLE_SIZE;
+
+#[inline(always)]
+fn maglev_size() -> u32 {
+    let size = unsafe { core::ptr::read_volatile(&raw const LB_CONFIG_MAGLEV_SIZE) };
+    if size == 0 { 1 } else { size }
+}
+
+/// murmur3's 32-bit finalizer: every input bit affects every output bit.
+#[inline(always)]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The Maglev hash of an external flow: the client's address, port and protocol only,
+/// so the same flow arriving at any node (any node address) hashes alike.
+#[inline(always)]
+pub fn flow_hash(client: &lb_common::Addr, client_port: u16, proto: u8) -> u32 {
+    let mut h = 0x9e37_79b9 ^ proto as u32;
+    for word in client {
+        h = fmix32(h ^ *word);
+    }
+    fmix32(h ^ client_port as u32)
 }
 
 /// Spreads a 64-bit value (a socket cookie) over 32 bits so `% count` is fair.

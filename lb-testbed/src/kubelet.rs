@@ -300,6 +300,11 @@ impl SimNode {
         self.world.node(&self.net_name)
     }
 
+    /// The world this node lives in (to add an outside client to it).
+    pub fn world(&self) -> &Arc<World> {
+        &self.world
+    }
+
     /// The network namespace of a running pod.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
         self.pods

@@ -104,6 +104,28 @@ struct DaemonArgs {
     /// `sessionAffinity: ClientIP`, least recently used forgotten first.
     #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_AFFINITY)]
     max_affinity_entries: u32,
+    /// Interfaces that carry traffic from other machines, for the TC programs (node
+    /// ports, external and load-balancer IPs) [default: the interfaces holding the
+    /// node's addresses]; "none" serves those addresses to this node's own
+    /// connections only.
+    #[arg(long, value_name = "IF[,IF...]", value_delimiter = ',')]
+    devices: Option<Vec<String>>,
+    /// Network namespace of the devices and of the health-check node ports (a
+    /// `/run/netns/NAME` or `/proc/PID/ns/net` path) [default: the daemon's own].
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// Node ports this node serves; a Service's node port outside it is ignored with
+    /// a warning (the API server allocates from its own --service-node-port-range).
+    #[arg(long, value_name = "MIN-MAX", default_value = "30000-32767")]
+    node_port_range: String,
+    /// Entries of each external frontend's Maglev table: a prime, ideally over 100
+    /// times the frontend's backends (each table costs 4 bytes per entry in the kernel).
+    #[arg(long, value_name = "M", default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE)]
+    maglev_table_size: u32,
+    /// External flows (node ports, external and load-balancer IPs) tracked at once,
+    /// least recently used forgotten first.
+    #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_FLOWS)]
+    max_flows: u32,
     /// Remember sockets in an LRU as on kernels without cgroup/sock_release (< 5.9),
     /// even where the kernel has it. For testing that fallback.
     #[arg(long, hide = true)]
@@ -157,6 +179,7 @@ fn capacities(args: &DaemonArgs) -> Result<datapath::Capacities> {
         ("max-service-entries", args.max_service_entries),
         ("max-sockets", args.max_sockets),
         ("max-affinity-entries", args.max_affinity_entries),
+        ("max-flows", args.max_flows),
     ] {
         if !(16..=1 << 26).contains(&value) {
             bail!("--{flag} {value} is out of range (16 to {})", 1u32 << 26);
@@ -168,6 +191,7 @@ fn capacities(args: &DaemonArgs) -> Result<datapath::Capacities> {
         service_entries: args.max_service_entries,
         sockets: args.max_sockets,
         affinity: args.max_affinity_entries,
+        flows: args.max_flows,
         legacy_sockets: args.legacy_socket_tracking,
     })
 }
@@ -184,9 +208,39 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// `--node-port-range MIN-MAX`.
+fn node_port_range(text: &str) -> Result<(u16, u16)> {
+    let parsed = text.split_once('-').and_then(|(min, max)| {
+        let (min, max) = (
+            min.trim().parse::<u16>().ok()?,
+            max.trim().parse::<u16>().ok()?,
+        );
+        (min > 0 && min <= max).then_some((min, max))
+    });
+    parsed.ok_or_else(|| {
+        anyhow::anyhow!("--node-port-range {text:?} is not MIN-MAX with 1 <= MIN <= MAX <= 65535")
+    })
+}
+
 fn daemon(args: DaemonArgs) -> Result<()> {
     limit_malloc_arenas();
     let capacities = capacities(&args)?;
+    let node_ports = node_port_range(&args.node_port_range)?;
+    let maglev_size = args.maglev_table_size;
+    if !(7..=(1 << 20)).contains(&maglev_size) || !lb::reconcile::maglev::is_prime(maglev_size) {
+        bail!(
+            "--maglev-table-size {maglev_size} must be a prime between 7 and 1048576 (e.g. 251, 4093, 16381, 65521)"
+        );
+    }
+    let devices = match args.devices {
+        Some(list) if list.iter().all(|d| d == "none" || d.is_empty()) => Some(Vec::new()),
+        other => other,
+    };
+    let netns = args
+        .netns
+        .as_deref()
+        .map(datapath::netns::check)
+        .transpose()?;
     let cgroup = match args.cgroup {
         Some(path) => path,
         None => datapath::cgroup2_root()?,
@@ -206,7 +260,11 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             cgroup,
             pin_dir: args.pin_dir,
             capacities,
+            devices,
+            netns,
+            maglev_size,
         },
+        node_ports,
         detach_on_exit: args.detach_on_exit,
         node_name: node_name(args.node_name)?,
         health_addr: parse_addr("health-addr", &args.health_addr)?,

@@ -25,7 +25,7 @@ use anyhow::{Result, anyhow};
 use lb_common::stat;
 use tracing::{debug, error, info, warn};
 
-use super::{http::Health, metrics::Metrics, status::StatusBoard};
+use super::{healthcheck::HealthCheckServers, http::Health, metrics::Metrics, status::StatusBoard};
 use crate::{
     datapath::{Datapath, KernelMaps, sockets},
     model::{
@@ -47,6 +47,14 @@ pub struct Outputs {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     pub board: StatusBoard,
+}
+
+/// What the controller needs for node ports, external and load-balancer IPs.
+pub struct ExternalOptions {
+    /// Runs the health-check node port servers.
+    pub runtime: tokio::runtime::Handle,
+    /// `--node-port-range`.
+    pub node_ports: (u16, u16),
 }
 
 /// Why a sync ended early.
@@ -81,6 +89,10 @@ pub struct Controller {
     /// External-scope frontends already reported as not served from outside.
     external_reported: BTreeSet<FrontendKey>,
     node: Option<Arc<NodeSpec>>,
+    node_ports: (u16, u16),
+    /// Services already warned about a node port outside `--node-port-range`.
+    out_of_range_reported: BTreeSet<crate::model::ObjectRef>,
+    health_checks: HealthCheckServers,
     listed: BTreeSet<Kind>,
     initialized: bool,
     /// Set after a failed sync: the next one rebuilds the reconciler from the kernel.
@@ -103,6 +115,7 @@ impl Controller {
         limits: Limits,
         node_name: String,
         outputs: Outputs,
+        external: ExternalOptions,
         stop: Arc<AtomicBool>,
     ) -> Self {
         let Outputs {
@@ -111,11 +124,16 @@ impl Controller {
             board,
         } = outputs;
         let revnat_full_seen = maps.stat(stat::REVNAT_FULL);
+        let health_checks =
+            HealthCheckServers::new(external.runtime, datapath.netns().map(Into::into));
         Self {
+            node_ports: external.node_ports,
+            out_of_range_reported: BTreeSet::new(),
+            health_checks,
             revnat_full_seen,
             last_socket_check: Instant::now(),
             model: Model::default(),
-            reconciler: Reconciler::new(limits),
+            reconciler: Reconciler::new(limits).with_maglev_size(maps.maglev_size),
             limits,
             maps,
             datapath,
@@ -202,6 +220,38 @@ impl Controller {
                 .as_ref()
                 .map(|n| n.addresses.clone())
                 .unwrap_or_default(),
+            node_port_range: Some(self.node_ports),
+        }
+    }
+
+    /// Writes the node's SNAT source addresses (its first address of each family).
+    fn write_node_addrs(&mut self) -> Result<()> {
+        let addresses = self.node_context().addresses;
+        let first = |v6: bool| {
+            addresses
+                .iter()
+                .find(|a| a.is_ipv6() == v6)
+                .map(|a| lb_common::addr_from_ip(*a))
+        };
+        self.maps.set_node_addrs(first(false), first(true))
+    }
+
+    /// Warns once per Service about node ports this node does not serve.
+    fn check_node_ports(&mut self, spec: &crate::model::ServiceSpec) {
+        let (min, max) = self.node_ports;
+        let outside: Vec<u16> = spec
+            .ports
+            .iter()
+            .filter_map(|p| p.node_port)
+            .filter(|p| !(min..=max).contains(p))
+            .collect();
+        if outside.is_empty() {
+            self.out_of_range_reported.remove(&spec.id);
+        } else if self.out_of_range_reported.insert(spec.id.clone()) {
+            warn!(
+                "Service {}: nodePort {outside:?} is outside --node-port-range {min}-{max}: not served",
+                spec.id
+            );
         }
     }
 
@@ -213,7 +263,10 @@ impl Controller {
                 return;
             }
             match event {
-                Event::Upsert(Object::Service(spec)) => self.model.upsert_service(spec),
+                Event::Upsert(Object::Service(spec)) => {
+                    self.check_node_ports(&spec);
+                    self.model.upsert_service(spec)
+                }
                 Event::Upsert(Object::Slice(spec)) => self.model.upsert_slice(spec),
                 Event::Upsert(Object::Node(spec)) => {
                     if spec.name == self.node_name && self.node.as_ref() != Some(&spec) {
@@ -240,6 +293,9 @@ impl Controller {
                 info!(node = %node.name, zone = node.zone.as_deref().unwrap_or(""), addresses = ?node.addresses, "this node's Node object");
             }
             self.model.set_node(self.node_context());
+            if let Err(err) = self.write_node_addrs() {
+                error!("writing the node's addresses for SNAT: {err:#}");
+            }
         }
         if self.model.pending() > 0 {
             self.health.queued();
@@ -261,7 +317,10 @@ impl Controller {
             self.incremental_sync()
         };
         match result {
-            Ok(stats) => self.succeeded(started, full, stats),
+            Ok(stats) => {
+                self.succeeded(started, full, stats);
+                self.health_checks.sync(self.model.health_checks());
+            }
             Err(SyncError::Stopped) => {
                 info!(
                     elapsed_us = started.elapsed().as_micros() as u64,
@@ -376,7 +435,8 @@ impl Controller {
             .endpoint_changes
             .inc_by(changes.slice_changes as u64);
         self.triggers.extend(changes.triggers.iter().copied());
-        report(&changes, &mut self.external_reported);
+        let external_served = !self.datapath.devices().is_empty();
+        report(&changes, &mut self.external_reported, external_served);
         if changes.interrupted {
             return Err(SyncError::Stopped);
         }
@@ -394,10 +454,30 @@ impl Controller {
     /// Rebuilds the reconciler from the kernel's maps and writes what differs from the
     /// model; then (first time) points the datapath's links at this build's programs.
     fn full_sync(&mut self) -> Result<ApplyStats, SyncError> {
+        if !self.datapath.is_active() {
+            let addresses = self.node_context().addresses;
+            let devices = self.datapath.resolve_devices(&addresses)?.to_vec();
+            if devices.is_empty() {
+                warn!(
+                    "no interface for traffic from other machines (none holds one of the node's \
+                     addresses {addresses:?}; see --devices): node ports, external and \
+                     load-balancer IPs are served to connections made on this node only"
+                );
+            } else {
+                info!(
+                    ?devices,
+                    "node ports, external and load-balancer IPs are served on these interfaces"
+                );
+            }
+        }
+        self.write_node_addrs()?;
         self.recompute()?;
         let (services, backends, names) = self.maps.raw_entries()?;
         let members = self.maps.affinity_members()?;
-        self.reconciler = Reconciler::adopt(self.limits, services, backends, names, members);
+        let (tables, ranges) = self.maps.external_entries()?;
+        self.reconciler = Reconciler::adopt(self.limits, services, backends, names, members)
+            .with_maglev_size(self.maps.maglev_size);
+        self.reconciler.adopt_external(tables, ranges);
         let diff = self.reconciler.diff_all(self.model.frontends());
         let stats = self.apply_chunked(diff);
         let everything: BTreeMap<FrontendKey, Option<Arc<Frontend>>> = self
@@ -577,19 +657,20 @@ fn release_freed_memory() {
 
 /// Logs what the model could not apply, and what the datapath does not serve yet
 /// (once per frontend: `reported` remembers them), summarising floods.
-fn report(changes: &Changes, reported: &mut BTreeSet<FrontendKey>) {
+fn report(changes: &Changes, reported: &mut BTreeSet<FrontendKey>, external_served: bool) {
     let mut summary = Summary::default();
     for (key, frontend) in &changes.frontends {
         let Some(frontend) = frontend else {
             reported.remove(key);
             continue;
         };
-        if key.scope == Scope::External && reported.insert(*key) {
+        if key.scope == Scope::External && !external_served && reported.insert(*key) {
             summary.warn(
                 Some("external"),
                 &format!(
                     "Service {}: {} {} is served to connections made on this node only: \
-                     traffic arriving from other machines is not balanced yet (no TC datapath)",
+                     traffic arriving from other machines is not balanced (no interface for it, \
+                     see --devices)",
                     frontend.service,
                     match frontend.kind {
                         FrontendKind::NodePort => "node port",

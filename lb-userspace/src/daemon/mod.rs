@@ -7,6 +7,7 @@
 //! thread. So a long sync never delays a signal or a health probe.
 
 mod controller;
+mod healthcheck;
 mod http;
 mod metrics;
 pub mod status;
@@ -49,6 +50,8 @@ pub struct DaemonOptions {
     pub health_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub health_timeout: Duration,
+    /// `--node-port-range`.
+    pub node_ports: (u16, u16),
 }
 
 /// How long a shutdown waits for the sync to reach a stopping point.
@@ -117,6 +120,10 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
             health,
             metrics,
             board,
+        },
+        controller::ExternalOptions {
+            runtime: tokio::runtime::Handle::current(),
+            node_ports: options.node_ports,
         },
         stop.clone(),
     );

@@ -122,6 +122,25 @@ pub fn delete_one<K>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
     )
 }
 
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// The key after `key` (the first key for `None`): BPF_MAP_GET_NEXT_KEY, for map
+/// types without batch lookups (LPM tries).
+pub fn next_key<K: Copy + Default>(fd: BorrowedFd<'_>, key: Option<&K>) -> io::Result<Option<K>> {
+    let mut next = K::default();
+    let result = elem(
+        BPF_MAP_GET_NEXT_KEY,
+        fd,
+        key.map_or(std::ptr::null(), |k| (k as *const K).cast()),
+        (&mut next as *mut K).cast(),
+    );
+    match result {
+        Ok(()) => Ok(Some(next)),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
 /// The kernel's internal ENOTSUPP, which BPF commands can return to userspace.
 const ENOTSUPP: i32 = 524;
 

@@ -11,11 +11,12 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, Pod,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
-    AffinityMember, Backend, FrontendName, FrontendStats, MapDef, ServiceKey, ServiceValue,
-    SockRevKey, SockRevValue, map_names, maps, stat,
+    Addr, AffinityMember, BPF_F_INNER_MAP, Backend, CtKey, CtValue, FrontendName, FrontendStats,
+    MapDef, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, map_names, maps,
+    stat,
 };
 use tracing::debug;
 
@@ -37,6 +38,12 @@ pub struct KernelMaps {
     backend_stats: Array<MapData, u64>,
     frontend_names: HashMap<MapData, u32, FrontendName>,
     affinity_members: HashMap<MapData, AffinityMember, u32>,
+    maglev: HashOfMaps<MapData, u32>,
+    source_ranges: OwnedFd,
+    node_addrs: Array<MapData, Addr>,
+    ct: OwnedFd,
+    /// Entries of the Maglev tables this daemon writes.
+    pub maglev_size: u32,
     fds: MapFds,
     /// Cleared once the kernel refuses a batch operation.
     batch_ops: bool,
@@ -152,6 +159,15 @@ impl KernelMaps {
         let affinity_members = get(map_names::AFFINITY_MEMBERS)?;
         let sock_revnat = get(sockets.map_name())?;
         let sock_local = get(map_names::SOCK_LOCAL)?;
+        let maglev = match get(map_names::MAGLEV)? {
+            Map::HashOfMaps(data) => data,
+            _ => anyhow::bail!("{} is not a hash of maps", map_names::MAGLEV),
+        };
+        let source_ranges = match get(map_names::SOURCE_RANGES)? {
+            Map::LpmTrie(data) => data.fd().as_fd().try_clone_to_owned()?,
+            _ => anyhow::bail!("{} is not an LPM trie", map_names::SOURCE_RANGES),
+        };
+        let ct = dup_fd(&get(map_names::CT)?)?;
         let fds = MapFds {
             services: dup_fd(&services)?,
             backends: dup_fd(&backends)?,
@@ -172,6 +188,11 @@ impl KernelMaps {
             frontend_stats: frontend_stats.try_into()?,
             backend_stats: backend_stats.try_into()?,
             frontend_names: frontend_names.try_into()?,
+            maglev: HashOfMaps::try_from(Map::HashOfMaps(maglev))?,
+            source_ranges,
+            node_addrs: get(map_names::NODE_ADDRS)?.try_into()?,
+            ct,
+            maglev_size: lb_common::DEFAULT_MAGLEV_TABLE_SIZE,
             fds,
             batch_ops: true,
         })
@@ -229,6 +250,32 @@ impl KernelMaps {
             .map(|(id, name)| (id, name.as_str().to_string()))
             .collect();
         Ok((services, backends, names))
+    }
+
+    /// Frontend ids that have a Maglev table, and every source-range entry (adoption).
+    pub fn external_entries(&self) -> Result<(Vec<u32>, Vec<SourceRangeKey>)> {
+        let tables = self.maglev.keys().collect::<Result<Vec<u32>, MapError>>()?;
+        let mut ranges = Vec::new();
+        let mut key: Option<SourceRangeKey> = None;
+        while let Some(next) =
+            batch::next_key::<SourceRangeKey>(self.source_ranges.as_fd(), key.as_ref())?
+        {
+            ranges.push(next);
+            key = Some(next);
+        }
+        Ok((tables, ranges))
+    }
+
+    /// The node's SNAT source addresses (an address of each family, or none).
+    pub fn set_node_addrs(&mut self, v4: Option<Addr>, v6: Option<Addr>) -> Result<()> {
+        self.node_addrs.set(0, v4.unwrap_or_default(), 0)?;
+        self.node_addrs.set(1, v6.unwrap_or_default(), 0)?;
+        Ok(())
+    }
+
+    /// Every tracked external flow (`lb ct list`).
+    pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        Ok(batch::lookup_all::<CtKey, CtValue>(self.ct.as_fd())?)
     }
 
     /// Removes the reverse-translation entries of sockets translated to backends that
@@ -501,7 +548,9 @@ fn dup_fd(map: &Map) -> Result<OwnedFd> {
         | Map::Array(data)
         | Map::LruHashMap(data)
         | Map::PerCpuArray(data)
-        | Map::SkStorage(data) => data,
+        | Map::SkStorage(data)
+        | Map::HashOfMaps(data)
+        | Map::LpmTrie(data) => data,
         _ => anyhow::bail!("unexpected map type"),
     };
     Ok(data.fd().as_fd().try_clone_to_owned()?)
@@ -556,5 +605,73 @@ impl MapSet for KernelMaps {
 
     fn delete_affinity_members(&mut self, members: &[AffinityMember]) -> Result<()> {
         self.delete_batch(MapFdKind::AffinityMembers, members)
+    }
+
+    fn put_maglev(&mut self, svc_id: u32, table: &[u32]) -> Result<()> {
+        // A new table, filled, then swapped in with one update: a reader sees the old
+        // table or the new one.
+        let def = aya_obj::Map::new_from_params(
+            aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+            size_of::<u32>() as u32,
+            size_of::<u32>() as u32,
+            table.len() as u32,
+            BPF_F_INNER_MAP,
+        );
+        let inner =
+            MapData::create(def, "lb_maglev_table", None).context("creating a Maglev table")?;
+        let entries: Vec<(u32, u32)> = table
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (i as u32, *id))
+            .collect();
+        let fd = inner.fd().as_fd();
+        match batch::update(fd, &entries) {
+            Ok(()) => {}
+            Err(err) if batch::unsupported(&err) => {
+                for (i, id) in &entries {
+                    batch::update_one(fd, i, id).context("filling a Maglev table")?;
+                }
+            }
+            Err(err) => return Err(err).context("filling a Maglev table"),
+        }
+        self.maglev
+            .insert(svc_id, &inner, 0)
+            .with_context(|| format!("installing the Maglev table of frontend {svc_id}"))
+    }
+
+    fn delete_maglev(&mut self, svc_ids: &[u32]) -> Result<()> {
+        for svc_id in svc_ids {
+            match self.maglev.remove(svc_id) {
+                Ok(()) => {}
+                Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(err))
+                    if err.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("deleting the Maglev table of frontend {svc_id}")
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn put_source_ranges(&mut self, keys: &[SourceRangeKey]) -> Result<()> {
+        for key in keys {
+            batch::update_one(self.source_ranges.as_fd(), key, &1u32)
+                .context("writing a loadBalancerSourceRanges entry")?;
+        }
+        Ok(())
+    }
+
+    fn delete_source_ranges(&mut self, keys: &[SourceRangeKey]) -> Result<()> {
+        for key in keys {
+            if let Err(err) = batch::delete_one(self.source_ranges.as_fd(), key)
+                && err.raw_os_error() != Some(libc::ENOENT)
+            {
+                return Err(err).context("deleting a loadBalancerSourceRanges entry");
+            }
+        }
+        Ok(())
     }
 }

@@ -11,6 +11,7 @@
 mod batch;
 mod links;
 mod maps;
+pub mod netns;
 pub mod pins;
 pub mod sockets;
 mod sys;
@@ -25,7 +26,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, Program, links::FdLink},
+    programs::{CgroupAttachMode, Program, SchedClassifier, TcAttachType, links::FdLink},
 };
 use lb_common::{map_names, stat};
 use tracing::{info, warn};
@@ -65,6 +66,21 @@ fn programs(capacities: &Capacities) -> Vec<&'static str> {
     names
 }
 
+/// The TC programs (node ports, external and load-balancer IPs from other machines),
+/// each with the direction it attaches to on every external interface.
+const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("lb_tc_ingress", TcAttachType::Ingress),
+    ("lb_tc_egress", TcAttachType::Egress),
+];
+
+/// `bpf_link_type` of a TCX link.
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// Pin name of the TC link of `program` on `device` (bpffs forbids dots).
+fn tc_pin_name(program: &str, device: &str) -> String {
+    format!("{program}_{}", device.replace('.', "_"))
+}
+
 /// Sub-directory of the pin directory that holds pinned program links.
 const LINKS_DIR: &str = "links";
 
@@ -75,6 +91,12 @@ pub struct DatapathOptions {
     /// bpffs directory for pinned maps and links.
     pub pin_dir: PathBuf,
     pub capacities: Capacities,
+    /// Interfaces for the TC programs; `None`: those holding the node's addresses.
+    pub devices: Option<Vec<String>>,
+    /// Network namespace holding the devices (default: the daemon's).
+    pub netns: Option<PathBuf>,
+    /// Entries of each Maglev table (a prime).
+    pub maglev_size: u32,
 }
 
 /// A loaded datapath: programs verified, maps pinned (adopted if they were already).
@@ -84,6 +106,8 @@ pub struct Datapath {
     options: DatapathOptions,
     layout: pins::Layout,
     active: bool,
+    /// Interfaces the TC programs serve (resolved before activation).
+    devices: Vec<String>,
     /// Held while this daemon owns the pin directory.
     _instance_lock: fs::File,
 }
@@ -118,13 +142,14 @@ impl Datapath {
         }
         let loaded = (|| {
             let layout = pins::prepare(&options.pin_dir, &options.capacities)?;
-            let ebpf = load_object(&layout.dir, &options.capacities)?;
+            let ebpf = load_object(&layout.dir, &options.capacities, options.maglev_size)?;
             info!(maps = %layout.dir.display(), "datapath loaded");
             Ok(Self {
                 ebpf,
                 options: options.clone(),
                 layout,
                 active: false,
+                devices: Vec::new(),
                 _instance_lock: instance_lock,
             })
         })();
@@ -137,7 +162,9 @@ impl Datapath {
 
     /// Takes the typed map handles (once).
     pub fn take_maps(&mut self) -> Result<KernelMaps> {
-        KernelMaps::take(&mut self.ebpf, &self.options.capacities)
+        let mut maps = KernelMaps::take(&mut self.ebpf, &self.options.capacities)?;
+        maps.maglev_size = self.options.maglev_size;
+        Ok(maps)
     }
 
     /// The capacities in force, with the socket-tracking mode the kernel allows.
@@ -149,6 +176,84 @@ impl Datapath {
         self.active
     }
 
+    /// Decides the interfaces the TC programs attach to: `--devices`, else those
+    /// holding one of `node_addresses` (in `--netns`). Returns them.
+    pub fn resolve_devices(&mut self, node_addresses: &[std::net::IpAddr]) -> Result<&[String]> {
+        self.devices = match &self.options.devices {
+            Some(devices) => devices.clone(),
+            None => {
+                let _netns = netns::NetnsGuard::enter(self.options.netns.as_deref())?;
+                netns::devices_holding(node_addresses)?
+            }
+        };
+        Ok(&self.devices)
+    }
+
+    /// The interfaces the TC programs serve.
+    pub fn devices(&self) -> &[String] {
+        &self.devices
+    }
+
+    /// The namespace of the devices (`--netns`).
+    pub fn netns(&self) -> Option<&Path> {
+        self.options.netns.as_deref()
+    }
+
+    /// Attaches (or swaps into pinned links) the TC programs on every device; returns
+    /// (updated, attached) link counts and the wanted pin names.
+    fn activate_tc(&mut self, links_dir: &Path) -> Result<(usize, usize, Vec<String>)> {
+        let (mut updated, mut attached, mut wanted) = (0, 0, Vec::new());
+        let _netns = netns::NetnsGuard::enter(self.options.netns.as_deref())?;
+        for device in self.devices.clone() {
+            let ifindex = ifindex(&device)?;
+            for (name, direction) in TC_PROGRAMS {
+                let pin_name = tc_pin_name(name, &device);
+                let pin = links_dir.join(&pin_name);
+                wanted.push(pin_name.clone());
+                let program: &mut SchedClassifier = self
+                    .ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name} missing from the eBPF object"))?
+                    .try_into()?;
+                if let Ok(link) = links::open_pinned(&pin) {
+                    let info = links::link_info(link.as_fd())
+                        .with_context(|| format!("reading pinned link {}", pin.display()))?;
+                    if info.link_type == BPF_LINK_TYPE_TCX && info.cgroup_id as u32 == ifindex {
+                        links::update(link.as_fd(), program.fd()?.as_fd())
+                            .with_context(|| format!("updating pinned link {}", pin.display()))?;
+                        updated += 1;
+                        continue;
+                    }
+                }
+                let id = program
+                    .attach(&device, direction)
+                    .with_context(|| format!("attaching {name} to {device}"))?;
+                let link = program.take_link(id)?;
+                match FdLink::try_from(link) {
+                    Ok(link) => {
+                        let staging = links_dir.join(format!("{pin_name}_new"));
+                        let _ = fs::remove_file(&staging);
+                        link.pin(&staging)
+                            .with_context(|| format!("pinning link {}", staging.display()))?;
+                        fs::rename(&staging, &pin)
+                            .with_context(|| format!("pinning link {}", pin.display()))?;
+                    }
+                    Err(_) => {
+                        // Netlink (clsact) attachments before TCX (< 6.6) cannot be
+                        // pinned: they stay while this daemon runs.
+                        warn!(
+                            device,
+                            program = name,
+                            "TC program attached through netlink: it is detached when the daemon exits (kernels >= 6.6 keep it)"
+                        );
+                    }
+                }
+                attached += 1;
+            }
+        }
+        Ok((updated, attached, wanted))
+    }
+
     /// Makes this build's programs the ones that run: a link pinned by a previous run
     /// on the same cgroup is updated in place (atomically); otherwise a new link is
     /// attached and pinned at once, and a pinned link on another cgroup is replaced
@@ -156,7 +261,7 @@ impl Datapath {
     pub fn activate(&mut self) -> Result<()> {
         let links_dir = self.options.pin_dir.join(LINKS_DIR);
         sys::create_private_dir(&links_dir)?;
-        let cgroup_path = &self.options.cgroup;
+        let cgroup_path = &self.options.cgroup.clone();
         let cgroup = fs::File::open(cgroup_path)
             .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
         let cgroup_id = links::cgroup_id(cgroup_path)?;
@@ -192,10 +297,16 @@ impl Datapath {
                 .with_context(|| format!("pinning link {}", pin.display()))?;
             attached += 1;
         }
-        // Links of programs this build no longer has.
+        let (tc_updated, tc_attached, tc_pins) = self.activate_tc(&links_dir)?;
+        updated += tc_updated;
+        attached += tc_attached;
+        // Links of programs this build no longer has, or of devices no longer served.
         for entry in fs::read_dir(&links_dir)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !names.contains(&name.as_str()) && !name.ends_with("_new") {
+            if !names.contains(&name.as_str())
+                && !tc_pins.contains(&name)
+                && !name.ends_with("_new")
+            {
                 warn!(link = %entry.path().display(), "removing a pinned link this build has no program for");
                 let _ = fs::remove_file(entry.path());
             }
@@ -206,6 +317,7 @@ impl Datapath {
             pin_dir = %self.options.pin_dir.display(),
             links_updated = updated,
             links_attached = attached,
+            devices = ?self.devices,
             "datapath attached"
         );
         // Nothing uses the old maps any more.
@@ -273,7 +385,7 @@ fn attach_cgroup(program: &mut Program, cgroup: &fs::File) -> Result<FdLink> {
     Ok(link)
 }
 
-fn load_object(maps_dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
+fn load_object(maps_dir: &Path, capacities: &Capacities, maglev_size: u32) -> Result<Ebpf> {
     let has_set_retval = sys::probe_set_retval();
     if !has_set_retval {
         warn!(
@@ -287,7 +399,8 @@ fn load_object(maps_dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
     loader
         .default_map_pin_directory(maps_dir)
         .override_global("LB_CONFIG_HAS_SET_RETVAL", &flag, true)
-        .override_global("LB_CONFIG_TRACK_SOCKETS", &track_sockets, true);
+        .override_global("LB_CONFIG_TRACK_SOCKETS", &track_sockets, true)
+        .override_global("LB_CONFIG_MAGLEV_SIZE", &maglev_size, true);
     for def in &lb_common::maps::ALL {
         loader.map_max_entries(def.name, capacities.entries(def));
     }
@@ -302,13 +415,15 @@ fn load_object(maps_dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
             );
         }
     }
-    for name in programs(capacities) {
+    let tc_names = TC_PROGRAMS.iter().map(|(name, _)| *name);
+    for name in programs(capacities).into_iter().chain(tc_names) {
         let program = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the eBPF object"))?;
         match program {
             Program::CgroupSockAddr(p) => p.load(),
             Program::CgroupSock(p) => p.load(),
+            Program::SchedClassifier(p) => p.load(),
             other => bail!("unexpected program type {:?} for {name}", other.prog_type()),
         }
         .with_context(|| format!("verifying program {name}"))?;
@@ -368,6 +483,17 @@ pub fn attached_programs(pin_dir: &Path) -> usize {
 }
 
 pub use sys::lock_holder;
+
+/// The index of `device` in the current network namespace.
+fn ifindex(device: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(device)?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        bail!("no network interface {device:?}");
+    }
+    Ok(index)
+}
 
 /// Reads the global decision counters (`LB_STATS`) and the socket map's fill from the
 /// pins, for metrics.

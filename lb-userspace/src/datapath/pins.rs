@@ -25,6 +25,8 @@ pub struct Capacities {
     pub service_entries: u32,
     pub sockets: u32,
     pub affinity: u32,
+    /// External flows the TC connection tracking holds (two entries each).
+    pub flows: u32,
     /// The kernel has no `cgroup/sock_release`: sockets are remembered in the LRU
     /// (`LB_SOCK_REVNAT_LRU`) instead. Decided by probing the kernel at load time.
     pub legacy_sockets: bool,
@@ -38,6 +40,7 @@ impl Default for Capacities {
             service_entries: maps::DEFAULT_SERVICE_ENTRIES,
             sockets: maps::DEFAULT_SOCKETS,
             affinity: maps::DEFAULT_AFFINITY,
+            flows: maps::DEFAULT_FLOWS,
             legacy_sockets: false,
         }
     }
@@ -67,6 +70,7 @@ impl Capacities {
             Capacity::LegacySockets if self.legacy_sockets => self.sockets,
             Capacity::LegacySockets => 1,
             Capacity::Affinity => self.affinity,
+            Capacity::Flows => self.flows.saturating_mul(2),
         }
     }
 }
@@ -88,6 +92,8 @@ fn kind_of(map_type: MapType) -> Option<MapKind> {
         MapType::Array => MapKind::Array,
         MapType::PerCpuArray => MapKind::PerCpuArray,
         MapType::LruHash => MapKind::LruHash,
+        MapType::LpmTrie => MapKind::LpmTrie,
+        MapType::HashOfMaps => MapKind::HashOfMaps,
         MapType::SkStorage => MapKind::SkStorage,
         _ => return None,
     })

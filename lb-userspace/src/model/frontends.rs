@@ -140,6 +140,16 @@ pub struct NodeContext {
     pub zone: Option<String>,
     /// Addresses node ports are served on.
     pub addresses: Vec<IpAddr>,
+    /// Node ports served (`--node-port-range`); `None`: any.
+    pub node_port_range: Option<(u16, u16)>,
+}
+
+impl NodeContext {
+    /// Whether `port` is in the node-port range.
+    pub fn serves_node_port(&self, port: u16) -> bool {
+        self.node_port_range
+            .is_none_or(|(min, max)| (min..=max).contains(&port))
+    }
 }
 
 /// One endpoint of one Service port, merged over the Service's slices.
@@ -335,6 +345,7 @@ pub fn service_frontends(
                 service.service_type,
                 ServiceType::NodePort | ServiceType::LoadBalancer
             ) && let Some(node_port) = port.node_port
+                && node.serves_node_port(node_port)
             {
                 for &address in node
                     .addresses

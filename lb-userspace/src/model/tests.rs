@@ -65,6 +65,7 @@ fn node(name: &str, zone: Option<&str>, addresses: &[&str]) -> NodeContext {
         name: name.into(),
         zone: zone.map(str::to_string),
         addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        node_port_range: None,
     }
 }
 

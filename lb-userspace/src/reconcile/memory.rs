@@ -15,6 +15,9 @@ pub struct MemoryMaps {
     pub backends: HashMap<u32, Backend>,
     pub names: HashMap<u32, String>,
     pub members: BTreeSet<AffinityMember>,
+    /// Maglev tables by frontend id.
+    pub tables: HashMap<u32, Vec<u32>>,
+    pub ranges: BTreeSet<lb_common::SourceRangeKey>,
     /// Every operation, in order, for assertions on ordering and write counts.
     pub log: Vec<String>,
     /// Fail the n-th put (to test error handling).
@@ -112,6 +115,13 @@ impl MemoryMaps {
                     self.backends.contains_key(&slot_value.backend_id),
                     "after {after}: slot {slot_key:?} points at missing backend {}",
                     slot_value.backend_id
+                );
+            }
+        }
+        for (svc_id, table) in &self.tables {
+            if let Some(missing) = table.iter().find(|id| !self.backends.contains_key(id)) {
+                panic!(
+                    "after {after}: Maglev table of {svc_id} points at missing backend {missing}"
                 );
             }
         }
@@ -229,6 +239,43 @@ impl MapSet for MemoryMaps {
                 "put_member {}/{}",
                 member.svc_id, member.backend_id
             ));
+        }
+        Ok(())
+    }
+
+    fn put_maglev(&mut self, svc_id: u32, table: &[u32]) -> Result<()> {
+        self.put()?;
+        self.tables.insert(svc_id, table.to_vec());
+        let op = format!("put_table {svc_id}");
+        self.check_invariant(&op);
+        self.log.push(op);
+        Ok(())
+    }
+
+    fn delete_maglev(&mut self, svc_ids: &[u32]) -> Result<()> {
+        for svc_id in svc_ids {
+            if self.tables.remove(svc_id).is_some() {
+                self.log.push(format!("delete_table {svc_id}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn put_source_ranges(&mut self, keys: &[lb_common::SourceRangeKey]) -> Result<()> {
+        for key in keys {
+            self.put()?;
+            self.ranges.insert(*key);
+            self.log
+                .push(format!("put_range {}", u32::from_be(key.svc_id_be)));
+        }
+        Ok(())
+    }
+
+    fn delete_source_ranges(&mut self, keys: &[lb_common::SourceRangeKey]) -> Result<()> {
+        for key in keys {
+            self.ranges.remove(key);
+            self.log
+                .push(format!("delete_range {}", u32::from_be(key.svc_id_be)));
         }
         Ok(())
     }

@@ -9,6 +9,12 @@
 //!    deleted;
 //! 4. backends no longer referenced by any slot are deleted.
 //!
+//! External-scope frontends (node ports, external and load-balancer IPs for packets
+//! from other machines) also get a Maglev table in `LB_MAGLEV`, written after their
+//! backends and before their frontend entry, and replaced whole when their backend set
+//! changes; their `loadBalancerSourceRanges` go to `LB_SOURCE_RANGES` (added before
+//! the frontend entry, removed after).
+//!
 //! Frontends with session affinity also list their backends in `LB_AFFINITY_MEMBERS`
 //! (written with the slots, deleted with them), so a client's remembered backend is
 //! used only while it still serves the frontend.
@@ -28,9 +34,9 @@ use std::{
 
 use anyhow::Result;
 use lb_common::{
-    AffinityMember, BACKEND_F_LOCAL, Backend, MAX_BACKENDS_PER_FRONTEND, SVC_F_AFFINITY,
-    SVC_F_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, addr_from_ip, addr_to_ip, maps,
-    port_from_net, port_to_net,
+    AffinityMember, BACKEND_F_LOCAL, Backend, DEFAULT_MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_FRONTEND,
+    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
+    addr_from_ip, addr_to_ip, maps, port_from_net, port_to_net,
 };
 
 use self::{ids::IdAllocator, layout::layout};
@@ -38,6 +44,7 @@ use crate::model::{BackendAddr, Frontend, FrontendKey, Protocol, Scope};
 
 mod ids;
 mod layout;
+pub mod maglev;
 
 /// The map operations the reconciler needs; the kernel maps implement it, and so does
 /// an in-memory map set in tests. Each call is a batch applied element by element, in
@@ -55,6 +62,31 @@ pub trait MapSet {
     fn delete_frontend_names(&mut self, svc_ids: &[u32]) -> Result<()>;
     fn put_affinity_members(&mut self, members: &[AffinityMember]) -> Result<()>;
     fn delete_affinity_members(&mut self, members: &[AffinityMember]) -> Result<()>;
+    /// Replaces frontend `svc_id`'s Maglev table (entries are backend ids) at once.
+    fn put_maglev(&mut self, svc_id: u32, table: &[u32]) -> Result<()>;
+    fn delete_maglev(&mut self, svc_ids: &[u32]) -> Result<()>;
+    fn put_source_ranges(&mut self, keys: &[SourceRangeKey]) -> Result<()>;
+    fn delete_source_ranges(&mut self, keys: &[SourceRangeKey]) -> Result<()>;
+}
+
+/// The `LB_SOURCE_RANGES` entries of frontend `svc_id`.
+fn wanted_ranges(svc_id: u32, frontend: &Frontend) -> BTreeSet<SourceRangeKey> {
+    frontend
+        .source_ranges
+        .iter()
+        .map(|cidr| {
+            // IPv4 prefixes are stored mapped: 96 bits of ::ffff:0:0/96 come first.
+            let bits = match cidr.addr {
+                std::net::IpAddr::V4(_) => 96 + u32::from(cidr.prefix),
+                std::net::IpAddr::V6(_) => u32::from(cidr.prefix),
+            };
+            SourceRangeKey {
+                prefix_len: 32 + bits,
+                svc_id_be: svc_id.to_be(),
+                addr: addr_from_ip(cidr.addr),
+            }
+        })
+        .collect()
 }
 
 /// How a frontend is named in `LB_FRONTEND_NAMES`: `namespace/service:port`.
@@ -121,6 +153,12 @@ struct Programmed {
     draining: BTreeSet<BackendAddr>,
     /// Backend id per slot (slot i + 1). 0 marks a slot that must be rewritten.
     slots: Vec<u32>,
+    /// External scope: the backend ids (in backend address order) the frontend's Maglev
+    /// table was built from by this process; `None`: no table, or not known to be
+    /// current (adopted), so it is rewritten.
+    table_for: Option<Vec<u32>>,
+    /// `LB_SOURCE_RANGES` entries written for it.
+    ranges: BTreeSet<SourceRangeKey>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -160,6 +198,8 @@ pub struct ApplyStats {
     pub backends_deleted: usize,
     pub members_written: usize,
     pub members_deleted: usize,
+    /// Maglev tables written (each replaced whole).
+    pub tables_written: usize,
 }
 
 impl ApplyStats {
@@ -176,6 +216,7 @@ impl ApplyStats {
         self.backends_deleted += other.backends_deleted;
         self.members_written += other.members_written;
         self.members_deleted += other.members_deleted;
+        self.tables_written += other.tables_written;
     }
 
     /// Whether anything was deleted (space for frontends that did not fit).
@@ -192,6 +233,7 @@ impl ApplyStats {
             + self.backends_deleted
             + self.members_written
             + self.members_deleted
+            + self.tables_written
     }
 }
 
@@ -215,6 +257,11 @@ pub struct Reconciler {
     /// LB_AFFINITY_MEMBERS as the kernel holds it.
     members: BTreeSet<AffinityMember>,
     garbage_members: Vec<AffinityMember>,
+    /// Entries of every Maglev table.
+    maglev_size: u32,
+    /// Maglev tables and source ranges found in the kernel for no adopted frontend.
+    garbage_tables: Vec<u32>,
+    garbage_ranges: Vec<SourceRangeKey>,
 }
 
 /// The members an affinity frontend's slots call for (none without affinity).
@@ -306,6 +353,45 @@ impl Reconciler {
             garbage_backends: Vec::new(),
             members: BTreeSet::new(),
             garbage_members: Vec::new(),
+            maglev_size: DEFAULT_MAGLEV_TABLE_SIZE,
+            garbage_tables: Vec::new(),
+            garbage_ranges: Vec::new(),
+        }
+    }
+
+    /// Sets the Maglev table size (a prime; `--maglev-table-size`). Tables are rewritten
+    /// when their frontend next changes, and all after adoption.
+    pub fn with_maglev_size(mut self, size: u32) -> Self {
+        self.maglev_size = size;
+        self
+    }
+
+    /// Takes note of the Maglev tables (frontend ids) and source ranges the kernel
+    /// holds, after [`Reconciler::adopt`]: those of adopted frontends are kept (tables
+    /// are rewritten anyway), the rest is deleted on the next apply.
+    pub fn adopt_external(
+        &mut self,
+        tables: impl IntoIterator<Item = u32>,
+        ranges: impl IntoIterator<Item = SourceRangeKey>,
+    ) {
+        let mut by_id: HashMap<u32, FrontendKey> = HashMap::new();
+        for (key, programmed) in &self.frontends {
+            by_id.insert(programmed.svc_id, *key);
+        }
+        for svc_id in tables {
+            if !by_id.contains_key(&svc_id) {
+                self.garbage_tables.push(svc_id);
+            }
+        }
+        for range in ranges {
+            match by_id.get(&u32::from_be(range.svc_id_be)) {
+                Some(key) => {
+                    if let Some(programmed) = self.frontends.get_mut(key) {
+                        programmed.ranges.insert(range);
+                    }
+                }
+                None => self.garbage_ranges.push(range),
+            }
         }
     }
 
@@ -435,6 +521,8 @@ impl Reconciler {
                     },
                     draining: BTreeSet::new(),
                     slots: programmed,
+                    table_for: None,
+                    ranges: BTreeSet::new(),
                 },
             );
         }
@@ -539,6 +627,10 @@ impl Reconciler {
                     && current.attrs == FrontendAttrs::of(frontend)
                     && self.members_of(current.svc_id)
                         == wanted_members(current.svc_id, &current.attrs, &current.slots)
+                    && (key.scope == Scope::Internal
+                        || frontend.backends.is_empty()
+                        || current.table_for.is_some())
+                    && current.ranges == wanted_ranges(current.svc_id, frontend)
             });
             if !same {
                 changes.insert(*key, Some(frontend.clone()));
@@ -666,26 +758,49 @@ impl Reconciler {
         let mut names: Vec<(u32, String)> = Vec::new();
         let mut member_puts: Vec<AffinityMember> = Vec::new();
         let mut member_deletes: Vec<AffinityMember> = Vec::new();
+        let mut table_writes: Vec<(u32, Vec<u32>)> = Vec::new();
+        let mut table_deletes: Vec<u32> = std::mem::take(&mut self.garbage_tables);
+        let mut range_puts: Vec<SourceRangeKey> = Vec::new();
+        let mut range_deletes: Vec<SourceRangeKey> = std::mem::take(&mut self.garbage_ranges);
         for (key, ids) in &wanted_ids {
-            let (svc_id, old_slots, old_name, old_draining, old_attrs, is_new) =
-                match self.frontends.get(key) {
-                    Some(p) => (
-                        p.svc_id,
-                        p.slots.clone(),
-                        p.name.clone(),
-                        p.draining.clone(),
-                        Some(p.attrs),
-                        false,
-                    ),
-                    None => {
-                        let id = self
-                            .svc_ids
-                            .allocate()
-                            .expect("admission counted the frontend ids");
-                        new_svc_ids.push(id);
-                        (id, Vec::new(), String::new(), BTreeSet::new(), None, true)
-                    }
-                };
+            let (
+                svc_id,
+                old_slots,
+                old_name,
+                old_draining,
+                old_attrs,
+                is_new,
+                old_table,
+                old_ranges,
+            ) = match self.frontends.get(key) {
+                Some(p) => (
+                    p.svc_id,
+                    p.slots.clone(),
+                    p.name.clone(),
+                    p.draining.clone(),
+                    Some(p.attrs),
+                    false,
+                    p.table_for.clone(),
+                    p.ranges.clone(),
+                ),
+                None => {
+                    let id = self
+                        .svc_ids
+                        .allocate()
+                        .expect("admission counted the frontend ids");
+                    new_svc_ids.push(id);
+                    (
+                        id,
+                        Vec::new(),
+                        String::new(),
+                        BTreeSet::new(),
+                        None,
+                        true,
+                        None,
+                        BTreeSet::new(),
+                    )
+                }
+            };
             let frontend = changes[key]
                 .as_ref()
                 .expect("wanted_ids holds upserts only");
@@ -729,6 +844,25 @@ impl Reconciler {
                     ));
                 }
             }
+            // `ids` follows `frontend.backends`, which is sorted by address.
+            let table_for = if key.scope == Scope::External && !ids.is_empty() {
+                if old_table.as_ref() != Some(ids) {
+                    let table = maglev::table(&frontend.backends, self.maglev_size)
+                        .into_iter()
+                        .map(|i| ids[i as usize])
+                        .collect();
+                    table_writes.push((svc_id, table));
+                }
+                Some(ids.clone())
+            } else {
+                if old_table.is_some() {
+                    table_deletes.push(svc_id);
+                }
+                None
+            };
+            let ranges = wanted_ranges(svc_id, frontend);
+            range_puts.extend(ranges.difference(&old_ranges));
+            range_deletes.extend(old_ranges.difference(&ranges));
             let attrs = FrontendAttrs::of(frontend);
             let members = wanted_members(svc_id, &attrs, &new_slots);
             let current_members = self.members_of(svc_id);
@@ -764,10 +898,18 @@ impl Reconciler {
                     attrs,
                     draining,
                     slots: new_slots,
+                    table_for,
+                    ranges,
                 },
             );
         }
         maps.reset_frontend_stats(&new_svc_ids)?;
+        // Tables and source ranges before the frontend entry that makes them used.
+        for (svc_id, table) in &table_writes {
+            maps.put_maglev(*svc_id, table)?;
+        }
+        stats.tables_written += table_writes.len();
+        maps.put_source_ranges(&range_puts)?;
         maps.put_frontend_names(&names)?;
         maps.put_services(&slot_writes)?;
         // Members before the frontend entry makes new slots reachable: a client given a
@@ -822,6 +964,10 @@ impl Reconciler {
                 self.members.remove(member);
             }
             member_deletes.extend(members);
+            if programmed.table_for.is_some() || key.scope == Scope::External {
+                table_deletes.push(programmed.svc_id);
+            }
+            range_deletes.extend(programmed.ranges.iter().copied());
             removed_ids.push(programmed.svc_id);
         }
         stats.slots_deleted += removed_slots.len();
@@ -836,6 +982,8 @@ impl Reconciler {
         );
         maps.delete_affinity_members(&member_deletes)?;
         stats.members_deleted += member_deletes.len();
+        maps.delete_maglev(&table_deletes)?;
+        maps.delete_source_ranges(&range_deletes)?;
         maps.delete_frontend_names(&removed_ids)?;
         for id in removed_ids {
             self.svc_ids.release(id);

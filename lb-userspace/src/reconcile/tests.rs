@@ -762,3 +762,107 @@ fn adopt_with(limits: Limits, maps: &MemoryMaps) -> Reconciler {
         maps.members.iter().copied(),
     )
 }
+
+fn external(ip: &str, port: u16, backends: &[&str]) -> Frontend {
+    let mut f = frontend(
+        FrontendKey {
+            scope: Scope::External,
+            ..fkey(ip, port)
+        },
+        backends,
+    );
+    f.kind = FrontendKind::NodePort;
+    f
+}
+
+#[test]
+fn external_frontends_get_a_maglev_table_before_their_entry_and_lose_it_after() {
+    let mut maps = MemoryMaps::default();
+    let mut r = Reconciler::default().with_maglev_size(251);
+    let f = external("10.253.0.11", 30002, &["10.244.1.2", "10.244.1.3"]);
+    let key = f.key;
+    r.apply(&mut maps, &change(f)).unwrap();
+    let svc_id = maps.services[&service_key(&key, 0)].svc_id;
+    let table = &maps.tables[&svc_id];
+    assert_eq!(table.len(), 251);
+    let ids: BTreeSet<u32> = table.iter().copied().collect();
+    assert_eq!(ids.len(), 2, "both backends in the table");
+    let table_at = maps
+        .log
+        .iter()
+        .position(|op| op.starts_with("put_table"))
+        .unwrap();
+    let entry_at = maps
+        .log
+        .iter()
+        .position(|op| op.starts_with("put_frontend"))
+        .unwrap();
+    assert!(table_at < entry_at, "{:?}", maps.log);
+
+    // One backend leaves: a new table without it, written before the backend is deleted
+    // (MemoryMaps panics if a table points at a missing backend).
+    maps.log.clear();
+    r.apply(
+        &mut maps,
+        &change(external("10.253.0.11", 30002, &["10.244.1.2"])),
+    )
+    .unwrap();
+    assert_eq!(
+        maps.tables[&svc_id]
+            .iter()
+            .copied()
+            .collect::<BTreeSet<u32>>()
+            .len(),
+        1
+    );
+    // An unchanged frontend is not rewritten.
+    maps.log.clear();
+    r.apply(
+        &mut maps,
+        &change(external("10.253.0.11", 30002, &["10.244.1.2"])),
+    )
+    .unwrap();
+    assert!(
+        !maps.log.iter().any(|op| op.starts_with("put_table")),
+        "{:?}",
+        maps.log
+    );
+
+    // Removed: table gone too; a ClusterIP frontend never has one.
+    r.apply(&mut maps, &BTreeMap::from([(key, None)])).unwrap();
+    assert!(maps.tables.is_empty());
+    r.apply(
+        &mut maps,
+        &change(frontend(fkey("10.96.0.1", 80), &["10.244.1.2"])),
+    )
+    .unwrap();
+    assert!(maps.tables.is_empty());
+}
+
+#[test]
+fn source_ranges_are_written_per_frontend_and_follow_changes() {
+    let mut maps = MemoryMaps::default();
+    let mut r = Reconciler::default();
+    let mut f = external("10.111.254.11", 6379, &["10.244.1.2"]);
+    f.kind = FrontendKind::LoadBalancer;
+    f.source_ranges = vec![crate::model::spec::Cidr::parse("10.253.0.0/16").unwrap()];
+    r.apply(&mut maps, &change(f.clone())).unwrap();
+    let svc_id = maps.services[&service_key(&f.key, 0)].svc_id;
+    let range = *maps.ranges.iter().next().unwrap();
+    assert_eq!(u32::from_be(range.svc_id_be), svc_id);
+    // 32 bits of frontend id, 96 of the IPv4-mapped prefix, 16 of the range.
+    assert_eq!(range.prefix_len, 32 + 96 + 16);
+    assert_eq!(range.addr, addr_from_ip("10.253.0.0".parse().unwrap()));
+    assert_ne!(
+        maps.services[&service_key(&f.key, 0)].flags & SVC_F_SOURCE_RANGES,
+        0
+    );
+
+    f.source_ranges = vec![crate::model::spec::Cidr::parse("192.0.2.0/24").unwrap()];
+    r.apply(&mut maps, &change(f.clone())).unwrap();
+    assert_eq!(maps.ranges.len(), 1);
+    assert_eq!(maps.ranges.iter().next().unwrap().prefix_len, 32 + 96 + 24);
+    r.apply(&mut maps, &BTreeMap::from([(f.key, None)]))
+        .unwrap();
+    assert!(maps.ranges.is_empty());
+}

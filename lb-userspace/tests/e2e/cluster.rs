@@ -131,6 +131,9 @@ impl Cluster {
                 kubeconfig.into(),
                 "--node-name".into(),
                 node.name.clone(),
+                // TC on the node's own uplink, health-check ports in its namespace.
+                "--netns".into(),
+                format!("/run/netns/{}", node.net().netns),
             ],
             extra,
         )

@@ -1,11 +1,18 @@
-//! Node ports, external IPs and load-balancer IPs reached from inside the node (the
-//! socket hooks serve them; traffic from other machines needs the TC datapath, which
-//! does not exist yet), and a pod chosen as the backend of its own Service (hairpin),
-//! on a real control plane with the daemon on node A.
+//! Node ports, external IPs and load-balancer IPs, on a real control plane:
+//! - reached from inside node A (the socket hooks serve them), and a pod chosen as the
+//!   backend of its own Service (hairpin);
+//! - reached from an outside client that only sees the nodes' addresses (the TC
+//!   programs on each node's uplink): spread over both nodes' pods, the same backend
+//!   from either node (Maglev), externalTrafficPolicy Local with its health-check node
+//!   port, UDP, external IPs and loadBalancerSourceRanges.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
+use lb_testbed::{Pod, output_with_timeout, world::World};
 use libtest_mimic::Trial;
 
 use crate::{
@@ -14,10 +21,16 @@ use crate::{
 };
 
 pub fn trials() -> Vec<Trial> {
-    vec![trial(
-        "external::node_port_lb_and_external_ips_from_the_node",
-        node_port_lb_and_external_ips_from_the_node,
-    )]
+    vec![
+        trial(
+            "external::node_port_lb_and_external_ips_from_the_node",
+            node_port_lb_and_external_ips_from_the_node,
+        ),
+        trial(
+            "external::node_ports_from_other_machines",
+            node_ports_from_other_machines,
+        ),
+    ]
 }
 
 /// Addresses in the blackholed service range, so a connection the hooks failed to
@@ -155,16 +168,338 @@ spec:
         names[0]
     );
 
-    // The operator is told these addresses are not served from other machines yet.
+    // Node A's uplink carries them from other machines too.
     let log = daemon.log_text();
-    for what in [
-        format!(
-            "node port {node_a_ip}:{node_port}/TCP is served to connections made on this node only"
-        ),
-        format!("external IP {EXTERNAL_IP}:6379/TCP is served"),
-        format!("load-balancer IP {LB_IP}:6379/TCP is served"),
-    ] {
-        ensure!(log.contains(&what), "no line {what:?} in:\n{log}");
+    ensure!(
+        log.contains("are served on these interfaces") && log.contains("eth0"),
+        "no TC interface line in:\n{log}"
+    );
+    Ok(())
+}
+
+/// Addresses for the outside tests (in the blackholed service range; the outside
+/// client routes each through node A).
+const OUTSIDE_EXTERNAL_IP: &str = "10.111.254.20";
+const OUTSIDE_LB_IP: &str = "10.111.254.21";
+
+/// Runs `argv` in the outside client's namespace (no cgroup: no socket hooks).
+fn outside(world: &World, client: &Pod, argv: &[&str], timeout: Duration) -> Result<String> {
+    let mut cmd = world.command(client, None, argv[0])?;
+    cmd.args(&argv[1..]);
+    let out = output_with_timeout(cmd, timeout)?;
+    ensure!(
+        out.status.success(),
+        "{argv:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `GET whoami` from the outside client through `host:port`, from source port
+/// `source_port` (0: any), with a 3 s timeout: the answering pod's name.
+fn outside_whoami(
+    world: &World,
+    client: &Pod,
+    host: &str,
+    port: &str,
+    source_port: u16,
+) -> Result<String> {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(); s.settimeout(3)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{}', {source_port}))\n\
+         s.connect(('{host}', {port}))\n\
+         s.sendall(b'GET whoami\\r\\n')\n\
+         data = b''\n\
+         while data.count(b'\\r\\n') < 2:\n    \
+             chunk = s.recv(4096)\n    \
+             if not chunk: break\n    \
+             data += chunk\n\
+         print(data.split(b'\\r\\n')[1].decode())\n",
+        client.ipv4
+    );
+    outside(
+        world,
+        client,
+        &["python3", "-c", &script],
+        Duration::from_secs(10),
+    )
+    .with_context(|| format!("GET whoami via {host}:{port} from port {source_port}"))
+}
+
+fn node_port_of(cluster: &Cluster, service: &str) -> Result<String> {
+    let port = cluster.kubectl(&[
+        "get",
+        "service",
+        service,
+        "-o",
+        "jsonpath={.spec.ports[0].nodePort}",
+    ])?;
+    let port = port.trim().to_string();
+    ensure!(port.parse::<u16>().is_ok(), "{service} nodePort {port:?}");
+    Ok(port)
+}
+
+/// The seed scenario from another machine: `curl <node IP>:<nodePort>`.
+fn node_ports_from_other_machines() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let (node_a, node_b) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+    let a_ip = cluster.nodes[0].net().ipv4.to_string();
+    let b_ip = cluster.nodes[1].net().ipv4.to_string();
+    let world = cluster.nodes[0].world().clone();
+    let client = world.add_outside("outside")?;
+    for address in [OUTSIDE_EXTERNAL_IP, OUTSIDE_LB_IP] {
+        lb_testbed::run(
+            "ip",
+            &[
+                "-n",
+                &client.netns,
+                "route",
+                "add",
+                &format!("{address}/32"),
+                "via",
+                &a_ip,
+            ],
+        )?;
     }
+    let daemon_a = cluster.daemon(0, &[])?;
+    let daemon_b = cluster.daemon(1, &[])?;
+    let mut manifest = String::new();
+    for (side, node) in [("a", &node_a), ("b", &node_b)] {
+        manifest.push_str(&format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: redis-{side}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: redis, side: "{side}"}}}}
+  template:
+    metadata: {{labels: {{app: redis, side: "{side}"}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
+---
+"#
+        ));
+    }
+    manifest.push_str(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: dns}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: dns}}}}
+  template:
+    metadata: {{labels: {{app: dns}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node_b}}}
+      containers: [{{name: dns, image: coredns, ports: [{{containerPort: 53, protocol: UDP}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: redis-np}}
+spec:
+  type: NodePort
+  selector: {{app: redis}}
+  externalIPs: [{OUTSIDE_EXTERNAL_IP}]
+  ports: [{{port: 6379}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: redis-local}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {{app: redis, side: "a"}}
+  loadBalancerSourceRanges: [10.253.0.0/16]
+  ports: [{{port: 6380, targetPort: 6379}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: dns-np}}
+spec:
+  type: NodePort
+  selector: {{app: dns}}
+  ports: [{{port: 53, protocol: UDP}}]
+"#
+    ));
+    cluster.apply(&manifest)?;
+    cluster.kubectl(&[
+        "patch",
+        "service",
+        "redis-local",
+        "--subresource=status",
+        "-p",
+        &format!(r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{OUTSIDE_LB_IP}"}}]}}}}}}"#),
+    ])?;
+    let names = cluster.wait_ready("app=redis", 4)?;
+    let on_a: BTreeSet<String> = cluster.wait_ready("side=a", 2)?.into_iter().collect();
+    cluster.wait_ready("app=dns", 1)?;
+    let np = node_port_of(&cluster, "redis-np")?;
+    let local_np = node_port_of(&cluster, "redis-local")?;
+    let dns_np = node_port_of(&cluster, "dns-np")?;
+    let health_port = cluster.kubectl(&[
+        "get",
+        "service",
+        "redis-local",
+        "-o",
+        "jsonpath={.spec.healthCheckNodePort}",
+    ])?;
+    let health_port = health_port.trim().to_string();
+
+    // Both daemons program the external frontends with every backend.
+    for daemon in [&daemon_a, &daemon_b] {
+        cluster.wait(
+            "external frontends programmed",
+            Duration::from_secs(30),
+            || {
+                let listed = daemon.list()?;
+                let full = listed.iter().any(|fe| {
+                    fe["scope"] == "external"
+                        && fe["port"].to_string() == np
+                        && fe["backends"].as_array().is_some_and(|b| b.len() == 4)
+                });
+                Ok(full.then_some(()))
+            },
+        )?;
+    }
+
+    // From outside, through either node: every pod of both nodes answers (backends on
+    // the other node through SNAT).
+    for host in [&a_ip, &b_ip] {
+        let mut seen = BTreeSet::new();
+        for _ in 0..60 {
+            let who = outside_whoami(&world, &client, host, &np, 0)?;
+            ensure!(names.contains(&who), "{host}:{np} answered {who:?}");
+            seen.insert(who);
+        }
+        ensure!(
+            seen.len() == 4,
+            "{host}:{np} reached only {seen:?} of {names:?}"
+        );
+    }
+
+    // Maglev: the same flow (client address and port) entering either node reaches the
+    // same backend.
+    let mut by_port = BTreeMap::new();
+    for source_port in 41000..41030u16 {
+        let via_a = outside_whoami(&world, &client, &a_ip, &np, source_port)?;
+        let via_b = outside_whoami(&world, &client, &b_ip, &np, source_port)?;
+        ensure!(
+            via_a == via_b,
+            "source port {source_port}: {via_a} through node A, {via_b} through node B"
+        );
+        by_port.insert(source_port, via_a);
+    }
+    let distinct: BTreeSet<&String> = by_port.values().collect();
+    ensure!(distinct.len() > 1, "30 flows all hashed to {distinct:?}");
+
+    // The external IP, through node A.
+    let who = outside_whoami(&world, &client, OUTSIDE_EXTERNAL_IP, "6379", 0)?;
+    ensure!(names.contains(&who), "external IP answered {who:?}");
+
+    // externalTrafficPolicy Local: node A's local pods answer and see the client's own
+    // address; node B (no local pod) does not answer at all.
+    for _ in 0..10 {
+        let who = outside_whoami(&world, &client, &a_ip, &local_np, 0)?;
+        ensure!(
+            on_a.contains(&who),
+            "Local policy on node A answered {who:?}"
+        );
+    }
+    let info = outside(
+        &world,
+        &client,
+        &["redis-cli", "-h", &a_ip, "-p", &local_np, "CLIENT", "INFO"],
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        info.contains(&format!("addr={}:", client.ipv4)),
+        "the backend did not see the client's address: {info}"
+    );
+    ensure!(
+        outside_whoami(&world, &client, &b_ip, &local_np, 0).is_err(),
+        "node B answered a Local-policy node port without local endpoints"
+    );
+    let health_a = outside(
+        &world,
+        &client,
+        &[
+            "curl",
+            "-s",
+            "-w",
+            " %{http_code}",
+            &format!("http://{a_ip}:{health_port}/healthz"),
+        ],
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        health_a.ends_with(" 200") && health_a.contains(r#""localEndpoints":2"#),
+        "node A health check: {health_a}"
+    );
+    let health_b = outside(
+        &world,
+        &client,
+        &[
+            "curl",
+            "-s",
+            "-w",
+            " %{http_code}",
+            &format!("http://{b_ip}:{health_port}/healthz"),
+        ],
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        health_b.ends_with(" 503") && health_b.contains(r#""localEndpoints":0"#),
+        "node B health check: {health_b}"
+    );
+
+    // The load-balancer IP admits the client's range, and refuses it once the range
+    // excludes it.
+    let who = outside_whoami(&world, &client, OUTSIDE_LB_IP, "6380", 0)?;
+    ensure!(on_a.contains(&who), "load-balancer IP answered {who:?}");
+    cluster.kubectl(&[
+        "patch",
+        "service",
+        "redis-local",
+        "-p",
+        r#"{"spec":{"loadBalancerSourceRanges":["192.0.2.0/24"]}}"#,
+    ])?;
+    cluster.wait("source range enforced", Duration::from_secs(20), || {
+        Ok(outside_whoami(&world, &client, OUTSIDE_LB_IP, "6380", 0)
+            .is_err()
+            .then_some(()))
+    })?;
+
+    // UDP: dig through node A reaches the DNS pod on node B.
+    let answer = outside(
+        &world,
+        &client,
+        &[
+            "dig",
+            "+short",
+            "+time=2",
+            "+tries=2",
+            "-p",
+            &dns_np,
+            &format!("@{a_ip}"),
+            "whoami.test",
+        ],
+        Duration::from_secs(10),
+    )?;
+    let dns_ips = pod_ips_of(&cluster, "app=dns", &cluster.wait_ready("app=dns", 1)?)?;
+    ensure!(
+        dns_ips.iter().any(|ip| answer.contains(ip.as_str())),
+        "dig via {a_ip}:{dns_np} answered {answer:?}, DNS pod {dns_ips:?}"
+    );
+
+    // Every decision was counted.
+    ensure!(daemon_a.metric("lb_datapath_decisions_total{decision=\"tc_translated\"}")? > 0.0);
+    ensure!(daemon_a.metric("lb_datapath_decisions_total{decision=\"tc_snat\"}")? > 0.0);
+    ensure!(daemon_a.metric("lb_datapath_decisions_total{decision=\"tc_policy_drop\"}")? > 0.0);
+    ensure!(daemon_b.metric("lb_datapath_decisions_total{decision=\"tc_no_backend\"}")? > 0.0);
     Ok(())
 }

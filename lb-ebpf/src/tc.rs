@@ -1,0 +1,619 @@
+//! The TC programs: node ports, external IPs and load-balancer IPs for packets from
+//! other machines, which never pass through the socket hooks.
+//!
+//! Ingress (`lb_tc_ingress`, on the node's external interfaces):
+//! 1. a reply of a tracked flow (its `CT_REPLY` entry) is translated back to the
+//!    frontend and routed to the client;
+//! 2. a packet to an external-scope frontend belongs to a tracked flow (`CT_FORWARD`)
+//!    or starts one: `loadBalancerSourceRanges` is checked, a backend is chosen
+//!    (Maglev), the source is replaced by the node's address when the backend runs on
+//!    another node and the policy is Cluster (so the reply comes back here), both
+//!    directions are tracked, and the packet is rewritten and routed to the backend.
+//!
+//! Egress (`lb_tc_egress`): replies from backends on this node leave through the
+//! external interface; their `CT_REPLY` entry turns the pod's address back into the
+//! frontend's.
+//!
+//! Checksums are updated incrementally (IPv4 header, TCP/UDP with the pseudo header).
+//! Translated ingress packets are routed with `bpf_fib_lookup` and redirected rather
+//! than handed to the stack, which would drop a packet whose source is one of its own
+//! addresses (after SNAT, or a reply translated back to the node port).
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh},
+    helpers::generated::{
+        bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+    },
+    macros::{classifier, map},
+    maps::PerCpuArray,
+    programs::TcContext,
+};
+use lb_common::{
+    AFFINITY_CLIENT_IP, Addr, AffinityKey, BACKEND_F_LOCAL, CT_F_LOCAL_BACKEND, CT_F_SNAT,
+    CT_FORWARD, CT_REPLY, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_LOCAL,
+    SVC_F_SOURCE_RANGES, ServiceKey, addr_from_v4_raw, stat,
+};
+
+use crate::{
+    maps::{
+        LB_BACKENDS, LB_CT, LB_NODE_ADDRS, LB_SOURCE_RANGES, count, count_backend, count_frontend,
+    },
+    select::{Selection, flow_hash, frontend, select_external},
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPV6_HLEN: usize = 40;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+const FIB_SUCCESS: i64 = 0;
+const FIB_NO_NEIGH: i64 = 7;
+/// SNAT source ports: above Linux's default ephemeral range (32768-60999), so the
+/// node's own connections never use them.
+const SNAT_PORT_MIN: u32 = 61000;
+const SNAT_PORTS: u32 = 65536 - SNAT_PORT_MIN;
+const SNAT_ATTEMPTS: u32 = 4;
+/// A tracked flow's last-seen time is refreshed at most this often.
+const REFRESH_NS: u64 = 1_000_000_000;
+
+/// The tuple of one TCP/UDP packet. Every field is always initialized (the verifier
+/// rejects copies of uninitialized bytes).
+#[derive(Clone, Copy, Default)]
+pub struct Packet {
+    v6: bool,
+    /// Offset of the TCP/UDP header.
+    l4: usize,
+    proto: u8,
+    tcp_flags: u8,
+    src: Addr,
+    dst: Addr,
+    sport: u16,
+    dport: u16,
+}
+
+impl Packet {
+    #[inline(always)]
+    fn key(&self, dir: u8) -> CtKey {
+        CtKey {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            dir,
+            _pad: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn csum_offset(&self) -> usize {
+        if self.proto == IPPROTO_TCP {
+            self.l4 + 16
+        } else {
+            self.l4 + 6
+        }
+    }
+
+    /// A TCP segment that opens a connection (SYN without ACK).
+    #[inline(always)]
+    fn is_syn(&self) -> bool {
+        self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Parsed {
+    /// A TCP/UDP packet, its tuple filled in.
+    Packet,
+    /// Not TCP/UDP over IPv4/IPv6: none of our business.
+    Other,
+    /// The first fragment of a TCP/UDP datagram (tuple filled in).
+    FirstFragment,
+    /// A later fragment (no ports), or a fragment of another protocol.
+    Fragment,
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, offset: usize) -> Option<T> {
+    ctx.load::<T>(offset).ok()
+}
+
+/// Reads the headers into `packet`.
+#[inline(always)]
+fn parse(ctx: &TcContext, packet: &mut Packet) -> Parsed {
+    let Some(ether_type) = load::<u16>(ctx, 12) else {
+        return Parsed::Other;
+    };
+    let ether_type = u16::from_be(ether_type);
+    let (fragment, first) = if ether_type == ETH_P_IP {
+        let (Some(version_ihl), Some(frag_off), Some(proto), Some(src), Some(dst)) = (
+            load::<u8>(ctx, ETH_HLEN),
+            load::<u16>(ctx, ETH_HLEN + 6),
+            load::<u8>(ctx, ETH_HLEN + 9),
+            load::<u32>(ctx, ETH_HLEN + 12),
+            load::<u32>(ctx, ETH_HLEN + 16),
+        ) else {
+            return Parsed::Other;
+        };
+        let frag_off = u16::from_be(frag_off);
+        packet.v6 = false;
+        packet.l4 = ETH_HLEN + (version_ihl & 0x0f) as usize * 4;
+        packet.proto = proto;
+        packet.src = addr_from_v4_raw(src);
+        packet.dst = addr_from_v4_raw(dst);
+        // More fragments, or an offset: a fragment; offset 0 is the first one.
+        (frag_off & 0x3fff != 0, frag_off & 0x1fff == 0)
+    } else if ether_type == ETH_P_IPV6 {
+        let (Some(next), Some(src), Some(dst)) = (
+            load::<u8>(ctx, ETH_HLEN + 6),
+            load::<Addr>(ctx, ETH_HLEN + 8),
+            load::<Addr>(ctx, ETH_HLEN + 24),
+        ) else {
+            return Parsed::Other;
+        };
+        packet.v6 = true;
+        packet.src = src;
+        packet.dst = dst;
+        if next == NEXTHDR_FRAGMENT {
+            // The fragment header's next header and offset decide whether ports follow.
+            let (Some(inner), Some(offset)) = (
+                load::<u8>(ctx, ETH_HLEN + IPV6_HLEN),
+                load::<u16>(ctx, ETH_HLEN + IPV6_HLEN + 2),
+            ) else {
+                return Parsed::Other;
+            };
+            packet.l4 = ETH_HLEN + IPV6_HLEN + 8;
+            packet.proto = inner;
+            (true, u16::from_be(offset) & 0xfff8 == 0)
+        } else {
+            packet.l4 = ETH_HLEN + IPV6_HLEN;
+            packet.proto = next;
+            (false, true)
+        }
+    } else {
+        return Parsed::Other;
+    };
+    if packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP {
+        return if fragment {
+            Parsed::Fragment
+        } else {
+            Parsed::Other
+        };
+    }
+    if !first {
+        return Parsed::Fragment;
+    }
+    let Some([sport, dport]) = load::<[u16; 2]>(ctx, packet.l4) else {
+        return Parsed::Other;
+    };
+    packet.sport = sport;
+    packet.dport = dport;
+    if packet.proto == IPPROTO_TCP {
+        packet.tcp_flags = load::<u8>(ctx, packet.l4 + 13).unwrap_or(0);
+    }
+    if fragment {
+        Parsed::FirstFragment
+    } else {
+        Parsed::Packet
+    }
+}
+
+/// Rewrites one address of `packet` (`source` or destination) to `new`, with the
+/// IPv4 header and TCP/UDP checksums.
+#[inline(always)]
+fn rewrite_addr(ctx: &mut TcContext, packet: &Packet, source: bool, new: &Addr) -> Result<(), ()> {
+    let old = if source { &packet.src } else { &packet.dst };
+    if old == new {
+        return Ok(());
+    }
+    let csum = packet.csum_offset();
+    // A zero UDP checksum (IPv4: "none") stays zero.
+    let l4_flags = if packet.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0
+    } else {
+        0
+    };
+    if packet.v6 {
+        let offset = if source { ETH_HLEN + 8 } else { ETH_HLEN + 24 };
+        let (mut from, mut into) = (*old, *new);
+        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, into.as_mut_ptr(), 16, 0) };
+        if diff < 0 {
+            return Err(());
+        }
+        ctx.l4_csum_replace(csum, 0, diff as u64, BPF_F_PSEUDO_HDR | l4_flags)
+            .map_err(|_| ())?;
+        ctx.store(offset, new, 0).map_err(|_| ())
+    } else {
+        let offset = if source { ETH_HLEN + 12 } else { ETH_HLEN + 16 };
+        let (from, into) = (old[3] as u64, new[3] as u64);
+        ctx.l4_csum_replace(csum, from, into, BPF_F_PSEUDO_HDR | 4 | l4_flags)
+            .map_err(|_| ())?;
+        ctx.l3_csum_replace(ETH_HLEN + 10, from, into, 4)
+            .map_err(|_| ())?;
+        ctx.store(offset, &new[3], 0).map_err(|_| ())
+    }
+}
+
+/// Rewrites one port of `packet` to `new` (network order), with the L4 checksum.
+#[inline(always)]
+fn rewrite_port(ctx: &mut TcContext, packet: &Packet, source: bool, new: u16) -> Result<(), ()> {
+    let old = if source { packet.sport } else { packet.dport };
+    if old == new {
+        return Ok(());
+    }
+    let l4_flags = if packet.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0
+    } else {
+        0
+    };
+    ctx.l4_csum_replace(packet.csum_offset(), old as u64, new as u64, 2 | l4_flags)
+        .map_err(|_| ())?;
+    let offset = if source { packet.l4 } else { packet.l4 + 2 };
+    ctx.store(offset, &new, 0).map_err(|_| ())
+}
+
+/// Rewrites `packet`'s addresses and ports to `to`'s, updating checksums.
+// Separate BPF functions (each with its own stack frame) keep every frame small.
+#[inline(never)]
+fn rewrite(ctx: &mut TcContext, packet: &Packet, to: &CtValue) -> i32 {
+    let done = rewrite_addr(ctx, packet, true, &to.src)
+        .and_then(|()| rewrite_addr(ctx, packet, false, &to.dst))
+        .and_then(|()| rewrite_port(ctx, packet, true, to.sport))
+        .and_then(|()| rewrite_port(ctx, packet, false, to.dport));
+    if done.is_err() {
+        count(stat::TC_REWRITE_FAILED);
+        return -1;
+    }
+    0
+}
+
+/// Routes a translated ingress packet (now `src` -> `dst`) and redirects it to its
+/// next hop; hands it to the stack when there is no route.
+#[inline(never)]
+fn route(ctx: &mut TcContext, packet: &Packet, to: &CtValue) -> i32 {
+    let (v6, proto, src, dst) = (packet.v6, packet.proto, &to.src, &to.dst);
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = if v6 { AF_INET6 } else { AF_INET };
+    fib.l4_protocol = proto;
+    fib.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if v6 {
+        fib.__bindgen_anon_3.ipv6_src = *src;
+        fib.__bindgen_anon_4.ipv6_dst = *dst;
+    } else {
+        fib.__bindgen_anon_3.ipv4_src = src[3];
+        fib.__bindgen_anon_4.ipv4_dst = dst[3];
+        fib.__bindgen_anon_1.tot_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2).unwrap_or(0));
+    }
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, size_of::<FibParams>() as i32, 0) };
+    if rc != FIB_SUCCESS && rc != FIB_NO_NEIGH {
+        count(stat::TC_FIB_MISS);
+        return TC_ACT_OK;
+    }
+    if decrement_ttl(ctx, v6).is_err() {
+        // Expired (or unreadable): the stack answers with time exceeded.
+        return TC_ACT_OK;
+    }
+    if rc == FIB_SUCCESS {
+        if ctx.store(0, &fib.dmac, 0).is_err() || ctx.store(6, &fib.smac, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+        return unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
+    }
+    // The next hop's MAC is unknown yet: let the kernel resolve it.
+    let mut neigh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    if v6 {
+        neigh.nh_family = AF_INET6 as u32;
+        neigh.__bindgen_anon_1.ipv6_nh = unsafe { fib.__bindgen_anon_4.ipv6_dst };
+    } else {
+        neigh.nh_family = AF_INET as u32;
+        neigh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+    }
+    unsafe {
+        bpf_redirect_neigh(
+            fib.ifindex,
+            &mut neigh,
+            size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    }
+    .try_into()
+    .unwrap_or(TC_ACT_SHOT)
+}
+
+/// A router's duty before forwarding: TTL / hop limit down by one.
+#[inline(always)]
+fn decrement_ttl(ctx: &mut TcContext, v6: bool) -> Result<(), ()> {
+    if v6 {
+        let hop = load::<u8>(ctx, ETH_HLEN + 7).ok_or(())?;
+        if hop <= 1 {
+            return Err(());
+        }
+        ctx.store(ETH_HLEN + 7, &(hop - 1), 0).map_err(|_| ())
+    } else {
+        // TTL and protocol form one 16-bit word of the header checksum.
+        let word = load::<u16>(ctx, ETH_HLEN + 8).ok_or(())?;
+        let ttl = word.to_ne_bytes()[0];
+        if ttl <= 1 {
+            return Err(());
+        }
+        let new = u16::from_ne_bytes([ttl - 1, word.to_ne_bytes()[1]]);
+        ctx.l3_csum_replace(ETH_HLEN + 10, word as u64, new as u64, 2)
+            .map_err(|_| ())?;
+        ctx.store(ETH_HLEN + 8, &new, 0).map_err(|_| ())
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Translates `packet` by the tracked `entry` and routes it (ingress) or lets it go
+/// (egress).
+#[inline(always)]
+fn translate_tracked(
+    ctx: &mut TcContext,
+    packet: &Packet,
+    entry: *mut CtValue,
+    ingress: bool,
+) -> i32 {
+    count(stat::TC_CT_HIT);
+    let t = now();
+    // SAFETY: an LRU value, valid for this program run (RCU).
+    let to = unsafe { &mut *entry };
+    if t.saturating_sub(to.last_seen_ns) > REFRESH_NS {
+        to.last_seen_ns = t;
+    }
+    if rewrite(ctx, packet, to) != 0 {
+        return TC_ACT_SHOT;
+    }
+    if ingress {
+        route(ctx, packet, to)
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// Whether `client` may reach frontend `svc_id` under its source ranges.
+#[inline(always)]
+fn source_allowed(svc_id: u32, client: &Addr) -> bool {
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        32 + 128,
+        [svc_id.to_be(), client[0], client[1], client[2], client[3]],
+    );
+    LB_SOURCE_RANGES.get(&key).is_some()
+}
+
+/// A source port for a flow SNATed to `node`, whose reply tuple is not tracked yet.
+#[inline(always)]
+fn snat_port(packet: &Packet, backend: &CtValue, node: &Addr, hash: u32) -> Option<u16> {
+    let mut reply = CtKey {
+        src: backend.dst,
+        dst: *node,
+        sport: backend.dport,
+        dport: 0,
+        proto: packet.proto,
+        dir: CT_REPLY,
+        _pad: 0,
+    };
+    for attempt in 0..SNAT_ATTEMPTS {
+        let port = SNAT_PORT_MIN + (hash.wrapping_add(attempt.wrapping_mul(7919))) % SNAT_PORTS;
+        reply.dport = (port as u16).to_be();
+        if unsafe { LB_CT.get(&reply) }.is_none() {
+            return Some(reply.dport);
+        }
+    }
+    None
+}
+
+/// Per-CPU room for the parsed packet and a new flow's entries (too large for the
+/// BPF stack together).
+#[repr(C)]
+pub struct Scratch {
+    packet: Packet,
+    forward: CtValue,
+    reply_key: CtKey,
+    reply_value: CtValue,
+}
+
+#[map]
+static LB_TC_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// A new flow to an external frontend: choose, track, translate.
+#[inline(never)]
+fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
+    let packet = &scratch.packet;
+    let key = &mut ServiceKey::new(packet.dst, packet.dport, packet.proto, SCOPE_EXTERNAL, 0);
+    let Some(fe) = frontend(key) else {
+        count(stat::TC_NOT_SERVICE);
+        return TC_ACT_OK;
+    };
+    if packet.proto == IPPROTO_TCP && !packet.is_syn() {
+        count(stat::TC_CT_MISS_NON_SYN);
+    }
+    if fe.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(fe.svc_id, &packet.src) {
+        count(stat::TC_POLICY_DROP);
+        return TC_ACT_SHOT;
+    }
+    let hash = flow_hash(&packet.src, packet.sport, packet.proto);
+    let mut client = AffinityKey {
+        client: packet.src,
+        svc_id: 0,
+        kind: AFFINITY_CLIENT_IP,
+        _pad: [0; 3],
+    };
+    let (backend, backend_id, svc_id) = match select_external(key, hash, &mut client) {
+        Selection::Backend {
+            backend,
+            backend_id,
+            svc_id,
+        } => (backend, backend_id, svc_id),
+        Selection::NotService => {
+            count(stat::TC_NOT_SERVICE);
+            return TC_ACT_OK;
+        }
+        Selection::NoBackend { svc_id } | Selection::Failed { svc_id } => {
+            // As kube-proxy: no (local) endpoint, no answer.
+            count(stat::TC_NO_BACKEND);
+            count_frontend(svc_id, true);
+            return TC_ACT_SHOT;
+        }
+    };
+    let local = backend.flags & BACKEND_F_LOCAL != 0;
+    let forward = &mut scratch.forward;
+    *forward = CtValue {
+        src: packet.src,
+        dst: backend.addr,
+        sport: packet.sport,
+        dport: backend.port,
+        svc_id,
+        backend_id,
+        flags: if local { CT_F_LOCAL_BACKEND } else { 0 },
+        last_seen_ns: now(),
+    };
+    // Cluster policy to another node: the reply must come back through this node.
+    if !local && fe.flags & SVC_F_LOCAL == 0 {
+        let node = LB_NODE_ADDRS.get(u32::from(packet.v6)).copied();
+        let Some(node) = node.filter(|a| a.iter().any(|w| *w != 0)) else {
+            count(stat::TC_SNAT_FAILED);
+            return TC_ACT_SHOT;
+        };
+        let Some(port) = snat_port(packet, forward, &node, hash ^ packet.dport as u32) else {
+            count(stat::TC_SNAT_FAILED);
+            return TC_ACT_SHOT;
+        };
+        forward.src = node;
+        forward.sport = port;
+        forward.flags |= CT_F_SNAT;
+        count(stat::TC_SNAT);
+    }
+    scratch.reply_key = CtKey {
+        src: forward.dst,
+        dst: forward.src,
+        sport: forward.dport,
+        dport: forward.sport,
+        proto: packet.proto,
+        dir: CT_REPLY,
+        _pad: 0,
+    };
+    scratch.reply_value = CtValue {
+        src: packet.dst,
+        dst: packet.src,
+        sport: packet.dport,
+        dport: packet.sport,
+        ..*forward
+    };
+    // Reply first: the first answer may come back before we return.
+    if LB_CT
+        .insert(&scratch.reply_key, &scratch.reply_value, 0)
+        .is_err()
+        || LB_CT.insert(&packet.key(CT_FORWARD), &*forward, 0).is_err()
+    {
+        count(stat::TC_REWRITE_FAILED);
+        return TC_ACT_SHOT;
+    }
+    count(stat::TC_CT_CREATED);
+    if rewrite(ctx, packet, forward) != 0 {
+        return TC_ACT_SHOT;
+    }
+    count(stat::TC_TRANSLATED);
+    count_frontend(svc_id, false);
+    count_backend(backend_id);
+    route(ctx, packet, forward)
+}
+
+/// The forward entry of `packet`, if tracked and its backend is still the same one.
+#[inline(always)]
+fn tracked(packet: &Packet) -> Option<*mut CtValue> {
+    let entry = LB_CT.get_ptr_mut(&packet.key(CT_FORWARD))?;
+    let value = unsafe { &*entry };
+    let backend = unsafe { LB_BACKENDS.get(value.backend_id) }?;
+    (backend.addr == value.dst && backend.port == value.dport).then_some(entry)
+}
+
+#[inline(always)]
+fn scratch() -> Option<&'static mut Scratch> {
+    let scratch = LB_TC_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, used by one program run at a time (TC programs do not
+    // nest on a CPU).
+    let scratch = unsafe { &mut *scratch };
+    scratch.packet = Packet::default();
+    Some(scratch)
+}
+
+#[inline(always)]
+fn ingress(ctx: &mut TcContext) -> i32 {
+    let Some(scratch) = scratch() else {
+        return TC_ACT_OK;
+    };
+    match parse(ctx, &mut scratch.packet) {
+        Parsed::Packet => {}
+        Parsed::Other => return TC_ACT_OK,
+        Parsed::Fragment => {
+            count(stat::TC_FRAGMENT);
+            return TC_ACT_OK;
+        }
+        Parsed::FirstFragment => {
+            count(stat::TC_FRAGMENT);
+            // Ports travel in the first fragment only: a datagram for a frontend
+            // cannot be translated, so it is dropped here rather than half-delivered.
+            let packet = &scratch.packet;
+            let mut key =
+                ServiceKey::new(packet.dst, packet.dport, packet.proto, SCOPE_EXTERNAL, 0);
+            return if frontend(&mut key).is_some() {
+                TC_ACT_SHOT
+            } else {
+                TC_ACT_OK
+            };
+        }
+    }
+    let packet = &scratch.packet;
+    if let Some(entry) = LB_CT.get_ptr_mut(&packet.key(CT_REPLY)) {
+        count(stat::TC_REVERSE_TRANSLATED);
+        return translate_tracked(ctx, packet, entry, true);
+    }
+    // A SYN starts afresh (a client reusing its port gets a current choice).
+    if !packet.is_syn()
+        && let Some(entry) = tracked(packet)
+    {
+        return translate_tracked(ctx, packet, entry, true);
+    }
+    new_flow(ctx, scratch)
+}
+
+#[inline(always)]
+fn egress(ctx: &mut TcContext) -> i32 {
+    let Some(scratch) = scratch() else {
+        return TC_ACT_OK;
+    };
+    if parse(ctx, &mut scratch.packet) != Parsed::Packet {
+        return TC_ACT_OK;
+    }
+    let packet = &scratch.packet;
+    match LB_CT.get_ptr_mut(&packet.key(CT_REPLY)) {
+        Some(entry) => {
+            count(stat::TC_REVERSE_TRANSLATED);
+            translate_tracked(ctx, packet, entry, false)
+        }
+        None => TC_ACT_OK,
+    }
+}
+
+#[classifier]
+pub fn lb_tc_ingress(mut ctx: TcContext) -> i32 {
+    ingress(&mut ctx)
+}
+
+#[classifier]
+pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
+    egress(&mut ctx)
+}
