@@ -19,6 +19,10 @@
 //! than handed to the stack, which would drop a packet whose source is one of its own
 //! addresses (after SNAT, or a reply translated back to the node port).
 
+// References, not copies, of the 40- and 56-byte keys and values: the BPF stack is 512
+// bytes for the whole call chain.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
 use core::mem::size_of;
 
 use aya_ebpf::{

@@ -399,3 +399,89 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// One tracked external flow, as `lb ct list` shows it.
+#[derive(Debug, Serialize)]
+pub struct ListedFlow {
+    pub protocol: String,
+    /// `forward` (client -> frontend, as received) or `reply` (backend -> node).
+    pub direction: &'static str,
+    pub from: String,
+    pub to: String,
+    /// What a matching packet is rewritten to.
+    pub rewritten_from: String,
+    pub rewritten_to: String,
+    pub frontend_id: u32,
+    pub snat: bool,
+    pub idle_seconds: u64,
+}
+
+/// `lb ct list`: the TC connection-tracking table.
+pub fn run_ct(pin_dir: &Path, json: bool) -> Result<()> {
+    use lb_common::{CT_F_SNAT, CT_FORWARD};
+    let maps = KernelMaps::open_pinned(pin_dir)?;
+    let now = boot_time_ns();
+    let cell = |addr: &lb_common::Addr, port: u16| {
+        endpoint(&addr_to_ip(addr).to_string(), port_from_net(port))
+    };
+    let mut flows: Vec<ListedFlow> = maps
+        .ct_entries()?
+        .into_iter()
+        .map(|(key, value)| ListedFlow {
+            protocol: crate::model::Protocol::from_number(key.proto)
+                .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
+            direction: if key.dir == CT_FORWARD {
+                "forward"
+            } else {
+                "reply"
+            },
+            from: cell(&key.src, key.sport),
+            to: cell(&key.dst, key.dport),
+            rewritten_from: cell(&value.src, value.sport),
+            rewritten_to: cell(&value.dst, value.dport),
+            frontend_id: value.svc_id,
+            snat: value.flags & CT_F_SNAT != 0,
+            idle_seconds: now.saturating_sub(value.last_seen_ns) / 1_000_000_000,
+        })
+        .collect();
+    flows.sort_by(|a, b| {
+        (a.frontend_id, &a.from, a.direction).cmp(&(b.frontend_id, &b.from, b.direction))
+    });
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &flows).map_err(std::io::Error::from)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<5} {:<8} {:<46} {:<46} {:>5} {:>5}",
+        "PROTO", "DIR", "PACKET (from -> to)", "REWRITTEN TO (from -> to)", "FE", "IDLE"
+    )?;
+    for flow in &flows {
+        writeln!(
+            out,
+            "{:<5} {:<8} {:<46} {:<46} {:>5} {:>4}s{}",
+            flow.protocol,
+            flow.direction,
+            format!("{} -> {}", flow.from, flow.to),
+            format!("{} -> {}", flow.rewritten_from, flow.rewritten_to),
+            flow.frontend_id,
+            flow.idle_seconds,
+            if flow.snat { "  snat" } else { "" }
+        )?;
+    }
+    writeln!(out, "{} tracked entries (two per flow)", flows.len())?;
+    Ok(())
+}
+
+/// `bpf_ktime_get_ns()`'s clock (CLOCK_MONOTONIC).
+fn boot_time_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: fills `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

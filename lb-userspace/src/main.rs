@@ -23,12 +23,20 @@ struct Cli {
 enum Command {
     /// Load the datapath and serve the Services of the Kubernetes API (default) or of a
     /// folder of manifests.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Print the live service table from the pinned maps.
     List {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// A JSON array with one object per frontend.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the connection-tracking table of the TC programs (flows from other
+    /// machines to node ports, external and load-balancer IPs).
+    Ct {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -284,7 +292,8 @@ fn daemon(args: DaemonArgs) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Daemon(args) => daemon(args),
+        Command::Daemon(args) => daemon(*args),
+        Command::Ct { pin_dir, json } => list::run_ct(&pin_dir, json),
         Command::List { pin_dir, json } => list::run(&pin_dir, json),
         Command::Cleanup { pin_dir, force } => {
             datapath::check_root()?;

@@ -15,6 +15,8 @@ pub mod netns;
 pub mod pins;
 pub mod sockets;
 mod sys;
+#[cfg(test)]
+mod tc_tests;
 
 use std::{
     fs,
@@ -187,6 +189,26 @@ impl Datapath {
             }
         };
         Ok(&self.devices)
+    }
+
+    /// Runs TC program `name` on `packet` (`BPF_PROG_TEST_RUN`): its verdict and the
+    /// packet as it left.
+    #[cfg(test)]
+    pub fn test_run_tc(&self, name: &str, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
     }
 
     /// The interfaces the TC programs serve.

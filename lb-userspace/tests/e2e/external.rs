@@ -359,7 +359,8 @@ spec:
                 let listed = daemon.list()?;
                 let full = listed.iter().any(|fe| {
                     fe["scope"] == "external"
-                        && fe["port"].to_string() == np
+                        && fe["port"].as_u64().map(|p| p.to_string()).as_deref()
+                            == Some(np.as_str())
                         && fe["backends"].as_array().is_some_and(|b| b.len() == 4)
                 });
                 Ok(full.then_some(()))

@@ -1,0 +1,329 @@
+//! The TC programs on crafted packets through `BPF_PROG_TEST_RUN` (root): translation
+//! with correct checksums over IPv4 and IPv6, SNAT and the reply path, a non-SYN
+//! packet without a tracked flow, fragments, and source ranges.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
+
+use lb_common::stat;
+
+use super::{Datapath, DatapathOptions, KernelMaps};
+use crate::{
+    model::{BackendAddr, Frontend, FrontendKey, FrontendKind, ObjectRef, Protocol, Scope},
+    reconcile::{MapSet as _, Reconciler},
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const NODE4: Ipv4Addr = Ipv4Addr::new(10, 253, 9, 11);
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 253, 9, 100);
+const POD4: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 2);
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x253, 9, 0, 0, 0, 0, 0x11);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x253, 9, 0, 0, 0, 0, 0x100);
+const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 9, 0, 0, 0, 0, 2);
+const NODE_PORT: u16 = 30002;
+
+fn sum16(data: &[u8], mut sum: u32) -> u32 {
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The L4 checksum over the pseudo header, as it should be in `l4` (whose checksum
+/// field must read as zero for computing, or the packet's for verifying: 0 = valid).
+fn l4_sum(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend(s.octets());
+            pseudo.extend(d.octets());
+            pseudo.extend([0, proto]);
+            pseudo.extend((l4.len() as u16).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo.extend(s.octets());
+            pseudo.extend(d.octets());
+            pseudo.extend((l4.len() as u32).to_be_bytes());
+            pseudo.extend([0, 0, 0, proto]);
+        }
+        _ => unreachable!(),
+    }
+    fold(sum16(l4, sum16(&pseudo, 0)))
+}
+
+/// An Ethernet frame with a TCP segment (flags given) or a UDP datagram.
+fn frame(src: (IpAddr, u16), dst: (IpAddr, u16), tcp_flags: Option<u8>, frag: u16) -> Vec<u8> {
+    let payload = b"GET whoami\r\n";
+    let mut l4 = Vec::new();
+    l4.extend(src.1.to_be_bytes());
+    l4.extend(dst.1.to_be_bytes());
+    let proto = if let Some(flags) = tcp_flags {
+        l4.extend(1u32.to_be_bytes()); // seq
+        l4.extend(0u32.to_be_bytes()); // ack
+        l4.extend([0x50, flags]);
+        l4.extend(65535u16.to_be_bytes());
+        l4.extend([0, 0, 0, 0]); // checksum, urgent
+        6
+    } else {
+        l4.extend(((8 + payload.len()) as u16).to_be_bytes());
+        l4.extend([0, 0]);
+        17
+    };
+    l4.extend(payload);
+    let csum = l4_sum(src.0, dst.0, proto, &l4);
+    let at = if proto == 6 { 16 } else { 6 };
+    l4[at..at + 2].copy_from_slice(&csum.to_be_bytes());
+    let mut out = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+    match (src.0, dst.0) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.extend([0x08, 0x00]);
+            let mut ip = vec![0x45, 0];
+            ip.extend(((20 + l4.len()) as u16).to_be_bytes());
+            ip.extend([0, 1]);
+            ip.extend(frag.to_be_bytes());
+            ip.extend([64, proto, 0, 0]);
+            ip.extend(s.octets());
+            ip.extend(d.octets());
+            let csum = fold(sum16(&ip, 0));
+            ip[10..12].copy_from_slice(&csum.to_be_bytes());
+            out.extend(ip);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            out.extend([0x86, 0xdd]);
+            out.extend([0x60, 0, 0, 0]);
+            out.extend((l4.len() as u16).to_be_bytes());
+            out.extend([proto, 64]);
+            out.extend(s.octets());
+            out.extend(d.octets());
+        }
+        _ => unreachable!(),
+    }
+    out.extend(l4);
+    out
+}
+
+/// (src, sport, dst, dport) of a frame, after checking both checksums.
+fn tuple_checked(frame: &[u8]) -> (IpAddr, u16, IpAddr, u16) {
+    let (src, dst, proto, l4) = if frame[12..14] == [0x08, 0x00] {
+        let ip = &frame[14..34];
+        assert_eq!(fold(sum16(ip, 0)), 0, "IPv4 header checksum");
+        let src = IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap());
+        let dst = IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap());
+        (src, dst, ip[9], &frame[34..])
+    } else {
+        let ip = &frame[14..54];
+        let src = IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+        let dst = IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+        (src, dst, ip[6], &frame[54..])
+    };
+    assert_eq!(
+        l4_sum(src, dst, proto, l4),
+        0,
+        "L4 checksum of {src} -> {dst}"
+    );
+    let port = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
+    (src, port(0), dst, port(2))
+}
+
+fn node_port(ip: IpAddr, backend: IpAddr, source_ranges: &[&str]) -> Frontend {
+    Frontend {
+        key: FrontendKey {
+            ip,
+            port: NODE_PORT,
+            protocol: Protocol::Tcp,
+            scope: Scope::External,
+        },
+        service: ObjectRef::new("web", "shop"),
+        port_name: String::new(),
+        kind: FrontendKind::NodePort,
+        backends: vec![BackendAddr {
+            ip: backend,
+            port: 6379,
+        }],
+        local_backends: Vec::new(),
+        excluded: Vec::new(),
+        affinity_timeout: None,
+        local_policy: false,
+        topology: crate::model::endpoints::Topology::Any,
+        source_ranges: source_ranges
+            .iter()
+            .map(|c| crate::model::spec::Cidr::parse(c).unwrap())
+            .collect(),
+    }
+}
+
+fn loaded() -> (Datapath, KernelMaps) {
+    let pin_dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/lb-tc-test-{}", std::process::id()));
+    let mut datapath = Datapath::load(DatapathOptions {
+        cgroup: super::cgroup2_root().unwrap(),
+        pin_dir,
+        capacities: Default::default(),
+        devices: Some(Vec::new()),
+        netns: None,
+        maglev_size: 251,
+    })
+    .expect("loading the datapath");
+    let mut maps = datapath.take_maps().unwrap();
+    maps.set_node_addrs(
+        Some(lb_common::addr_from_ip(NODE4.into())),
+        Some(lb_common::addr_from_ip(NODE6.into())),
+    )
+    .unwrap();
+    let mut reconciler = Reconciler::default().with_maglev_size(251);
+    let changes: BTreeMap<_, _> = [
+        node_port(NODE4.into(), POD4.into(), &[]),
+        node_port(NODE6.into(), POD6.into(), &[]),
+        // A "load-balancer IP" that admits 192.0.2.0/24 only.
+        node_port(
+            Ipv4Addr::new(10, 111, 9, 1).into(),
+            POD4.into(),
+            &["192.0.2.0/24"],
+        ),
+    ]
+    .into_iter()
+    .map(|f| (f.key, Some(Arc::new(f))))
+    .collect();
+    reconciler.apply(&mut maps, &changes).unwrap();
+    maps.put_source_ranges(&[]).unwrap();
+    (datapath, maps)
+}
+
+#[test]
+#[ignore = "needs root (loads the datapath); cargo xtask test runs it with --include-ignored"]
+fn tc_programs_translate_crafted_packets() {
+    let (datapath, maps) = loaded();
+    let pin_dir = datapath.options.pin_dir.clone();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for (node, client, pod) in [
+            (
+                IpAddr::from(NODE4),
+                IpAddr::from(CLIENT4),
+                IpAddr::from(POD4),
+            ),
+            (NODE6.into(), CLIENT6.into(), POD6.into()),
+        ] {
+            // A SYN to the node port: DNAT to the pod, SNAT to the node (the backend is
+            // not local), checksums right.
+            let syn = frame((client, 40000), (node, NODE_PORT), Some(0x02), 0);
+            let (verdict, out) = datapath.test_run_tc("lb_tc_ingress", &syn).unwrap();
+            assert_eq!(
+                verdict, TC_ACT_OK,
+                "{node}: routed by the stack in a test run"
+            );
+            let (src, sport, dst, dport) = tuple_checked(&out);
+            assert_eq!((dst, dport), (pod, 6379), "{node}: DNAT");
+            assert_eq!(src, node, "{node}: SNAT to the node");
+            assert!(sport >= 61000, "{node}: SNAT port {sport}");
+
+            // The pod's answer comes back to the node: translated back exactly.
+            let answer = frame((pod, 6379), (node, sport), Some(0x12), 0);
+            let (verdict, out) = datapath.test_run_tc("lb_tc_ingress", &answer).unwrap();
+            assert_eq!(verdict, TC_ACT_OK);
+            assert_eq!(
+                tuple_checked(&out),
+                (node, NODE_PORT, client, 40000),
+                "{node}: reply"
+            );
+
+            // The next segment of the flow goes the same way, through the tracked entry.
+            let ack = frame((client, 40000), (node, NODE_PORT), Some(0x10), 0);
+            let (_, out) = datapath.test_run_tc("lb_tc_ingress", &ack).unwrap();
+            assert_eq!(
+                tuple_checked(&out),
+                (node, sport, pod, 6379),
+                "{node}: tracked"
+            );
+        }
+        // A mid-flow segment nothing tracks (a flow from before a restart): counted,
+        // and balanced by Maglev all the same.
+        let misses = maps.stat(stat::TC_CT_MISS_NON_SYN);
+        let ack = frame(
+            (CLIENT4.into(), 40001),
+            (NODE4.into(), NODE_PORT),
+            Some(0x10),
+            0,
+        );
+        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &ack).unwrap();
+        assert_eq!(tuple_checked(&out).2, IpAddr::from(POD4));
+        assert_eq!(maps.stat(stat::TC_CT_MISS_NON_SYN), misses + 1);
+
+        // UDP: translated with its checksum.
+        let udp = frame((CLIENT4.into(), 5353), (NODE4.into(), NODE_PORT), None, 0);
+        let (verdict, out) = datapath.test_run_tc("lb_tc_ingress", &udp).unwrap();
+        // No UDP frontend on this port: untouched.
+        assert_eq!((verdict, out), (TC_ACT_OK, udp));
+
+        // The first fragment of a datagram for the node port is dropped and counted;
+        // anything else passes untouched.
+        let fragments = maps.stat(stat::TC_FRAGMENT);
+        let first = frame(
+            (CLIENT4.into(), 40002),
+            (NODE4.into(), NODE_PORT),
+            Some(0x02),
+            0x2000,
+        );
+        assert_eq!(
+            datapath.test_run_tc("lb_tc_ingress", &first).unwrap().0,
+            TC_ACT_SHOT
+        );
+        let other = frame(
+            (CLIENT4.into(), 40002),
+            (NODE4.into(), 22),
+            Some(0x02),
+            0x2000,
+        );
+        assert_eq!(
+            datapath.test_run_tc("lb_tc_ingress", &other).unwrap(),
+            (TC_ACT_OK, other)
+        );
+        assert_eq!(maps.stat(stat::TC_FRAGMENT), fragments + 2);
+
+        // Source ranges: the client is outside 192.0.2.0/24.
+        let drops = maps.stat(stat::TC_POLICY_DROP);
+        let lb = frame(
+            (CLIENT4.into(), 40003),
+            (Ipv4Addr::new(10, 111, 9, 1).into(), NODE_PORT),
+            Some(0x02),
+            0,
+        );
+        assert_eq!(
+            datapath.test_run_tc("lb_tc_ingress", &lb).unwrap().0,
+            TC_ACT_SHOT
+        );
+        assert_eq!(maps.stat(stat::TC_POLICY_DROP), drops + 1);
+        let allowed = frame(
+            ("192.0.2.7".parse().unwrap(), 40003),
+            (Ipv4Addr::new(10, 111, 9, 1).into(), NODE_PORT),
+            Some(0x02),
+            0,
+        );
+        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &allowed).unwrap();
+        assert_eq!(tuple_checked(&out).2, IpAddr::from(POD4));
+
+        // Egress: a local pod's answer leaving the node (no SNAT) is translated back.
+        let not_tracked = frame((POD4.into(), 6379), (CLIENT4.into(), 40009), Some(0x12), 0);
+        assert_eq!(
+            datapath.test_run_tc("lb_tc_egress", &not_tracked).unwrap(),
+            (TC_ACT_OK, not_tracked)
+        );
+    }));
+    drop(maps);
+    drop(datapath);
+    let _ = super::cleanup(&pin_dir);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
