@@ -26,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
             "10.253.0.2".parse().unwrap(),
             "fd00:253::2".parse().unwrap(),
         ],
+        node_port_range: Some((30000, 32767)),
     });
     for object in objects {
         match object {
@@ -35,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
                 name: n.name.clone(),
                 zone: n.zone.clone(),
                 addresses: n.addresses.clone(),
+                node_port_range: Some((30000, 32767)),
             }),
         }
     }

@@ -458,7 +458,8 @@ impl Controller {
             let addresses = self.node_context().addresses;
             let devices = self.datapath.resolve_devices(&addresses)?.to_vec();
             if devices.is_empty() {
-                warn!(
+                // Each external frontend is warned about as it appears (`report`).
+                info!(
                     "no interface for traffic from other machines (none holds one of the node's \
                      addresses {addresses:?}; see --devices): node ports, external and \
                      load-balancer IPs are served to connections made on this node only"
