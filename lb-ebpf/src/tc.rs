@@ -289,13 +289,15 @@ fn route(ctx: &mut TcContext, packet: &Packet, to: &CtValue) -> i32 {
     fib.family = if v6 { AF_INET6 } else { AF_INET };
     fib.l4_protocol = proto;
     fib.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // tot_len stays 0: with it set, the helper checks that length against the MTU,
+    // which a GRO-merged packet (tens of KB, segmented again on the way out) always
+    // fails; without it, the kernel checks the skb itself, GSO aware.
     if v6 {
         fib.__bindgen_anon_3.ipv6_src = *src;
         fib.__bindgen_anon_4.ipv6_dst = *dst;
     } else {
         fib.__bindgen_anon_3.ipv4_src = src[3];
         fib.__bindgen_anon_4.ipv4_dst = dst[3];
-        fib.__bindgen_anon_1.tot_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2).unwrap_or(0));
     }
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, size_of::<FibParams>() as i32, 0) };
     if rc != FIB_SUCCESS && rc != FIB_NO_NEIGH {

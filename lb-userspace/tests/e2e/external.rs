@@ -230,6 +230,50 @@ fn outside_whoami(
     .with_context(|| format!("GET whoami via {host}:{port} from port {source_port}"))
 }
 
+/// Stores 100 MB of random bytes in redis through `host:port` from `source_port` and
+/// reads them back on the same connection: true when the SHA-256 digests match.
+fn outside_transfer(
+    world: &World,
+    client: &Pod,
+    host: &str,
+    port: &str,
+    source_port: u16,
+) -> Result<bool> {
+    let script = format!(
+        r#"import hashlib, os, socket
+data = os.urandom(100 * 1024 * 1024)
+s = socket.socket(); s.settimeout(60)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('{}', {source_port}))
+s.connect(('{host}', {port}))
+def line():
+    buf = b''
+    while not buf.endswith(b'\r\n'):
+        buf += s.recv(1)
+    return buf
+s.sendall(b'*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$%d\r\n' % len(data) + data + b'\r\n')
+assert line() == b'+OK\r\n'
+s.sendall(b'*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n')
+n = int(line()[1:-2])
+got = bytearray()
+while len(got) < n + 2:
+    chunk = s.recv(1 << 20)
+    if not chunk: break
+    got += chunk
+print(hashlib.sha256(bytes(got[:n])).hexdigest() == hashlib.sha256(data).hexdigest())
+"#,
+        client.ipv4
+    );
+    let out = outside(
+        world,
+        client,
+        &["python3", "-c", &script],
+        Duration::from_secs(120),
+    )
+    .with_context(|| format!("100 MB through {host}:{port} from port {source_port}"))?;
+    Ok(out == "True")
+}
+
 fn node_port_of(cluster: &Cluster, service: &str) -> Result<String> {
     let port = cluster.kubectl(&[
         "get",
@@ -397,6 +441,29 @@ spec:
     }
     let distinct: BTreeSet<&String> = by_port.values().collect();
     ensure!(distinct.len() > 1, "30 flows all hashed to {distinct:?}");
+
+    // 100 MB each way through node B: to a pod on node A (SNAT, across the fabric) and
+    // to one on node B itself. A flow's pick is learnt through node A first (Maglev
+    // picks alike), so the transfer's tuple is a fresh one.
+    let mut wanted = vec![true, false];
+    for source_port in 42000..42100u16 {
+        let pod = outside_whoami(&world, &client, &a_ip, &np, source_port)?;
+        let Some(i) = wanted
+            .iter()
+            .position(|remote| on_a.contains(&pod) == *remote)
+        else {
+            continue;
+        };
+        ensure!(
+            outside_transfer(&world, &client, &b_ip, &np, source_port)?,
+            "100 MB through node B (source port {source_port}) arrived corrupted"
+        );
+        wanted.remove(i);
+        if wanted.is_empty() {
+            break;
+        }
+    }
+    ensure!(wanted.is_empty(), "no flow found to a pod on each node");
 
     // The external IP, through node A.
     let who = outside_whoami(&world, &client, OUTSIDE_EXTERNAL_IP, "6379", 0)?;

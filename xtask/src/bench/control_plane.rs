@@ -182,7 +182,7 @@ pub fn run(lb: &Path, topo: &mut Topology, pin_dir: &Path, plan: &Plan) -> Resul
     result.endpoint_change = ChangeLatency::of(latencies);
 
     // The anchor: kube-proxy's rules for the same table.
-    let rules = rules::iptables_rules(plan.cp_services, plan.cp_endpoints, &SERVER_IPS);
+    let rules = rules::iptables_rules(plan.cp_services, plan.cp_endpoints, &SERVER_IPS, &[]);
     result.iptables_nft_restore_s = iptables_restore(topo, "iptables-nft-restore", &rules)?;
     node_run(topo, &["nft", "delete", "table", "ip", "nat"])?;
     result.iptables_legacy_restore_s = iptables_restore(topo, "iptables-legacy-restore", &rules)?;

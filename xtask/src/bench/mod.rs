@@ -8,6 +8,11 @@
 //! noise hits them alike; then iptables-nft (its table is deleted afterwards, so
 //! conntrack goes away again); then iptables-legacy (last: its tables cannot be
 //! unregistered from a namespace).
+//!
+//! NodePort modes: the same client, outside the balanced cgroup, dials the node's
+//! address at a node port: `lb-nodeport` is served by the TC programs on the node's
+//! client-side interface, `iptables-*-nodeport` by kube-proxy's KUBE-NODEPORTS rules;
+//! `direct` (the client dialling the pods through the node) is the limit for both.
 
 mod client;
 mod control_plane;
@@ -35,7 +40,10 @@ use serde::Serialize;
 pub use self::client::{CLIENT_ARG, main as client_main};
 use self::{
     client::Summary,
-    rules::{AFFINITY_VIP, IPERF_PORT, IPERF_VIP, PROXY_VIP, SERVICE_PORT},
+    rules::{
+        AFFINITY_VIP, IPERF_NODE_PORT, IPERF_PORT, IPERF_VIP, NODE_IP, NODE_PORT, PROXY_VIP,
+        SERVICE_PORT,
+    },
     topology::{SERVER_IPS, Topology},
 };
 
@@ -171,17 +179,34 @@ pub enum Mode {
     UserspaceProxy,
     IptablesNft,
     IptablesLegacy,
+    /// A client outside the node dialling the node's address at a node port.
+    LbNodePort,
+    IptablesNftNodePort,
+    IptablesLegacyNodePort,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 9] = [
         Mode::Direct,
         Mode::Lb,
         Mode::LbAffinity,
         Mode::IptablesLegacy,
         Mode::IptablesNft,
         Mode::UserspaceProxy,
+        Mode::LbNodePort,
+        Mode::IptablesLegacyNodePort,
+        Mode::IptablesNftNodePort,
     ];
+
+    /// The node-port variant of a ClusterIP mode.
+    fn node_port(self) -> Option<Mode> {
+        match self {
+            Mode::Lb => Some(Mode::LbNodePort),
+            Mode::IptablesNft => Some(Mode::IptablesNftNodePort),
+            Mode::IptablesLegacy => Some(Mode::IptablesLegacyNodePort),
+            _ => None,
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -191,6 +216,9 @@ impl Mode {
             Mode::UserspaceProxy => "userspace-proxy",
             Mode::IptablesNft => "iptables-nft",
             Mode::IptablesLegacy => "iptables-legacy",
+            Mode::LbNodePort => "lb-nodeport",
+            Mode::IptablesNftNodePort => "iptables-nft-nodeport",
+            Mode::IptablesLegacyNodePort => "iptables-legacy-nodeport",
         }
     }
 
@@ -201,6 +229,9 @@ impl Mode {
                 .join(","),
             Mode::UserspaceProxy => format!("{PROXY_VIP}:{SERVICE_PORT}"),
             Mode::LbAffinity => format!("{AFFINITY_VIP}:{SERVICE_PORT}"),
+            Mode::LbNodePort | Mode::IptablesNftNodePort | Mode::IptablesLegacyNodePort => {
+                format!("{NODE_IP}:{NODE_PORT}")
+            }
             _ => format!(
                 "{}:{SERVICE_PORT}",
                 rules::vip(rules::target_index(services))
@@ -367,6 +398,10 @@ impl Daemon {
             .arg("--cgroup")
             .arg(&topo.cgroup.path)
             .args(["--pin-dir", &format!("/sys/fs/bpf/{}", topo.id)])
+            // The node ports: TC on the node's client-side interface.
+            .args(["--node-name", rules::NODE_NAME, "--devices", "to-client"])
+            .arg("--netns")
+            .arg(format!("/run/netns/{}", topo.node_ns))
             .args(["--health-addr", "off", "--metrics-addr", "off"])
             .args(extra)
             .env("NO_COLOR", "1")
@@ -467,12 +502,16 @@ fn node_run(topo: &Topology, argv: &[&str]) -> Result<()> {
 }
 
 fn iperf(topo: &Topology, balanced: bool, target: &str, seconds: u32) -> Result<f64> {
+    iperf_at(topo, balanced, target, IPERF_PORT, seconds)
+}
+
+fn iperf_at(topo: &Topology, balanced: bool, target: &str, port: u16, seconds: u32) -> Result<f64> {
     let mut cmd = topo.client_command(balanced, Path::new("/usr/bin/iperf3"))?;
     cmd.args([
         "-c",
         target,
         "-p",
-        &IPERF_PORT.to_string(),
+        &port.to_string(),
         "-t",
         &seconds.to_string(),
         "-J",
@@ -506,6 +545,9 @@ pub struct Results {
     pub restarts: Option<scale::RestartRun>,
     pub kubernetes: Option<kube::KubeBench>,
     pub hook_cost: Option<hooks::HookCost>,
+    /// iperf3 through a node port at the largest service count: mode -> runs (Gbit/s),
+    /// with `direct` (to the pod through the node) as the limit.
+    pub node_port_throughput: BTreeMap<Mode, Vec<f64>>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -551,7 +593,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     let largest = *plan.services.iter().max().context("no service counts")?;
-    let points_per_n = plan.concurrency.len() as u64 * (plan.rounds as u64 * 3 + 2);
+    let points_per_n = plan.concurrency.len() as u64 * (plan.rounds as u64 * 4 + 2);
     let affinity_points = (plan.concurrency.len() * plan.rounds) as u64;
     let bar = progress(points_per_n * plan.services.len() as u64 + affinity_points + 2);
     let mut samples: BTreeMap<(Mode, usize, usize), Vec<Summary>> = BTreeMap::new();
@@ -559,6 +601,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut throughput = None;
     let mut setup = SetupTimes::default();
     let mut hook_cost = None;
+    let mut node_port_throughput: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
     let bpf_stats = hooks::StatsEnabled::new()?;
 
     let result = (|| -> Result<()> {
@@ -578,9 +621,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 dir.join("affinity.yaml"),
                 rules::affinity_manifest(&SERVER_IPS),
             )?;
+            fs::write(
+                dir.join("nodeports.yaml"),
+                rules::node_port_manifests(&rules::node_port_services(n, &SERVER_IPS)),
+            )?;
             let daemon = Daemon::start(&lb, &topo, &dir, &n.to_string())?;
             setup.lb_ready_s.insert(n, daemon.ready_s);
-            let mut modes = vec![Mode::Direct, Mode::Lb, Mode::UserspaceProxy];
+            let mut modes = vec![
+                Mode::Direct,
+                Mode::Lb,
+                Mode::LbNodePort,
+                Mode::UserspaceProxy,
+            ];
             if n == largest {
                 modes.insert(2, Mode::LbAffinity);
             }
@@ -652,6 +704,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     v[v.len() / 2]
                 };
                 let (d, l) = (median(&mut direct.clone()), median(&mut balanced.clone()));
+                bar.set_message("throughput through a node port (iperf3)");
+                let runs = node_port_throughput.entry(Mode::LbNodePort).or_default();
+                for _ in 0..plan.iperf_runs {
+                    runs.push(iperf_at(
+                        &topo,
+                        false,
+                        &NODE_IP.to_string(),
+                        IPERF_NODE_PORT,
+                        plan.iperf_seconds,
+                    )?);
+                }
+                node_port_throughput.insert(Mode::Direct, direct.clone());
                 throughput = Some(Throughput {
                     direct_gbps: d,
                     lb_gbps: l,
@@ -673,27 +737,48 @@ pub fn run(args: BenchArgs) -> Result<()> {
             for &n in &plan.services {
                 eprintln!("==> {n} services: {}", mode.name());
                 bar.set_message(format!("{n} services: {binary}"));
-                let secs =
-                    iptables_restore(&topo, binary, &rules::iptables_rules(n, 3, &SERVER_IPS))?;
+                let node_ports = rules::node_port_services(n, &SERVER_IPS);
+                let secs = iptables_restore(
+                    &topo,
+                    binary,
+                    &rules::iptables_rules(n, 3, &SERVER_IPS, &node_ports),
+                )?;
+                let both = [mode, mode.node_port().expect("an iptables mode")];
                 match mode {
                     Mode::IptablesNft => setup.iptables_nft_restore_s.insert(n, secs),
                     _ => setup.iptables_legacy_restore_s.insert(n, secs),
                 };
-                measure(&topo, &exe, mode, n, "crr", 200, 2)?;
+                for m in both {
+                    measure(&topo, &exe, m, n, "crr", 200, 2)?;
+                }
                 for round in 0..plan.rounds {
                     for &c in &plan.concurrency {
-                        bar.set_message(format!(
-                            "{n} services, round {}, {} x{c}",
-                            round + 1,
-                            mode.name()
-                        ));
-                        let s = measure(&topo, &exe, mode, n, "crr", plan.connections, c)?;
-                        samples.entry((mode, n, c)).or_default().push(s);
+                        for k in 0..both.len() {
+                            let m = both[(round + k) % both.len()];
+                            bar.set_message(format!(
+                                "{n} services, round {}, {} x{c}",
+                                round + 1,
+                                m.name()
+                            ));
+                            let s = measure(&topo, &exe, m, n, "crr", plan.connections, c)?;
+                            samples.entry((m, n, c)).or_default().push(s);
+                        }
                     }
                 }
                 if n == largest {
                     let s = measure(&topo, &exe, mode, n, "rr", plan.round_trips, 1)?;
                     request.push(Row::new(mode, n, 1, &s));
+                    bar.set_message(format!("{}: throughput through a node port", mode.name()));
+                    let runs = node_port_throughput.entry(both[1]).or_default();
+                    for _ in 0..plan.iperf_runs {
+                        runs.push(iperf_at(
+                            &topo,
+                            false,
+                            &NODE_IP.to_string(),
+                            IPERF_NODE_PORT,
+                            plan.iperf_seconds,
+                        )?);
+                    }
                 }
                 bar.inc(plan.concurrency.len() as u64);
             }
@@ -749,6 +834,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         restarts,
         kubernetes,
         hook_cost,
+        node_port_throughput,
     };
     report::write(
         &results,

@@ -1,7 +1,13 @@
 //! Results: a table on stdout, `results.json` for tools, `report.md` for people and a
 //! latency-versus-services chart (SVG).
 
-use std::{collections::BTreeSet, fmt::Write as _, fs, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    fs,
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use plotters::prelude::*;
@@ -55,6 +61,18 @@ fn worst_ratios(results: &Results, mode: Mode) -> (f64, f64) {
         }
     }
     worst
+}
+
+fn median(runs: &[f64]) -> Option<f64> {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied()
+}
+
+/// Median node-port throughput of `mode` over direct's.
+fn node_port_ratio(results: &Results, mode: Mode) -> Option<f64> {
+    let direct = median(results.node_port_throughput.get(&Mode::Direct)?)?;
+    Some(median(results.node_port_throughput.get(&mode)?)? / direct)
 }
 
 fn connect_table(results: &Results, markdown: bool) -> String {
@@ -136,6 +154,21 @@ fn targets(results: &Results) -> Vec<(String, String, bool)> {
                 h.affinity_ns_per_connect, h.plain_ns_per_connect, h.affinity.runs, h.plain.runs
             ),
             p50 <= 1.05 && p99 <= 1.05,
+        ));
+    }
+    let (p50, p99) = worst_ratios(results, Mode::LbNodePort);
+    if p50 > 0.0 {
+        lines.push((
+            "node port from outside the node: p50 and p99 within 10% of direct at every service count".into(),
+            format!("worst p50 {p50:.3}x, worst p99 {p99:.3}x of direct"),
+            p50 <= 1.10 && p99 <= 1.10,
+        ));
+    }
+    if let Some(ratio) = node_port_ratio(results, Mode::LbNodePort) {
+        lines.push((
+            "throughput through a node port at least 95% of direct".into(),
+            format!("{:.1}% (medians)", ratio * 100.0),
+            ratio >= 0.95,
         ));
     }
     if let Some(t) = &results.throughput {
@@ -274,6 +307,9 @@ fn chart(results: &Results, path: &Path) -> Result<()> {
         RGBColor(214, 39, 40),
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
+        RGBColor(23, 190, 207),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
     ];
     for (panel, (label, pick)) in panels.iter().zip([("p50", 50), ("p99", 99)]) {
         let value = |r: &Row| if pick == 50 { r.p50_us } else { r.p99_us };
@@ -382,6 +418,22 @@ fn markdown(
             t.lb_gbps,
             t.lb_ratio * 100.0
         );
+    }
+    if !results.node_port_throughput.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Throughput through a node port (iperf3 from outside the node, median)\n\n| mode | Gbit/s | vs direct |\n|---|---:|---:|"
+        );
+        for (mode, runs) in &results.node_port_throughput {
+            let ratio = node_port_ratio(results, *mode).unwrap_or(f64::NAN);
+            let _ = writeln!(
+                md,
+                "| {} | {:.2} | {:.1}% |",
+                mode.name(),
+                median(runs).unwrap_or(f64::NAN),
+                ratio * 100.0
+            );
+        }
     }
     let cp = &results.control_plane;
     let _ = writeln!(md, "## Control plane\n\n| | |\n|---|---:|");
@@ -504,6 +556,11 @@ pub fn write(
         "connect": results.connect,
         "request": results.request,
         "throughput": results.throughput,
+        "node_port_throughput_gbps": results
+            .node_port_throughput
+            .iter()
+            .map(|(mode, runs)| (mode.name(), runs.clone()))
+            .collect::<BTreeMap<_, _>>(),
         "control_plane": results.control_plane,
         "kubernetes": results.kubernetes,
         "scale": results.scale,

@@ -19,6 +19,83 @@ pub const IPERF_PORT: u16 = 5201;
 pub const AFFINITY_VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 252);
 /// Where haproxy listens, in the node namespace.
 pub const PROXY_VIP: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 254);
+/// The node's address on the client's side: node ports are dialled there.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 1);
+/// The Node object's name in the benchmark's manifests.
+pub const NODE_NAME: &str = "bench-node";
+/// The node port in front of the three servers, and the iperf3 one.
+pub const NODE_PORT: u16 = 32767;
+pub const IPERF_NODE_PORT: u16 = 32766;
+/// Node ports of the other NodePort Services: the rest of the default range.
+const FILLER_NODE_PORTS: usize = 2766;
+
+/// A NodePort Service, the same for `lb` and for the iptables rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePortService {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub node_port: u16,
+    pub endpoints: Vec<Ipv4Addr>,
+}
+
+/// The NodePort Services at `services` Services: as many as the default node-port
+/// range holds (one per Service up to 2766, all pointing at addresses that exist
+/// nowhere), with the one in front of the real servers in the middle of the node-port
+/// table, and the iperf3 one. Their ClusterIPs are outside the range of [`vip`].
+pub fn node_port_services(services: usize, servers: &[Ipv4Addr]) -> Vec<NodePortService> {
+    let fillers = services.clamp(1, FILLER_NODE_PORTS);
+    let mut list: Vec<NodePortService> = (0..fillers)
+        .map(|k| NodePortService {
+            name: format!("np-{k}"),
+            vip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 110, 0, 1)) + k as u32),
+            port: SERVICE_PORT,
+            node_port: 30000 + k as u16,
+            endpoints: (0..3)
+                .map(|j| {
+                    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 127, 0, 1)) + (k * 3 + j) as u32)
+                })
+                .collect(),
+        })
+        .collect();
+    list.insert(
+        fillers / 2,
+        NodePortService {
+            name: "nodeport".into(),
+            vip: Ipv4Addr::new(10, 111, 255, 250),
+            port: SERVICE_PORT,
+            node_port: NODE_PORT,
+            endpoints: servers.to_vec(),
+        },
+    );
+    list.push(NodePortService {
+        name: "iperf-nodeport".into(),
+        vip: Ipv4Addr::new(10, 111, 255, 249),
+        port: IPERF_PORT,
+        node_port: IPERF_NODE_PORT,
+        endpoints: servers[..1].to_vec(),
+    });
+    list
+}
+
+/// `lb`'s manifests for [`node_port_services`], and the Node they are served on (its
+/// pods, the servers, run on it).
+pub fn node_port_manifests(node_ports: &[NodePortService]) -> String {
+    let mut out = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE_NAME}}}\nstatus:\n  addresses: [{{type: InternalIP, address: \"{NODE_IP}\"}}]\n"
+    );
+    for np in node_ports {
+        let _ = write!(
+            out,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: bench}}\nspec:\n  type: NodePort\n  clusterIP: {}\n  ports: [{{port: {}, targetPort: {}, nodePort: {}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-x\n  namespace: bench\n  labels: {{kubernetes.io/service-name: {}}}\naddressType: IPv4\nports: [{{port: {}, protocol: TCP}}]\nendpoints:\n",
+            np.name, np.vip, np.port, np.port, np.node_port, np.name, np.name, np.port
+        );
+        for ep in &np.endpoints {
+            let _ = writeln!(out, "- addresses: [\"{ep}\"]\n  nodeName: {NODE_NAME}");
+        }
+    }
+    out
+}
 
 /// ClusterIP of service `i` (10.96.0.1 upwards).
 pub fn vip(i: usize) -> Ipv4Addr {
@@ -58,11 +135,18 @@ fn chain_id(kind: &str, i: usize, j: usize) -> String {
 
 /// iptables-restore input reproducing kube-proxy's iptables mode for `services`
 /// services with `endpoints` endpoints each.
-pub fn iptables_rules(services: usize, endpoints: usize, servers: &[Ipv4Addr]) -> String {
+/// With kube-proxy's node-port rules for `node_ports` (their ClusterIP rules come
+/// after the `services` ones; KUBE-NODEPORTS -> KUBE-EXT-* -> KUBE-SVC-*).
+pub fn iptables_rules(
+    services: usize,
+    endpoints: usize,
+    servers: &[Ipv4Addr],
+    node_ports: &[NodePortService],
+) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
     chains.push_str("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n");
-    chains.push_str(":KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
+    chains.push_str(":KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
     rules.push_str(
         "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
     );
@@ -115,8 +199,52 @@ pub fn iptables_rules(services: usize, endpoints: usize, servers: &[Ipv4Addr]) -
             );
         }
     }
+    let mut node_port_rules = String::new();
+    for (k, np) in node_ports.iter().enumerate() {
+        let svc = format!("KUBE-SVC-{}", chain_id("npsvc", k, 0));
+        let ext = format!("KUBE-EXT-{}", chain_id("npsvc", k, 0));
+        let name = format!("bench/{}:p", np.name);
+        let (vip, port) = (np.vip, np.port);
+        let _ = writeln!(chains, ":{svc} - [0:0]\n:{ext} - [0:0]");
+        let _ = writeln!(
+            service_rules,
+            "-A KUBE-SERVICES -d {vip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j {svc}"
+        );
+        let _ = writeln!(
+            node_port_rules,
+            "-A KUBE-NODEPORTS -p tcp -m comment --comment \"{name}\" -m tcp --dport {} -j {ext}",
+            np.node_port
+        );
+        let _ = writeln!(
+            rules,
+            "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ\n-A {ext} -j {svc}"
+        );
+        let _ = writeln!(
+            rules,
+            "-A {svc} ! -s {CLUSTER_CIDR} -d {vip}/32 -p tcp -m comment --comment \"{name} cluster IP\" -m tcp --dport {port} -j KUBE-MARK-MASQ"
+        );
+        let count = np.endpoints.len();
+        for (j, ep) in np.endpoints.iter().enumerate() {
+            let sep = format!("KUBE-SEP-{}", chain_id("npsep", k, j));
+            let _ = writeln!(chains, ":{sep} - [0:0]");
+            let remaining = count - j;
+            let pick = if remaining > 1 {
+                format!(
+                    " -m statistic --mode random --probability {:.11}",
+                    1.0 / remaining as f64
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                rules,
+                "-A {svc} -m comment --comment \"{name} -> {ep}:{port}\"{pick} -j {sep}\n-A {sep} -s {ep}/32 -m comment --comment \"{name}\" -j KUBE-MARK-MASQ\n-A {sep} -p tcp -m comment --comment \"{name}\" -m tcp -j DNAT --to-destination {ep}:{port}"
+            );
+        }
+    }
     // kube-proxy appends the nodeports jump after the service rules.
-    service_rules.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports\" -m addrtype --dst-type LOCAL -j RETURN\n");
+    service_rules.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
+    service_rules.push_str(&node_port_rules);
     format!("{chains}{rules}{service_rules}COMMIT\n")
 }
 
@@ -227,7 +355,7 @@ mod tests {
 
     #[test]
     fn iptables_rules_have_kube_proxys_shape() {
-        let rules = iptables_rules(3, 3, &SERVERS);
+        let rules = iptables_rules(3, 3, &SERVERS, &[]);
         assert!(rules.starts_with("*nat\n") && rules.ends_with("COMMIT\n"));
         assert_eq!(rules.matches("-A KUBE-SERVICES -d ").count(), 3);
         assert_eq!(
@@ -261,6 +389,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn node_ports_are_the_same_for_lb_and_iptables() {
+        let node_ports = node_port_services(10_000, &SERVERS);
+        assert_eq!(node_ports.len(), FILLER_NODE_PORTS + 2);
+        let target = node_ports
+            .iter()
+            .position(|np| np.node_port == NODE_PORT)
+            .unwrap();
+        assert_eq!(target, FILLER_NODE_PORTS / 2, "in the middle of the chain");
+        let mut ports: Vec<u16> = node_ports.iter().map(|np| np.node_port).collect();
+        ports.sort();
+        ports.dedup();
+        assert_eq!(ports.len(), node_ports.len());
+        assert!(ports.iter().all(|p| (30000..=32767).contains(p)));
+        let rules = iptables_rules(3, 3, &SERVERS, &node_ports);
+        assert_eq!(
+            rules.matches("-A KUBE-NODEPORTS ").count(),
+            node_ports.len()
+        );
+        assert!(rules.contains("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n"));
+        assert_eq!(rules.matches(":KUBE-NODEPORTS - [0:0]").count(), 1);
+        for target in rules
+            .lines()
+            .filter_map(|l| l.split(" -j ").nth(1)?.split_whitespace().next())
+            .filter(|t| t.starts_with("KUBE-"))
+        {
+            assert!(
+                rules.contains(&format!(":{target} - [0:0]")),
+                "{target} undeclared"
+            );
+        }
+        let manifests = node_port_manifests(&node_ports);
+        assert_eq!(
+            manifests.matches("  type: NodePort\n").count(),
+            node_ports.len()
+        );
+        assert!(manifests.contains(&format!("nodePort: {NODE_PORT}}}")));
+        assert!(manifests.starts_with("apiVersion: v1\nkind: Node\n"));
     }
 
     #[test]
