@@ -750,6 +750,8 @@ pub mod stat {
     pub const TC_CT_CREATED: u32 = 27;
     /// TC: rewriting a packet failed (a helper error): dropped.
     pub const TC_REWRITE_FAILED: u32 = 28;
+    /// TC: an ICMP error about a tracked flow was translated for its client.
+    pub const TC_ICMP_TRANSLATED: u32 = 29;
     /// Number of counters.
     pub const COUNT: u32 = 32;
 
@@ -784,7 +786,7 @@ pub mod stat {
         "tc_ct_hit",
         "tc_ct_created",
         "tc_rewrite_failed",
-        "reserved",
+        "tc_icmp_translated",
         "reserved",
         "reserved",
     ];

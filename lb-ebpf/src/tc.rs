@@ -53,6 +53,9 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPV6_HLEN: usize = 40;
 const NEXTHDR_FRAGMENT: u8 = 44;
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 const AF_INET: u8 = 2;
@@ -124,6 +127,8 @@ enum Parsed {
     FirstFragment,
     /// A later fragment (no ports), or a fragment of another protocol.
     Fragment,
+    /// An unfragmented ICMPv4 message (its header at `l4`).
+    Icmp,
 }
 
 #[inline(always)]
@@ -186,6 +191,9 @@ fn parse(ctx: &TcContext, packet: &mut Packet) -> Parsed {
     } else {
         return Parsed::Other;
     };
+    if packet.proto == IPPROTO_ICMP && !packet.v6 && !fragment {
+        return Parsed::Icmp;
+    }
     if packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP {
         return if fragment {
             Parsed::Fragment
@@ -389,6 +397,113 @@ fn translate_tracked(
     }
 }
 
+/// An ICMPv4 error (destination unreachable, e.g. "fragmentation needed", or time
+/// exceeded) about a packet of a tracked flow: the quoted packet went out as the
+/// reverse of the flow's replies, so it is translated like them, and the outer header
+/// is addressed to the client (from the frontend when the error came from the backend
+/// itself). The ICMP checksum is updated for every quoted change (it has no pseudo
+/// header); the quoted TCP/UDP checksum is left as it was, as receivers ignore it.
+#[inline(never)]
+fn icmp_error(ctx: &mut TcContext, scratch: &mut Scratch, ingress: bool) -> i32 {
+    let icmp = scratch.packet.l4;
+    let Some(kind) = load::<u8>(ctx, icmp) else {
+        return TC_ACT_OK;
+    };
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED {
+        return TC_ACT_OK;
+    }
+    let quoted = icmp + 8;
+    let (Some(version_ihl), Some(proto), Some(q_src), Some(q_dst)) = (
+        load::<u8>(ctx, quoted),
+        load::<u8>(ctx, quoted + 9),
+        load::<u32>(ctx, quoted + 12),
+        load::<u32>(ctx, quoted + 16),
+    ) else {
+        return TC_ACT_OK;
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return TC_ACT_OK;
+    }
+    let quoted_l4 = quoted + (version_ihl & 0x0f) as usize * 4;
+    let Some([q_sport, q_dport]) = load::<[u16; 2]>(ctx, quoted_l4) else {
+        return TC_ACT_OK;
+    };
+    scratch.reply_key = CtKey {
+        src: addr_from_v4_raw(q_dst),
+        dst: addr_from_v4_raw(q_src),
+        sport: q_dport,
+        dport: q_sport,
+        proto,
+        dir: CT_REPLY,
+        _pad: 0,
+    };
+    let Some(entry) = (unsafe { LB_CT.get(&scratch.reply_key) }) else {
+        return TC_ACT_OK;
+    };
+    scratch.reply_value = *entry;
+    let to = &scratch.reply_value;
+    let csum = icmp + 2;
+    let done = (|| -> Result<(), ()> {
+        for (offset, old, new) in [
+            (quoted + 12, q_src, to.dst[3]),
+            (quoted + 16, q_dst, to.src[3]),
+        ] {
+            if old == new {
+                continue;
+            }
+            let before = load::<u16>(ctx, quoted + 10).ok_or(())?;
+            ctx.l3_csum_replace(quoted + 10, old as u64, new as u64, 4)
+                .map_err(|_| ())?;
+            let after = load::<u16>(ctx, quoted + 10).ok_or(())?;
+            ctx.l4_csum_replace(csum, before as u64, after as u64, 2)
+                .map_err(|_| ())?;
+            ctx.l4_csum_replace(csum, old as u64, new as u64, 4)
+                .map_err(|_| ())?;
+            ctx.store(offset, &new, 0).map_err(|_| ())?;
+        }
+        for (offset, old, new) in [
+            (quoted_l4, q_sport, to.dport),
+            (quoted_l4 + 2, q_dport, to.sport),
+        ] {
+            if old != new {
+                ctx.l4_csum_replace(csum, old as u64, new as u64, 2)
+                    .map_err(|_| ())?;
+                ctx.store(offset, &new, 0).map_err(|_| ())?;
+            }
+        }
+        // The outer header: to the client; from the frontend if the backend itself
+        // complained.
+        let outer_src = scratch.packet.src[3];
+        let new_src = if outer_src == q_dst {
+            to.src[3]
+        } else {
+            outer_src
+        };
+        for (offset, old, new) in [
+            (ETH_HLEN + 12, outer_src, new_src),
+            (ETH_HLEN + 16, scratch.packet.dst[3], to.dst[3]),
+        ] {
+            if old != new {
+                ctx.l3_csum_replace(ETH_HLEN + 10, old as u64, new as u64, 4)
+                    .map_err(|_| ())?;
+                ctx.store(offset, &new, 0).map_err(|_| ())?;
+            }
+        }
+        scratch.forward.src = addr_from_v4_raw(new_src);
+        Ok(())
+    })();
+    if done.is_err() {
+        count(stat::TC_REWRITE_FAILED);
+        return TC_ACT_SHOT;
+    }
+    count(stat::TC_ICMP_TRANSLATED);
+    if !ingress {
+        return TC_ACT_OK;
+    }
+    scratch.forward.dst = to.dst;
+    route(ctx, &scratch.packet, &scratch.forward)
+}
+
 /// Whether `client` may reach frontend `svc_id` under its source ranges.
 #[inline(always)]
 fn source_allowed(svc_id: u32, client: &Addr) -> bool {
@@ -564,6 +679,7 @@ fn ingress(ctx: &mut TcContext) -> i32 {
     match parse(ctx, &mut scratch.packet) {
         Parsed::Packet => {}
         Parsed::Other => return TC_ACT_OK,
+        Parsed::Icmp => return icmp_error(ctx, scratch, true),
         Parsed::Fragment => {
             count(stat::TC_FRAGMENT);
             return TC_ACT_OK;
@@ -601,8 +717,10 @@ fn egress(ctx: &mut TcContext) -> i32 {
     let Some(scratch) = scratch() else {
         return TC_ACT_OK;
     };
-    if parse(ctx, &mut scratch.packet) != Parsed::Packet {
-        return TC_ACT_OK;
+    match parse(ctx, &mut scratch.packet) {
+        Parsed::Packet => {}
+        Parsed::Icmp => return icmp_error(ctx, scratch, false),
+        _ => return TC_ACT_OK,
     }
     let packet = &scratch.packet;
     match LB_CT.get_ptr_mut(&packet.key(CT_REPLY)) {

@@ -137,6 +137,49 @@ fn tuple_checked(frame: &[u8]) -> (IpAddr, u16, IpAddr, u16) {
     (src, port(0), dst, port(2))
 }
 
+/// ICMP "fragmentation needed" from `router` to `to`, quoting `packet`'s header and
+/// the first 8 bytes after it.
+fn icmp_frag_needed(router: Ipv4Addr, to: Ipv4Addr, packet: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend(&packet[..28]);
+    let csum = fold(sum16(&icmp, 0));
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+    let mut out = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    let mut ip = vec![0x45, 0];
+    ip.extend(((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend([0, 2, 0, 0, 64, 1, 0, 0]);
+    ip.extend(router.octets());
+    ip.extend(to.octets());
+    let csum = fold(sum16(&ip, 0));
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    out.extend(ip);
+    out.extend(icmp);
+    out
+}
+
+/// (outer source, outer destination, quoted tuple) of an ICMP error frame, after
+/// checking the outer, ICMP and quoted IP header checksums.
+fn icmp_checked(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, (IpAddr, u16, IpAddr, u16)) {
+    let ip = &frame[14..34];
+    assert_eq!(fold(sum16(ip, 0)), 0, "outer IPv4 checksum");
+    let icmp = &frame[34..];
+    assert_eq!(fold(sum16(icmp, 0)), 0, "ICMP checksum");
+    let quoted = &icmp[8..];
+    assert_eq!(fold(sum16(&quoted[..20], 0)), 0, "quoted IPv4 checksum");
+    let v4 = |b: &[u8]| Ipv4Addr::from(<[u8; 4]>::try_from(b).unwrap());
+    let port = |at: usize| u16::from_be_bytes([quoted[at], quoted[at + 1]]);
+    (
+        v4(&ip[12..16]),
+        v4(&ip[16..20]),
+        (
+            v4(&quoted[12..16]).into(),
+            port(20),
+            v4(&quoted[16..20]).into(),
+            port(22),
+        ),
+    )
+}
+
 fn node_port(ip: IpAddr, backend: IpAddr, source_ranges: &[&str]) -> Frontend {
     Frontend {
         key: FrontendKey {
@@ -219,6 +262,7 @@ fn tc_programs_translate_crafted_packets() {
             // not local), checksums right.
             let syn = frame((client, 40000), (node, NODE_PORT), Some(0x02), 0);
             let (verdict, out) = datapath.test_run_tc("lb_tc_ingress", &syn).unwrap();
+            let out_syn = out.clone();
             assert_eq!(
                 verdict, TC_ACT_OK,
                 "{node}: routed by the stack in a test run"
@@ -237,6 +281,21 @@ fn tc_programs_translate_crafted_packets() {
                 (node, NODE_PORT, client, 40000),
                 "{node}: reply"
             );
+
+            // A router on the way to the pod says the SYN was too big: the client gets
+            // the error, about the packet it sent.
+            if let IpAddr::V4(node4) = node {
+                let router = Ipv4Addr::new(10, 253, 9, 1);
+                let error = icmp_frag_needed(router, node4, &out_syn[14..]);
+                let (_, out) = datapath.test_run_tc("lb_tc_ingress", &error).unwrap();
+                let (outer_src, outer_dst, quoted) = icmp_checked(&out);
+                assert_eq!((outer_src, outer_dst), (router, CLIENT4));
+                assert_eq!(
+                    quoted,
+                    (client, 40000, node, NODE_PORT),
+                    "the quoted packet"
+                );
+            }
 
             // The next segment of the flow goes the same way, through the tracked entry.
             let ack = frame((client, 40000), (node, NODE_PORT), Some(0x10), 0);
@@ -312,6 +371,8 @@ fn tc_programs_translate_crafted_packets() {
         );
         let (_, out) = datapath.test_run_tc("lb_tc_ingress", &allowed).unwrap();
         assert_eq!(tuple_checked(&out).2, IpAddr::from(POD4));
+
+        assert_eq!(maps.stat(stat::TC_ICMP_TRANSLATED), 1);
 
         // Egress: a local pod's answer leaving the node (no SNAT) is translated back.
         let not_tracked = frame((POD4.into(), 6379), (CLIENT4.into(), 40009), Some(0x12), 0);

@@ -165,6 +165,8 @@ struct Programmed {
 struct BackendEntry {
     id: u32,
     refs: usize,
+    /// `BACKEND_F_LOCAL` as written.
+    local: bool,
 }
 
 /// A backend that left a frontend altogether (not merely unready): sockets translated
@@ -445,6 +447,7 @@ impl Reconciler {
             }
         }
         let mut known_backends = HashMap::new();
+        let mut local_of = HashMap::new();
         for (id, backend) in backends {
             // Every id found stays claimed until its entry is deleted (garbage too):
             // handing it out again first would let the garbage deletion remove the
@@ -460,6 +463,7 @@ impl Reconciler {
                         protocol,
                     };
                     known_backends.insert(id, identity);
+                    local_of.insert(id, backend.flags & BACKEND_F_LOCAL != 0);
                 }
                 _ => this.garbage_backends.push(id),
             }
@@ -506,7 +510,11 @@ impl Reconciler {
                 let identity = known_backends[&id];
                 this.backends
                     .entry(identity)
-                    .or_insert(BackendEntry { id, refs: 0 })
+                    .or_insert(BackendEntry {
+                        id,
+                        refs: 0,
+                        local: local_of.get(&id).copied().unwrap_or(false),
+                    })
                     .refs += 1;
                 this.backend_by_id.insert(id, identity);
             }
@@ -702,6 +710,8 @@ impl Reconciler {
         // backend an admitted frontend wants exists in the kernel.
         let mut wanted_ids: BTreeMap<FrontendKey, Vec<u32>> = BTreeMap::new();
         let mut new_backends: Vec<(u32, Backend)> = Vec::new();
+        // Backends whose locality changed (an endpoint's nodeName learnt late).
+        let mut relocated: Vec<(u32, Backend)> = Vec::new();
         let mut budget = Budget::default();
         for (key, change) in changes {
             let Some(frontend) = change else {
@@ -722,9 +732,14 @@ impl Reconciler {
                     addr: *addr,
                     protocol: key.protocol,
                 };
+                let local = frontend.is_local(addr);
                 let id = match self.backends.get_mut(&identity) {
                     Some(entry) => {
                         entry.refs += 1;
+                        if entry.local != local {
+                            entry.local = local;
+                            relocated.push((entry.id, identity.to_map_value(local)));
+                        }
                         entry.id
                     }
                     None => {
@@ -732,8 +747,9 @@ impl Reconciler {
                             .backend_ids
                             .allocate()
                             .expect("admission counted the backend ids");
-                        new_backends.push((id, identity.to_map_value(frontend.is_local(addr))));
-                        self.backends.insert(identity, BackendEntry { id, refs: 1 });
+                        new_backends.push((id, identity.to_map_value(local)));
+                        self.backends
+                            .insert(identity, BackendEntry { id, refs: 1, local });
                         self.backend_by_id.insert(id, identity);
                         id
                     }
@@ -741,6 +757,10 @@ impl Reconciler {
                 ids.push(id);
             }
             wanted_ids.insert(*key, ids);
+        }
+        if !relocated.is_empty() {
+            maps.put_backends(&relocated)?;
+            stats.backends_written += relocated.len();
         }
         if !new_backends.is_empty() {
             let ids: Vec<u32> = new_backends.iter().map(|(id, _)| *id).collect();

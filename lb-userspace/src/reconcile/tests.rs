@@ -866,3 +866,23 @@ fn source_ranges_are_written_per_frontend_and_follow_changes() {
         .unwrap();
     assert!(maps.ranges.is_empty());
 }
+
+#[test]
+fn a_backends_locality_follows_its_endpoint() {
+    let mut maps = MemoryMaps::default();
+    let mut r = Reconciler::default();
+    let mut f = external("10.253.0.11", 30002, &["10.244.1.2"]);
+    r.apply(&mut maps, &change(f.clone())).unwrap();
+    let id = maps.services[&service_key(&f.key, 1)].backend_id;
+    assert_eq!(maps.backends[&id].flags & BACKEND_F_LOCAL, 0);
+    // The endpoint's nodeName arrives (or the Node is renamed): the same backend id,
+    // now local, so the TC path stops SNATing to it.
+    f.local_backends = f.backends.clone();
+    r.apply(&mut maps, &change(f.clone())).unwrap();
+    assert_eq!(maps.services[&service_key(&f.key, 1)].backend_id, id);
+    assert_ne!(maps.backends[&id].flags & BACKEND_F_LOCAL, 0);
+    // Adopted state knows it: nothing to rewrite for it.
+    let mut adopted = adopt(&maps);
+    let stats = adopted.apply(&mut maps, &change(f)).unwrap();
+    assert_eq!(stats.backends_written, 0);
+}

@@ -326,7 +326,14 @@ fn measure(
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let summary: Summary = serde_json::from_slice(&output.stdout).context("client output")?;
+    let summary: Summary = serde_json::from_slice(&output.stdout).with_context(|| {
+        let text = String::from_utf8_lossy(&output.stdout);
+        format!(
+            "{} client output (every exchange failed?): {}",
+            mode.name(),
+            &text[..text.len().min(2000)]
+        )
+    })?;
     // A handful of errors in tens of thousands of connections would be noise; more
     // means the path is broken, and its numbers would lie.
     if summary.errors * 100 > count {
@@ -637,7 +644,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 modes.insert(2, Mode::LbAffinity);
             }
             for &mode in &modes {
-                measure(&topo, &exe, mode, n, "crr", 200, 2)?; // warm-up, not recorded
+                // Warm-up, not recorded; a broken path shows the daemon's log.
+                measure(&topo, &exe, mode, n, "crr", 200, 2)
+                    .with_context(|| format!("lb daemon log:\n{}", daemon.log_text()))?;
             }
             let (mut plain_cost, mut affinity_cost) =
                 (hooks::Cost::default(), hooks::Cost::default());

@@ -271,8 +271,9 @@ pub fn service_manifest_with(
         out,
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: {port}, targetPort: {port}}}]\n{extra_spec}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-x\n  namespace: bench\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{port: {port}, protocol: TCP}}]\nendpoints:\n"
     );
+    // Every pod runs on the benchmark's one node.
     for ep in endpoints {
-        let _ = writeln!(out, "- addresses: [\"{ep}\"]");
+        let _ = writeln!(out, "- addresses: [\"{ep}\"]\n  nodeName: {NODE_NAME}");
     }
 }
 
