@@ -752,6 +752,9 @@ pub mod stat {
     pub const TC_REWRITE_FAILED: u32 = 28;
     /// TC: an ICMP error about a tracked flow was translated for its client.
     pub const TC_ICMP_TRANSLATED: u32 = 29;
+    /// TC: a client connected straight to a pod from a tuple a finished node-port flow
+    /// had used: that flow's reply entry was removed.
+    pub const TC_CT_STALE_REMOVED: u32 = 30;
     /// Number of counters.
     pub const COUNT: u32 = 32;
 
@@ -787,7 +790,7 @@ pub mod stat {
         "tc_ct_created",
         "tc_rewrite_failed",
         "tc_icmp_translated",
-        "reserved",
+        "tc_ct_stale_removed",
         "reserved",
     ];
 }

@@ -536,6 +536,31 @@ fn snat_port(packet: &Packet, backend: &CtValue, node: &Addr, hash: u32) -> Opti
     None
 }
 
+/// A client opening a connection straight to a pod (no frontend) from a port it
+/// used before for a node port to the same pod: the earlier flow's reply entry has
+/// exactly this connection's reply tuple and would rewrite its replies. A new
+/// connection on the tuple means the old one is over, so the entry goes (SNATed
+/// flows' replies are addressed to the node and cannot collide).
+#[inline(always)]
+fn forget_stale_reply(scratch: &mut Scratch) {
+    let packet = &scratch.packet;
+    scratch.reply_key = CtKey {
+        src: packet.dst,
+        dst: packet.src,
+        sport: packet.dport,
+        dport: packet.sport,
+        proto: packet.proto,
+        dir: CT_REPLY,
+        _pad: 0,
+    };
+    if let Some(entry) = unsafe { LB_CT.get(&scratch.reply_key) }
+        && entry.flags & CT_F_SNAT == 0
+        && LB_CT.remove(&scratch.reply_key).is_ok()
+    {
+        count(stat::TC_CT_STALE_REMOVED);
+    }
+}
+
 /// Per-CPU room for the parsed packet and a new flow's entries (too large for the
 /// BPF stack together).
 #[repr(C)]
@@ -556,6 +581,9 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
     let key = &mut ServiceKey::new(packet.dst, packet.dport, packet.proto, SCOPE_EXTERNAL, 0);
     let Some(fe) = frontend(key) else {
         count(stat::TC_NOT_SERVICE);
+        if packet.is_syn() {
+            forget_stale_reply(scratch);
+        }
         return TC_ACT_OK;
     };
     if packet.proto == IPPROTO_TCP && !packet.is_syn() {

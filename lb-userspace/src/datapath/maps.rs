@@ -273,6 +273,11 @@ impl KernelMaps {
         Ok(())
     }
 
+    #[cfg(test)]
+    pub fn ct_fd(&self) -> BorrowedFd<'_> {
+        self.ct.as_fd()
+    }
+
     /// Every tracked external flow (`lb ct list`).
     pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
         Ok(batch::lookup_all::<CtKey, CtValue>(self.ct.as_fd())?)

@@ -207,6 +207,73 @@ fn node_port(ip: IpAddr, backend: IpAddr, source_ranges: &[&str]) -> Frontend {
     }
 }
 
+/// Tracks a node-port flow from CLIENT4:40100 to a local backend (a LB_CT entry pair
+/// as the ingress program writes it for `externalTrafficPolicy: Local`), and checks
+/// the pod's answer is translated on egress.
+fn loaded_local_flow(datapath: &Datapath, maps: &KernelMaps) -> (IpAddr, u16) {
+    use lb_common::{CT_F_LOCAL_BACKEND, CT_FORWARD, CT_REPLY, CtKey, CtValue, addr_from_ip};
+    let (client, node, pod) = (
+        addr_from_ip(CLIENT4.into()),
+        addr_from_ip(NODE4.into()),
+        addr_from_ip(POD4.into()),
+    );
+    let (cport, nport, pport) = (40100u16.to_be(), NODE_PORT.to_be(), 6379u16.to_be());
+    let entries = [
+        (
+            CtKey {
+                src: client,
+                dst: node,
+                sport: cport,
+                dport: nport,
+                proto: 6,
+                dir: CT_FORWARD,
+                _pad: 0,
+            },
+            CtValue {
+                src: client,
+                dst: pod,
+                sport: cport,
+                dport: pport,
+                svc_id: 1,
+                backend_id: 1,
+                flags: CT_F_LOCAL_BACKEND,
+                last_seen_ns: 0,
+            },
+        ),
+        (
+            CtKey {
+                src: pod,
+                dst: client,
+                sport: pport,
+                dport: cport,
+                proto: 6,
+                dir: CT_REPLY,
+                _pad: 0,
+            },
+            CtValue {
+                src: node,
+                dst: client,
+                sport: nport,
+                dport: cport,
+                svc_id: 1,
+                backend_id: 1,
+                flags: CT_F_LOCAL_BACKEND,
+                last_seen_ns: 0,
+            },
+        ),
+    ];
+    for (key, value) in &entries {
+        super::batch::update_one(maps.ct_fd(), key, value).unwrap();
+    }
+    let answer = frame((POD4.into(), 6379), (CLIENT4.into(), 40100), Some(0x12), 0);
+    let (_, out) = datapath.test_run_tc("lb_tc_egress", &answer).unwrap();
+    assert_eq!(
+        tuple_checked(&out),
+        (NODE4.into(), NODE_PORT, CLIENT4.into(), 40100)
+    );
+    (NODE4.into(), NODE_PORT)
+}
+
 fn loaded() -> (Datapath, KernelMaps) {
     let pin_dir =
         std::path::PathBuf::from(format!("/sys/fs/bpf/lb-tc-test-{}", std::process::id()));
@@ -373,6 +440,22 @@ fn tc_programs_translate_crafted_packets() {
         assert_eq!(tuple_checked(&out).2, IpAddr::from(POD4));
 
         assert_eq!(maps.stat(stat::TC_ICMP_TRANSLATED), 1);
+
+        // A node-port flow to a local pod, then the same client port straight to the
+        // pod: the old flow's reply entry must not rewrite the new connection's replies.
+        let local = loaded_local_flow(&datapath, &maps);
+        let direct = frame((CLIENT4.into(), 40100), (POD4.into(), 6379), Some(0x02), 0);
+        assert_eq!(
+            datapath.test_run_tc("lb_tc_ingress", &direct).unwrap(),
+            (TC_ACT_OK, direct)
+        );
+        let answer = frame((POD4.into(), 6379), (CLIENT4.into(), 40100), Some(0x12), 0);
+        assert_eq!(
+            datapath.test_run_tc("lb_tc_egress", &answer).unwrap(),
+            (TC_ACT_OK, answer),
+            "a direct connection's reply was rewritten by {local:?}"
+        );
+        assert_eq!(maps.stat(stat::TC_CT_STALE_REMOVED), 1);
 
         // Egress: a local pod's answer leaving the node (no SNAT) is translated back.
         let not_tracked = frame((POD4.into(), 6379), (CLIENT4.into(), 40009), Some(0x12), 0);

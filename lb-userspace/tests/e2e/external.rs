@@ -492,38 +492,25 @@ spec:
         outside_whoami(&world, &client, &b_ip, &local_np, 0).is_err(),
         "node B answered a Local-policy node port without local endpoints"
     );
-    let health_a = outside(
-        &world,
-        &client,
-        &[
-            "curl",
-            "-s",
-            "-w",
-            " %{http_code}",
-            &format!("http://{a_ip}:{health_port}/healthz"),
-        ],
-        Duration::from_secs(10),
-    )?;
-    ensure!(
-        health_a.ends_with(" 200") && health_a.contains(r#""localEndpoints":2"#),
-        "node A health check: {health_a}"
-    );
-    let health_b = outside(
-        &world,
-        &client,
-        &[
-            "curl",
-            "-s",
-            "-w",
-            " %{http_code}",
-            &format!("http://{b_ip}:{health_port}/healthz"),
-        ],
-        Duration::from_secs(10),
-    )?;
-    ensure!(
-        health_b.ends_with(" 503") && health_b.contains(r#""localEndpoints":0"#),
-        "node B health check: {health_b}"
-    );
+    for (node, ip, code, count) in [("A", &a_ip, 200, 2), ("B", &b_ip, 503, 0)] {
+        let answer = outside(
+            &world,
+            &client,
+            &[
+                "curl",
+                "-s",
+                "-w",
+                " %{http_code}",
+                &format!("http://{ip}:{health_port}/healthz"),
+            ],
+            Duration::from_secs(10),
+        )?;
+        ensure!(
+            answer.ends_with(&format!(" {code}"))
+                && answer.contains(&format!(r#""localEndpoints":{count}"#)),
+            "node {node} health check: {answer}"
+        );
+    }
 
     // The load-balancer IP admits the client's range, and refuses it once the range
     // excludes it.

@@ -531,6 +531,21 @@ fn iperf_at(topo: &Topology, balanced: bool, target: &str, port: u16, seconds: u
         .with_context(|| format!("iperf3 reported no throughput: {}", json["error"]))
 }
 
+/// iperf3 runs from the client, outside the balanced cgroup, to the node port.
+fn node_port_iperf(topo: &Topology, plan: &Plan) -> Result<Vec<f64>> {
+    (0..plan.iperf_runs)
+        .map(|_| {
+            iperf_at(
+                topo,
+                false,
+                &NODE_IP.to_string(),
+                IPERF_NODE_PORT,
+                plan.iperf_seconds,
+            )
+        })
+        .collect()
+}
+
 fn progress(total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -714,16 +729,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 };
                 let (d, l) = (median(&mut direct.clone()), median(&mut balanced.clone()));
                 bar.set_message("throughput through a node port (iperf3)");
-                let runs = node_port_throughput.entry(Mode::LbNodePort).or_default();
-                for _ in 0..plan.iperf_runs {
-                    runs.push(iperf_at(
-                        &topo,
-                        false,
-                        &NODE_IP.to_string(),
-                        IPERF_NODE_PORT,
-                        plan.iperf_seconds,
-                    )?);
-                }
+                node_port_throughput.insert(Mode::LbNodePort, node_port_iperf(&topo, &plan)?);
                 node_port_throughput.insert(Mode::Direct, direct.clone());
                 throughput = Some(Throughput {
                     direct_gbps: d,
@@ -778,16 +784,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     let s = measure(&topo, &exe, mode, n, "rr", plan.round_trips, 1)?;
                     request.push(Row::new(mode, n, 1, &s));
                     bar.set_message(format!("{}: throughput through a node port", mode.name()));
-                    let runs = node_port_throughput.entry(both[1]).or_default();
-                    for _ in 0..plan.iperf_runs {
-                        runs.push(iperf_at(
-                            &topo,
-                            false,
-                            &NODE_IP.to_string(),
-                            IPERF_NODE_PORT,
-                            plan.iperf_seconds,
-                        )?);
-                    }
+                    node_port_throughput.insert(both[1], node_port_iperf(&topo, &plan)?);
                 }
                 bar.inc(plan.concurrency.len() as u64);
             }
