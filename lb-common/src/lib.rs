@@ -740,7 +740,7 @@ pub mod stat {
     pub const TC_FRAGMENT: u32 = 22;
     /// TC: a new flow's source was replaced by the node's address.
     pub const TC_SNAT: u32 = 23;
-    /// TC: no free SNAT port (or no node address of the family): dropped.
+    /// TC: no free SNAT port: dropped.
     pub const TC_SNAT_FAILED: u32 = 24;
     /// TC: the route lookup after translation failed; the kernel routes the packet.
     pub const TC_FIB_MISS: u32 = 25;
@@ -755,6 +755,8 @@ pub mod stat {
     /// TC: a client connected straight to a pod from a tuple a finished node-port flow
     /// had used: that flow's reply entry was removed.
     pub const TC_CT_STALE_REMOVED: u32 = 30;
+    /// TC: SNAT needed but the node has no address of the packet's family: dropped.
+    pub const TC_SNAT_NO_ADDRESS: u32 = 31;
     /// Number of counters.
     pub const COUNT: u32 = 32;
 
@@ -791,7 +793,7 @@ pub mod stat {
         "tc_rewrite_failed",
         "tc_icmp_translated",
         "tc_ct_stale_removed",
-        "reserved",
+        "tc_snat_no_address",
     ];
 }
 

@@ -152,7 +152,7 @@ fn maglev_size() -> u32 {
 
 /// murmur3's 32-bit finalizer: every input bit affects every output bit.
 #[inline(always)]
-fn fmix32(mut h: u32) -> u32 {
+pub fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

@@ -68,7 +68,7 @@ const FIB_NO_NEIGH: i64 = 7;
 /// node's own connections never use them.
 const SNAT_PORT_MIN: u32 = 61000;
 const SNAT_PORTS: u32 = 65536 - SNAT_PORT_MIN;
-const SNAT_ATTEMPTS: u32 = 4;
+const SNAT_ATTEMPTS: u32 = 8;
 /// A tracked flow's last-seen time is refreshed at most this often.
 const REFRESH_NS: u64 = 1_000_000_000;
 
@@ -526,8 +526,19 @@ fn snat_port(packet: &Packet, backend: &CtValue, node: &Addr, hash: u32) -> Opti
         dir: CT_REPLY,
         _pad: 0,
     };
+    // The flow's earlier SNAT port if it had one to this backend (a retransmitted SYN,
+    // a client reusing its port): the backend then sees the same connection.
+    if let Some(previous) = unsafe { LB_CT.get(&packet.key(CT_FORWARD)) }
+        && previous.flags & CT_F_SNAT != 0
+        && previous.dst == backend.dst
+        && previous.dport == backend.dport
+        && previous.src == *node
+    {
+        return Some(previous.sport);
+    }
     for attempt in 0..SNAT_ATTEMPTS {
-        let port = SNAT_PORT_MIN + (hash.wrapping_add(attempt.wrapping_mul(7919))) % SNAT_PORTS;
+        // Independent probes (no clustering of taken ports).
+        let port = SNAT_PORT_MIN + crate::select::fmix32(hash.wrapping_add(attempt)) % SNAT_PORTS;
         reply.dport = (port as u16).to_be();
         if unsafe { LB_CT.get(&reply) }.is_none() {
             return Some(reply.dport);
@@ -633,7 +644,7 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
     if !local && fe.flags & SVC_F_LOCAL == 0 {
         let node = LB_NODE_ADDRS.get(u32::from(packet.v6)).copied();
         let Some(node) = node.filter(|a| a.iter().any(|w| *w != 0)) else {
-            count(stat::TC_SNAT_FAILED);
+            count(stat::TC_SNAT_NO_ADDRESS);
             return TC_ACT_SHOT;
         };
         let Some(port) = snat_port(packet, forward, &node, hash ^ packet.dport as u32) else {

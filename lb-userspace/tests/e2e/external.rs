@@ -312,13 +312,14 @@ fn node_ports_from_other_machines() -> Result<()> {
     let daemon_a = cluster.daemon(0, &[])?;
     let daemon_b = cluster.daemon(1, &[])?;
     let mut manifest = String::new();
-    for (side, node) in [("a", &node_a), ("b", &node_b)] {
+    // Three pods on node A and two on node B: five backends.
+    for (side, node, replicas) in [("a", &node_a, 3), ("b", &node_b, 2)] {
         manifest.push_str(&format!(
             r#"apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: redis-{side}}}
 spec:
-  replicas: 2
+  replicas: {replicas}
   selector: {{matchLabels: {{app: redis, side: "{side}"}}}}
   template:
     metadata: {{labels: {{app: redis, side: "{side}"}}}}
@@ -379,8 +380,8 @@ spec:
         "-p",
         &format!(r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{OUTSIDE_LB_IP}"}}]}}}}}}"#),
     ])?;
-    let names = cluster.wait_ready("app=redis", 4)?;
-    let on_a: BTreeSet<String> = cluster.wait_ready("side=a", 2)?.into_iter().collect();
+    let names = cluster.wait_ready("app=redis", 5)?;
+    let on_a: BTreeSet<String> = cluster.wait_ready("side=a", 3)?.into_iter().collect();
     cluster.wait_ready("app=dns", 1)?;
     let np = node_port_of(&cluster, "redis-np")?;
     let local_np = node_port_of(&cluster, "redis-local")?;
@@ -405,7 +406,7 @@ spec:
                     fe["scope"] == "external"
                         && fe["port"].as_u64().map(|p| p.to_string()).as_deref()
                             == Some(np.as_str())
-                        && fe["backends"].as_array().is_some_and(|b| b.len() == 4)
+                        && fe["backends"].as_array().is_some_and(|b| b.len() == 5)
                 });
                 Ok(full.then_some(()))
             },
@@ -422,7 +423,7 @@ spec:
             seen.insert(who);
         }
         ensure!(
-            seen.len() == 4,
+            seen.len() == 5,
             "{host}:{np} reached only {seen:?} of {names:?}"
         );
     }
@@ -492,7 +493,7 @@ spec:
         outside_whoami(&world, &client, &b_ip, &local_np, 0).is_err(),
         "node B answered a Local-policy node port without local endpoints"
     );
-    for (node, ip, code, count) in [("A", &a_ip, 200, 2), ("B", &b_ip, 503, 0)] {
+    for (node, ip, code, count) in [("A", &a_ip, 200, 3), ("B", &b_ip, 503, 0)] {
         let answer = outside(
             &world,
             &client,
@@ -556,5 +557,81 @@ spec:
     ensure!(daemon_a.metric("lb_datapath_decisions_total{decision=\"tc_snat\"}")? > 0.0);
     ensure!(daemon_a.metric("lb_datapath_decisions_total{decision=\"tc_policy_drop\"}")? > 0.0);
     ensure!(daemon_b.metric("lb_datapath_decisions_total{decision=\"tc_no_backend\"}")? > 0.0);
+
+    // Maglev's disruption bound: one of five backends leaves; of 1000 flows (new
+    // connections from the same 1000 client ports), only about its share move.
+    let counters = || {
+        [&daemon_a, &daemon_b]
+            .map(|d| {
+                d.list_text()
+                    .unwrap_or_default()
+                    .lines()
+                    .rev()
+                    .nth(3)
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .join("\n")
+    };
+    let before = outside_flows(&world, &client, &a_ip, &np).with_context(counters)?;
+    cluster.kubectl(&["scale", "deployment", "redis-b", "--replicas=1"])?;
+    cluster.wait("4 backends", Duration::from_secs(30), || {
+        let listed = daemon_a.list()?;
+        Ok(listed
+            .iter()
+            .any(|fe| {
+                fe["scope"] == "external"
+                    && fe["port"].as_u64().map(|p| p.to_string()).as_deref() == Some(np.as_str())
+                    && fe["backends"].as_array().is_some_and(|b| b.len() == 4)
+            })
+            .then_some(()))
+    })?;
+    let after = outside_flows(&world, &client, &a_ip, &np).with_context(counters)?;
+    let remaining: BTreeSet<&String> = after.iter().collect();
+    ensure!(
+        remaining.len() == 4,
+        "after the scale-down, flows reached {remaining:?}"
+    );
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    let gone = before.iter().filter(|b| !remaining.contains(b)).count();
+    ensure!(
+        moved <= 300 && moved >= gone,
+        "{moved} of 1000 flows moved ({gone} were on the pod that left)"
+    );
+    eprintln!("Maglev: {moved} of 1000 flows moved when 1 of 5 backends left ({gone} had to)");
     Ok(())
+}
+
+/// `GET whoami` from client ports 43000..44000 through `host:port`, one connection
+/// each (closed with a reset, so a port can be used again at once): the pod that
+/// answered each.
+fn outside_flows(world: &World, client: &Pod, host: &str, port: &str) -> Result<Vec<String>> {
+    let script = format!(
+        r#"import socket, struct
+for source_port in range(43000, 44000):
+    s = socket.socket(); s.settimeout(3)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    s.bind(('{}', source_port))
+    s.connect(('{host}', {port}))
+    s.sendall(b'GET whoami\r\n')
+    data = b''
+    while data.count(b'\r\n') < 2:
+        chunk = s.recv(4096)
+        if not chunk: break
+        data += chunk
+    print(data.split(b'\r\n')[1].decode())
+    s.close()
+"#,
+        client.ipv4
+    );
+    let out = outside(
+        world,
+        client,
+        &["python3", "-c", &script],
+        Duration::from_secs(120),
+    )?;
+    let flows: Vec<String> = out.lines().map(str::to_string).collect();
+    ensure!(flows.len() == 1000, "{} answers of 1000", flows.len());
+    Ok(flows)
 }
