@@ -23,6 +23,10 @@ use crate::{
 pub fn trials() -> Vec<Trial> {
     vec![
         trial(
+            "external::ipv6_node_ports_from_manifests",
+            ipv6_node_ports_from_manifests,
+        ),
+        trial(
             "external::node_port_lb_and_external_ips_from_the_node",
             node_port_lb_and_external_ips_from_the_node,
         ),
@@ -239,12 +243,18 @@ fn outside_transfer(
     port: &str,
     source_port: u16,
 ) -> Result<bool> {
+    let v6 = host.contains(':');
+    let (family, source) = if v6 {
+        ("socket.AF_INET6", client.ipv6.to_string())
+    } else {
+        ("socket.AF_INET", client.ipv4.to_string())
+    };
     let script = format!(
         r#"import hashlib, os, socket
 data = os.urandom(100 * 1024 * 1024)
-s = socket.socket(); s.settimeout(60)
+s = socket.socket({family}); s.settimeout(60)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('{}', {source_port}))
+s.bind(('{source}', {source_port}))
 s.connect(('{host}', {port}))
 def line():
     buf = b''
@@ -261,8 +271,7 @@ while len(got) < n + 2:
     if not chunk: break
     got += chunk
 print(hashlib.sha256(bytes(got[:n])).hexdigest() == hashlib.sha256(data).hexdigest())
-"#,
-        client.ipv4
+"#
     );
     let out = outside(
         world,
@@ -634,4 +643,134 @@ for source_port in range(43000, 44000):
     let flows: Vec<String> = out.lines().map(str::to_string).collect();
     ensure!(flows.len() == 1000, "{} answers of 1000", flows.len());
     Ok(flows)
+}
+
+/// Stops the servers a manifests-mode test started (processes in a deleted network
+/// namespace would keep running).
+struct Servers(Vec<std::process::Child>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The TC path over IPv6 (the test control plane is single-stack, so from manifests):
+/// two nodes, each with a redis pod and its own daemon; a client outside dialling
+/// `[node A]:30080` reaches both pods (node B's through SNAT to node A's IPv6
+/// address), and 100 MB arrive intact both ways.
+fn ipv6_node_ports_from_manifests() -> Result<()> {
+    use crate::support::{Daemon, READY};
+    let world = World::new(&["a", "b"])?;
+    let client = world.add_outside("outside6")?;
+    let work_dir = std::env::temp_dir().join(format!("{}-v6", world.id));
+    std::fs::create_dir_all(&work_dir)?;
+    let mut servers = Servers(Vec::new());
+    let mut pods = Vec::new();
+    for node in ["a", "b"] {
+        let net = world.node(node);
+        let pod = world.add_pod(net, &format!("redis-{node}"))?;
+        let argv = lb_testbed::servers::redis(&pod, 6379, &work_dir);
+        let mut cmd = world.command(&pod, None, &argv[0])?;
+        cmd.args(&argv[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        servers.0.push(cmd.spawn()?);
+        pods.push((node, pod));
+    }
+    for (_, pod) in &pods {
+        let mut ready = false;
+        for _ in 0..100 {
+            let mut cmd = world.command(pod, None, "redis-cli")?;
+            cmd.args(["-h", "::1", "SET", "whoami", &pod.name]);
+            if output_with_timeout(cmd, Duration::from_secs(2))
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("OK"))
+            {
+                ready = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ensure!(ready, "redis in {} did not start", pod.name);
+    }
+    let mut manifests = String::new();
+    for node in ["a", "b"] {
+        let net = world.node(node);
+        manifests.push_str(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\nstatus:\n  addresses: [{{type: InternalIP, address: \"{}\"}}, {{type: InternalIP, address: \"{}\"}}]\n---\n",
+            net.ipv4, net.ipv6
+        ));
+    }
+    manifests.push_str(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: redis6, namespace: default}\nspec:\n  type: NodePort\n  ipFamilies: [IPv6]\n  clusterIP: \"fd00:96::30\"\n  ports: [{port: 6379, nodePort: 30080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: redis6-x\n  namespace: default\n  labels: {kubernetes.io/service-name: redis6}\naddressType: IPv6\nports: [{port: 6379, protocol: TCP}]\nendpoints:\n",
+    );
+    for (node, pod) in &pods {
+        manifests.push_str(&format!(
+            "- addresses: [\"{}\"]\n  nodeName: {node}\n",
+            pod.ipv6
+        ));
+    }
+    let dir = work_dir.join("manifests");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("redis6.yaml"), manifests)?;
+    let mut daemons = Vec::new();
+    for node in ["a", "b"] {
+        let net = world.node(node);
+        let mut daemon = Daemon::launch_source(
+            &format!("/sys/fs/bpf/{}-{node}", world.id),
+            &net.cgroup.path,
+            &work_dir,
+            vec![
+                "--manifests".into(),
+                dir.display().to_string(),
+                "--node-name".into(),
+                node.into(),
+            ],
+            &["--netns", &format!("/run/netns/{}", net.netns)],
+        )?;
+        daemon.wait_for_log(READY, Duration::from_secs(30))?;
+        daemons.push(daemon);
+    }
+    let node_a = world.node("a").ipv6.to_string();
+    let names: BTreeSet<String> = pods.iter().map(|(_, p)| p.name.clone()).collect();
+    let script = format!(
+        r#"import socket
+for source_port in range(44000, 44040):
+    s = socket.socket(socket.AF_INET6); s.settimeout(3)
+    s.bind(('{}', source_port))
+    s.connect(('{node_a}', 30080))
+    s.sendall(b'GET whoami\r\n')
+    data = b''
+    while data.count(b'\r\n') < 2:
+        chunk = s.recv(4096)
+        if not chunk: break
+        data += chunk
+    print(data.split(b'\r\n')[1].decode())
+"#,
+        client.ipv6
+    );
+    let answers = outside(
+        &world,
+        &client,
+        &["python3", "-c", &script],
+        Duration::from_secs(60),
+    )
+    .with_context(|| daemons[0].log_text())?;
+    let seen: BTreeSet<String> = answers.lines().map(str::to_string).collect();
+    ensure!(
+        seen == names,
+        "[{node_a}]:30080 reached {seen:?}, pods {names:?}"
+    );
+    ensure!(
+        outside_transfer(&world, &client, &node_a, "30080", 44100)?,
+        "100 MB over IPv6 arrived corrupted"
+    );
+    ensure!(daemons[0].metric("lb_datapath_decisions_total{decision=\"tc_snat\"}")? > 0.0);
+    drop(daemons);
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&work_dir);
+    Ok(())
 }
