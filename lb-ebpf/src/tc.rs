@@ -110,6 +110,22 @@ impl Packet {
         }
     }
 
+    /// The external-scope frontend entry key of the packet's destination.
+    #[inline(always)]
+    fn frontend_key(&self) -> ServiceKey {
+        ServiceKey::new(self.dst, self.dport, self.proto, SCOPE_EXTERNAL, 0)
+    }
+
+    /// `bpf_l4_csum_replace` flags: a zero UDP checksum (IPv4: "none") stays zero.
+    #[inline(always)]
+    fn l4_csum_flags(&self) -> u64 {
+        if self.proto == IPPROTO_UDP {
+            BPF_F_MARK_MANGLED_0
+        } else {
+            0
+        }
+    }
+
     /// A TCP segment that opens a connection (SYN without ACK).
     #[inline(always)]
     fn is_syn(&self) -> bool {
@@ -228,12 +244,7 @@ fn rewrite_addr(ctx: &mut TcContext, packet: &Packet, source: bool, new: &Addr) 
         return Ok(());
     }
     let csum = packet.csum_offset();
-    // A zero UDP checksum (IPv4: "none") stays zero.
-    let l4_flags = if packet.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0
-    } else {
-        0
-    };
+    let l4_flags = packet.l4_csum_flags();
     if packet.v6 {
         let offset = if source { ETH_HLEN + 8 } else { ETH_HLEN + 24 };
         let (mut from, mut into) = (*old, *new);
@@ -262,11 +273,7 @@ fn rewrite_port(ctx: &mut TcContext, packet: &Packet, source: bool, new: u16) ->
     if old == new {
         return Ok(());
     }
-    let l4_flags = if packet.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0
-    } else {
-        0
-    };
+    let l4_flags = packet.l4_csum_flags();
     ctx.l4_csum_replace(packet.csum_offset(), old as u64, new as u64, 2 | l4_flags)
         .map_err(|_| ())?;
     let offset = if source { packet.l4 } else { packet.l4 + 2 };
@@ -372,13 +379,14 @@ fn now() -> u64 {
 }
 
 /// Translates `packet` by the tracked `entry` and routes it (ingress) or lets it go
-/// (egress).
+/// (egress); `reply`: the entry is a reply's, counted as a reverse translation.
 #[inline(always)]
 fn translate_tracked(
     ctx: &mut TcContext,
     packet: &Packet,
     entry: *mut CtValue,
     ingress: bool,
+    reply: bool,
 ) -> i32 {
     count(stat::TC_CT_HIT);
     let t = now();
@@ -389,6 +397,9 @@ fn translate_tracked(
     }
     if rewrite(ctx, packet, to) != 0 {
         return TC_ACT_SHOT;
+    }
+    if reply {
+        count(stat::TC_REVERSE_TRANSLATED);
     }
     if ingress {
         route(ctx, packet, to)
@@ -589,7 +600,7 @@ static LB_TC_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0)
 #[inline(never)]
 fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
     let packet = &scratch.packet;
-    let key = &mut ServiceKey::new(packet.dst, packet.dport, packet.proto, SCOPE_EXTERNAL, 0);
+    let key = &mut packet.frontend_key();
     let Some(fe) = frontend(key) else {
         count(stat::TC_NOT_SERVICE);
         if packet.is_syn() {
@@ -727,10 +738,7 @@ fn ingress(ctx: &mut TcContext) -> i32 {
             count(stat::TC_FRAGMENT);
             // Ports travel in the first fragment only: a datagram for a frontend
             // cannot be translated, so it is dropped here rather than half-delivered.
-            let packet = &scratch.packet;
-            let mut key =
-                ServiceKey::new(packet.dst, packet.dport, packet.proto, SCOPE_EXTERNAL, 0);
-            return if frontend(&mut key).is_some() {
+            return if frontend(&mut scratch.packet.frontend_key()).is_some() {
                 TC_ACT_SHOT
             } else {
                 TC_ACT_OK
@@ -739,14 +747,13 @@ fn ingress(ctx: &mut TcContext) -> i32 {
     }
     let packet = &scratch.packet;
     if let Some(entry) = LB_CT.get_ptr_mut(&packet.key(CT_REPLY)) {
-        count(stat::TC_REVERSE_TRANSLATED);
-        return translate_tracked(ctx, packet, entry, true);
+        return translate_tracked(ctx, packet, entry, true, true);
     }
     // A SYN starts afresh (a client reusing its port gets a current choice).
     if !packet.is_syn()
         && let Some(entry) = tracked(packet)
     {
-        return translate_tracked(ctx, packet, entry, true);
+        return translate_tracked(ctx, packet, entry, true, false);
     }
     new_flow(ctx, scratch)
 }
@@ -763,10 +770,7 @@ fn egress(ctx: &mut TcContext) -> i32 {
     }
     let packet = &scratch.packet;
     match LB_CT.get_ptr_mut(&packet.key(CT_REPLY)) {
-        Some(entry) => {
-            count(stat::TC_REVERSE_TRANSLATED);
-            translate_tracked(ctx, packet, entry, false)
-        }
+        Some(entry) => translate_tracked(ctx, packet, entry, false, true),
         None => TC_ACT_OK,
     }
 }

@@ -265,10 +265,7 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
     let attached = datapath::attached_programs(pin_dir);
     let mut out = std::io::stdout().lock();
     if json {
-        // As an io::Error, so `lb list --json | head` ends quietly like the table.
-        serde_json::to_writer_pretty(&mut out, &listed).map_err(std::io::Error::from)?;
-        writeln!(out)?;
-        return Ok(());
+        return write_json(&mut out, &listed);
     }
     writeln!(
         out,
@@ -400,7 +397,15 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// One tracked external flow, as `lb ct list` shows it.
+/// Pretty JSON and a newline; errors as io::Error, so `lb list --json | head` ends
+/// quietly like the table.
+fn write_json(out: &mut impl Write, value: &impl Serialize) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value).map_err(std::io::Error::from)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// One tracked external flow, as `lb ct` shows it.
 #[derive(Debug, Serialize)]
 pub struct ListedFlow {
     pub protocol: String,
@@ -449,9 +454,7 @@ pub fn run_ct(pin_dir: &Path, json: bool) -> Result<()> {
     });
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, &flows).map_err(std::io::Error::from)?;
-        writeln!(out)?;
-        return Ok(());
+        return write_json(&mut out, &flows);
     }
     writeln!(
         out,

@@ -252,14 +252,7 @@ impl Datapath {
                     .with_context(|| format!("attaching {name} to {device}"))?;
                 let link = program.take_link(id)?;
                 match FdLink::try_from(link) {
-                    Ok(link) => {
-                        let staging = links_dir.join(format!("{pin_name}_new"));
-                        let _ = fs::remove_file(&staging);
-                        link.pin(&staging)
-                            .with_context(|| format!("pinning link {}", staging.display()))?;
-                        fs::rename(&staging, &pin)
-                            .with_context(|| format!("pinning link {}", pin.display()))?;
-                    }
+                    Ok(link) => pin_link(link, links_dir, &pin_name)?,
                     Err(_) => {
                         // Netlink (clsact) attachments before TCX (< 6.6) cannot be
                         // pinned: they stay while this daemon runs.
@@ -308,15 +301,7 @@ impl Datapath {
             }
             let link = attach_cgroup(program, &cgroup)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup_path.display()))?;
-            // Pin under a temporary name (bpffs forbids dots in names), then rename over
-            // any old pin: the old link (if any) detaches only once the new one is
-            // attached and pinned.
-            let staging = links_dir.join(format!("{name}_new"));
-            let _ = fs::remove_file(&staging);
-            link.pin(&staging)
-                .with_context(|| format!("pinning link {}", staging.display()))?;
-            fs::rename(&staging, &pin)
-                .with_context(|| format!("pinning link {}", pin.display()))?;
+            pin_link(link, &links_dir, name)?;
             attached += 1;
         }
         let (tc_updated, tc_attached, tc_pins) = self.activate_tc(&links_dir)?;
@@ -388,6 +373,19 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// Pins `link` as `links_dir/name`: under a temporary name first (bpffs forbids dots
+/// in names), then renamed over any old pin, so the old link (if any) detaches only
+/// once the new one is attached and pinned.
+fn pin_link(link: FdLink, links_dir: &Path, name: &str) -> Result<()> {
+    let staging = links_dir.join(format!("{name}_new"));
+    let pin = links_dir.join(name);
+    let _ = fs::remove_file(&staging);
+    link.pin(&staging)
+        .with_context(|| format!("pinning link {}", staging.display()))?;
+    fs::rename(&staging, &pin).with_context(|| format!("pinning link {}", pin.display()))?;
+    Ok(())
 }
 
 /// Attaches a cgroup program of either kind the object has and returns its link.

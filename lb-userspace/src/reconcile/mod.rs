@@ -984,7 +984,8 @@ impl Reconciler {
                 self.members.remove(member);
             }
             member_deletes.extend(members);
-            if programmed.table_for.is_some() || key.scope == Scope::External {
+            // Also when not known to this process (adopted, never rewritten).
+            if key.scope == Scope::External {
                 table_deletes.push(programmed.svc_id);
             }
             range_deletes.extend(programmed.ranges.iter().copied());
