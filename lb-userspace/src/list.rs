@@ -347,14 +347,22 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
     )?;
     writeln!(out, "{}", sockets_line(&snapshot))?;
     match attached {
-        0 => writeln!(
+        (0, 0) => writeln!(
             out,
             "NO PROGRAM ATTACHED: the maps are pinned but nothing uses them, so nothing is \
              balanced. A daemon attaches its programs after its first sync (see its log); \
              `lb cleanup --pin-dir {}` removes a datapath that will not come back.",
             pin_dir.display()
         )?,
-        n => writeln!(out, "datapath: {n} programs attached through pinned links")?,
+        (linked, 0) => writeln!(
+            out,
+            "datapath: {linked} programs attached through pinned links"
+        )?,
+        (linked, netlink) => writeln!(
+            out,
+            "datapath: {linked} programs attached through pinned links, {netlink} TC programs \
+             through netlink filters"
+        )?,
     }
     match (&daemon, datapath::lock_holder(pin_dir)) {
         (Some(d), _) => writeln!(
@@ -378,6 +386,9 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
             "daemon: none running; the datapath keeps serving what it was last given"
         )?,
     }
+    if let Some(daemon) = &daemon {
+        write_kernel_section(&mut out, daemon)?;
+    }
     let unprogrammed = listed.iter().filter(|f| f.not_programmed.is_some()).count();
     if unprogrammed > 0 {
         writeln!(
@@ -393,6 +404,43 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
             snapshot.orphan_slots.len(),
             snapshot.unreferenced_backends.len()
         )?;
+    }
+    Ok(())
+}
+
+/// The daemon's kernel features and TC interfaces, one line each.
+fn write_kernel_section(out: &mut impl Write, daemon: &Value) -> Result<()> {
+    if let Some(features) = daemon["kernel"]["features"].as_array() {
+        writeln!(
+            out,
+            "kernel {}:",
+            daemon["kernel"]["release"].as_str().unwrap_or("?")
+        )?;
+        for feature in features {
+            writeln!(
+                out,
+                "    {:<13} {:<3} (since {}): {}",
+                feature["name"].as_str().unwrap_or(""),
+                if feature["available"] == true {
+                    "yes"
+                } else {
+                    "no"
+                },
+                feature["since"].as_str().unwrap_or("?"),
+                feature["in_use"].as_str().unwrap_or("")
+            )?;
+        }
+    }
+    for device in daemon["tc_devices"].as_array().into_iter().flatten() {
+        let name = device["device"].as_str().unwrap_or("");
+        match device["attachment"].as_str() {
+            Some(via) => writeln!(out, "TC on {name}: attached ({via})")?,
+            None => writeln!(
+                out,
+                "TC on {name}: NOT ATTACHED: {} (tried again periodically, see the daemon's log)",
+                device["error"].as_str().unwrap_or("unknown error"),
+            )?,
+        }
     }
     Ok(())
 }

@@ -49,6 +49,11 @@ enum Command {
         /// maps open, but no program of it stays attached).
         #[arg(long)]
         force: bool,
+        /// Network namespace of the daemon's devices (its `--netns`), where TC
+        /// filters attached through netlink are looked for besides this namespace and
+        /// those under /run/netns.
+        #[arg(long, value_name = "PATH")]
+        netns: Option<PathBuf>,
     },
 }
 
@@ -138,6 +143,15 @@ struct DaemonArgs {
     /// even where the kernel has it. For testing that fallback.
     #[arg(long, hide = true)]
     legacy_socket_tracking: bool,
+    /// How the TC programs are attached: TCX links where the kernel has them (6.6+),
+    /// else netlink clsact filters (auto); or netlink filters everywhere. Both stay
+    /// attached when the daemon exits and are replaced in place by the next one.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
+    tc_attach: datapath::TcAttachMode,
+    /// Seconds between tries to attach the TC programs to an interface where it
+    /// failed (the interface may appear later).
+    #[arg(long, value_name = "S", default_value_t = datapath::TC_RETRY.as_secs())]
+    tc_retry_seconds: u64,
 }
 
 fn init_logging(level: &str) {
@@ -271,6 +285,8 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             devices,
             netns,
             maglev_size,
+            tc_attach: args.tc_attach,
+            tc_retry: Duration::from_secs(args.tc_retry_seconds.max(1)),
         },
         node_ports,
         detach_on_exit: args.detach_on_exit,
@@ -295,7 +311,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Daemon(args) => daemon(*args),
         Command::Ct { pin_dir, json } => list::run_ct(&pin_dir, json),
         Command::List { pin_dir, json } => list::run(&pin_dir, json),
-        Command::Cleanup { pin_dir, force } => {
+        Command::Cleanup {
+            pin_dir,
+            force,
+            netns,
+        } => {
             datapath::check_root()?;
             let holder = datapath::lock_holder(&pin_dir);
             if let Some(pid) = holder
@@ -308,7 +328,7 @@ fn run(cli: Cli) -> Result<()> {
                     pin_dir.display()
                 );
             }
-            datapath::cleanup(&pin_dir)?;
+            datapath::cleanup(&pin_dir, netns.as_deref())?;
             eprintln!("removed the datapath pinned at {}", pin_dir.display());
             if let Some(pid) = holder {
                 eprintln!(

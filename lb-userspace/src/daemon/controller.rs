@@ -106,6 +106,8 @@ pub struct Controller {
     /// `stat::REVNAT_FULL` when last reported.
     revnat_full_seen: u64,
     last_socket_check: Instant,
+    /// When to try again the interfaces whose TC programs failed to attach.
+    tc_retry_at: Option<Instant>,
 }
 
 impl Controller {
@@ -132,6 +134,7 @@ impl Controller {
             health_checks,
             revnat_full_seen,
             last_socket_check: Instant::now(),
+            tc_retry_at: None,
             model: Model::default(),
             reconciler: Reconciler::new(limits).with_maglev_size(maps.maglev_size),
             limits,
@@ -196,6 +199,10 @@ impl Controller {
                 break;
             }
             self.watch_socket_map();
+            if self.tc_retry_at.is_some_and(|at| Instant::now() >= at) {
+                self.datapath.retry_tc();
+                self.publish_tc();
+            }
             if self.retry_at.is_some_and(|at| Instant::now() < at) {
                 continue;
             }
@@ -456,7 +463,14 @@ impl Controller {
     fn full_sync(&mut self) -> Result<ApplyStats, SyncError> {
         if !self.datapath.is_active() {
             let addresses = self.node_context().addresses;
-            let devices = self.datapath.resolve_devices(&addresses)?.to_vec();
+            // Not finding the interfaces costs the TC path only, never the sockets'.
+            let devices = match self.datapath.resolve_devices(&addresses) {
+                Ok(devices) => devices.to_vec(),
+                Err(err) => {
+                    warn!("cannot tell the interfaces for traffic from other machines: {err:#}");
+                    Vec::new()
+                }
+            };
             if devices.is_empty() {
                 // Each external frontend is warned about as it appears (`report`).
                 info!(
@@ -492,8 +506,25 @@ impl Controller {
         let stats = stats?;
         if !self.datapath.is_active() {
             self.datapath.activate().map_err(SyncError::Failed)?;
+            self.publish_tc();
         }
         Ok(stats)
+    }
+
+    /// Shows how the TC programs are attached per interface (lb list, metrics) and
+    /// schedules another try for the interfaces where attaching failed.
+    fn publish_tc(&mut self) {
+        let devices = self.datapath.tc_devices();
+        let failed = devices.iter().filter(|d| d.error.is_some()).count();
+        let sizes = &self.metrics.sizes;
+        sizes
+            .tc_devices_failed
+            .store(failed as u64, Ordering::Relaxed);
+        sizes
+            .tc_devices_attached
+            .store((devices.len() - failed) as u64, Ordering::Relaxed);
+        self.board.set_tc_devices(devices);
+        self.tc_retry_at = (failed > 0).then(|| Instant::now() + self.datapath.tc_retry());
     }
 
     /// Applies changes in chunks (removals first, so space frees before additions),

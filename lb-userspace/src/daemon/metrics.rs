@@ -45,6 +45,19 @@ pub struct Sizes {
     pub service_entries: AtomicU64,
     /// Frontends the maps could not hold (reported, retried when space frees up).
     pub unprogrammed: AtomicU64,
+    /// Interfaces with the TC programs attached, and those where attaching failed.
+    pub tc_devices_attached: AtomicU64,
+    pub tc_devices_failed: AtomicU64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeatureLabel {
+    feature: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
 }
 
 /// Everything the daemon counts.
@@ -70,6 +83,8 @@ struct Live {
     api: Option<Arc<ApiStatus>>,
     sizes: Arc<Sizes>,
     capacities: Vec<(String, u64)>,
+    /// (feature, whether the kernel has it).
+    features: Vec<(String, bool)>,
 }
 
 impl Collector for Live {
@@ -127,6 +142,38 @@ impl Collector for Live {
             for (map, value) in &self.capacities {
                 let label = MapLabel { map: map.clone() };
                 ConstGauge::new(*value as i64).encode(family.encode_family(&label)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "lb_kernel_feature",
+                "Optional kernel features: 1 if the kernel has it (lb list says what is used instead when not)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (feature, available) in &self.features {
+                let label = FeatureLabel {
+                    feature: feature.clone(),
+                };
+                ConstGauge::new(i64::from(*available)).encode(family.encode_family(&label)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "lb_tc_devices",
+                "Interfaces for traffic from other machines, by whether their TC programs are attached",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (state, value) in [
+                ("attached", &self.sizes.tc_devices_attached),
+                ("failed", &self.sizes.tc_devices_failed),
+            ] {
+                let label = StateLabel {
+                    state: state.into(),
+                };
+                ConstGauge::new(value.load(Ordering::Relaxed) as i64)
+                    .encode(family.encode_family(&label)?)?;
             }
         }
         if let Some(api) = &self.api {
@@ -267,15 +314,25 @@ impl Metrics {
         mut self,
         pin_dir: &Path,
         capacities: &crate::datapath::Capacities,
+        features: Option<&crate::datapath::KernelFeatures>,
         api: Option<Arc<ApiStatus>>,
     ) -> Self {
         let stats = StatsReader::open(pin_dir).ok();
         let capacities = crate::datapath::capacities(capacities);
+        let features = features
+            .map(|f| {
+                f.features
+                    .iter()
+                    .map(|f| (f.name.to_string(), f.available))
+                    .collect()
+            })
+            .unwrap_or_default();
         self.registry.register_collector(Box::new(Live {
             stats,
             api,
             sizes: self.sizes.clone(),
             capacities,
+            features,
         }));
         self
     }
@@ -315,6 +372,7 @@ mod tests {
         let metrics = metrics.with_live(
             Path::new("/nonexistent"),
             &crate::datapath::Capacities::default(),
+            None,
             None,
         );
         let text = metrics.encode();

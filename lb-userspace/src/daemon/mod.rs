@@ -97,8 +97,12 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         }
         (SourceOptions::Kubernetes { .. }, None) => unreachable!("client built above"),
     };
-    let metrics =
-        Arc::new(Metrics::new().with_live(&options.datapath.pin_dir, &datapath.capacities(), api));
+    let metrics = Arc::new(Metrics::new().with_live(
+        &options.datapath.pin_dir,
+        &datapath.capacities(),
+        Some(datapath.features()),
+        api,
+    ));
     if let Some(listener) = metrics_listener {
         http::serve_metrics(listener, metrics.clone(), health.clone())?;
     }
@@ -108,6 +112,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         SourceOptions::Kubernetes { .. } => "kubernetes".to_string(),
     };
     let board = status::StatusBoard::new(&options.node_name, &source_name);
+    board.set_features(datapath.features().clone());
     status::serve(&options.datapath.pin_dir, board.clone()).await?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -170,7 +175,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         // the datapath stays attached through its pinned links.
         warn!("the sync did not reach a stopping point in time; exiting anyway");
         if options.detach_on_exit {
-            datapath::cleanup(&options.datapath.pin_dir)?;
+            datapath::cleanup(&options.datapath.pin_dir, options.datapath.netns.as_deref())?;
         }
         return Ok(());
     }

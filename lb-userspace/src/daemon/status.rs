@@ -23,6 +23,7 @@ use serde::Serialize;
 use tracing::{debug, info};
 
 use crate::{
+    datapath::{KernelFeatures, TcDevice},
     model::{Frontend, FrontendKey},
     reconcile::Shortage,
 };
@@ -49,6 +50,8 @@ pub struct Board {
     frontends: BTreeMap<FrontendKey, Arc<Frontend>>,
     unprogrammed: BTreeMap<FrontendKey, String>,
     ready: bool,
+    features: Option<KernelFeatures>,
+    tc_devices: Vec<TcDevice>,
 }
 
 /// The daemon's side of `lb list`.
@@ -91,6 +94,11 @@ pub struct Status {
     pub node: String,
     pub source: String,
     pub ready: bool,
+    /// The optional kernel features and what is used of each.
+    pub kernel: Option<KernelFeatures>,
+    /// Interfaces for traffic from other machines: how their TC programs are
+    /// attached, or why not.
+    pub tc_devices: Vec<TcDevice>,
     pub frontends: Vec<FrontendStatus>,
 }
 
@@ -136,6 +144,14 @@ impl StatusBoard {
         self.update(everything, unprogrammed);
     }
 
+    pub fn set_features(&self, features: KernelFeatures) {
+        self.inner.lock().expect("lock").features = Some(features);
+    }
+
+    pub fn set_tc_devices(&self, devices: &[TcDevice]) {
+        self.inner.lock().expect("lock").tc_devices = devices.to_vec();
+    }
+
     pub fn set_ready(&self) {
         self.inner.lock().expect("lock").ready = true;
     }
@@ -172,6 +188,8 @@ impl StatusBoard {
             node: self.node.clone(),
             source: self.source.clone(),
             ready: board.ready,
+            kernel: board.features.clone(),
+            tc_devices: board.tc_devices.clone(),
             frontends,
         }
     }

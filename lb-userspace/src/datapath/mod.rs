@@ -9,12 +9,14 @@
 //! `lb daemon --detach-on-exit`) removes the datapath.
 
 mod batch;
+pub mod features;
 mod links;
 mod maps;
 pub mod netns;
 pub mod pins;
 pub mod sockets;
 mod sys;
+mod tc_netlink;
 #[cfg(test)]
 mod tc_tests;
 
@@ -28,12 +30,18 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, Program, SchedClassifier, TcAttachType, links::FdLink},
+    programs::{
+        CgroupAttachMode, Program, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkOrder},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+    },
 };
 use lb_common::{map_names, stat};
+use serde::Serialize;
 use tracing::{info, warn};
 
 pub use self::{
+    features::{KernelFeatures, TcAttachMode},
     maps::{KernelMaps, MapSnapshot},
     pins::Capacities,
     sys::{bpffs_prepare, cgroup2_root, check_root},
@@ -69,11 +77,31 @@ fn programs(capacities: &Capacities) -> Vec<&'static str> {
 }
 
 /// The TC programs (node ports, external and load-balancer IPs from other machines),
-/// each with the direction it attaches to on every external interface.
+/// each with the direction it attaches to on every external interface. Egress (the
+/// reply path) first: an interface whose ingress program fails to attach then
+/// translates nothing, rather than translating requests whose replies it cannot.
 const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
-    ("lb_tc_ingress", TcAttachType::Ingress),
     ("lb_tc_egress", TcAttachType::Egress),
+    ("lb_tc_ingress", TcAttachType::Ingress),
 ];
+
+/// Pin-name prefix of a TC program attached through a netlink filter (the pin holds
+/// the program, so `lb cleanup` can find the filters that run it).
+const NETLINK_PIN_PREFIX: &str = "nl_";
+
+/// How one interface's TC programs are attached, or why they are not.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TcDevice {
+    pub device: String,
+    /// `tcx` or `netlink` once attached.
+    pub attachment: Option<&'static str>,
+    /// Why attaching failed (tried again every `--tc-retry-seconds`).
+    pub error: Option<String>,
+}
+
+/// How often interfaces whose TC programs failed to attach are tried again, by
+/// default.
+pub const TC_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `bpf_link_type` of a TCX link.
 const BPF_LINK_TYPE_TCX: u32 = 11;
@@ -99,6 +127,10 @@ pub struct DatapathOptions {
     pub netns: Option<PathBuf>,
     /// Entries of each Maglev table (a prime).
     pub maglev_size: u32,
+    /// TCX links where available, or netlink filters always.
+    pub tc_attach: TcAttachMode,
+    /// How often interfaces whose TC programs failed to attach are tried again.
+    pub tc_retry: std::time::Duration,
 }
 
 /// A loaded datapath: programs verified, maps pinned (adopted if they were already).
@@ -110,6 +142,9 @@ pub struct Datapath {
     active: bool,
     /// Interfaces the TC programs serve (resolved before activation).
     devices: Vec<String>,
+    /// Per interface: how its TC programs are attached, or why not.
+    tc_devices: Vec<TcDevice>,
+    features: KernelFeatures,
     /// Held while this daemon owns the pin directory.
     _instance_lock: fs::File,
 }
@@ -131,6 +166,26 @@ impl Datapath {
                 return Err(err);
             }
         };
+        let probed = features::Probed::probe();
+        let features =
+            KernelFeatures::describe(probed, options.tc_attach, options.capacities.legacy_sockets);
+        info!(
+            kernel = %features.release,
+            "kernel features: {} (lb list shows what each means here)",
+            features.summary()
+        );
+        if !probed.tcx {
+            info!(
+                "TC programs are attached as netlink clsact filters (no TCX links before \
+                 6.6): they stay attached when the daemon exits and are replaced in place"
+            );
+        }
+        if !probed.sock_destroy {
+            warn!(
+                "the kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY is off): sockets \
+                 connected to a removed backend stay until the client gives up"
+            );
+        }
         if options.capacities.legacy_sockets {
             warn!("socket tracking: LRU forced by --legacy-socket-tracking");
         } else if let Err(why) = sys::probe_socket_tracking() {
@@ -144,7 +199,12 @@ impl Datapath {
         }
         let loaded = (|| {
             let layout = pins::prepare(&options.pin_dir, &options.capacities)?;
-            let ebpf = load_object(&layout.dir, &options.capacities, options.maglev_size)?;
+            let ebpf = load_object(
+                &layout.dir,
+                &options.capacities,
+                options.maglev_size,
+                probed.set_retval,
+            )?;
             info!(maps = %layout.dir.display(), "datapath loaded");
             Ok(Self {
                 ebpf,
@@ -152,6 +212,8 @@ impl Datapath {
                 layout,
                 active: false,
                 devices: Vec::new(),
+                tc_devices: Vec::new(),
+                features,
                 _instance_lock: instance_lock,
             })
         })();
@@ -221,52 +283,167 @@ impl Datapath {
         self.options.netns.as_deref()
     }
 
-    /// Attaches (or swaps into pinned links) the TC programs on every device; returns
-    /// (updated, attached) link counts and the wanted pin names.
-    fn activate_tc(&mut self, links_dir: &Path) -> Result<(usize, usize, Vec<String>)> {
-        let (mut updated, mut attached, mut wanted) = (0, 0, Vec::new());
-        let _netns = netns::NetnsGuard::enter(self.options.netns.as_deref())?;
-        for device in self.devices.clone() {
-            let ifindex = ifindex(&device)?;
-            for (name, direction) in TC_PROGRAMS {
-                let pin_name = tc_pin_name(name, &device);
-                let pin = links_dir.join(&pin_name);
-                wanted.push(pin_name.clone());
-                let program: &mut SchedClassifier = self
-                    .ebpf
-                    .program_mut(name)
-                    .with_context(|| format!("program {name} missing from the eBPF object"))?
-                    .try_into()?;
-                if let Ok(link) = links::open_pinned(&pin) {
-                    let info = links::link_info(link.as_fd())
-                        .with_context(|| format!("reading pinned link {}", pin.display()))?;
-                    if info.link_type == BPF_LINK_TYPE_TCX && info.cgroup_id as u32 == ifindex {
-                        links::update(link.as_fd(), program.fd()?.as_fd())
-                            .with_context(|| format!("updating pinned link {}", pin.display()))?;
-                        updated += 1;
-                        continue;
+    /// The optional kernel features and what is used of them.
+    pub fn features(&self) -> &KernelFeatures {
+        &self.features
+    }
+
+    /// Per interface: how the TC programs are attached, or why they are not.
+    pub fn tc_devices(&self) -> &[TcDevice] {
+        &self.tc_devices
+    }
+
+    /// How often failed TC attachments are tried again.
+    pub fn tc_retry(&self) -> std::time::Duration {
+        self.options.tc_retry
+    }
+
+    /// Whether TC programs attach as TCX links (else as netlink filters).
+    fn uses_tcx(&self) -> bool {
+        self.features.get("tcx").is_some_and(|f| f.available)
+            && self.options.tc_attach == TcAttachMode::Auto
+    }
+
+    /// Attaches (or swaps in place) the TC programs on every interface in `devices`.
+    /// A failure is recorded for its interface only (and logged): the socket path and
+    /// the other interfaces never wait for it. Returns (updated, attached) counts.
+    fn attach_tc(&mut self, links_dir: &Path, devices: &[String]) -> (usize, usize) {
+        let (mut updated, mut attached) = (0, 0);
+        let entered = netns::NetnsGuard::enter(self.options.netns.as_deref());
+        for device in devices {
+            let result = match &entered {
+                Ok(_) => self.attach_device(links_dir, device),
+                Err(err) => Err(anyhow::anyhow!("{err:#}")),
+            };
+            let status = match result {
+                Ok((u, a, via)) => {
+                    updated += u;
+                    attached += a;
+                    TcDevice {
+                        device: device.clone(),
+                        attachment: Some(via),
+                        error: None,
                     }
                 }
-                let id = program
-                    .attach(&device, direction)
-                    .with_context(|| format!("attaching {name} to {device}"))?;
-                let link = program.take_link(id)?;
-                match FdLink::try_from(link) {
-                    Ok(link) => pin_link(link, links_dir, &pin_name)?,
-                    Err(_) => {
-                        // Netlink (clsact) attachments before TCX (< 6.6) cannot be
-                        // pinned: they stay while this daemon runs.
-                        warn!(
-                            device,
-                            program = name,
-                            "TC program attached through netlink: it is detached when the daemon exits (kernels >= 6.6 keep it)"
-                        );
+                Err(err) => {
+                    warn!(
+                        device = %device,
+                        "TC programs not attached: {err:#}; node ports, external and \
+                         load-balancer IPs are not served from other machines through this \
+                         interface (tried again every {:?})",
+                        self.options.tc_retry
+                    );
+                    TcDevice {
+                        device: device.clone(),
+                        attachment: None,
+                        error: Some(format!("{err:#}")),
                     }
                 }
+            };
+            match self.tc_devices.iter_mut().find(|d| d.device == *device) {
+                Some(known) => *known = status,
+                None => self.tc_devices.push(status),
+            }
+        }
+        (updated, attached)
+    }
+
+    /// Attaches both TC programs to `device` in the current namespace: (updated,
+    /// attached, how).
+    fn attach_device(
+        &mut self,
+        links_dir: &Path,
+        device: &str,
+    ) -> Result<(usize, usize, &'static str)> {
+        let ifindex = ifindex(device)?;
+        let tcx = self.uses_tcx();
+        if !tcx {
+            match aya::programs::tc::qdisc_add_clsact(device) {
+                Ok(()) => info!(device, "added a clsact qdisc for the TC programs"),
+                // Already there (ours from before, or someone else's: shared).
+                Err(aya::programs::tc::TcError::NetlinkError(err))
+                    if err.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(err) => return Err(err).context("adding a clsact qdisc"),
+            }
+        }
+        let (mut updated, mut attached) = (0, 0);
+        for (name, direction) in TC_PROGRAMS {
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            let replaced = if tcx {
+                attach_tcx(program, links_dir, device, ifindex, name, direction)?
+            } else {
+                attach_netlink(program, links_dir, device, ifindex, name, direction)?
+            };
+            if replaced {
+                updated += 1;
+            } else {
                 attached += 1;
             }
         }
-        Ok((updated, attached, wanted))
+        Ok((updated, attached, if tcx { "tcx" } else { "netlink" }))
+    }
+
+    /// Tries again the interfaces whose TC programs failed to attach; returns whether
+    /// any is still failing.
+    pub fn retry_tc(&mut self) -> bool {
+        let failed: Vec<String> = self
+            .tc_devices
+            .iter()
+            .filter(|d| d.error.is_some())
+            .map(|d| d.device.clone())
+            .collect();
+        if !failed.is_empty() {
+            let links_dir = self.options.pin_dir.join(LINKS_DIR);
+            self.attach_tc(&links_dir, &failed);
+            for device in self
+                .tc_devices
+                .iter()
+                .filter(|d| failed.contains(&d.device))
+            {
+                if let Some(via) = device.attachment {
+                    info!(device = %device.device, attachment = via, "TC programs attached on retry");
+                }
+            }
+        }
+        self.tc_devices.iter().any(|d| d.error.is_some())
+    }
+
+    /// Pin names of the TC programs on `device`, in either attachment.
+    fn tc_pins(device: &str) -> Vec<String> {
+        TC_PROGRAMS
+            .iter()
+            .flat_map(|(name, _)| {
+                let pin = tc_pin_name(name, device);
+                [format!("{NETLINK_PIN_PREFIX}{pin}"), pin]
+            })
+            .collect()
+    }
+
+    /// Removes the netlink filters of programs pinned as `stale` (pin names under
+    /// `links_dir`) from the devices' namespace.
+    fn detach_stale_netlink(&self, links_dir: &Path, stale: &[String]) {
+        let ids: Vec<u32> = stale
+            .iter()
+            .filter(|n| n.starts_with(NETLINK_PIN_PREFIX))
+            .filter_map(|n| links::open_pinned(&links_dir.join(n)).ok())
+            .filter_map(|fd| links::program_id(fd.as_fd()).ok())
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let removed = netns::NetnsGuard::enter(self.options.netns.as_deref())
+            .and_then(|_guard| Ok(tc_netlink::delete_running(&ids)?));
+        match removed {
+            Ok(n) => info!(
+                filters = n,
+                "removed TC filters of interfaces no longer served"
+            ),
+            Err(err) => warn!("removing TC filters of interfaces no longer served: {err:#}"),
+        }
     }
 
     /// Makes this build's programs the ones that run: a link pinned by a previous run
@@ -304,19 +481,34 @@ impl Datapath {
             pin_link(link, &links_dir, name)?;
             attached += 1;
         }
-        let (tc_updated, tc_attached, tc_pins) = self.activate_tc(&links_dir)?;
+        let devices = self.devices.clone();
+        let (tc_updated, tc_attached) = self.attach_tc(&links_dir, &devices);
         updated += tc_updated;
         attached += tc_attached;
-        // Links of programs this build no longer has, or of devices no longer served.
-        for entry in fs::read_dir(&links_dir)?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !names.contains(&name.as_str())
-                && !tc_pins.contains(&name)
-                && !name.ends_with("_new")
-            {
-                warn!(link = %entry.path().display(), "removing a pinned link this build has no program for");
-                let _ = fs::remove_file(entry.path());
-            }
+        // Links of programs this build no longer has, or of devices no longer served,
+        // or attached the other way (TCX or netlink) than this daemon attaches.
+        let tcx = self.uses_tcx();
+        let served: Vec<String> = self
+            .tc_devices
+            .iter()
+            .flat_map(|d| {
+                // A device that failed keeps whatever a previous daemon left serving.
+                Self::tc_pins(&d.device).into_iter().filter(move |pin| {
+                    d.error.is_some() || pin.starts_with(NETLINK_PIN_PREFIX) != tcx
+                })
+            })
+            .collect();
+        let stale: Vec<String> = fs::read_dir(&links_dir)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| {
+                !names.contains(&name.as_str()) && !served.contains(name) && !name.ends_with("_new")
+            })
+            .collect();
+        self.detach_stale_netlink(&links_dir, &stale);
+        for name in &stale {
+            warn!(link = %links_dir.join(name).display(), "removing a pinned link this build has no program or interface for");
+            let _ = fs::remove_file(links_dir.join(name));
         }
         self.active = true;
         info!(
@@ -324,7 +516,7 @@ impl Datapath {
             pin_dir = %self.options.pin_dir.display(),
             links_updated = updated,
             links_attached = attached,
-            devices = ?self.devices,
+            tc = ?self.tc_devices,
             "datapath attached"
         );
         // Nothing uses the old maps any more.
@@ -366,13 +558,113 @@ impl Datapath {
         let pin_dir = self.options.pin_dir.clone();
         drop(self.ebpf);
         if detach {
-            cleanup(&pin_dir)?;
+            cleanup(&pin_dir, self.options.netns.as_deref())?;
             info!(pin_dir = %pin_dir.display(), "datapath detached and unpinned");
         } else {
             info!(pin_dir = %pin_dir.display(), "datapath left attached and pinned");
         }
         Ok(())
     }
+}
+
+/// Attaches `program` to `device` as a TCX link, or swaps it into the link a previous
+/// daemon pinned there; returns whether it swapped.
+fn attach_tcx(
+    program: &mut SchedClassifier,
+    links_dir: &Path,
+    device: &str,
+    ifindex: u32,
+    name: &str,
+    direction: TcAttachType,
+) -> Result<bool> {
+    let pin_name = tc_pin_name(name, device);
+    let pin = links_dir.join(&pin_name);
+    if let Ok(link) = links::open_pinned(&pin) {
+        let info = links::link_info(link.as_fd())
+            .with_context(|| format!("reading pinned link {}", pin.display()))?;
+        if info.link_type == BPF_LINK_TYPE_TCX && info.cgroup_id as u32 == ifindex {
+            links::update(link.as_fd(), program.fd()?.as_fd())
+                .with_context(|| format!("updating pinned link {}", pin.display()))?;
+            return Ok(true);
+        }
+    }
+    let id = program
+        .attach_with_options(
+            device,
+            direction,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .with_context(|| format!("attaching {name} as a TCX link"))?;
+    let link = FdLink::try_from(program.take_link(id)?).context("TCX link is not fd-based")?;
+    pin_link(link, links_dir, &pin_name)?;
+    Ok(false)
+}
+
+/// Attaches `program` to `device` as a netlink filter at our priority and handle, or
+/// replaces the program of our filter there (atomically, as a TCX link update would);
+/// pins the program; returns whether it replaced. The filter outlives the daemon.
+fn attach_netlink(
+    program: &mut SchedClassifier,
+    links_dir: &Path,
+    device: &str,
+    ifindex: u32,
+    name: &str,
+    direction: TcAttachType,
+) -> Result<bool> {
+    let hook = if direction == TcAttachType::Ingress {
+        "ingress"
+    } else {
+        "egress"
+    };
+    let existing = tc_netlink::filters(ifindex, direction)
+        .with_context(|| format!("listing the filters of the {hook} hook"))?
+        .into_iter()
+        .find(|f| f.priority == tc_netlink::PRIORITY && f.handle == tc_netlink::HANDLE);
+    let handle = TcHandle::from(tc_netlink::HANDLE);
+    let (id, replaced) = match existing {
+        Some(filter) if filter.is_ours() => {
+            let link = SchedClassifierLink::attached(
+                device,
+                direction,
+                tc_netlink::PRIORITY,
+                handle,
+                None,
+            )?;
+            let id = program
+                .attach_to_link(link)
+                .with_context(|| format!("replacing the program of our {hook} filter"))?;
+            (id, true)
+        }
+        Some(filter) => bail!(
+            "priority {} handle {:#x} of the {hook} hook holds someone else's {} filter {:?}",
+            tc_netlink::PRIORITY,
+            tc_netlink::HANDLE,
+            filter.kind,
+            filter.program_name.unwrap_or_default()
+        ),
+        None => {
+            let options = TcAttachOptions::Netlink(NlOptions {
+                priority: tc_netlink::PRIORITY,
+                handle,
+                classid: None,
+            });
+            let id = program
+                .attach_with_options(device, direction, options)
+                .with_context(|| format!("attaching {name} as a netlink filter"))?;
+            (id, false)
+        }
+    };
+    // Dropping the link would delete the filter: it stays when the daemon exits, like
+    // a pinned link, and the next daemon replaces its program in place.
+    std::mem::forget(program.take_link(id)?);
+    let pin_name = format!("{NETLINK_PIN_PREFIX}{}", tc_pin_name(name, device));
+    let staging = links_dir.join(format!("{pin_name}_new"));
+    let _ = fs::remove_file(&staging);
+    links::pin(program.fd()?.as_fd(), &staging)
+        .with_context(|| format!("pinning program {}", staging.display()))?;
+    fs::rename(&staging, links_dir.join(&pin_name))
+        .with_context(|| format!("pinning program {pin_name}"))?;
+    Ok(replaced)
 }
 
 /// Pins `link` as `links_dir/name`: under a temporary name first (bpffs forbids dots
@@ -405,8 +697,12 @@ fn attach_cgroup(program: &mut Program, cgroup: &fs::File) -> Result<FdLink> {
     Ok(link)
 }
 
-fn load_object(maps_dir: &Path, capacities: &Capacities, maglev_size: u32) -> Result<Ebpf> {
-    let has_set_retval = sys::probe_set_retval();
+fn load_object(
+    maps_dir: &Path,
+    capacities: &Capacities,
+    maglev_size: u32,
+    has_set_retval: bool,
+) -> Result<Ebpf> {
     if !has_set_retval {
         warn!(
             "kernel lacks bpf_set_retval (< 5.18): connections to services without \
@@ -482,24 +778,76 @@ fn unpin_all(pin_dir: &Path) -> Result<()> {
 
 /// Detaches the datapath pinned at `pin_dir` and removes its pins: what `lb cleanup`
 /// does for an instance that will not come back. Unpinning a link drops its last
-/// reference, which detaches the program.
-pub fn cleanup(pin_dir: &Path) -> Result<()> {
+/// reference, which detaches the program; netlink filters are deleted first, wherever
+/// they are: in `netns`, this namespace, or any namespace named under `/run/netns`.
+pub fn cleanup(pin_dir: &Path, netns: Option<&Path>) -> Result<()> {
+    let links_dir = pin_dir.join(LINKS_DIR);
+    let ids: Vec<u32> = fs::read_dir(&links_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(NETLINK_PIN_PREFIX)
+        })
+        .filter_map(|e| links::open_pinned(&e.path()).ok())
+        .filter_map(|fd| links::program_id(fd.as_fd()).ok())
+        .collect();
+    if !ids.is_empty() {
+        let mut namespaces: Vec<Option<PathBuf>> = vec![None];
+        namespaces.extend(netns.map(|p| Some(p.to_path_buf())));
+        namespaces.extend(
+            fs::read_dir("/run/netns")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| Some(e.path())),
+        );
+        let mut deleted = 0;
+        for ns in &namespaces {
+            // A dedicated thread: entering a namespace must not move the caller.
+            let result = std::thread::scope(|scope| {
+                scope
+                    .spawn(|| -> Result<usize> {
+                        let _guard = netns::NetnsGuard::enter(ns.as_deref())?;
+                        Ok(tc_netlink::delete_running(&ids)?)
+                    })
+                    .join()
+            });
+            match result {
+                Ok(Ok(n)) => deleted += n,
+                Ok(Err(err)) => tracing::debug!(netns = ?ns, "no TC filters removed: {err:#}"),
+                Err(_) => warn!(netns = ?ns, "TC filter removal thread panicked"),
+            }
+        }
+        info!(filters = deleted, "removed the TC netlink filters");
+    }
     unpin_all(pin_dir)
 }
 
-/// How many pinned links of `pin_dir` attach a program.
-pub fn attached_programs(pin_dir: &Path) -> usize {
+/// Programs attached by `pin_dir`'s datapath: (through pinned links, TC programs
+/// through netlink filters).
+pub fn attached_programs(pin_dir: &Path) -> (usize, usize) {
     let Ok(entries) = fs::read_dir(pin_dir.join(LINKS_DIR)) else {
-        return 0;
+        return (0, 0);
     };
-    entries
-        .flatten()
-        .filter(|e| {
-            links::open_pinned(&e.path())
-                .and_then(|fd| links::link_info(std::os::fd::AsFd::as_fd(&fd)))
-                .is_ok_and(|info| info.prog_id != 0)
-        })
-        .count()
+    let (mut linked, mut netlink) = (0, 0);
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(NETLINK_PIN_PREFIX)
+        {
+            netlink += 1;
+        } else if links::open_pinned(&entry.path())
+            .and_then(|fd| links::link_info(fd.as_fd()))
+            .is_ok_and(|info| info.prog_id != 0)
+        {
+            linked += 1;
+        }
+    }
+    (linked, netlink)
 }
 
 pub use sys::lock_holder;

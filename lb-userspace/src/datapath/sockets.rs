@@ -459,6 +459,23 @@ impl SockDiag {
     }
 }
 
+/// Whether the kernel can destroy sockets through sock_diag (`CONFIG_INET_DIAG_DESTROY`):
+/// destroying a TCP socket that does not exist fails with ENOENT where it can, and
+/// with EOPNOTSUPP where it cannot.
+pub fn probe_destroy() -> bool {
+    let Ok(mut diag) = SockDiag::open() else {
+        return false;
+    };
+    let msg = InetDiagMsg {
+        family: libc::AF_INET as u8,
+        ..Default::default()
+    };
+    !matches!(
+        diag.destroy(libc::IPPROTO_TCP as u8, &msg),
+        Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP)
+    )
+}
+
 /// Sockets whose translation overflowed into their own storage, to be found through
 /// sock_diag.
 #[derive(Clone, Copy)]

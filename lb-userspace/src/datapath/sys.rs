@@ -218,6 +218,15 @@ const RETURN_1: [Insn; 2] = [
 /// Loads a probe program; Ok if the kernel accepted it, else the errno and the
 /// verifier's log.
 fn probe_load(prog_type: u32, attach_type: u32, body: &[Insn]) -> Result<(), (i32, String)> {
+    probe_load_fd(prog_type, attach_type, body).map(drop)
+}
+
+/// [`probe_load`], keeping the program.
+fn probe_load_fd(
+    prog_type: u32,
+    attach_type: u32,
+    body: &[Insn],
+) -> Result<std::os::fd::OwnedFd, (i32, String)> {
     const BPF_PROG_LOAD: libc::c_long = 5;
     #[repr(C)]
     #[derive(Default)]
@@ -266,8 +275,56 @@ fn probe_load(prog_type: u32, attach_type: u32, body: &[Insn]) -> Result<(), (i3
         return Err((errno, String::from_utf8_lossy(&log[..end]).into_owned()));
     }
     // SAFETY: the kernel returned a program descriptor we own.
-    unsafe { libc::close(fd as i32) };
-    Ok(())
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+}
+
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_TCX_INGRESS: u32 = 46;
+
+/// Whether TC programs can be attached as TCX links (Linux >= 6.6), asked of the
+/// kernel itself: a TCX link request for an interface index that does not exist
+/// fails with ENODEV where TCX exists, and with EINVAL (unknown attach type) where it
+/// does not. Nothing is attached either way.
+pub fn probe_tcx() -> bool {
+    use std::os::fd::AsRawFd as _;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_ifindex: u32,
+        attach_type: u32,
+        flags: u32,
+        relative_fd: u32,
+        _pad: u32,
+        expected_revision: u64,
+    }
+    // `r0 = -1 (TC_ACT_UNSPEC); exit` would do; any accepted program is enough.
+    let Ok(program) = probe_load_fd(BPF_PROG_TYPE_SCHED_CLS, 0, &[]) else {
+        return false;
+    };
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_ifindex: i32::MAX as u32,
+        attach_type: BPF_TCX_INGRESS,
+        ..Default::default()
+    };
+    // SAFETY: a valid BPF_LINK_CREATE attribute.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &mut attr as *mut LinkCreateAttr,
+            std::mem::size_of::<LinkCreateAttr>() as libc::c_uint,
+        )
+    };
+    if rc >= 0 {
+        // Cannot happen (no such interface); never keep a link.
+        // SAFETY: a descriptor the kernel just returned.
+        unsafe { libc::close(rc as i32) };
+        return true;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODEV)
 }
 
 /// Whether programs of this type may call `helper`. The probe passes no valid

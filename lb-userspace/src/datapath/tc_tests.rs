@@ -284,6 +284,8 @@ fn loaded() -> (Datapath, KernelMaps) {
         devices: Some(Vec::new()),
         netns: None,
         maglev_size: 251,
+        tc_attach: Default::default(),
+        tc_retry: super::TC_RETRY,
     })
     .expect("loading the datapath");
     let mut maps = datapath.take_maps().unwrap();
@@ -466,7 +468,7 @@ fn tc_programs_translate_crafted_packets() {
     }));
     drop(maps);
     drop(datapath);
-    let _ = super::cleanup(&pin_dir);
+    let _ = super::cleanup(&pin_dir, None);
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }

@@ -12,6 +12,7 @@ mod cluster;
 mod clusterip;
 mod examples;
 mod external;
+mod kernel;
 mod kube;
 mod probe;
 mod reliability;
@@ -51,6 +52,7 @@ fn main() {
     trials.extend(sockets::trials());
     trials.extend(semantics::trials());
     trials.extend(external::trials());
+    trials.extend(kernel::trials());
     trials.extend(kube::trials());
     trials.extend(reliability::trials());
     let conclusion = libtest_mimic::run(&args, trials);

@@ -370,7 +370,28 @@ impl Probe {
     /// Starts a probe in `pod`, inside the balanced cgroup.
     pub fn start(tb: &Testbed, pod: &Pod, args: &[&str]) -> Result<Self> {
         let exe = std::env::current_exe()?;
-        let mut cmd = tb.command(pod, true, exe.to_str().context("exe path")?)?;
+        Self::spawn(
+            tb.command(pod, true, exe.to_str().context("exe path")?)?,
+            args,
+        )
+    }
+
+    /// Starts a probe in `pod` of a multi-node world, in `cgroup` if given.
+    pub fn start_in(
+        world: &lb_testbed::world::World,
+        pod: &Pod,
+        cgroup: Option<&std::path::Path>,
+        args: &[&str],
+    ) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        Self::spawn(
+            world.command(pod, cgroup, exe.to_str().context("exe path")?)?,
+            args,
+        )
+    }
+
+    /// Runs the probe `args` through `cmd` (this binary, in some namespace).
+    fn spawn(mut cmd: std::process::Command, args: &[&str]) -> Result<Self> {
         cmd.arg(PROBE_ARG)
             .args(args)
             .stdin(Stdio::null())

@@ -48,7 +48,7 @@ pub fn trials() -> Vec<Trial> {
 }
 
 /// Counts a load probe's results: (ok, failed, answers by backend).
-fn tally(probe: &Probe) -> (usize, Vec<String>, BTreeMap<String, usize>) {
+pub(crate) fn tally(probe: &Probe) -> (usize, Vec<String>, BTreeMap<String, usize>) {
     let mut ok = 0;
     let mut failed = Vec::new();
     let mut by_backend = BTreeMap::new();

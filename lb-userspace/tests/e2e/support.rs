@@ -19,6 +19,18 @@ pub const LB: &str = env!("CARGO_BIN_EXE_lb");
 /// The log line of a daemon's first completed sync (not any line containing "ready").
 pub const READY: &str = "lb::daemon::controller: ready";
 
+/// `timeout` stretched for slow machines: `LB_E2E_SLOWDOWN=N` (the kernel-compatibility
+/// run sets it: its guest runs on an emulated CPU) multiplies the waits for daemons to
+/// start, never what a test asserts about the datapath's speed.
+pub fn slow(timeout: Duration) -> Duration {
+    let factor = std::env::var("LB_E2E_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    timeout * factor
+}
+
 /// A running `lb daemon` attached to a test's cgroup, with its own pin directory and
 /// source (a manifest folder, or a control plane's kubeconfig).
 pub struct Daemon {
@@ -39,7 +51,7 @@ impl Daemon {
 
     pub fn start_with(tb: &Testbed, manifests: &Path, extra: &[&str]) -> Result<Self> {
         let mut daemon = Self::launch(tb, manifests, extra)?;
-        daemon.wait_for_log(READY, Duration::from_secs(20))?;
+        daemon.wait_for_log(READY, slow(Duration::from_secs(20)))?;
         Ok(daemon)
     }
 
@@ -146,7 +158,7 @@ impl Daemon {
         assert!(self.child.is_none(), "daemon still running");
         self.log = self.work_dir.join(format!("daemon-{}.log", unique()));
         self.spawn(extra)?;
-        self.wait_for_log(READY, Duration::from_secs(20))
+        self.wait_for_log(READY, slow(Duration::from_secs(20)))
     }
 
     pub fn log_text(&self) -> String {
