@@ -15,6 +15,7 @@ use std::{
 
 mod bench;
 mod prereqs;
+mod vm;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -57,8 +58,14 @@ enum Task {
         command: Vec<String>,
     },
     /// Everything CI runs: formatting, clippy (userspace and eBPF), unit tests, the
-    /// real-kernel end-to-end tests and a smoke run of the benchmark harness. Needs root.
-    Test,
+    /// real-kernel end-to-end tests, the kernel-compatibility suite inside Linux 6.1
+    /// and a smoke run of the benchmark harness. Needs root.
+    Test {
+        /// Only the kernel-compatibility suite, inside this kernel (6.1): its root-only
+        /// unit tests and the end-to-end tests whose behaviour depends on the kernel.
+        #[arg(long, value_name = "VERSION")]
+        kernel: Option<String>,
+    },
     /// Benchmarks against kube-proxy's iptables modes, a userspace proxy and the direct
     /// path, side by side in one run. Needs root.
     Bench(bench::BenchArgs),
@@ -589,6 +596,13 @@ fn test_task() -> Result<()> {
         "end-to-end tests (real kernel, real control plane)",
         cargo().args(["test", "-p", "lb-userspace", "--test", "e2e"]),
     )?;
+    eprintln!("==> kernel-compatibility suite (Linux {})", vm::KERNEL);
+    let guest = Instant::now();
+    vm::run_suite(vm::KERNEL)?;
+    eprintln!(
+        "    kernel-compatibility suite: ok in {:.1?}",
+        guest.elapsed()
+    );
     for target in FUZZ_TARGETS {
         step(
             &format!("fuzzing {target} ({FUZZ_SECONDS} s)"),
@@ -601,6 +615,14 @@ fn test_task() -> Result<()> {
     )?;
     eprintln!("==> all checks passed in {:.1?}", started.elapsed());
     Ok(())
+}
+
+/// `cargo xtask test --kernel VERSION`: the kernel-compatibility suite alone.
+fn kernel_test_task(kernel: &str) -> Result<()> {
+    require_root("cargo xtask test --kernel")?;
+    let kernel = vm::kernel_for(kernel)?;
+    prereqs::ensure()?;
+    vm::run_suite(kernel)
 }
 
 fn bpffs_mounted() -> bool {
@@ -735,7 +757,10 @@ fn main() -> ExitCode {
             ..
         } => run_task(manifests, daemon_args),
         Task::Client { command } => client_task(command),
-        Task::Test => test_task(),
+        Task::Test { kernel: None } => test_task(),
+        Task::Test {
+            kernel: Some(kernel),
+        } => kernel_test_task(&kernel),
         Task::Bench(args) => bench::run(args),
         Task::Cleanup => cleanup_task(),
     };

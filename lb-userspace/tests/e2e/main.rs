@@ -55,6 +55,20 @@ fn main() {
     trials.extend(kernel::trials());
     trials.extend(kube::trials());
     trials.extend(reliability::trials());
+    // `LB_E2E_ONLY=a,b,c`: exactly these tests (libtest-mimic takes one filter; the
+    // kernel-compatibility run names its subset this way).
+    if let Ok(only) = std::env::var("LB_E2E_ONLY") {
+        let wanted: Vec<&str> = only.split(',').map(str::trim).collect();
+        let unknown: Vec<&&str> = wanted
+            .iter()
+            .filter(|w| !trials.iter().any(|t| t.name() == **w))
+            .collect();
+        if !unknown.is_empty() {
+            eprintln!("LB_E2E_ONLY names tests that do not exist: {unknown:?}");
+            std::process::exit(1);
+        }
+        trials.retain(|t| wanted.contains(&t.name()));
+    }
     let conclusion = libtest_mimic::run(&args, trials);
     // The shared control plane outlives single tests; stop it before exiting.
     cluster::shutdown();
