@@ -7,9 +7,14 @@
 //! | sync (maps, attach, socket termination) | `CAP_BPF`, `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`, `CAP_SYS_PTRACE` | map writes; cgroup attach and `SOCK_DESTROY`; entering pod network namespaces (`setns`); opening other processes' `/proc/<pid>/ns/net` |
 //! | everything else (main, runtime, sources, HTTP) | `CAP_BPF` | reading counters for `/metrics` and the eBPF log ring |
 //!
-//! Dropped for good (effective, permitted, inheritable, ambient and bounding sets):
-//! everything else, including `CAP_SYS_RESOURCE` (memlock, only needed while loading
-//! on kernels older than 5.11) and `CAP_DAC_OVERRIDE`.
+//! Dropped for good (effective, permitted, inheritable and ambient sets): everything
+//! else, including `CAP_SYS_RESOURCE` (memlock, only needed while loading on kernels
+//! older than 5.11) and `CAP_DAC_OVERRIDE`. Every thread also sets `no_new_privs`, so
+//! no `execve` (of a setuid or file-capability binary) can give any back. The bounding
+//! set is lowered too where the process may (`CAP_SETPCAP`, which a container runtime
+//! normally withholds: the DaemonSet drops it); without it the bounding set keeps the
+//! capabilities the pod was given, which `no_new_privs` and an empty permitted set make
+//! unreachable.
 
 use caps::{CapSet, Capability, CapsHashSet};
 use tracing::{debug, warn};
@@ -34,20 +39,33 @@ pub fn limit_thread(keep: &[Capability]) {
 
 fn try_limit(keep: &[Capability]) -> Result<(), caps::errors::CapsError> {
     let keep: CapsHashSet = keep.iter().copied().collect();
-    // The bounding set first: dropping from it needs CAP_SETPCAP, which goes next.
-    for cap in caps::read(None, CapSet::Bounding)? {
-        if !keep.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap)?;
+    let effective = caps::read(None, CapSet::Effective)?;
+    // Dropping from the bounding set needs CAP_SETPCAP: first, while it is held.
+    if effective.contains(&Capability::CAP_SETPCAP) {
+        for cap in caps::read(None, CapSet::Bounding)? {
+            if !keep.contains(&cap) {
+                caps::drop(None, CapSet::Bounding, cap)?;
+            }
         }
     }
+    // Lowering these needs no privilege.
     caps::clear(None, CapSet::Ambient)?;
     caps::clear(None, CapSet::Inheritable)?;
-    let effective: CapsHashSet = caps::read(None, CapSet::Effective)?
-        .intersection(&keep)
-        .copied()
-        .collect();
-    caps::set(None, CapSet::Effective, &effective)?;
-    caps::set(None, CapSet::Permitted, &effective)?;
-    debug!(kept = ?effective, "capabilities of this thread");
+    let kept: CapsHashSet = effective.intersection(&keep).copied().collect();
+    caps::set(None, CapSet::Effective, &kept)?;
+    caps::set(None, CapSet::Permitted, &kept)?;
+    set_no_new_privs()?;
+    debug!(kept = ?kept, "capabilities of this thread");
+    Ok(())
+}
+
+fn set_no_new_privs() -> Result<(), caps::errors::CapsError> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(caps::errors::CapsError::from(format!(
+            "PR_SET_NO_NEW_PRIVS: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
     Ok(())
 }

@@ -386,7 +386,9 @@ pub fn probe_socket_tracking() -> Result<(), String> {
 /// bpffs and stack one mount over the other.
 fn mount_bpffs_once(target: &Path) -> Result<()> {
     use std::os::fd::AsRawFd as _;
-    const LOCK: &str = "/run/lb-bpffs-mount.lock";
+    // Under /run/lb, the one writable place of the DaemonSet's container.
+    const LOCK: &str = "/run/lb/bpffs-mount.lock";
+    create_private_dir(Path::new("/run/lb"))?;
     let lock = fs::OpenOptions::new()
         .create(true)
         .truncate(false)

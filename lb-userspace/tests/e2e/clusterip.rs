@@ -115,42 +115,9 @@ fn redis_cli_through_cluster_ip() -> Result<()> {
         "{human}"
     );
 
-    // Least privilege: no thread keeps more than the sync thread needs (BPF, NET_ADMIN,
-    // SYS_ADMIN, SYS_PTRACE), and the main thread keeps only CAP_BPF.
+    // Least privilege, as full root (with CAP_SETPCAP): the bounding set goes too.
     let pid = daemon.pid().context("daemon pid")?;
-    let sync_caps: u64 = (1 << 39) | (1 << 12) | (1 << 21) | (1 << 19);
-    let mut seen_sync = false;
-    for task in fs::read_dir(format!("/proc/{pid}/task"))? {
-        let task = task?.path();
-        let status = fs::read_to_string(task.join("status"))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-                .unwrap_or(u64::MAX)
-        };
-        let (effective, bounding) = (field("CapEff:"), field("CapBnd:"));
-        let comm = fs::read_to_string(task.join("comm"))?;
-        ensure!(
-            effective & !sync_caps == 0 && bounding & !sync_caps == 0,
-            "thread {} ({}) has capabilities {effective:#x} / bounding {bounding:#x}",
-            task.display(),
-            comm.trim()
-        );
-        if comm.trim() == "sync" {
-            seen_sync = true;
-            ensure!(effective == sync_caps, "sync thread: {effective:#x}");
-        } else {
-            ensure!(
-                effective == 1 << 39,
-                "thread {} ({}): {effective:#x}",
-                task.display(),
-                comm.trim()
-            );
-        }
-    }
-    ensure!(seen_sync, "no sync thread found");
+    ensure_least_privilege(pid, SYNC_CAPS)?;
     Ok(())
 }
 

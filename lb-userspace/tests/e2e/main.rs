@@ -16,6 +16,7 @@ mod kernel;
 mod kube;
 mod probe;
 mod reliability;
+mod security;
 mod semantics;
 mod sockets;
 mod support;
@@ -55,6 +56,7 @@ fn main() {
     trials.extend(kernel::trials());
     trials.extend(kube::trials());
     trials.extend(reliability::trials());
+    trials.extend(security::trials());
     // `LB_E2E_ONLY=a,b,c`: exactly these tests (libtest-mimic takes one filter; the
     // kernel-compatibility run names its subset this way).
     if let Ok(only) = std::env::var("LB_E2E_ONLY") {

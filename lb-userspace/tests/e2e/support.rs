@@ -41,6 +41,8 @@ pub struct Daemon {
     /// `--manifests DIR` or `--kubeconfig FILE --node-name NAME`.
     source: Vec<String>,
     work_dir: PathBuf,
+    /// A command the daemon runs under (e.g. `setpriv` with a capability set).
+    wrapper: Vec<String>,
 }
 
 impl Daemon {
@@ -81,14 +83,40 @@ impl Daemon {
             cgroup: cgroup.to_path_buf(),
             source,
             work_dir: work_dir.to_path_buf(),
+            wrapper: Vec::new(),
         };
         daemon.spawn(extra)?;
         Ok(daemon)
     }
 
+    /// Starts the daemon on `manifests` under `wrapper` (a command that execs the
+    /// rest of its arguments) and waits until it reports ready.
+    pub fn start_wrapped(tb: &Testbed, manifests: &Path, wrapper: &[&str]) -> Result<Self> {
+        let mut daemon = Self {
+            child: None,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}", tb.id)),
+            log: tb.work_dir.join(format!("daemon-{}.log", unique())),
+            cgroup: tb.cgroup().to_path_buf(),
+            source: vec!["--manifests".into(), manifests.display().to_string()],
+            work_dir: tb.work_dir.clone(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+        };
+        daemon.spawn(&[])?;
+        daemon.wait_for_log(READY, slow(Duration::from_secs(20)))?;
+        Ok(daemon)
+    }
+
     fn spawn(&mut self, extra: &[&str]) -> Result<()> {
         let log_file = fs::File::create(&self.log)?;
-        let child = Command::new(LB)
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(LB);
+                command
+            }
+            None => Command::new(LB),
+        };
+        let child = command
             .arg("daemon")
             .args(&self.source)
             .arg("--cgroup")
@@ -482,4 +510,79 @@ pub fn redis_world(n: usize) -> Result<(Testbed, Vec<Pod>, Pod)> {
     }
     let client = tb.add_pod("web", 100)?;
     Ok((tb, backends, client))
+}
+
+/// What one thread of a process holds: (name, effective, permitted, bounding,
+/// no_new_privs), capability sets as bit masks.
+pub struct ThreadCaps {
+    pub name: String,
+    pub effective: u64,
+    pub permitted: u64,
+    pub bounding: u64,
+    pub no_new_privs: bool,
+}
+
+/// Every thread of `pid`, from `/proc/<pid>/task/*/status`.
+pub fn thread_caps(pid: u32) -> Result<Vec<ThreadCaps>> {
+    let mut threads = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let status = fs::read_to_string(task.join("status"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_string()
+        };
+        let mask = |name: &str| u64::from_str_radix(&field(name), 16).unwrap_or(u64::MAX);
+        threads.push(ThreadCaps {
+            name: fs::read_to_string(task.join("comm"))?.trim().to_string(),
+            effective: mask("CapEff:"),
+            permitted: mask("CapPrm:"),
+            bounding: mask("CapBnd:"),
+            no_new_privs: field("NoNewPrivs:") == "1",
+        });
+    }
+    Ok(threads)
+}
+
+/// Capability bits.
+pub const CAP_NET_ADMIN: u64 = 1 << 12;
+pub const CAP_SYS_PTRACE: u64 = 1 << 19;
+pub const CAP_SYS_ADMIN: u64 = 1 << 21;
+pub const CAP_BPF: u64 = 1 << 39;
+/// What the sync thread keeps; every other thread keeps CAP_BPF only.
+pub const SYNC_CAPS: u64 = CAP_BPF | CAP_NET_ADMIN | CAP_SYS_ADMIN | CAP_SYS_PTRACE;
+
+/// The daemon's threads hold what privileges.rs promises: the sync thread exactly
+/// [`SYNC_CAPS`], every other thread exactly CAP_BPF, effective and permitted alike,
+/// all with no_new_privs; the bounding set is within `bounding` (what the process could
+/// drop it to).
+pub fn ensure_least_privilege(pid: u32, bounding: u64) -> Result<Vec<ThreadCaps>> {
+    let threads = thread_caps(pid)?;
+    ensure!(
+        threads.iter().any(|t| t.name == "sync"),
+        "no sync thread among {:?}",
+        threads.iter().map(|t| &t.name).collect::<Vec<_>>()
+    );
+    for t in &threads {
+        let want = if t.name == "sync" { SYNC_CAPS } else { CAP_BPF };
+        ensure!(
+            t.effective == want && t.permitted == want,
+            "thread {}: effective {:#x}, permitted {:#x}, want {want:#x}",
+            t.name,
+            t.effective,
+            t.permitted
+        );
+        ensure!(
+            t.bounding & !bounding == 0,
+            "thread {}: bounding {:#x} beyond {bounding:#x}",
+            t.name,
+            t.bounding
+        );
+        ensure!(t.no_new_privs, "thread {}: no_new_privs not set", t.name);
+    }
+    Ok(threads)
 }
