@@ -67,6 +67,7 @@ fn service(id: u8, ip: u8, port: u8, udp: bool) -> Arc<ServiceSpec> {
         external_local: false,
         health_check_node_port: None,
         traffic_distribution: None,
+        created: None,
     })
 }
 

@@ -2,9 +2,13 @@
 //! frontends the datapath must serve out. Pure: no kernel, no I/O, so every rule is
 //! unit-tested.
 //!
-//! Semantics follow kube-proxy (see [`frontends`] and [`endpoints`]); a ClusterIP:port
-//! claimed by two Services goes to the one that had it first, the other is reported
-//! and takes over when the first lets go.
+//! Semantics follow kube-proxy (see [`frontends`] and [`endpoints`]). An address:port
+//! claimed by two Services goes by a fixed rule ([`claim_rank`]), never by arrival
+//! order, so a daemon decides the same way before and after a restart: a ClusterIP
+//! beats an external IP, load-balancer IP or node port on the same address (a tenant's
+//! `externalIPs` cannot take another Service's ClusterIP), then the older Service
+//! wins, then the first by namespace/name. The loser is reported, and takes over when
+//! the winner lets go.
 //!
 //! Work is incremental and linear: only Services whose objects changed are
 //! recomputed, and conflicts are indexed by frontend key both ways (key -> waiting
@@ -36,15 +40,46 @@ pub struct Conflict {
     pub service: ObjectRef,
     pub key: FrontendKey,
     pub owner: ObjectRef,
+    /// Why the owner wins.
+    pub reason: &'static str,
 }
 
 impl fmt::Display for Conflict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Service {}: {} is already served by Service {}; this port is skipped until that changes",
-            self.service, self.key, self.owner
+            "Service {}: {} is served by Service {} ({}); this port is skipped until that changes",
+            self.service, self.key, self.owner, self.reason
         )
+    }
+}
+
+/// The order in which Services win a contested frontend key: lower wins.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ClaimRank {
+    /// 0 for a ClusterIP, 1 for an address outside the Service's own allocation.
+    kind: u8,
+    /// Creation time (unknown ones last).
+    created: i64,
+    service: ObjectRef,
+}
+
+fn claim_rank(frontend: &Frontend, spec: Option<&ServiceSpec>) -> ClaimRank {
+    ClaimRank {
+        kind: u8::from(frontend.kind != FrontendKind::ClusterIp),
+        created: spec.and_then(|s| s.created).unwrap_or(i64::MAX),
+        service: frontend.service.clone(),
+    }
+}
+
+/// Why `winner` beats `loser`, for the report.
+fn claim_reason(winner: &ClaimRank, loser: &ClaimRank) -> &'static str {
+    if winner.kind != loser.kind {
+        "a ClusterIP wins over an external, load-balancer or node address"
+    } else if winner.created != loser.created {
+        "the older Service wins"
+    } else {
+        "the first by namespace/name wins"
     }
 }
 
@@ -289,13 +324,33 @@ impl Model {
             let key = frontend.key;
             match self.frontends.get(&key) {
                 Some(existing) if existing.service != *id => {
+                    let holder = existing.service.clone();
+                    let held = claim_rank(existing, self.services.get(&holder).map(|s| &**s));
+                    let wanted = claim_rank(&frontend, spec.as_deref());
+                    let (loser, winner) = if wanted < held {
+                        // Take it over: the holder waits for it from now on.
+                        if let Some(keys) = self.owned.get_mut(&holder) {
+                            keys.remove(&key);
+                            if keys.is_empty() {
+                                self.owned.remove(&holder);
+                            }
+                        }
+                        owned.insert(key);
+                        let frontend = Arc::new(frontend);
+                        changes.frontends.insert(key, Some(frontend.clone()));
+                        self.frontends.insert(key, frontend);
+                        (holder, (id.clone(), claim_reason(&wanted, &held)))
+                    } else {
+                        (id.clone(), (holder, claim_reason(&held, &wanted)))
+                    };
                     changes.conflicts.push(Conflict {
-                        service: id.clone(),
+                        service: loser.clone(),
                         key,
-                        owner: existing.service.clone(),
+                        owner: winner.0,
+                        reason: winner.1,
                     });
-                    self.waiting.entry(key).or_default().insert(id.clone());
-                    self.waits.entry(id.clone()).or_default().insert(key);
+                    self.waiting.entry(key).or_default().insert(loser.clone());
+                    self.waits.entry(loser).or_default().insert(key);
                 }
                 Some(existing) if **existing == frontend => {
                     owned.insert(key);

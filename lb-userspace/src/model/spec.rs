@@ -204,6 +204,9 @@ pub struct ServiceSpec {
     /// `spec.trafficDistribution` or the topology-mode annotation, for display: the
     /// EndpointSlice controller turns it into hints, and hints decide (as in kube-proxy).
     pub traffic_distribution: Option<String>,
+    /// `metadata.creationTimestamp` (Unix seconds): the older of two Services wanting
+    /// one address wins it, the same way before and after a restart.
+    pub created: Option<i64>,
 }
 
 impl ServiceSpec {
@@ -363,7 +366,8 @@ fn parse_ips(values: &[String], what: &str, errors: &mut Vec<String>) -> Vec<IpA
             Ok(ip) if ip.is_unspecified() => {
                 errors.push(format!("{what}[{i}] {ip} is unspecified"))
             }
-            Ok(ip) => ips.push(ip),
+            // An IPv4-mapped IPv6 address is its IPv4 twin, in the kernel's keys too.
+            Ok(ip) => ips.push(ip.to_canonical()),
             Err(_) => errors.push(format!("{what}[{i}] {value:?} is not an IP address")),
         }
     }
@@ -407,6 +411,11 @@ impl ServiceSpec {
             external_local: false,
             health_check_node_port: None,
             traffic_distribution: None,
+            created: service
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second()),
         };
         if service_type == ServiceType::ExternalName {
             // A DNS alias: nothing for a proxy to do.

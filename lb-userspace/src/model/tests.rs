@@ -644,12 +644,15 @@ fn model_reports_only_what_changed() {
 }
 
 #[test]
-fn duplicate_cluster_ip_port_keeps_the_incumbent_until_it_leaves() {
+fn duplicate_cluster_ip_port_goes_to_the_older_service_until_it_leaves() {
     let mut model = Model::default();
-    model.upsert_service(Arc::new(redis_service()));
+    let mut incumbent = redis_service();
+    incumbent.created = Some(1_000);
+    model.upsert_service(Arc::new(incumbent));
     model.recompute();
     let mut impostor = redis_service();
     impostor.id = ObjectRef::new("pods", "aaa-first-alphabetically");
+    impostor.created = Some(2_000);
     model.upsert_service(Arc::new(impostor.clone()));
     let changes = model.recompute();
     assert!(changes.frontends.is_empty());
@@ -658,6 +661,7 @@ fn duplicate_cluster_ip_port_keeps_the_incumbent_until_it_leaves() {
         changes.conflicts[0].owner,
         ObjectRef::new("pods", "redis-master")
     );
+    assert_eq!(changes.conflicts[0].reason, "the older Service wins");
     assert_eq!(
         model.frontends().values().next().unwrap().service.name,
         "redis-master"
@@ -671,6 +675,7 @@ fn duplicate_cluster_ip_port_keeps_the_incumbent_until_it_leaves() {
     // A waiter that changed its mind no longer waits.
     let mut second = redis_service();
     second.id = ObjectRef::new("pods", "second");
+    second.created = Some(3_000);
     model.upsert_service(Arc::new(second.clone()));
     model.recompute();
     second.cluster_ips = vec!["10.96.0.101".parse().unwrap()];
@@ -678,6 +683,87 @@ fn duplicate_cluster_ip_port_keeps_the_incumbent_until_it_leaves() {
     let changes = model.recompute();
     assert!(changes.conflicts.is_empty());
     assert!(model.waiting.is_empty() && model.waits.is_empty());
+}
+
+/// Who wins does not depend on who arrived first (or on a restart's listing order):
+/// the older Service, then namespace/name.
+#[test]
+fn the_winner_of_a_contested_address_does_not_depend_on_arrival_order() {
+    let named = |name: &str, created: Option<i64>| {
+        let mut spec = redis_service();
+        spec.id = ObjectRef::new("pods", name);
+        spec.created = created;
+        Arc::new(spec)
+    };
+    for (a, b, winner) in [
+        (named("zz-old", Some(1)), named("aa-new", Some(2)), "zz-old"),
+        (named("bb", None), named("aa", None), "aa"),
+        (named("bb", Some(5)), named("aa", Some(5)), "aa"),
+    ] {
+        for order in [[&a, &b], [&b, &a]] {
+            let mut model = Model::default();
+            // One at a time (a running daemon) and both at once (a restart).
+            model.upsert_service(order[0].clone());
+            model.recompute();
+            model.upsert_service(order[1].clone());
+            model.recompute();
+            let mut restarted = Model::default();
+            restarted.upsert_service(order[1].clone());
+            restarted.upsert_service(order[0].clone());
+            restarted.recompute();
+            for m in [&model, &restarted] {
+                let owners: Vec<&str> = m
+                    .frontends()
+                    .values()
+                    .map(|f| f.service.name.as_str())
+                    .collect();
+                assert_eq!(owners, vec![winner], "order {:?}", order.map(|s| &s.id));
+            }
+        }
+    }
+}
+
+/// A tenant's Service with `externalIPs: [<kube-dns's ClusterIP>]` never takes the
+/// ClusterIP's frontend, even when it is older and sorts first, and an IPv4-mapped
+/// IPv6 spelling of the address is the same address.
+#[test]
+fn an_external_ip_never_takes_another_services_cluster_ip() {
+    let dns = |yaml_extra: &str| {
+        service(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: kube-dns, namespace: kube-system, creationTimestamp: \"2024-01-02T00:00:00Z\"}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{name: dns, port: 53, protocol: UDP}}]\n{yaml_extra}"
+        ))
+    };
+    for external in ["10.96.0.10", "::ffff:10.96.0.10"] {
+        let hijack = service(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: hijack, namespace: a, creationTimestamp: \"2020-01-01T00:00:00Z\"}}\nspec:\n  clusterIP: 10.96.7.7\n  externalIPs: [\"{external}\"]\n  ports: [{{port: 53, protocol: UDP}}]\n"
+        ));
+        assert_eq!(
+            hijack.external_ips,
+            vec!["10.96.0.10".parse::<IpAddr>().unwrap()]
+        );
+        for hijack_first in [true, false] {
+            let mut model = Model::default();
+            let (first, second) = if hijack_first {
+                (Arc::new(hijack.clone()), Arc::new(dns("")))
+            } else {
+                (Arc::new(dns("")), Arc::new(hijack.clone()))
+            };
+            model.upsert_service(first);
+            model.recompute();
+            model.upsert_service(second);
+            let changes = model.recompute();
+            let key = FrontendKey::internal("10.96.0.10".parse().unwrap(), 53, Protocol::Udp);
+            assert_eq!(model.frontends()[&key].service.name, "kube-dns");
+            assert_eq!(model.frontends()[&key].kind, FrontendKind::ClusterIp);
+            let conflict = changes
+                .conflicts
+                .iter()
+                .find(|c| c.key == key)
+                .expect("the hijack is reported");
+            assert_eq!(conflict.service.name, "hijack");
+            assert!(conflict.reason.contains("ClusterIP wins"), "{conflict}");
+        }
+    }
 }
 
 /// The quadratic case of the past: many Services waiting on taken keys. One change

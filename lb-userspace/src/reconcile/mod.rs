@@ -311,6 +311,10 @@ pub enum Shortage {
     ServiceEntries,
     /// More backends than one frontend can address (65 535).
     TooManyBackends,
+    /// An IPv4-mapped IPv6 address: the kernel keys it as its IPv4 twin, so it could
+    /// overwrite that frontend (the sources write addresses canonically; this guards
+    /// the kernel against any other caller).
+    AliasedAddress,
 }
 
 impl std::fmt::Display for Shortage {
@@ -320,6 +324,9 @@ impl std::fmt::Display for Shortage {
             Self::Backends => "not enough backend ids for its backends (raise --max-backends)",
             Self::ServiceEntries => "LB_SERVICES is full (raise --max-service-entries)",
             Self::TooManyBackends => "more backends than one frontend can hold (65 535)",
+            Self::AliasedAddress => {
+                "an IPv4-mapped IPv6 address, which the kernel keys as its IPv4 twin"
+            }
         })
     }
 }
@@ -660,6 +667,9 @@ impl Reconciler {
         frontend: &Frontend,
         budget: &mut Budget,
     ) -> Result<(), Shortage> {
+        if key.ip.to_canonical() != key.ip {
+            return Err(Shortage::AliasedAddress);
+        }
         if frontend.backends.len() > MAX_BACKENDS_PER_FRONTEND as usize {
             return Err(Shortage::TooManyBackends);
         }

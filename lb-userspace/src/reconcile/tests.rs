@@ -661,6 +661,7 @@ fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
             external_local: false,
             health_check_node_port: None,
             traffic_distribution: None,
+            created: None,
         })
     };
     let slice = |i: u64, endpoints: Vec<IpAddr>| {
@@ -885,4 +886,18 @@ fn a_backends_locality_follows_its_endpoint() {
     let mut adopted = adopt(&maps);
     let stats = adopted.apply(&mut maps, &change(f)).unwrap();
     assert_eq!(stats.backends_written, 0);
+}
+
+/// Two model keys, one kernel key: an IPv4-mapped IPv6 frontend is refused, so it can
+/// never overwrite its IPv4 twin's entry.
+#[test]
+fn an_ipv4_mapped_frontend_is_refused_and_its_twin_kept() {
+    let (mut maps, mut rec, key) = programmed(&["10.244.1.1"]);
+    let mapped = fkey("::ffff:10.96.0.100", 6379);
+    let stats = rec
+        .apply(&mut maps, &change(frontend(mapped, &["10.244.1.9"])))
+        .unwrap();
+    assert_eq!(stats.unprogrammed, vec![(mapped, Shortage::AliasedAddress)]);
+    assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.1"]));
+    assert!(maps.log.is_empty(), "nothing written: {:?}", maps.log);
 }

@@ -317,12 +317,14 @@ fn bad_manifest_changes_nothing() -> Result<()> {
             service_yaml("icmp", &["10.96.0.121"], &[("", 80, "ICMP", "80")])
         ),
     )?;
+    // Without creation timestamps (hand-written manifests) the first by
+    // namespace/name wins a contested address: this one sorts after redis-master.
     write_manifest(
         &dir,
         "impostor.yaml",
-        &service_yaml("impostor", &[VIP], &[("", 6379, "TCP", "6379")]),
+        &service_yaml("zz-impostor", &[VIP], &[("", 6379, "TCP", "6379")]),
     )?;
-    daemon.wait_for_log("impostor", Duration::from_secs(3))?;
+    daemon.wait_for_log("zz-impostor", Duration::from_secs(3))?;
     // Give the daemon time to (not) act on the bad input.
     thread::sleep(Duration::from_millis(1200));
     let log = daemon.log_text();
@@ -330,7 +332,7 @@ fn bad_manifest_changes_nothing() -> Result<()> {
         "broken.yaml: not valid YAML",
         "bad-ports.yaml: Service pods/too-big: spec.ports[0].port 70000 is out of range",
         "bad-ports.yaml: Service pods/icmp: spec.ports[0]: unknown protocol \"ICMP\"",
-        "Service pods/impostor: 10.96.0.100:6379/TCP is already served by Service pods/redis-master",
+        "Service pods/zz-impostor: 10.96.0.100:6379/TCP is served by Service pods/redis-master (the first by namespace/name wins)",
     ] {
         ensure!(log.contains(needle), "log lacks {needle:?}:\n{log}");
     }

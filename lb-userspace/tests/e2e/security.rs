@@ -2,16 +2,85 @@
 //! set (`drop: [ALL]`, `add: [BPF, NET_ADMIN, SYS_ADMIN, SYS_PTRACE, SYS_RESOURCE]`),
 //! not full root.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context as _, Result, ensure};
 use libtest_mimic::Trial;
 
-use crate::{support::*, trial};
+use crate::{
+    cluster::{self, Cluster, shared_control_plane},
+    support::*,
+    trial,
+};
 
 pub fn trials() -> Vec<Trial> {
-    vec![trial(
-        "security::daemonset_capability_set_is_lowered_per_thread",
-        daemonset_capability_set,
-    )]
+    vec![
+        trial(
+            "security::daemonset_capability_set_is_lowered_per_thread",
+            daemonset_capability_set,
+        ),
+        cluster::trial(
+            "security::an_external_ip_cannot_take_a_cluster_ip_before_or_after_a_restart",
+            external_ip_cannot_take_a_cluster_ip,
+        ),
+    ]
+}
+
+/// A ClusterIP the test asks the API server for (inside the blackholed service range).
+const CONTESTED: &str = "10.96.213.17";
+
+/// A tenant's Service `aaa-hijack` (older than its victim, first by name, with pods of
+/// its own) claims the victim's ClusterIP as an external IP on the same port. With
+/// both present when the daemon starts, and again after a restart, every connection a
+/// pod makes to the ClusterIP reaches the victim's pods, and the hijack is reported by
+/// name with the reason.
+fn external_ip_cannot_take_a_cluster_ip() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let ns = cluster.namespace.clone();
+    cluster.apply(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: hijack}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: hijack}}}}\n  template:\n    metadata: {{labels: {{app: hijack}}}}\n    spec: {{containers: [{{name: r, image: redis, ports: [{{containerPort: 6379}}]}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: aaa-hijack}}\nspec:\n  selector: {{app: hijack}}\n  externalIPs: [\"{CONTESTED}\"]\n  ports: [{{port: 6379}}]\n"
+    ))?;
+    // Strictly younger than the hijack (timestamps have one-second resolution).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    cluster.apply(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: victim}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: victim}}}}\n  template:\n    metadata: {{labels: {{app: victim}}}}\n    spec: {{containers: [{{name: r, image: redis, ports: [{{containerPort: 6379}}]}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: victim}}\nspec:\n  selector: {{app: victim}}\n  clusterIP: {CONTESTED}\n  ports: [{{port: 6379}}]\n"
+    ))?;
+    cluster.kubectl(&[
+        "run",
+        "web",
+        "--image=busybox",
+        "--restart=Never",
+        "--",
+        "sleep",
+        "infinity",
+    ])?;
+    cluster.wait_ready("run=web", 1)?;
+    let victims = cluster.wait_ready("app=victim", 2)?;
+    let hijackers = cluster.wait_ready("app=hijack", 2)?;
+    let mut daemon = cluster.daemon(0, &[])?;
+    let report = format!(
+        "Service {ns}/aaa-hijack: {CONTESTED}:6379/TCP is served by Service {ns}/victim (a ClusterIP wins"
+    );
+    for round in ["first start", "restart"] {
+        daemon.wait_for_log(&report, slow(std::time::Duration::from_secs(10)))?;
+        let mut seen = BTreeMap::new();
+        for _ in 0..30 {
+            *seen
+                .entry(crate::kube::whoami(&cluster, "web", CONTESTED)?)
+                .or_insert(0usize) += 1;
+        }
+        ensure!(
+            seen.keys().all(|who| victims.contains(who))
+                && !seen.keys().any(|who| hijackers.contains(who)),
+            "{round}: connections to the ClusterIP reached {seen:?} (victims {victims:?})"
+        );
+        eprintln!("{round}: 30 connections to {CONTESTED} reached {seen:?}");
+        daemon.kill()?;
+        if round == "first start" {
+            daemon.restart(&[])?;
+        }
+    }
+    Ok(())
 }
 
 /// `deploy/daemonset.yaml`'s capabilities, as setpriv spells them.
