@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
             "fd00:253::2".parse().unwrap(),
         ],
         node_port_range: Some((30000, 32767)),
+        ..Default::default()
     });
     for object in objects {
         match object {
@@ -37,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
                 zone: n.zone.clone(),
                 addresses: n.addresses.clone(),
                 node_port_range: Some((30000, 32767)),
+                ..Default::default()
             }),
         }
     }

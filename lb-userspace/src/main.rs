@@ -131,6 +131,12 @@ struct DaemonArgs {
     /// a warning (the API server allocates from its own --service-node-port-range).
     #[arg(long, value_name = "MIN-MAX", default_value = "30000-32767")]
     node_port_range: String,
+    /// Where a Service's external IPs and load-balancer IPs may be: others are not
+    /// served, with one warning per Service [default: anywhere, as kube-proxy; see
+    /// README "Security"]. Never served whatever this says: this node's addresses
+    /// (other than node ports), the API server's, loopback, link-local, multicast.
+    #[arg(long, value_name = "CIDR[,CIDR...]", value_delimiter = ',')]
+    external_ip_cidrs: Option<Vec<String>>,
     /// Entries of each external frontend's Maglev table: a prime, ideally over 100
     /// times the frontend's backends (each table costs 4 bytes per entry in the kernel).
     #[arg(long, value_name = "M", default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE)]
@@ -289,6 +295,15 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             tc_retry: Duration::from_secs(args.tc_retry_seconds.max(1)),
         },
         node_ports,
+        external_ip_cidrs: match &args.external_ip_cidrs {
+            None => None,
+            Some(list) => Some(
+                list.iter()
+                    .map(|c| lb::model::spec::Cidr::parse(c))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| anyhow::anyhow!("--external-ip-cidrs: {e}"))?,
+            ),
+        },
         detach_on_exit: args.detach_on_exit,
         node_name: node_name(args.node_name)?,
         health_addr: parse_addr("health-addr", &args.health_addr)?,

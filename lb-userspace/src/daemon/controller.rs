@@ -55,6 +55,10 @@ pub struct ExternalOptions {
     pub runtime: tokio::runtime::Handle,
     /// `--node-port-range`.
     pub node_ports: (u16, u16),
+    /// `--external-ip-cidrs`.
+    pub external_ip_cidrs: Option<Vec<crate::model::spec::Cidr>>,
+    /// Where this daemon reaches the API server.
+    pub api_addresses: Vec<std::net::IpAddr>,
 }
 
 /// Why a sync ended early.
@@ -90,6 +94,10 @@ pub struct Controller {
     external_reported: BTreeSet<FrontendKey>,
     node: Option<Arc<NodeSpec>>,
     node_ports: (u16, u16),
+    /// `--external-ip-cidrs`.
+    external_ip_cidrs: Option<Vec<crate::model::spec::Cidr>>,
+    /// Where this daemon reaches the API server (reserved from external IPs).
+    api_addresses: Vec<std::net::IpAddr>,
     /// Services already warned about a node port outside `--node-port-range`.
     out_of_range_reported: BTreeSet<crate::model::ObjectRef>,
     health_checks: HealthCheckServers,
@@ -130,6 +138,8 @@ impl Controller {
             HealthCheckServers::new(external.runtime, datapath.netns().map(Into::into));
         Self {
             node_ports: external.node_ports,
+            external_ip_cidrs: external.external_ip_cidrs,
+            api_addresses: external.api_addresses,
             out_of_range_reported: BTreeSet::new(),
             health_checks,
             revnat_full_seen,
@@ -228,6 +238,8 @@ impl Controller {
                 .map(|n| n.addresses.clone())
                 .unwrap_or_default(),
             node_port_range: Some(self.node_ports),
+            external_ip_cidrs: self.external_ip_cidrs.clone(),
+            reserved: self.api_addresses.clone(),
         }
     }
 
@@ -719,6 +731,9 @@ fn report(changes: &Changes, reported: &mut BTreeSet<FrontendKey>, external_serv
     }
     for conflict in &changes.conflicts {
         summary.warn(Some("conflict"), &conflict.to_string());
+    }
+    for refusal in &changes.refused {
+        summary.warn(Some("external-address"), &refusal.to_string());
     }
     for frontend in changes.frontends.values().flatten() {
         if frontend.key.protocol == Protocol::Sctp {

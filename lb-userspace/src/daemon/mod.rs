@@ -52,6 +52,8 @@ pub struct DaemonOptions {
     pub health_timeout: Duration,
     /// `--node-port-range`.
     pub node_ports: (u16, u16),
+    /// `--external-ip-cidrs`.
+    pub external_ip_cidrs: Option<Vec<crate::model::spec::Cidr>>,
 }
 
 /// How long a shutdown waits for the sync to reach a stopping point.
@@ -60,13 +62,14 @@ const STOP_GRACE: Duration = Duration::from_millis(900);
 pub async fn run(options: DaemonOptions) -> Result<()> {
     // Check everything that can be wrong with the configuration before touching the
     // kernel: a typo should not leave a half-made datapath behind.
-    let client = match &options.source {
+    let (client, api_addresses) = match &options.source {
         SourceOptions::Kubernetes { kubeconfig } => {
-            Some(source::kube::client(kubeconfig.as_deref()).await?)
+            let (client, api) = source::kube::client(kubeconfig.as_deref()).await?;
+            (Some(client), api)
         }
         SourceOptions::Manifests { dir, .. } => {
             source::manifests::ManifestDir::new(dir)?;
-            None
+            (None, Vec::new())
         }
     };
     let health = Arc::new(Health::new(options.health_timeout));
@@ -129,6 +132,8 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         controller::ExternalOptions {
             runtime: tokio::runtime::Handle::current(),
             node_ports: options.node_ports,
+            external_ip_cidrs: options.external_ip_cidrs.clone(),
+            api_addresses,
         },
         stop.clone(),
     );

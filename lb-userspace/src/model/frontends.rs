@@ -142,6 +142,12 @@ pub struct NodeContext {
     pub addresses: Vec<IpAddr>,
     /// Node ports served (`--node-port-range`); `None`: any.
     pub node_port_range: Option<(u16, u16)>,
+    /// Where external and load-balancer IPs may be (`--external-ip-cidrs`); `None`:
+    /// anywhere not reserved.
+    pub external_ip_cidrs: Option<Vec<crate::model::spec::Cidr>>,
+    /// Addresses no external or load-balancer IP may take: the API server's (its
+    /// endpoints and the address this daemon dials).
+    pub reserved: Vec<IpAddr>,
 }
 
 impl NodeContext {
@@ -149,6 +155,31 @@ impl NodeContext {
     pub fn serves_node_port(&self, port: u16) -> bool {
         self.node_port_range
             .is_none_or(|(min, max)| (min..=max).contains(&port))
+    }
+}
+
+/// Why an external or load-balancer IP is not served, if it is not. A Service's
+/// `externalIPs` and load-balancer status are written by whoever may create Services,
+/// so they may not take this node's own addresses (its node ports aside), the API
+/// server's, or anything outside `--external-ip-cidrs`. Addresses that are never a
+/// host's (loopback, ...) are refused when the Service is read.
+pub fn external_address_refusal(ip: IpAddr, node: &NodeContext) -> Option<String> {
+    if node.addresses.contains(&ip) {
+        return Some("it is this node's own address".into());
+    }
+    if node.reserved.contains(&ip) {
+        return Some("it is an address of the API server".into());
+    }
+    match &node.external_ip_cidrs {
+        Some(cidrs) if !cidrs.iter().any(|c| c.contains(ip)) => Some(format!(
+            "it is outside --external-ip-cidrs {}",
+            cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        )),
+        _ => None,
     }
 }
 
@@ -355,18 +386,13 @@ pub fn service_frontends(
                     external_addresses.push((address, node_port, FrontendKind::NodePort));
                 }
             }
-            for &ip in service
-                .external_ips
-                .iter()
-                .filter(|a| AddressType::of(a) == family)
-            {
+            let allowed = |a: &&IpAddr| {
+                AddressType::of(a) == family && external_address_refusal(**a, node).is_none()
+            };
+            for &ip in service.external_ips.iter().filter(allowed) {
                 external_addresses.push((ip, port.port, FrontendKind::ExternalIp));
             }
-            for &ip in service
-                .load_balancer_ips
-                .iter()
-                .filter(|a| AddressType::of(a) == family)
-            {
+            for &ip in service.load_balancer_ips.iter().filter(allowed) {
                 external_addresses.push((ip, port.port, FrontendKind::LoadBalancer));
             }
             for (ip, port_number, kind) in external_addresses {

@@ -83,6 +83,24 @@ fn claim_reason(winner: &ClaimRank, loser: &ClaimRank) -> &'static str {
     }
 }
 
+/// An external or load-balancer IP of a Service that is not served, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub service: ObjectRef,
+    pub address: std::net::IpAddr,
+    pub reason: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Service {}: external address {} is not served: {}",
+            self.service, self.address, self.reason
+        )
+    }
+}
+
 /// A Service's health-check node port (`externalTrafficPolicy: Local`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
@@ -106,7 +124,13 @@ pub struct Model {
     waits: HashMap<ObjectRef, BTreeSet<FrontendKey>>,
     health_checks: BTreeMap<u16, HealthCheck>,
     dirty: BTreeSet<ObjectRef>,
+    /// What the daemon says of its node.
     node: NodeContext,
+    /// The API server's endpoints (the `default/kubernetes` Service's slices).
+    api_endpoints: Vec<std::net::IpAddr>,
+    api_changed: bool,
+    /// `node` with the API server's endpoints reserved: what Services are computed with.
+    effective: NodeContext,
     /// Slices changed since the last recompute with their trigger times, for the
     /// network programming latency metric.
     triggers: Vec<SystemTime>,
@@ -124,6 +148,8 @@ pub struct Changes {
     pub frontends: BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
     /// Conflicts found (reported, not applied).
     pub conflicts: Vec<Conflict>,
+    /// External and load-balancer IPs refused by policy (reported).
+    pub refused: Vec<Refusal>,
     /// Service and EndpointSlice objects changed (added, updated, removed) since the
     /// last recompute.
     pub service_changes: usize,
@@ -132,6 +158,11 @@ pub struct Changes {
     pub triggers: Vec<SystemTime>,
     /// The recompute stopped early (shutdown); the rest stays dirty.
     pub interrupted: bool,
+}
+
+/// The Service whose endpoints are the API server's.
+fn api_service() -> ObjectRef {
+    ObjectRef::new("default", "kubernetes")
 }
 
 /// Services recomputed between checks of the stop condition.
@@ -172,7 +203,35 @@ impl Model {
     pub fn set_node(&mut self, node: NodeContext) {
         if node != self.node {
             self.node = node;
+            self.refresh_effective();
+        }
+    }
+
+    /// The node context Services are computed with; a change recomputes all.
+    fn refresh_effective(&mut self) {
+        let mut effective = self.node.clone();
+        effective.reserved.extend(&self.api_endpoints);
+        effective.reserved.sort();
+        effective.reserved.dedup();
+        if effective != self.effective {
+            self.effective = effective;
             self.dirty.extend(self.services.keys().cloned());
+        }
+    }
+
+    /// Reads the API server's endpoints again after its slices changed.
+    fn refresh_api_endpoints(&mut self) {
+        self.api_changed = false;
+        let mut addresses: Vec<std::net::IpAddr> = self
+            .slices_of(&api_service())
+            .iter()
+            .flat_map(|s| s.endpoints.iter().map(|e| e.address))
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        if addresses != self.api_endpoints {
+            self.api_endpoints = addresses;
+            self.refresh_effective();
         }
     }
 
@@ -205,6 +264,7 @@ impl Model {
             self.triggers.push(trigger);
         }
         self.slice_changes += 1;
+        self.api_changed |= spec.service == api_service();
         self.dirty.insert(spec.service.clone());
         self.slices_by_service
             .entry(spec.service.clone())
@@ -222,6 +282,7 @@ impl Model {
     }
 
     fn unlink_slice(&mut self, id: &ObjectRef, service: &ObjectRef) {
+        self.api_changed |= *service == api_service();
         self.slices.remove(id);
         if let Some(set) = self.slices_by_service.get_mut(service) {
             set.remove(id);
@@ -256,6 +317,9 @@ impl Model {
             slice_changes: std::mem::take(&mut self.slice_changes),
             ..Default::default()
         };
+        if self.api_changed {
+            self.refresh_api_endpoints();
+        }
         let mut done = 0;
         // A released key can unblock a waiting Service, which is then recomputed too.
         while let Some(id) = self.dirty.pop_first() {
@@ -274,9 +338,21 @@ impl Model {
         self.work += 1;
         let spec = self.services.get(id).cloned();
         let wanted = match &spec {
-            Some(spec) => service_frontends(spec, &self.slices_of(id), &self.node),
+            Some(spec) => service_frontends(spec, &self.slices_of(id), &self.effective),
             None => Vec::new(),
         };
+        if let Some(spec) = &spec {
+            for &address in spec.external_ips.iter().chain(&spec.load_balancer_ips) {
+                if let Some(reason) = frontends::external_address_refusal(address, &self.effective)
+                {
+                    changes.refused.push(Refusal {
+                        service: id.clone(),
+                        address,
+                        reason,
+                    });
+                }
+            }
+        }
         self.work += wanted.len() as u64;
 
         self.health_checks.retain(|_, hc| &hc.service != id);
@@ -285,7 +361,8 @@ impl Model {
             && spec.externally_reachable()
             && let Some(port) = spec.health_check_node_port
         {
-            let local_endpoints = frontends::local_ready_endpoints(&self.slices_of(id), &self.node);
+            let local_endpoints =
+                frontends::local_ready_endpoints(&self.slices_of(id), &self.effective);
             self.health_checks.insert(
                 port,
                 HealthCheck {

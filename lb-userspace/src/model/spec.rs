@@ -149,6 +149,50 @@ impl Cidr {
     }
 }
 
+impl Cidr {
+    /// Whether `ip` is inside this prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| -> u128 {
+            match ip.to_canonical() {
+                IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+                IpAddr::V6(v6) => u128::from(v6),
+            }
+        };
+        if self.addr.to_canonical().is_ipv4() != ip.to_canonical().is_ipv4() {
+            return false;
+        }
+        // IPv4 sits in the top 32 bits, so the prefix length masks both families.
+        let width = u32::from(self.prefix);
+        if width == 0 {
+            return true;
+        }
+        let mask = u128::MAX << (128 - width);
+        bits(self.addr) & mask == bits(ip) & mask
+    }
+}
+
+/// Why `ip` can be neither a Service's address nor a pod's: it means this host, no
+/// host, or a group of hosts, so translating it would capture traffic every process
+/// of the node sends to itself or to its link.
+pub fn special_address(ip: IpAddr) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    if ip.is_unspecified() {
+        return Some("unspecified");
+    }
+    if ip.is_loopback() {
+        return Some("a loopback address");
+    }
+    if ip.is_multicast() {
+        return Some("a multicast address");
+    }
+    match ip {
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address"),
+        _ => None,
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -363,9 +407,10 @@ fn parse_ips(values: &[String], what: &str, errors: &mut Vec<String>) -> Vec<IpA
     let mut ips = Vec::new();
     for (i, value) in values.iter().enumerate() {
         match value.parse::<IpAddr>() {
-            Ok(ip) if ip.is_unspecified() => {
-                errors.push(format!("{what}[{i}] {ip} is unspecified"))
-            }
+            Ok(ip) if special_address(ip).is_some() => errors.push(format!(
+                "{what}[{i}] {ip} is {}, never a Service address",
+                special_address(ip).unwrap_or_default()
+            )),
             // An IPv4-mapped IPv6 address is its IPv4 twin, in the kernel's keys too.
             Ok(ip) => ips.push(ip.to_canonical()),
             Err(_) => errors.push(format!("{what}[{i}] {value:?} is not an IP address")),
@@ -728,6 +773,10 @@ impl SliceSpec {
                 let mut address = None;
                 for (j, text) in endpoint.addresses.iter().enumerate() {
                     match text.parse::<IpAddr>() {
+                        Ok(ip) if special_address(ip).is_some() => errors.push(format!(
+                            "endpoints[{i}].addresses[{j}] {ip} is {}, never a pod",
+                            special_address(ip).unwrap_or_default()
+                        )),
                         Ok(ip) if AddressType::of(&ip) == address_type => {
                             address = address.or(Some(ip));
                         }

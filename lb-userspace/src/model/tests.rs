@@ -66,6 +66,7 @@ fn node(name: &str, zone: Option<&str>, addresses: &[&str]) -> NodeContext {
         zone: zone.map(str::to_string),
         addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
         node_port_range: None,
+        ..Default::default()
     }
 }
 
@@ -893,4 +894,129 @@ fn recompute_stops_when_asked_and_resumes() {
     let rest = model.recompute();
     assert_eq!(first.frontends.len() + rest.frontends.len(), 1000);
     assert_eq!(model.pending(), 0);
+}
+
+/// Addresses that mean this host, no host or a group are never a Service's or a pod's.
+#[test]
+fn special_addresses_are_refused_as_services_and_endpoints() {
+    for (field, value) in [
+        ("clusterIP", "127.0.0.1"),
+        ("clusterIP", "169.254.1.1"),
+        ("clusterIP", "0.0.0.0"),
+        ("clusterIP", "224.0.0.1"),
+        ("clusterIP", "::1"),
+        ("clusterIP", "fe80::1"),
+    ] {
+        let errors = service_errors(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: pods}}\nspec:\n  {field}: \"{value}\"\n  ports: [{{port: 80}}]\n"
+        ));
+        assert!(
+            errors.contains("never a Service address"),
+            "{value}: {errors}"
+        );
+    }
+    let errors = service_errors(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: pods}\nspec:\n  clusterIP: 10.96.0.5\n  externalIPs: [127.0.0.53]\n  ports: [{port: 53}]\n",
+    );
+    assert!(
+        errors.contains("spec.externalIPs[0] 127.0.0.53 is a loopback address"),
+        "{errors}"
+    );
+    let parsed: EndpointSlice = serde_yaml::from_str(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: x, namespace: pods, labels: {kubernetes.io/service-name: redis-master}}\naddressType: IPv4\nports: [{port: 6379}]\nendpoints:\n- addresses: [0.0.0.0]\n",
+    )
+    .unwrap();
+    let errors = SliceSpec::from_k8s(&parsed).unwrap_err().join("\n");
+    assert!(
+        errors.contains("0.0.0.0 is unspecified, never a pod"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn cidrs_contain_what_they_should() {
+    let cidr = |s: &str| Cidr::parse(s).unwrap();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert!(cidr("203.0.113.0/24").contains(ip("203.0.113.9")));
+    assert!(!cidr("203.0.113.0/24").contains(ip("203.0.114.9")));
+    assert!(cidr("203.0.113.0/24").contains(ip("::ffff:203.0.113.9")));
+    assert!(cidr("0.0.0.0/0").contains(ip("8.8.8.8")));
+    assert!(!cidr("0.0.0.0/0").contains(ip("2001:db8::1")));
+    assert!(cidr("2001:db8::/32").contains(ip("2001:db8:ffff::1")));
+    assert!(!cidr("2001:db8::/32").contains(ip("2001:db9::1")));
+    assert!(cidr("10.1.2.3").contains(ip("10.1.2.3")));
+    assert!(!cidr("10.1.2.3").contains(ip("10.1.2.4")));
+}
+
+/// External and load-balancer IPs never take this node's address, the API server's
+/// (its endpoints as the `default/kubernetes` slices list them, or the address the
+/// daemon dials), or an address outside `--external-ip-cidrs`; each refusal is
+/// reported with the Service and the reason, and the Service's other addresses serve.
+#[test]
+fn external_addresses_follow_the_policy() {
+    let svc = |ips: &str| {
+        Arc::new(service(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: claim, namespace: tenant}}\nspec:\n  clusterIP: 10.96.0.77\n  externalIPs: [{ips}]\n  ports: [{{port: 6443}}]\n"
+        )))
+    };
+    let external_ips = |model: &Model| -> Vec<String> {
+        let mut ips: Vec<String> = model
+            .frontends()
+            .values()
+            .filter(|f| f.kind == FrontendKind::ExternalIp && f.key.scope == Scope::Internal)
+            .map(|f| f.key.ip.to_string())
+            .collect();
+        ips.sort();
+        ips
+    };
+    let mut model = Model::default();
+    let mut here = node("node-a", None, &["10.253.0.2"]);
+    here.reserved = vec!["192.0.2.10".parse().unwrap()];
+    model.set_node(here.clone());
+    model.upsert_service(svc("10.253.0.2, 192.0.2.10, 192.0.2.11, 198.51.100.7"));
+    let changes = model.recompute();
+    assert_eq!(external_ips(&model), ["192.0.2.11", "198.51.100.7"]);
+    let reasons: Vec<String> = changes.refused.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        reasons,
+        [
+            "Service tenant/claim: external address 10.253.0.2 is not served: it is this node's own address",
+            "Service tenant/claim: external address 192.0.2.10 is not served: it is an address of the API server",
+        ]
+    );
+    // The API server's endpoints, from its own Service's slices.
+    model.upsert_slice(Arc::new(slice(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: kubernetes, namespace: default, labels: {kubernetes.io/service-name: kubernetes}}\naddressType: IPv4\nports: [{name: https, port: 6443}]\nendpoints:\n- addresses: [192.0.2.11]\n",
+    )));
+    let changes = model.recompute();
+    assert_eq!(external_ips(&model), ["198.51.100.7"]);
+    assert!(
+        changes
+            .refused
+            .iter()
+            .any(|r| r.address.to_string() == "192.0.2.11" && r.reason.contains("API server")),
+        "{:?}",
+        changes.refused
+    );
+    // --external-ip-cidrs.
+    here.external_ip_cidrs = Some(vec![Cidr::parse("203.0.113.0/24").unwrap()]);
+    model.set_node(here);
+    let changes = model.recompute();
+    assert!(external_ips(&model).is_empty());
+    assert!(
+        changes
+            .refused
+            .iter()
+            .any(|r| r.address.to_string() == "198.51.100.7"
+                && r.reason == "it is outside --external-ip-cidrs 203.0.113.0/24"),
+        "{:?}",
+        changes.refused
+    );
+    // The ClusterIP still serves.
+    assert!(
+        model
+            .frontends()
+            .values()
+            .any(|f| f.kind == FrontendKind::ClusterIp)
+    );
 }

@@ -50,7 +50,8 @@ use crate::{
 
 /// Builds a client: `--kubeconfig`, else `$KUBECONFIG`, else the in-cluster
 /// service-account configuration.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+/// A client for the API, and the addresses it connects to.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<(Client, Vec<std::net::IpAddr>)> {
     let mut config = if let Some(path) = kubeconfig {
         let file = Kubeconfig::read_from(path)
             .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -74,7 +75,33 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     config.connect_timeout = Some(Duration::from_secs(5));
     // Watches are long-lived and may be quiet: no read timeout (the watcher has its own).
     config.read_timeout = None;
-    Client::try_from(config).context("creating the Kubernetes client")
+    let api = api_addresses(&config.cluster_url).await;
+    Ok((
+        Client::try_from(config).context("creating the Kubernetes client")?,
+        api,
+    ))
+}
+
+/// The addresses this daemon reaches the API server at (the cluster URL's host, as
+/// written or resolved): no Service may take them, or it would cut the daemon off.
+async fn api_addresses(url: &hyper::Uri) -> Vec<std::net::IpAddr> {
+    let Some(host) = url.host() else {
+        return Vec::new();
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return vec![ip.to_canonical()];
+    }
+    let port = url.port_u16().unwrap_or(443);
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::lookup_host((host, port)),
+    )
+    .await
+    {
+        Ok(Ok(addresses)) => addresses.map(|a| a.ip().to_canonical()).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// What the daemon can observe of the API connection.
