@@ -97,6 +97,8 @@ impl HealthCheckServers {
         let task = self.runtime.spawn(async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else {
+                    // Out of file descriptors, say: retry without spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 };
                 let answer = response(&served.lock().expect("health state lock"));

@@ -182,10 +182,13 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         if options.detach_on_exit {
             datapath::cleanup(&options.datapath.pin_dir, options.datapath.netns.as_deref())?;
         }
+        status::remove(&options.datapath.pin_dir);
         return Ok(());
     }
     let datapath = sync
         .join()
         .map_err(|_| anyhow::anyhow!("the sync thread panicked"))?;
-    datapath.shutdown(options.detach_on_exit)
+    let result = datapath.shutdown(options.detach_on_exit);
+    status::remove(&options.datapath.pin_dir);
+    result
 }

@@ -204,12 +204,15 @@ pub async fn serve(pin_dir: &Path, board: StatusBoard) -> Result<PathBuf> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     // This daemon holds the pin directory's lock: a socket file left there is stale.
     let _ = std::fs::remove_file(&path);
+    remove_stale(dir);
     let listener = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("binding status socket {}", path.display()))?;
     info!(socket = %path.display(), "status socket listening (lb list reads it)");
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of file descriptors, say: retry without spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
             let board = board.clone();
@@ -235,6 +238,26 @@ pub async fn serve(pin_dir: &Path, board: StatusBoard) -> Result<PathBuf> {
         }
     });
     Ok(path)
+}
+
+/// Removes this daemon's status socket (on exit).
+pub fn remove(pin_dir: &Path) {
+    let _ = std::fs::remove_file(socket_path(pin_dir));
+}
+
+/// Removes sockets in `dir` that nobody listens on any more (daemons that were
+/// killed), so the directory does not collect them.
+fn remove_stale(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "sock")
+            && std::os::unix::net::UnixStream::connect(&path)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            debug!(socket = %path.display(), "removing a stale status socket");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// `lb list`'s client: the status of the daemon owning `pin_dir`, if one answers.

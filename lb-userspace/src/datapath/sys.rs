@@ -408,14 +408,16 @@ fn mount_bpffs_once(target: &Path) -> Result<()> {
 fn mount_bpffs(target: &Path) -> Result<()> {
     let target_c = CString::new(target.as_os_str().as_bytes())?;
     let bpf = CString::new("bpf")?;
-    // SAFETY: valid NUL-terminated strings; no mount data.
+    // Root only: pins are the datapath's maps and links.
+    let data = CString::new("mode=0700")?;
+    // SAFETY: valid NUL-terminated strings.
     let rc = unsafe {
         libc::mount(
             bpf.as_ptr(),
             target_c.as_ptr(),
             bpf.as_ptr(),
             0,
-            std::ptr::null(),
+            data.as_ptr().cast(),
         )
     };
     if rc != 0 {

@@ -225,7 +225,7 @@ impl ManifestDir {
             return;
         }
         changes.files_read += 1;
-        let text = match fs::read_to_string(path) {
+        let text = match read_bounded(path) {
             Ok(text) => text,
             Err(err) => {
                 changes.problems.push(Problem {
@@ -808,6 +808,25 @@ fn follow(
     }
 }
 
+/// Manifest files larger than this are refused (a Service or slice is a few KB; a
+/// file of thousands of them is a few MB), so one stray file cannot exhaust memory.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// Reads a manifest file, refusing one over [`MAX_FILE_BYTES`] without reading it.
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let file = fs::File::open(path)?;
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB, the limit for one manifest file",
+            MAX_FILE_BYTES >> 20
+        )));
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1157,5 +1176,26 @@ items:
             err.to_string()
                 .contains("/nonexistent/lb-manifests does not exist")
         );
+    }
+}
+
+#[cfg(test)]
+mod size_limit_tests {
+    use super::*;
+
+    #[test]
+    fn a_file_over_the_limit_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.yaml");
+        // Sparse: no disk, but 64 MiB + 1 of zeros to whoever reads it.
+        fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_FILE_BYTES + 1)
+            .unwrap();
+        let err = read_bounded(&big).unwrap_err().to_string();
+        assert!(err.contains("larger than 64 MiB"), "{err}");
+        let small = dir.path().join("small.yaml");
+        fs::write(&small, "kind: Service\n").unwrap();
+        assert_eq!(read_bounded(&small).unwrap(), "kind: Service\n");
     }
 }

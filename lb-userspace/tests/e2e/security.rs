@@ -102,7 +102,7 @@ fn daemonset_capability_set() -> Result<()> {
     )?;
     let bounding = format!("--bounding-set={DAEMONSET_CAPS}");
     let inheritable = "--inh-caps=-all";
-    let daemon = Daemon::start_wrapped(&tb, &dir, &["setpriv", &bounding, inheritable, "--"])?;
+    let mut daemon = Daemon::start_wrapped(&tb, &dir, &["setpriv", &bounding, inheritable, "--"])?;
     let who = whoami(&tb, &client, "10.96.0.100", 6379)?;
     ensure!(
         backends.iter().any(|b| b.name == who),
@@ -117,5 +117,27 @@ fn daemonset_capability_set() -> Result<()> {
             t.name, t.effective, t.permitted, t.bounding, t.no_new_privs
         );
     }
+    // Its status socket goes with it (a dead daemon's socket is cleared by the next).
+    let socket = status_socket(&daemon.pin_dir);
+    ensure!(socket.exists(), "no status socket at {}", socket.display());
+    daemon.stop()?;
+    ensure!(!socket.exists(), "{} left after exit", socket.display());
     Ok(())
+}
+
+/// Where the daemon owning `pin_dir` serves its status (daemon/status.rs).
+fn status_socket(pin_dir: &std::path::Path) -> std::path::PathBuf {
+    let name: String = pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    std::path::PathBuf::from("/run/lb").join(format!("{name}.sock"))
 }

@@ -20,8 +20,8 @@ pub const LB: &str = env!("CARGO_BIN_EXE_lb");
 pub const READY: &str = "lb::daemon::controller: ready";
 
 /// `timeout` stretched for slow machines: `LB_E2E_SLOWDOWN=N` (the kernel-compatibility
-/// run sets it: its guest runs on an emulated CPU) multiplies the waits for daemons to
-/// start, never what a test asserts about the datapath's speed.
+/// run sets it: its guest runs on an emulated CPU) multiplies the waits for daemons and
+/// client programs to start, never what a test asserts about the datapath's speed.
 pub fn slow(timeout: Duration) -> Duration {
     let factor = std::env::var("LB_E2E_SLOWDOWN")
         .ok()
