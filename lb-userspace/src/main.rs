@@ -108,6 +108,11 @@ struct DaemonArgs {
     /// LB_SERVICES entries: one per frontend plus one per backend of each frontend.
     #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_SERVICE_ENTRIES)]
     max_service_entries: u32,
+    /// Frontends one Service may have (ports x addresses x scopes); past this only the
+    /// first are served, its ClusterIPs first, with a warning, so one Service cannot
+    /// take the capacity every other Service needs.
+    #[arg(long, value_name = "N", default_value_t = lb::model::DEFAULT_FRONTENDS_PER_SERVICE)]
+    max_frontends_per_service: usize,
     /// Open translated connected sockets remembered for reverse translation and
     /// stale-socket termination (an entry lives as long as its socket; past this,
     /// translations are kept in the socket's own storage and counted as overflow).
@@ -304,6 +309,7 @@ fn daemon(args: DaemonArgs) -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("--external-ip-cidrs: {e}"))?,
             ),
         },
+        frontends_per_service: args.max_frontends_per_service.max(1),
         detach_on_exit: args.detach_on_exit,
         node_name: node_name(args.node_name)?,
         health_addr: parse_addr("health-addr", &args.health_addr)?,

@@ -59,6 +59,8 @@ pub struct ExternalOptions {
     pub external_ip_cidrs: Option<Vec<crate::model::spec::Cidr>>,
     /// Where this daemon reaches the API server.
     pub api_addresses: Vec<std::net::IpAddr>,
+    /// `--max-frontends-per-service`.
+    pub frontends_per_service: usize,
 }
 
 /// Why a sync ended early.
@@ -145,7 +147,11 @@ impl Controller {
             revnat_full_seen,
             last_socket_check: Instant::now(),
             tc_retry_at: None,
-            model: Model::default(),
+            model: {
+                let mut model = Model::default();
+                model.set_frontend_cap(external.frontends_per_service);
+                model
+            },
             reconciler: Reconciler::new(limits).with_maglev_size(maps.maglev_size),
             limits,
             maps,
@@ -734,6 +740,9 @@ fn report(changes: &Changes, reported: &mut BTreeSet<FrontendKey>, external_serv
     }
     for refusal in &changes.refused {
         summary.warn(Some("external-address"), &refusal.to_string());
+    }
+    for capped in &changes.capped {
+        summary.warn(Some("frontends-per-service"), &capped.to_string());
     }
     for frontend in changes.frontends.values().flatten() {
         if frontend.key.protocol == Protocol::Sctp {

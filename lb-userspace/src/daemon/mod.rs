@@ -54,6 +54,8 @@ pub struct DaemonOptions {
     pub node_ports: (u16, u16),
     /// `--external-ip-cidrs`.
     pub external_ip_cidrs: Option<Vec<crate::model::spec::Cidr>>,
+    /// `--max-frontends-per-service`.
+    pub frontends_per_service: usize,
 }
 
 /// How long a shutdown waits for the sync to reach a stopping point.
@@ -134,6 +136,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
             node_ports: options.node_ports,
             external_ip_cidrs: options.external_ip_cidrs.clone(),
             api_addresses,
+            frontends_per_service: options.frontends_per_service,
         },
         stop.clone(),
     );

@@ -101,6 +101,30 @@ impl fmt::Display for Refusal {
     }
 }
 
+/// A Service that wants more frontends than one Service may have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capped {
+    pub service: ObjectRef,
+    pub wanted: usize,
+    pub cap: usize,
+}
+
+impl fmt::Display for Capped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Service {} wants {} frontends (ports x addresses x scopes), more than \
+             --max-frontends-per-service {}: only {} are served, its ClusterIPs first",
+            self.service, self.wanted, self.cap, self.cap
+        )
+    }
+}
+
+/// Frontends one Service may have by default: far above what real Services use (ten
+/// ports on a dual-stack LoadBalancer with two node addresses is under 200), far below
+/// what fills the maps for everyone.
+pub const DEFAULT_FRONTENDS_PER_SERVICE: usize = 1024;
+
 /// A Service's health-check node port (`externalTrafficPolicy: Local`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
@@ -131,6 +155,8 @@ pub struct Model {
     api_changed: bool,
     /// `node` with the API server's endpoints reserved: what Services are computed with.
     effective: NodeContext,
+    /// At most this many frontends per Service; `None`: [`DEFAULT_FRONTENDS_PER_SERVICE`].
+    frontend_cap: Option<usize>,
     /// Slices changed since the last recompute with their trigger times, for the
     /// network programming latency metric.
     triggers: Vec<SystemTime>,
@@ -150,6 +176,8 @@ pub struct Changes {
     pub conflicts: Vec<Conflict>,
     /// External and load-balancer IPs refused by policy (reported).
     pub refused: Vec<Refusal>,
+    /// Services cut down to the per-Service frontend cap (reported).
+    pub capped: Vec<Capped>,
     /// Service and EndpointSlice objects changed (added, updated, removed) since the
     /// last recompute.
     pub service_changes: usize,
@@ -196,6 +224,15 @@ impl Model {
     /// Services with changes not yet recomputed.
     pub fn pending(&self) -> usize {
         self.dirty.len()
+    }
+
+    /// Caps the frontends of one Service (`--max-frontends-per-service`), so that one
+    /// Service cannot take the capacity every other Service needs.
+    pub fn set_frontend_cap(&mut self, cap: usize) {
+        if Some(cap) != self.frontend_cap {
+            self.frontend_cap = Some(cap);
+            self.dirty.extend(self.services.keys().cloned());
+        }
     }
 
     /// This node's name, zone and addresses: locality, topology and node ports of
@@ -337,10 +374,21 @@ impl Model {
     fn recompute_service(&mut self, id: &ObjectRef, changes: &mut Changes) {
         self.work += 1;
         let spec = self.services.get(id).cloned();
-        let wanted = match &spec {
+        let mut wanted = match &spec {
             Some(spec) => service_frontends(spec, &self.slices_of(id), &self.effective),
             None => Vec::new(),
         };
+        let cap = self.frontend_cap.unwrap_or(DEFAULT_FRONTENDS_PER_SERVICE);
+        if wanted.len() > cap {
+            changes.capped.push(Capped {
+                service: id.clone(),
+                wanted: wanted.len(),
+                cap,
+            });
+            // ClusterIPs first (a stable sort keeps the rest in their order).
+            wanted.sort_by_key(|f| f.kind != FrontendKind::ClusterIp);
+            wanted.truncate(cap);
+        }
         if let Some(spec) = &spec {
             for &address in spec.external_ips.iter().chain(&spec.load_balancer_ips) {
                 if let Some(reason) = frontends::external_address_refusal(address, &self.effective)

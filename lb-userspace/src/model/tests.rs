@@ -1020,3 +1020,43 @@ fn external_addresses_follow_the_policy() {
             .any(|f| f.kind == FrontendKind::ClusterIp)
     );
 }
+
+/// One Service cannot take everyone's capacity: past the per-Service cap only the
+/// first frontends are served, its ClusterIPs first, and the cut is reported.
+#[test]
+fn a_service_is_cut_to_the_per_service_frontend_cap() {
+    let ports: Vec<String> = (1..=3)
+        .map(|p| format!("{{name: p{p}, port: {p}}}"))
+        .collect();
+    let svc = service(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: wide, namespace: tenant}}\nspec:\n  clusterIP: 10.96.0.44\n  externalIPs: [198.51.100.1, 198.51.100.2, 198.51.100.3, 198.51.100.4]\n  ports: [{}]\n",
+        ports.join(", ")
+    ));
+    let mut model = Model::default();
+    model.upsert_service(Arc::new(svc.clone()));
+    model.recompute();
+    // 3 ports x (1 ClusterIP + 4 external IPs x 2 scopes).
+    assert_eq!(model.frontends().len(), 27);
+    model.set_frontend_cap(5);
+    let changes = model.recompute();
+    assert_eq!(model.frontends().len(), 5);
+    let cluster_ips = model
+        .frontends()
+        .values()
+        .filter(|f| f.kind == FrontendKind::ClusterIp)
+        .count();
+    assert_eq!(cluster_ips, 3, "every ClusterIP kept");
+    assert_eq!(
+        changes.capped,
+        vec![Capped {
+            service: svc.id.clone(),
+            wanted: 27,
+            cap: 5
+        }]
+    );
+    assert!(
+        changes.capped[0]
+            .to_string()
+            .contains("--max-frontends-per-service 5")
+    );
+}

@@ -23,7 +23,79 @@ pub fn trials() -> Vec<Trial> {
             "security::an_external_ip_cannot_take_a_cluster_ip_before_or_after_a_restart",
             external_ip_cannot_take_a_cluster_ip,
         ),
+        cluster::trial(
+            "security::one_service_of_256_ports_and_128_external_ips_cannot_take_all_capacity",
+            one_service_cannot_take_all_capacity,
+        ),
     ]
+}
+
+/// A tenant's Service with 256 ports and 128 external IPs wants 65 792 frontends,
+/// more than the maps' default 65 536. It is cut to `--max-frontends-per-service`
+/// (reported by name), the Services that were there keep serving, one created after
+/// it is served, and `/healthz` stays 200.
+fn one_service_cannot_take_all_capacity() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let ns = cluster.namespace.clone();
+    cluster.apply(include_str!("../../../examples/cluster/r-deployment.yaml"))?;
+    cluster.kubectl(&["expose", "deployment", "redis-master", "--port=6379"])?;
+    cluster.kubectl(&[
+        "run",
+        "web",
+        "--image=busybox",
+        "--restart=Never",
+        "--",
+        "sleep",
+        "infinity",
+    ])?;
+    cluster.wait_ready("run=web", 1)?;
+    let redis = cluster.wait_ready("app=redis", 1)?;
+    let mut daemon = cluster.daemon(0, &[])?;
+    let vip = cluster.cluster_ip("redis-master")?;
+    ensure!(crate::kube::whoami(&cluster, "web", &vip)? == redis[0]);
+
+    let ports: Vec<String> = (0..256)
+        .map(|i| format!("{{name: p{i}, port: {}}}", 20000 + i))
+        .collect();
+    // In the blackholed service range: nothing could leave the sandbox.
+    let ips: Vec<String> = (0..128).map(|i| format!("\"10.111.200.{i}\"")).collect();
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: wide}}\nspec:\n  externalIPs: [{}]\n  ports: [{}]\n",
+        ips.join(", "),
+        ports.join(", ")
+    ))?;
+    daemon.wait_for_log(
+        &format!(
+            "Service {ns}/wide wants 65792 frontends (ports x addresses x scopes), more than --max-frontends-per-service 1024"
+        ),
+        slow(std::time::Duration::from_secs(20)),
+    )?;
+    cluster.kubectl(&[
+        "expose",
+        "deployment",
+        "redis-master",
+        "--name=late",
+        "--port=6379",
+    ])?;
+    let late = cluster.cluster_ip("late")?;
+    cluster.wait(
+        "the Service created after the wide one",
+        std::time::Duration::from_secs(10),
+        || {
+            Ok(daemon
+                .backends_of(&late, 6379, "TCP")?
+                .filter(|b| !b.is_empty()))
+        },
+    )?;
+    ensure!(crate::kube::whoami(&cluster, "web", &late)? == redis[0]);
+    ensure!(crate::kube::whoami(&cluster, "web", &vip)? == redis[0]);
+    let (code, body) = daemon.http_get("health", "/healthz")?;
+    ensure!(code == 200, "/healthz: {code} {body}");
+    ensure!(
+        daemon.metric("lb_unprogrammed_frontends")? == 0.0,
+        "frontends left unprogrammed"
+    );
+    Ok(())
 }
 
 /// A ClusterIP the test asks the API server for (inside the blackholed service range).
