@@ -134,6 +134,16 @@ pub async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
+/// Connections one server holds at once; more are closed as they arrive. Probes and
+/// scrapes need a handful; a flood of idle connections must not exhaust the daemon's
+/// file descriptors.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client has this long to send a request's headers (also between the requests of
+/// a kept-alive connection), or its connection is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer than this, whatever it does.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Serves `handler` on `listener` until the process ends. Returns the bound address
 /// (port 0 picks one).
 pub fn serve<F>(what: &'static str, listener: TcpListener, handler: F) -> Result<SocketAddr>
@@ -143,11 +153,16 @@ where
     let bound = listener.local_addr()?;
     info!(%bound, "{what} server listening");
     let handler = Arc::new(handler);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 // Out of file descriptors, say: retry without spinning.
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                debug!("{what} server: {MAX_CONNECTIONS} connections open; closing a new one");
                 continue;
             };
             let handler = handler.clone();
@@ -156,12 +171,16 @@ where
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler(&req)) }
                 });
-                if let Err(err) = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    debug!("{what} connection: {err}");
+                let connection = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                    Ok(Err(err)) => debug!("{what} connection: {err}"),
+                    Err(_) => debug!("{what} connection closed after {CONNECTION_LIFETIME:?}"),
+                    Ok(Ok(())) => {}
                 }
+                drop(slot);
             });
         }
     });

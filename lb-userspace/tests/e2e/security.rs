@@ -19,6 +19,10 @@ pub fn trials() -> Vec<Trial> {
             "security::daemonset_capability_set_is_lowered_per_thread",
             daemonset_capability_set,
         ),
+        trial(
+            "security::idle_connections_to_the_health_port_are_capped_and_shed",
+            idle_health_connections,
+        ),
         cluster::trial(
             "security::an_external_ip_cannot_take_a_cluster_ip_before_or_after_a_restart",
             external_ip_cannot_take_a_cluster_ip,
@@ -212,4 +216,77 @@ fn status_socket(pin_dir: &std::path::Path) -> std::path::PathBuf {
         })
         .collect();
     std::path::PathBuf::from("/run/lb").join(format!("{name}.sock"))
+}
+
+/// 600 idle connections to the health port (no request ever sent): past the cap of
+/// 256 they are closed at once, the daemon's descriptors stay bounded, the idle ones
+/// are closed after the header timeout, and `/healthz` answers 200 afterwards.
+fn idle_health_connections() -> Result<()> {
+    use std::{
+        io::Read as _,
+        net::TcpStream,
+        time::{Duration, Instant},
+    };
+    let (tb, backends, client) = redis_world(1)?;
+    let (_dir, daemon) = serve_redis(&tb, &backends.iter().collect::<Vec<_>>())?;
+    let addr = daemon.server_addr("health")?;
+    let pid = daemon.pid().context("daemon pid")?;
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count());
+    let before = fds()?;
+    let mut idle = Vec::with_capacity(600);
+    for _ in 0..600 {
+        let stream = TcpStream::connect(&addr)?;
+        stream.set_read_timeout(Some(Duration::from_millis(1)))?;
+        idle.push(stream);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = fds()?;
+    ensure!(
+        during <= before + 256 + 8,
+        "the daemon holds {during} descriptors with 600 idle connections ({before} before)"
+    );
+    // A server-side close reads as end of file (or a reset); an open idle connection
+    // as a timeout.
+    let closed = |streams: &[TcpStream]| {
+        streams
+            .iter()
+            .filter(|s| {
+                let mut byte = [0u8; 1];
+                let mut reader: &TcpStream = s;
+                match reader.read(&mut byte) {
+                    // End of file: closed by the server (it never sends on its own).
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    Err(e) => !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                }
+            })
+            .count()
+    };
+    let shed_at_once = closed(&idle);
+    ensure!(
+        shed_at_once >= 600 - 256,
+        "only {shed_at_once} of 600 connections were closed at once"
+    );
+    let started = Instant::now();
+    loop {
+        if closed(&idle) == 600 {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "idle connections still open {:?} after the flood",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, body) = daemon.http_get("health", "/healthz")?;
+    ensure!(code == 200, "/healthz: {code} {body}");
+    ensure!(
+        whoami(&tb, &client, "10.96.0.100", 6379).is_ok(),
+        "the ClusterIP still answers"
+    );
+    Ok(())
 }
