@@ -139,6 +139,21 @@ impl Cluster {
         )
     }
 
+    /// Runs a client pod `name` (busybox, sleeping) and waits until it is ready.
+    pub fn run_client(&self, name: &str) -> Result<()> {
+        self.kubectl(&[
+            "run",
+            name,
+            "--image=busybox",
+            "--restart=Never",
+            "--",
+            "sleep",
+            "infinity",
+        ])?;
+        self.wait_ready(&format!("run={name}"), 1)?;
+        Ok(())
+    }
+
     /// Polls `check` every 10 ms until it returns `Some`, or fails after `timeout`.
     pub fn wait<T>(
         &self,

@@ -647,7 +647,7 @@ for source_port in range(43000, 44000):
 
 /// Stops the servers a manifests-mode test started (processes in a deleted network
 /// namespace would keep running).
-struct Servers(Vec<std::process::Child>);
+pub(crate) struct Servers(Vec<std::process::Child>);
 
 impl Drop for Servers {
     fn drop(&mut self) {
@@ -658,22 +658,18 @@ impl Drop for Servers {
     }
 }
 
-/// The TC path over IPv6 (the test control plane is single-stack, so from manifests):
-/// two nodes, each with a redis pod and its own daemon; a client outside dialling
-/// `[node A]:30080` reaches both pods (node B's through SNAT to node A's IPv6
-/// address), and 100 MB arrive intact both ways.
-fn ipv6_node_ports_from_manifests() -> Result<()> {
-    use crate::support::{Daemon, READY};
-    let world = World::new(&["a", "b"])?;
-    let client = world.add_outside("outside6")?;
-    let work_dir = std::env::temp_dir().join(format!("{}-v6", world.id));
-    std::fs::create_dir_all(&work_dir)?;
+/// A redis pod `redis-<node>` on each of `nodes`, answering `GET whoami` with its name
+/// once this returns.
+pub(crate) fn redis_pods<'a>(
+    world: &World,
+    nodes: &[&'a str],
+    work_dir: &std::path::Path,
+) -> Result<(Servers, Vec<(&'a str, Pod)>)> {
     let mut servers = Servers(Vec::new());
     let mut pods = Vec::new();
-    for node in ["a", "b"] {
-        let net = world.node(node);
-        let pod = world.add_pod(net, &format!("redis-{node}"))?;
-        let argv = lb_testbed::servers::redis(&pod, 6379, &work_dir);
+    for &node in nodes {
+        let pod = world.add_pod(world.node(node), &format!("redis-{node}"))?;
+        let argv = lb_testbed::servers::redis(&pod, 6379, work_dir);
         let mut cmd = world.command(&pod, None, &argv[0])?;
         cmd.args(&argv[1..])
             .stdout(std::process::Stdio::null())
@@ -683,7 +679,7 @@ fn ipv6_node_ports_from_manifests() -> Result<()> {
     }
     for (_, pod) in &pods {
         let mut ready = false;
-        for _ in 0..100 {
+        for _ in 0..200 {
             let mut cmd = world.command(pod, None, "redis-cli")?;
             cmd.args(["-h", "::1", "SET", "whoami", &pod.name]);
             if output_with_timeout(cmd, Duration::from_secs(2))
@@ -696,6 +692,20 @@ fn ipv6_node_ports_from_manifests() -> Result<()> {
         }
         ensure!(ready, "redis in {} did not start", pod.name);
     }
+    Ok((servers, pods))
+}
+
+/// The TC path over IPv6 (the test control plane is single-stack, so from manifests):
+/// two nodes, each with a redis pod and its own daemon; a client outside dialling
+/// `[node A]:30080` reaches both pods (node B's through SNAT to node A's IPv6
+/// address), and 100 MB arrive intact both ways.
+fn ipv6_node_ports_from_manifests() -> Result<()> {
+    use crate::support::{Daemon, READY};
+    let world = World::new(&["a", "b"])?;
+    let client = world.add_outside("outside6")?;
+    let work_dir = std::env::temp_dir().join(format!("{}-v6", world.id));
+    std::fs::create_dir_all(&work_dir)?;
+    let (servers, pods) = redis_pods(&world, &["a", "b"], &work_dir)?;
     let mut manifests = String::new();
     for node in ["a", "b"] {
         let net = world.node(node);

@@ -12,6 +12,7 @@ use lb_testbed::{Pod, output_with_timeout, world::World};
 use libtest_mimic::Trial;
 
 use crate::{
+    external::redis_pods,
     probe::Probe,
     reliability::tally,
     support::{Daemon, READY, slow},
@@ -37,19 +38,6 @@ const LOCAL_PORT: u16 = 30081;
 /// An interface that does not exist when the daemon starts, then appears.
 const LATE_DEVICE: &str = "lblate0";
 
-/// Stops the servers a test started (processes in a deleted network namespace would
-/// keep running).
-struct Servers(Vec<std::process::Child>);
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Two nodes from manifests, a redis pod on each, a client pod on node A and a client
 /// outside. Node A's daemon serves `eth0` and an interface that does not exist yet:
 ///
@@ -69,21 +57,7 @@ fn node_ports_survive_kill_9(tc_attach: &str) -> Result<()> {
     let outside = world.add_outside("outside")?;
     let work_dir = std::env::temp_dir().join(format!("{}-kernel", world.id));
     std::fs::create_dir_all(&work_dir)?;
-    let mut servers = Servers(Vec::new());
-    let mut pods = Vec::new();
-    for node in ["a", "b"] {
-        let pod = world.add_pod(world.node(node), &format!("redis-{node}"))?;
-        let argv = lb_testbed::servers::redis(&pod, 6379, &work_dir);
-        let mut cmd = world.command(&pod, None, &argv[0])?;
-        cmd.args(&argv[1..])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        servers.0.push(cmd.spawn()?);
-        pods.push((node, pod));
-    }
-    for (_, pod) in &pods {
-        wait_for_redis(&world, pod)?;
-    }
+    let (servers, pods) = redis_pods(&world, &["a", "b"], &work_dir)?;
     let client = world.add_pod(world.node("a"), "client")?;
     let manifests = work_dir.join("manifests");
     std::fs::create_dir_all(&manifests)?;
@@ -310,20 +284,6 @@ fn manifest(world: &World, pods: &[(&str, Pod)]) -> String {
         text.push_str("---\n");
     }
     text
-}
-
-fn wait_for_redis(world: &World, pod: &Pod) -> Result<()> {
-    for _ in 0..200 {
-        let mut cmd = world.command(pod, None, "redis-cli")?;
-        cmd.args(["SET", "whoami", &pod.name]);
-        if output_with_timeout(cmd, Duration::from_secs(2))
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("OK"))
-        {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    anyhow::bail!("redis in {} did not start", pod.name)
 }
 
 /// `n` connections from `client` to `host:port`: the pods that answered.

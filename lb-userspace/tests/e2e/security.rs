@@ -43,16 +43,7 @@ fn one_service_cannot_take_all_capacity() -> Result<()> {
     let ns = cluster.namespace.clone();
     cluster.apply(include_str!("../../../examples/cluster/r-deployment.yaml"))?;
     cluster.kubectl(&["expose", "deployment", "redis-master", "--port=6379"])?;
-    cluster.kubectl(&[
-        "run",
-        "web",
-        "--image=busybox",
-        "--restart=Never",
-        "--",
-        "sleep",
-        "infinity",
-    ])?;
-    cluster.wait_ready("run=web", 1)?;
+    cluster.run_client("web")?;
     let redis = cluster.wait_ready("app=redis", 1)?;
     let mut daemon = cluster.daemon(0, &[])?;
     let vip = cluster.cluster_ip("redis-master")?;
@@ -121,16 +112,7 @@ fn external_ip_cannot_take_a_cluster_ip() -> Result<()> {
     cluster.apply(&format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: victim}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: victim}}}}\n  template:\n    metadata: {{labels: {{app: victim}}}}\n    spec: {{containers: [{{name: r, image: redis, ports: [{{containerPort: 6379}}]}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: victim}}\nspec:\n  selector: {{app: victim}}\n  clusterIP: {CONTESTED}\n  ports: [{{port: 6379}}]\n"
     ))?;
-    cluster.kubectl(&[
-        "run",
-        "web",
-        "--image=busybox",
-        "--restart=Never",
-        "--",
-        "sleep",
-        "infinity",
-    ])?;
-    cluster.wait_ready("run=web", 1)?;
+    cluster.run_client("web")?;
     let victims = cluster.wait_ready("app=victim", 2)?;
     let hijackers = cluster.wait_ready("app=hijack", 2)?;
     let mut daemon = cluster.daemon(0, &[])?;
@@ -194,28 +176,11 @@ fn daemonset_capability_set() -> Result<()> {
         );
     }
     // Its status socket goes with it (a dead daemon's socket is cleared by the next).
-    let socket = status_socket(&daemon.pin_dir);
+    let socket = lb::daemon::status::socket_path(&daemon.pin_dir);
     ensure!(socket.exists(), "no status socket at {}", socket.display());
     daemon.stop()?;
     ensure!(!socket.exists(), "{} left after exit", socket.display());
     Ok(())
-}
-
-/// Where the daemon owning `pin_dir` serves its status (daemon/status.rs).
-fn status_socket(pin_dir: &std::path::Path) -> std::path::PathBuf {
-    let name: String = pin_dir
-        .to_string_lossy()
-        .trim_matches('/')
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    std::path::PathBuf::from("/run/lb").join(format!("{name}.sock"))
 }
 
 /// 600 idle connections to the health port (no request ever sent): past the cap of
