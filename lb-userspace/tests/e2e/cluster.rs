@@ -214,15 +214,21 @@ impl Cluster {
 
     /// Waits until `n` pods matching `selector` are ready; returns their names.
     pub fn wait_ready(&self, selector: &str, n: usize) -> Result<Vec<String>> {
-        self.wait(
-            &format!("{n} ready pods {selector}"),
-            Duration::from_secs(60),
-            || {
-                let pods = self.pods(selector)?;
-                let ready: Vec<String> = pods.iter().filter(|p| p.2).map(|p| p.0.clone()).collect();
-                Ok((pods.len() == n && ready.len() == n).then_some(ready))
-            },
-        )
+        self.wait_ready_within(selector, n, Duration::from_secs(60))
+    }
+
+    /// [`Cluster::wait_ready`] with a timeout of its own.
+    pub fn wait_ready_within(
+        &self,
+        selector: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
+        self.wait(&format!("{n} ready pods {selector}"), timeout, || {
+            let pods = self.pods(selector)?;
+            let ready: Vec<String> = pods.iter().filter(|p| p.2).map(|p| p.0.clone()).collect();
+            Ok((pods.len() == n && ready.len() == n).then_some(ready))
+        })
     }
 
     pub fn cluster_ip(&self, service: &str) -> Result<String> {
