@@ -234,15 +234,17 @@ pub fn main(args: &[String]) -> ! {
         "load" => {
             let addr = target(rest);
             let interval = Duration::from_millis(rest[2].parse().expect("interval"));
+            // 1 s per connection (a lost SYN fails it); stretched on an emulated CPU,
+            // where the guest can stall longer than that (see `slow`).
+            let limit = crate::support::slow(Duration::from_secs(1));
             let started = Instant::now();
             while started.elapsed() < Duration::from_secs(300) {
                 let begun = Instant::now();
-                let result =
-                    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).and_then(|mut s| {
-                        s.set_read_timeout(Some(Duration::from_secs(1)))?;
-                        s.write_all(b"GET whoami\r\n")?;
-                        redis_reply(&mut s)
-                    });
+                let result = TcpStream::connect_timeout(&addr, limit).and_then(|mut s| {
+                    s.set_read_timeout(Some(limit))?;
+                    s.write_all(b"GET whoami\r\n")?;
+                    redis_reply(&mut s)
+                });
                 match result {
                     Ok(who) => out(format!("ok {who}")),
                     Err(err) => out(format!("fail {}", errno_line(&err))),
