@@ -32,7 +32,8 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 /// cargo-fuzz, for the bounded fuzzing run of `cargo xtask test`.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-fn have(command: &str) -> bool {
+/// Whether `command` is on the PATH.
+pub fn have(command: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {command}")])
         .stdout(Stdio::null())

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, workspace_root};
+use crate::{cargo, prereqs::have, workspace_root};
 
 /// Debian 12's kernel ABI that the run boots.
 pub const KERNEL: &str = "6.1.0-50-amd64";
@@ -92,14 +92,6 @@ const MODULES: &[&str] = &[
     "fscache",
     "9p",
 ];
-
-fn have(command: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {command}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 fn apt_install(packages: &[&str], env: &[(&str, &str)]) -> Result<()> {
     eprintln!("==> installing {}", packages.join(" "));
