@@ -13,19 +13,20 @@ use super::{
 };
 
 fn service(yaml: &str) -> ServiceSpec {
-    let parsed: Service = serde_yaml::from_str(yaml).expect("valid Service YAML");
+    let parsed: Service = crate::source::manifests::from_yaml(yaml).expect("valid Service YAML");
     ServiceSpec::from_k8s(&parsed)
         .expect("a valid Service")
         .expect("served by this proxy")
 }
 
 fn service_errors(yaml: &str) -> String {
-    let parsed: Service = serde_yaml::from_str(yaml).expect("valid Service YAML");
+    let parsed: Service = crate::source::manifests::from_yaml(yaml).expect("valid Service YAML");
     ServiceSpec::from_k8s(&parsed).unwrap_err().join("\n")
 }
 
 fn slice(yaml: &str) -> SliceSpec {
-    let parsed: EndpointSlice = serde_yaml::from_str(yaml).expect("valid EndpointSlice YAML");
+    let parsed: EndpointSlice =
+        crate::source::manifests::from_yaml(yaml).expect("valid EndpointSlice YAML");
     SliceSpec::from_k8s(&parsed)
         .expect("a valid slice")
         .expect("read by this proxy")
@@ -256,7 +257,7 @@ fn headless_and_external_name_services_have_no_frontends() {
 
 #[test]
 fn services_and_slices_of_other_proxies_and_headless_slices_are_ignored() {
-    let owned_elsewhere: Service = serde_yaml::from_str(
+    let owned_elsewhere: Service = crate::source::manifests::from_yaml(
         "apiVersion: v1\nkind: Service\nmetadata: {name: x, labels: {service.kubernetes.io/service-proxy-name: other}}\n\
          spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}",
     )
@@ -272,7 +273,7 @@ fn services_and_slices_of_other_proxies_and_headless_slices_are_ignored() {
         "{kubernetes.io/service-name: x, service.kubernetes.io/service-proxy-name: other}",
         "{}",
     ] {
-        let parsed: EndpointSlice = serde_yaml::from_str(&format!(
+        let parsed: EndpointSlice = crate::source::manifests::from_yaml(&format!(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s, labels: {labels}}}\n\
              addressType: IPv4\nendpoints: [{{addresses: [10.244.1.1]}}]\n"
         ))
@@ -327,7 +328,7 @@ fn missing_cluster_ip_is_explained() {
 
 #[test]
 fn slices_are_validated() {
-    let parsed: EndpointSlice = serde_yaml::from_str(
+    let parsed: EndpointSlice = crate::source::manifests::from_yaml(
         r#"
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -434,7 +435,7 @@ endpoints:
         1_796_119_200
     );
 
-    let parsed_node: Node = serde_yaml::from_str(
+    let parsed_node: Node = crate::source::manifests::from_yaml(
         "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}\n\
          status: {addresses: [{type: InternalIP, address: 10.253.0.2}, {type: Hostname, address: node-a}]}\n",
     )
@@ -922,7 +923,7 @@ fn special_addresses_are_refused_as_services_and_endpoints() {
         errors.contains("spec.externalIPs[0] 127.0.0.53 is a loopback address"),
         "{errors}"
     );
-    let parsed: EndpointSlice = serde_yaml::from_str(
+    let parsed: EndpointSlice = crate::source::manifests::from_yaml(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: x, namespace: pods, labels: {kubernetes.io/service-name: redis-master}}\naddressType: IPv4\nports: [{port: 6379}]\nendpoints:\n- addresses: [0.0.0.0]\n",
     )
     .unwrap();

@@ -426,7 +426,7 @@ mod tests {
         let mut relist = Relist::default();
         let mut batch = Vec::new();
         let mut summary = Summary::default();
-        let svc: Service = serde_yaml::from_str(
+        let svc: Service = crate::source::manifests::from_yaml(
             "metadata: {name: web, namespace: pods}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}",
         )
         .unwrap();

@@ -23,7 +23,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use serde::de::DeserializeOwned;
-use serde_yaml::Value;
+use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use super::{Event, Kind, Object, ObjectKey, Sink};
@@ -346,8 +346,43 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
 /// What one document holds: its objects, each with a label for messages.
 type DocumentItems = Vec<(String, Result<Parsed, Invalid>)>;
 
-fn parse_document(index: usize, text: &str) -> Result<DocumentItems, serde_yaml::Error> {
-    let value: Value = serde_yaml::from_str(text)?;
+/// The YAML parser's limits. Its defaults stop alias bombs ("billion laughs") and
+/// runaway nesting; the node and event counts are raised so that one `kind: List`
+/// document may hold as many objects as a 64 MiB file can (the file size limit bounds
+/// the work).
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 32 * 1024 * 1024;
+    budget.max_events = 64 * 1024 * 1024;
+    budget.max_reader_input_bytes = Some(MAX_FILE_BYTES as usize);
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
+/// One YAML (or JSON) document as a JSON value, the form Kubernetes objects
+/// deserialize from; an empty document (only a marker or comments) is `null`.
+fn parse_yaml(text: &str) -> Result<Value, serde_saphyr::Error> {
+    let has_content = text.lines().any(|line| {
+        let line = line.trim();
+        !line.is_empty() && !line.starts_with('#') && line != "---" && line != "..."
+    });
+    if !has_content {
+        return Ok(Value::Null);
+    }
+    serde_saphyr::from_str_with_options(text, yaml_options())
+}
+
+/// One YAML document deserialized as the Kubernetes object type `T` (through JSON, as
+/// the manifests source reads objects).
+#[cfg(test)]
+pub(crate) fn from_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    let value = parse_yaml(text).map_err(|e| e.to_string())?;
+    serde_json::from_value(value).map_err(|e| e.to_string())
+}
+
+fn parse_document(index: usize, text: &str) -> Result<DocumentItems, serde_saphyr::Error> {
+    let value = parse_yaml(text)?;
     let items = match list_items(value) {
         Ok(items) => items,
         Err(single) => vec![single],
@@ -360,7 +395,7 @@ fn parse_document(index: usize, text: &str) -> Result<DocumentItems, serde_yaml:
 }
 
 /// Parses documents on every core: a 10 000-Service folder is mostly parse time.
-fn parse_documents(pieces: &[(usize, &str)]) -> Vec<Result<DocumentItems, serde_yaml::Error>> {
+fn parse_documents(pieces: &[(usize, &str)]) -> Vec<Result<DocumentItems, serde_saphyr::Error>> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     if workers < 2 || pieces.len() < 64 {
         return pieces
@@ -485,8 +520,8 @@ fn list_items(document: Value) -> Result<Vec<Value>, Value> {
         return Err(document);
     }
     match document {
-        Value::Mapping(mut map) => match map.remove("items") {
-            Some(Value::Sequence(items)) => Ok(items),
+        Value::Object(mut map) => match map.remove("items") {
+            Some(Value::Array(items)) => Ok(items),
             _ => Ok(Vec::new()),
         },
         other => Err(other),
@@ -1129,16 +1164,40 @@ items:
     }
 
     #[test]
+    fn alias_bombs_are_refused_with_the_document_named() {
+        // "Billion laughs": nine levels of ten aliases each expand to 10^9 strings.
+        let mut text = String::from("a0: &a0 [lol]\n");
+        for level in 1..10 {
+            let refs = vec![format!("*a{}", level - 1); 10].join(", ");
+            text.push_str(&format!("a{level}: &a{level} [{refs}]\n"));
+        }
+        let (objects, problems) = parse_text(&text);
+        assert!(objects.is_empty());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0]
+                .message
+                .contains("not valid YAML in the document starting at line 1"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn empty_and_comment_only_documents_are_skipped() {
+        let text = "# nothing here\n---\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n";
+        let (objects, problems) = parse_text(text);
+        assert_eq!(objects.len(), 1, "{problems:?}");
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
     fn documents_split_at_markers_only() {
         let text = "a: 1\n---\nb: |\n  ---not a marker\n--- {c: 3}\r\n---\t[4]\n";
         let pieces = split_documents(text);
         let starts: Vec<usize> = pieces.iter().map(|(line, _)| *line).collect();
         assert_eq!(starts, vec![1, 2, 5, 6]);
         assert_eq!(pieces[1].1, "---\nb: |\n  ---not a marker\n");
-        let values: Vec<Value> = pieces
-            .iter()
-            .map(|(_, t)| serde_yaml::from_str(t).unwrap())
-            .collect();
+        let values: Vec<Value> = pieces.iter().map(|(_, t)| parse_yaml(t).unwrap()).collect();
         assert_eq!(values[2]["c"], Value::from(3));
         assert!(split_documents("").is_empty());
         assert_eq!(split_documents("---\na: 1\n").len(), 1);
