@@ -22,6 +22,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod image;
 pub mod k8s;
 pub mod kubelet;
 pub mod sandbox;

@@ -55,6 +55,13 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         netns: Option<PathBuf>,
     },
+    /// Mount bpffs (mode 0700) at PATH unless one is mounted there: the DaemonSet's
+    /// init container runs it on the host's /sys/fs/bpf so the datapath's pins outlive
+    /// the daemon's container.
+    MountBpffs {
+        #[arg(value_name = "PATH", default_value = "/sys/fs/bpf")]
+        path: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -332,6 +339,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Daemon(args) => daemon(*args),
         Command::Ct { pin_dir, json } => list::run_ct(&pin_dir, json),
         Command::List { pin_dir, json } => list::run(&pin_dir, json),
+        Command::MountBpffs { path } => {
+            datapath::check_root()?;
+            if datapath::ensure_bpffs(&path)? {
+                eprintln!("mounted bpffs at {}", path.display());
+            } else {
+                eprintln!("bpffs already mounted at {}", path.display());
+            }
+            Ok(())
+        }
         Command::Cleanup {
             pin_dir,
             force,

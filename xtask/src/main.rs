@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod audit;
 mod bench;
 mod prereqs;
 mod vm;
@@ -69,8 +70,44 @@ enum Task {
     /// Benchmarks against kube-proxy's iptables modes, a userspace proxy and the direct
     /// path, side by side in one run. Needs root.
     Bench(bench::BenchArgs),
+    /// Build the DaemonSet's container image without a registry or build daemon: the
+    /// release `lb` and the libraries it loads in one layer, written as a docker-archive
+    /// (`ctr -n k8s.io images import`, `docker load -i`, `podman load -i`).
+    Image {
+        /// Where to write the archive.
+        #[arg(long, value_name = "FILE", default_value = "target/image/lb.tar")]
+        output: PathBuf,
+        /// The image's name and tag (deploy/daemonset.yaml's `image`).
+        #[arg(long, default_value = DEFAULT_IMAGE)]
+        name: String,
+    },
     /// Remove namespaces, cgroups and pins left by killed test or sandbox runs.
     Cleanup,
+}
+
+/// The image deploy/daemonset.yaml runs.
+const DEFAULT_IMAGE: &str = concat!("lb:", env!("CARGO_PKG_VERSION"));
+
+fn image_task(output: PathBuf, name: String) -> Result<()> {
+    let lb = build_lb(true)?;
+    let output = if output.is_relative() {
+        workspace_root().join(output)
+    } else {
+        output
+    };
+    if let Some(dir) = output.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let id = lb_testbed::image::lb_image(&lb, &name)?.write_docker_archive(&output)?;
+    let size = std::fs::metadata(&output)?.len();
+    println!(
+        "wrote {name} ({id}, {:.1} MiB) to {}\n  import: ctr -n k8s.io images import {}\n      or: docker load -i {}",
+        size as f64 / (1 << 20) as f64,
+        output.display(),
+        output.display(),
+        output.display()
+    );
+    Ok(())
 }
 
 /// Where `cargo xtask run` tells `cargo xtask client` how to enter the sandbox.
@@ -580,6 +617,8 @@ fn test_task() -> Result<()> {
                 workspace_root().join("target/ebpf-clippy"),
             ),
     )?;
+    eprintln!("==> dependency audit (RustSec snapshot in ../shared/advisory-db)");
+    audit::run()?;
     // As root, the unit tests that need root (ignored elsewhere) run too.
     step(
         "unit tests",
@@ -762,6 +801,7 @@ fn main() -> ExitCode {
             kernel: Some(kernel),
         } => kernel_test_task(&kernel),
         Task::Bench(args) => bench::run(args),
+        Task::Image { output, name } => image_task(output, name),
         Task::Cleanup => cleanup_task(),
     };
     match result {

@@ -29,6 +29,8 @@ const TOOLS: &[(&str, &str)] = &[
 
 /// The bpf-linker release that links with rustc's own LLVM (../shared/DESIGN.md section 6).
 const BPF_LINKER_VERSION: &str = "0.10.0";
+/// cargo-audit, for the dependency audit of `cargo xtask test`.
+const CARGO_AUDIT_VERSION: &str = "0.22.2";
 /// cargo-fuzz, for the bounded fuzzing run of `cargo xtask test`.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -100,6 +102,19 @@ pub fn ensure() -> Result<()> {
             &[
                 "install",
                 &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+                "--locked",
+            ],
+        )?;
+    }
+
+    let audit = Command::new("cargo").args(["audit", "--version"]).output();
+    if !audit.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_AUDIT_VERSION)) {
+        eprintln!("==> installing cargo-audit {CARGO_AUDIT_VERSION} (about six minutes, once)");
+        run(
+            "cargo",
+            &[
+                "install",
+                &format!("cargo-audit@{CARGO_AUDIT_VERSION}"),
                 "--locked",
             ],
         )?;

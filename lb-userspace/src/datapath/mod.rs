@@ -850,7 +850,7 @@ pub fn attached_programs(pin_dir: &Path) -> (usize, usize) {
     (linked, netlink)
 }
 
-pub use sys::lock_holder;
+pub use sys::{ensure_bpffs, lock_holder};
 
 /// The index of `device` in the current network namespace.
 fn ifindex(device: &str) -> Result<u32> {

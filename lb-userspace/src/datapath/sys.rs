@@ -405,6 +405,17 @@ fn mount_bpffs_once(target: &Path) -> Result<()> {
     mount_bpffs(target)
 }
 
+/// `lb mount-bpffs`: what the DaemonSet's init container runs so that pins live on
+/// the host's bpffs (mounted there with bidirectional propagation) and survive the
+/// daemon's container. Idempotent.
+pub fn ensure_bpffs(target: &Path) -> Result<bool> {
+    if fs_magic(target)? == BPF_FS_MAGIC {
+        return Ok(false);
+    }
+    mount_bpffs(target)?;
+    Ok(true)
+}
+
 fn mount_bpffs(target: &Path) -> Result<()> {
     let target_c = CString::new(target.as_os_str().as_bytes())?;
     let bpf = CString::new("bpf")?;
