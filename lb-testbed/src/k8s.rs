@@ -71,41 +71,74 @@ pub fn binaries() -> Result<Option<PathBuf>> {
         return Ok(Some(target));
     }
     fs::create_dir_all(&target)?;
-    let readme = fs::read_to_string(shared.join("README.md")).unwrap_or_default();
     for name in BINARIES {
-        let out = target.join(name);
-        let unpacked = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "xz -dc '{}' > '{}.tmp' && chmod +x '{}.tmp' && mv '{}.tmp' '{}'",
-                shared.join(format!("{name}.xz")).display(),
-                out.display(),
-                out.display(),
-                out.display(),
-                out.display()
-            ))
-            .status()
-            .context("running xz (apt-get install xz-utils)")?;
-        if !unpacked.success() {
-            bail!("unpacking {name} from {} failed", shared.display());
-        }
-        // The README lists "<sha256>  <name>"; a binary it lists must match.
-        if let Some(expected) = readme.lines().find_map(|l| {
-            let mut parts = l.split_whitespace();
-            let sum = parts.next()?;
-            (parts.next() == Some(name) && sum.len() == 64).then(|| sum.to_string())
-        }) {
-            let got = crate::run("sha256sum", &[&out.to_string_lossy()])?;
-            if !got.starts_with(&expected) {
-                bail!(
-                    "{name} unpacked from {} does not match its README checksum",
-                    shared.display()
-                );
-            }
-        }
+        unpack(&shared, &target, name)?;
     }
     fs::write(&stamp, "")?;
     Ok(Some(target))
+}
+
+/// Unpacks `<shared>/<name>.xz` into `target` and checks it against the checksum the
+/// shared README lists for it.
+fn unpack(shared: &Path, target: &Path, name: &str) -> Result<PathBuf> {
+    let readme = fs::read_to_string(shared.join("README.md")).unwrap_or_default();
+    let out = target.join(name);
+    let unpacked = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "xz -dc '{}' > '{}.tmp' && chmod +x '{}.tmp' && mv '{}.tmp' '{}'",
+            shared.join(format!("{name}.xz")).display(),
+            out.display(),
+            out.display(),
+            out.display(),
+            out.display()
+        ))
+        .status()
+        .context("running xz (apt-get install xz-utils)")?;
+    if !unpacked.success() {
+        bail!("unpacking {name} from {} failed", shared.display());
+    }
+    // The README lists "<sha256>  <name>"; a binary it lists must match.
+    if let Some(expected) = readme.lines().find_map(|l| {
+        let mut parts = l.split_whitespace();
+        let sum = parts.next()?;
+        (parts.next() == Some(name) && sum.len() == 64).then(|| sum.to_string())
+    }) {
+        let got = crate::run("sha256sum", &[&out.to_string_lossy()])?;
+        if !got.starts_with(&expected) {
+            let _ = fs::remove_file(&out);
+            bail!(
+                "{name} unpacked from {} does not match its README checksum",
+                shared.display()
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Another binary of the shared set (`kubelet`, `kube-proxy`, `agnhost`, `e2e.test`),
+/// unpacked on first use.
+pub fn extra_binary(name: &str) -> Result<PathBuf> {
+    let dir = binaries()?.with_context(|| unavailable().unwrap_or_default())?;
+    let path = dir.join(name);
+    if path.exists() {
+        return Ok(path);
+    }
+    let shared = shared_dir();
+    if !shared.join(format!("{name}.xz")).exists() {
+        bail!(
+            "{name} is neither in {} nor in {}",
+            dir.display(),
+            shared.display()
+        );
+    }
+    // Unpacked beside a temporary name first: parallel tests may ask at once.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().expect("lock");
+    if path.exists() {
+        return Ok(path);
+    }
+    unpack(&shared, &dir, name)
 }
 
 /// Why tests that need a control plane cannot run, if they cannot.
@@ -155,7 +188,20 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// For simulated kubelets: every controller but node lifecycle (the stand-ins do
+    /// not renew leases).
     pub fn start(etcd: Etcd) -> Result<Self> {
+        Self::start_with(etcd, false)
+    }
+
+    /// For real kubelets ([`crate::realnode`]): every controller (node lifecycle lifts
+    /// the not-ready taint), and the API server reaches kubelets (exec, logs) at
+    /// their InternalIP.
+    pub fn start_for_real_nodes() -> Result<Self> {
+        Self::start_with(Etcd::Bundled, true)
+    }
+
+    fn start_with(etcd: Etcd, real_nodes: bool) -> Result<Self> {
         let bin = binaries()?.with_context(|| unavailable().unwrap_or_default())?;
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -216,7 +262,7 @@ impl ControlPlane {
             }
         };
         this.spawn("etcd", &etcd_binary, etcd_args)?;
-        let api_args = vec![
+        let mut api_args = vec![
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={api_port}"),
@@ -234,6 +280,9 @@ impl ControlPlane {
             // Answer at once when stopped: tests stop it on purpose.
             "--shutdown-delay-duration=0s".into(),
         ];
+        if real_nodes {
+            api_args.push("--kubelet-preferred-address-types=InternalIP".into());
+        }
         this.spawn(
             "kube-apiserver",
             &bin.join("kube-apiserver").display().to_string(),
@@ -250,7 +299,11 @@ impl ControlPlane {
                 format!("--service-account-private-key-file={}", d("sa.key")),
                 format!("--root-ca-file={}", d("certs/apiserver.crt")),
                 "--leader-elect=false".into(),
-                "--controllers=*,-nodelifecycle".into(),
+                if real_nodes {
+                    "--controllers=*".into()
+                } else {
+                    "--controllers=*,-nodelifecycle".into()
+                },
                 "--use-service-account-credentials=false".into(),
             ],
         )?;

@@ -22,9 +22,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod forward;
 pub mod image;
 pub mod k8s;
 pub mod kubelet;
+pub mod realnode;
 pub mod sandbox;
 pub mod servers;
 pub mod world;

@@ -25,6 +25,12 @@ const TOOLS: &[(&str, &str)] = &[
     ("xz", "xz-utils"),
     ("openssl", "openssl"),
     ("etcd", "etcd-server"),
+    // The real node (lb-testbed realnode): container runtime, CNI plugins, and gcc
+    // for the sandbox image's program.
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    ("gcc", "gcc"),
 ];
 
 /// The bpf-linker release that links with rustc's own LLVM (../shared/DESIGN.md section 6).

@@ -154,6 +154,7 @@ impl Datapath {
     /// (so a restart keeps the kernel state). Attaches nothing yet.
     pub fn load(mut options: DatapathOptions) -> Result<Self> {
         check_root()?;
+        sys::raise_memlock_limit();
         options.cgroup = sys::resolve_cgroup2(&options.cgroup)?;
         let fresh = !options.pin_dir.exists();
         bpffs_prepare(&options.pin_dir)?;

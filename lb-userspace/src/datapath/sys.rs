@@ -405,6 +405,30 @@ fn mount_bpffs_once(target: &Path) -> Result<()> {
     mount_bpffs(target)
 }
 
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory
+/// cgroup). Raise the soft limit to the hard one (no privilege needed), or to
+/// unlimited where CAP_SYS_RESOURCE allows; on later kernels this changes nothing.
+pub fn raise_memlock_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid out-parameter.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) != 0 {
+            return;
+        }
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit);
+        }
+    }
+}
+
 /// `lb mount-bpffs`: what the DaemonSet's init container runs so that pins live on
 /// the host's bpffs (mounted there with bidirectional propagation) and survive the
 /// daemon's container. Idempotent.

@@ -15,6 +15,7 @@ mod external;
 mod kernel;
 mod kube;
 mod probe;
+mod realnode;
 mod reliability;
 mod security;
 mod semantics;
@@ -57,6 +58,7 @@ fn main() {
     trials.extend(kube::trials());
     trials.extend(reliability::trials());
     trials.extend(security::trials());
+    trials.extend(realnode::trials());
     // `LB_E2E_ONLY=a,b,c`: exactly these tests (libtest-mimic takes one filter; the
     // kernel-compatibility run names its subset this way).
     if let Ok(only) = std::env::var("LB_E2E_ONLY") {

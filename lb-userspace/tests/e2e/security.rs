@@ -1,5 +1,5 @@
 //! The daemon under the privileges it ships with: the DaemonSet's exact capability
-//! set (`drop: [ALL]`, `add: [BPF, NET_ADMIN, SYS_ADMIN, SYS_PTRACE, SYS_RESOURCE]`),
+//! set (`drop: [ALL]`, `add: [BPF, NET_ADMIN, SYS_ADMIN, SYS_PTRACE]`),
 //! not full root.
 
 use std::collections::BTreeMap;
@@ -142,14 +142,13 @@ fn external_ip_cannot_take_a_cluster_ip() -> Result<()> {
 }
 
 /// `deploy/daemonset.yaml`'s capabilities, as setpriv spells them.
-const DAEMONSET_CAPS: &str = "-all,+bpf,+net_admin,+sys_admin,+sys_ptrace,+sys_resource";
-const CAP_SYS_RESOURCE: u64 = 1 << 24;
+const DAEMONSET_CAPS: &str = "-all,+bpf,+net_admin,+sys_admin,+sys_ptrace";
 
 /// Started as a container runtime starts it (root, bounding = inheritable-free set of
-/// the five capabilities, no CAP_SETPCAP), the daemon loads, serves a ClusterIP, and
+/// the four capabilities, no CAP_SETPCAP), the daemon loads, serves a ClusterIP, and
 /// then every thread holds only what privileges.rs promises, effective and permitted,
 /// with no_new_privs set; the bounding set cannot be lowered without CAP_SETPCAP and
-/// stays the pod's five.
+/// stays the pod's four.
 fn daemonset_capability_set() -> Result<()> {
     let (tb, backends, client) = redis_world(2)?;
     let dir = manifest_dir(&tb)?;
@@ -167,7 +166,7 @@ fn daemonset_capability_set() -> Result<()> {
         "the ClusterIP answered {who:?}"
     );
     let pid = daemon.pid().context("daemon pid")?;
-    let pod_set = SYNC_CAPS | CAP_SYS_RESOURCE;
+    let pod_set = SYNC_CAPS;
     let threads = ensure_least_privilege(pid, pod_set)?;
     for t in &threads {
         eprintln!(

@@ -1,0 +1,735 @@
+//! A real Kubernetes node inside a [`World`] node's network namespace: Debian's
+//! containerd and runc, the CNI bridge on the node's pod bridge, and upstream's kubelet
+//! registered with a test [`ControlPlane`]. Images are written locally
+//! ([`crate::image`]) and imported; no registry is involved.
+//!
+//! What lives where:
+//! - containerd and the kubelet run in the node's network namespace (so do
+//!   hostNetwork pods), in the machine's mount and PID namespaces;
+//! - pods are cgroups under `<cgroup root>/<node netns name>/kubepods`, the World
+//!   node's cgroup, so a daemon attached there sees exactly this node's pods;
+//! - the kubelet reaches the API server (loopback only) through a forwarder on the
+//!   node's own 127.0.0.1:<api port>, and the API server reaches the kubelet (exec,
+//!   logs) over a veth from the machine to the node: the machine gets a /32 route to
+//!   the node's address only, from the link-local 169.254.253.1;
+//! - host settings the kubelet changes (`vm.overcommit_memory`, `kernel.panic`, ...)
+//!   are restored when the last node stops, and so is the propagation of
+//!   /sys/fs/bpf (made shared while nodes run, as on systemd hosts).
+//!
+//! Everything is removed on drop: containers (every process in the node's pod
+//! cgroups), containerd's shims, mounts under the node's directory, cgroups in every
+//! hierarchy, the veth and the route.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    PREFIX, cgroup2_root, forward::Forwarder, ip, k8s::ControlPlane, netns_command, world::NodeNet,
+};
+
+/// The machine's side of every node's management veth: link-local, so it cannot be
+/// a gateway or peer of the machine's own networks (checked before use).
+const HOST_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 253, 1);
+/// The sandbox image the kubelet asks for (upstream's default for v1.36).
+pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10.2";
+
+/// Host sysctls the kubelet sets (protectKernelDefaults: false), recorded before the
+/// first node starts and restored when the last one stops.
+const KUBELET_SYSCTLS: &[&str] = &[
+    "vm.overcommit_memory",
+    "vm.panic_on_oom",
+    "kernel.panic",
+    "kernel.panic_on_oops",
+    "kernel.keys.root_maxkeys",
+    "kernel.keys.root_maxbytes",
+];
+/// What running nodes changed on the machine.
+struct HostState {
+    nodes: usize,
+    sysctls: Vec<(String, String)>,
+    /// /sys/fs/bpf was made shared and goes back to private.
+    bpffs_was_private: bool,
+}
+static HOST_STATE: Mutex<HostState> = Mutex::new(HostState {
+    nodes: 0,
+    sysctls: Vec::new(),
+    bpffs_was_private: false,
+});
+
+/// Whether the mount at `path` is a shared one (mountinfo's "shared:N").
+fn is_shared_mount(path: &str) -> Option<bool> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().rev().find_map(|line| {
+        let (before, _) = line.split_once(" - ")?;
+        let fields: Vec<&str> = before.split_whitespace().collect();
+        (fields.get(4) == Some(&path)).then(|| fields[6..].iter().any(|f| f.starts_with("shared:")))
+    })
+}
+
+fn set_propagation(path: &str, flag: libc::c_ulong) -> bool {
+    let Ok(target) = std::ffi::CString::new(path) else {
+        return false;
+    };
+    // SAFETY: a propagation change only; no source, type or data.
+    unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            flag,
+            std::ptr::null(),
+        ) == 0
+    }
+}
+
+fn sysctl_path(name: &str) -> PathBuf {
+    Path::new("/proc/sys").join(name.replace('.', "/"))
+}
+
+/// Records what the kubelet will change, and makes the host's bpffs a shared mount
+/// as systemd hosts have it: the DaemonSet mounts it with `Bidirectional` (and
+/// `HostToContainer`) propagation, which runtimes refuse on a private mount.
+fn prepare_host() {
+    let mut state = HOST_STATE.lock().expect("lock");
+    if state.nodes == 0 {
+        state.bpffs_was_private = is_shared_mount("/sys/fs/bpf") == Some(false)
+            && set_propagation("/sys/fs/bpf", libc::MS_SHARED);
+        state.sysctls = KUBELET_SYSCTLS
+            .iter()
+            .filter_map(|name| {
+                let value = fs::read_to_string(sysctl_path(name)).ok()?;
+                Some((name.to_string(), value.trim().to_string()))
+            })
+            .collect();
+    }
+    state.nodes += 1;
+}
+
+fn restore_host() {
+    let mut state = HOST_STATE.lock().expect("lock");
+    state.nodes = state.nodes.saturating_sub(1);
+    if state.nodes == 0 {
+        for (name, value) in state.sysctls.drain(..) {
+            let _ = fs::write(sysctl_path(&name), &value);
+        }
+        if std::mem::take(&mut state.bpffs_was_private) {
+            set_propagation("/sys/fs/bpf", libc::MS_PRIVATE);
+        }
+    }
+}
+
+/// Tools a real node needs (Debian packages containerd, runc,
+/// containernetworking-plugins; gcc builds the pause program).
+pub fn unavailable() -> Option<String> {
+    let missing: Vec<&str> = [
+        "/usr/bin/containerd",
+        "/usr/bin/ctr",
+        "/usr/sbin/runc",
+        "/usr/lib/cni/bridge",
+        "/usr/lib/cni/host-local",
+        "/usr/lib/cni/loopback",
+    ]
+    .into_iter()
+    .filter(|p| !Path::new(p).exists())
+    .collect();
+    if missing.is_empty() {
+        None
+    } else {
+        Some(format!(
+            "a real node needs {} (apt-get install containerd runc containernetworking-plugins)",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// Every v1 hierarchy and the cgroup2 mount, as (mount point, is cpuset).
+fn cgroup_hierarchies() -> Result<Vec<(PathBuf, bool)>> {
+    let mut out = Vec::new();
+    for line in fs::read_to_string("/proc/self/mountinfo")?.lines() {
+        let Some((before, after)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut after = after.split_whitespace();
+        let fstype = after.next();
+        let options = after.nth(1).unwrap_or("");
+        let Some(mount_point) = before.split_whitespace().nth(4) else {
+            continue;
+        };
+        match fstype {
+            Some("cgroup") => out.push((
+                PathBuf::from(mount_point),
+                options.split(',').any(|o| o == "cpuset"),
+            )),
+            Some("cgroup2") => out.push((PathBuf::from(mount_point), false)),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+pub struct RealNode {
+    pub name: String,
+    pub netns: String,
+    pub ipv4: Ipv4Addr,
+    pub dir: PathBuf,
+    /// The kubelet's cgroupRoot, e.g. `/lbt123w0-node1`.
+    pub cgroup_root: String,
+    socket: PathBuf,
+    containerd: Option<Child>,
+    kubelet: Option<Child>,
+    _forwarder: Forwarder,
+    host_link: String,
+    cgroups: Vec<PathBuf>,
+}
+
+impl RealNode {
+    /// Starts containerd and the kubelet on `node` and imports `images`
+    /// (docker-archives); returns once the Node is Ready.
+    pub fn start(cp: &ControlPlane, node: &NodeNet, images: &[PathBuf]) -> Result<Self> {
+        if let Some(why) = unavailable() {
+            bail!(why);
+        }
+        let dir = std::env::temp_dir().join(format!("{}-kl", node.netns));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let host_link = format!("{PREFIX}{}m", &node.netns[PREFIX.len()..])
+            .chars()
+            .take(15)
+            .collect::<String>();
+        prepare_host();
+        let forwarder = Forwarder::start(
+            &node.netns,
+            SocketAddr::from(([127, 0, 0, 1], cp.api_port)),
+            SocketAddr::from(([127, 0, 0, 1], cp.api_port)),
+        );
+        let forwarder = match forwarder {
+            Ok(f) => f,
+            Err(e) => {
+                restore_host();
+                return Err(e);
+            }
+        };
+        let mut this = Self {
+            name: node.name.clone(),
+            netns: node.netns.clone(),
+            ipv4: node.ipv4,
+            socket: dir.join("containerd.sock"),
+            dir,
+            cgroup_root: format!("/{}", node.netns),
+            containerd: None,
+            kubelet: None,
+            _forwarder: forwarder,
+            host_link,
+            cgroups: Vec::new(),
+        };
+        this.start_inner(cp, node, images)
+            .with_context(|| format!("starting real node {}", node.name))?;
+        Ok(this)
+    }
+
+    fn start_inner(&mut self, cp: &ControlPlane, node: &NodeNet, images: &[PathBuf]) -> Result<()> {
+        self.plug_management_link()?;
+        self.make_cgroup_root()?;
+        let dir = self.dir.clone();
+        let d = |p: &str| dir.join(p).display().to_string();
+        for sub in [
+            "containerd/root",
+            "containerd/state",
+            "cni",
+            "ipam",
+            "kubelet",
+            "logs",
+        ] {
+            fs::create_dir_all(dir.join(sub))?;
+        }
+        fs::write(
+            dir.join("containerd.toml"),
+            containerd_config(&dir, &self.socket),
+        )?;
+        fs::write(
+            dir.join("cni/10-lb-node.conflist"),
+            cni_config(&node.pod_cidr_v4, &d("ipam")),
+        )?;
+        fs::write(dir.join("resolv.conf"), "nameserver 192.0.2.53\n")?;
+        fs::write(
+            dir.join("kubelet.yaml"),
+            kubelet_config(&dir, &self.socket, &self.cgroup_root),
+        )?;
+        fs::write(dir.join("kubeconfig"), fs::read_to_string(&cp.kubeconfig)?)?;
+
+        self.containerd = Some(self.spawn(
+            "containerd",
+            "/usr/bin/containerd",
+            &["--config", &d("containerd.toml"), "--log-level", "warn"],
+        )?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.ctr(&["version"]).is_err() {
+            if Instant::now() > deadline {
+                bail!("containerd did not start:\n{}", self.log_tail("containerd"));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        for image in images {
+            self.ctr(&["images", "import", &image.display().to_string()])
+                .with_context(|| format!("importing {}", image.display()))?;
+        }
+
+        let kubelet = crate::k8s::extra_binary("kubelet")?;
+        self.kubelet = Some(self.spawn(
+            "kubelet",
+            &kubelet.display().to_string(),
+            &[
+                &format!("--config={}", d("kubelet.yaml")),
+                &format!("--kubeconfig={}", d("kubeconfig")),
+                &format!("--root-dir={}", d("kubelet")),
+                &format!("--volume-plugin-dir={}", d("kubelet/volume-plugins")),
+                &format!("--hostname-override={}", self.name),
+                &format!("--node-ip={}", self.ipv4),
+                "--v=1",
+            ],
+        )?);
+        self.wait_ready(cp, Duration::from_secs(90))
+    }
+
+    /// The veth the API server reaches the kubelet through (see the module docs).
+    fn plug_management_link(&self) -> Result<()> {
+        // Never shadow an address or route the machine already uses.
+        let holders = ip(&["-o", "addr", "show", "to", &format!("{HOST_ADDRESS}/32")])?;
+        if let Some(line) = holders.lines().find(|l| !l.contains(PREFIX)) {
+            bail!("{HOST_ADDRESS} is already in use on this machine: {line}");
+        }
+        let route = ip(&["route", "show", "exact", &format!("{}/32", self.ipv4)])?;
+        if !route.trim().is_empty() {
+            bail!("the machine already routes {}: {route}", self.ipv4);
+        }
+        ip(&[
+            "link",
+            "add",
+            &self.host_link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mgmt0",
+            "netns",
+            &self.netns,
+        ])?;
+        ip(&["link", "set", &self.host_link, "up"])?;
+        ip(&["-n", &self.netns, "link", "set", "mgmt0", "up"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{HOST_ADDRESS}/32"),
+            "dev",
+            &self.host_link,
+        ])?;
+        ip(&[
+            "route",
+            "add",
+            &format!("{}/32", self.ipv4),
+            "dev",
+            &self.host_link,
+            "src",
+            &HOST_ADDRESS.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            &self.netns,
+            "route",
+            "add",
+            &format!("{HOST_ADDRESS}/32"),
+            "dev",
+            "mgmt0",
+        ])?;
+        Ok(())
+    }
+
+    /// The kubelet's cgroupRoot must exist in every hierarchy; a v1 cpuset cgroup
+    /// starts with no CPUs or memory nodes, so it inherits its parent's.
+    fn make_cgroup_root(&mut self) -> Result<()> {
+        for (mount, cpuset) in cgroup_hierarchies()? {
+            let path = mount.join(self.cgroup_root.trim_start_matches('/'));
+            if !path.exists() {
+                fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+            }
+            if cpuset {
+                for file in ["cpuset.cpus", "cpuset.mems"] {
+                    let parent = fs::read_to_string(mount.join(file)).unwrap_or_default();
+                    fs::write(path.join(file), parent.trim())
+                        .with_context(|| format!("writing {}/{file}", path.display()))?;
+                }
+            }
+            self.cgroups.push(path);
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, name: &str, program: &str, args: &[&str]) -> Result<Child> {
+        let log = fs::File::create(self.dir.join(format!("logs/{name}.log")))?;
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = netns_command(&self.netns, None, program)?;
+        cmd.args(args)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        cmd.spawn().with_context(|| format!("starting {program}"))
+    }
+
+    pub fn log_tail(&self, name: &str) -> String {
+        let text =
+            fs::read_to_string(self.dir.join(format!("logs/{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// `ctr` against this node's containerd, in the kubelet's namespace.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .context("running ctr")?;
+        if !out.status.success() {
+            bail!(
+                "ctr {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Network namespaces of this node's pod sandboxes (containerd's CNI setup names
+    /// them under /var/run/netns), from the runtime's specs.
+    fn sandbox_netns_paths(&self) -> Vec<String> {
+        let ids = self.ctr(&["containers", "ls", "-q"]).unwrap_or_default();
+        let mut paths = Vec::new();
+        for id in ids.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let Ok(info) = self.ctr(&["containers", "info", id]) else {
+                continue;
+            };
+            let Ok(info) = serde_json::from_str::<serde_json::Value>(&info) else {
+                continue;
+            };
+            let namespaces = info["Spec"]["linux"]["namespaces"].as_array().cloned();
+            for ns in namespaces.unwrap_or_default() {
+                if ns["type"] == "network"
+                    && let Some(path) = ns["path"].as_str()
+                    && (path.starts_with("/var/run/netns/cni-")
+                        || path.starts_with("/run/netns/cni-"))
+                    && !paths.iter().any(|p| p == path)
+                {
+                    paths.push(path.to_string());
+                }
+            }
+        }
+        paths
+    }
+
+    /// Waits until the Node reports Ready.
+    pub fn wait_ready(&self, cp: &ControlPlane, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ready = cp
+                .kubectl(&[
+                    "get",
+                    "node",
+                    &self.name,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+                ])
+                .unwrap_or_default();
+            if ready.trim() == "True" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} not Ready after {timeout:?}; kubelet log:\n{}",
+                    self.name,
+                    self.log_tail("kubelet")
+                );
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Cgroup2 directory of this node's pods (where a node's daemon attaches).
+    pub fn pods_cgroup(&self) -> Result<PathBuf> {
+        Ok(cgroup2_root()?.join(self.cgroup_root.trim_start_matches('/')))
+    }
+
+    /// Pids of every process in this node's pods.
+    pub fn pod_pids(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        if let Ok(root) = self.pods_cgroup() {
+            collect_pids(&root, &mut pids);
+        }
+        pids
+    }
+}
+
+fn collect_pids(dir: &Path, pids: &mut Vec<i32>) {
+    pids.extend(
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok()),
+    );
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_pids(&entry.path(), pids);
+            }
+        }
+    }
+}
+
+/// Removes a cgroup directory tree, children first.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dir.exists() && fs::remove_dir(dir).is_err() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop_child(child: &mut Child, grace: Duration) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for RealNode {
+    fn drop(&mut self) {
+        if let Some(mut kubelet) = self.kubelet.take() {
+            stop_child(&mut kubelet, Duration::from_secs(5));
+        }
+        let sandbox_netns = self.sandbox_netns_paths();
+        // Every container process: all of them sit in this node's pod cgroups.
+        for _ in 0..3 {
+            for pid in self.pod_pids() {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        if let Some(mut containerd) = self.containerd.take() {
+            stop_child(&mut containerd, Duration::from_secs(5));
+        }
+        // Shims outlive containerd; ours name our socket on their command line.
+        let socket = self.socket.display().to_string();
+        if let Ok(entries) = fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                if cmdline.contains("containerd-shim") && cmdline.contains(&socket) {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        // Mounts under our directory (rootfs overlays, sandbox netns, kubelet volumes),
+        // deepest first.
+        let dir = self.dir.display().to_string();
+        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .filter(|m| m.starts_with(&dir))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mount in mounts {
+            if let Ok(c) = std::ffi::CString::new(mount) {
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        for path in sandbox_netns {
+            if let Ok(c) = std::ffi::CString::new(path.as_str()) {
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            let _ = fs::remove_file(&path);
+        }
+        for cgroup in self.cgroups.drain(..).rev() {
+            remove_cgroup_tree(&cgroup);
+        }
+        let _ = ip(&["link", "del", &self.host_link]);
+        restore_host();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn containerd_config(dir: &Path, socket: &Path) -> String {
+    let d = |p: &str| dir.join(p).display().to_string();
+    format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{socket}"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{opt}"
+  [plugins."io.containerd.grpc.v1.cri"]
+    sandbox_image = "{PAUSE_IMAGE}"
+    # Root here lacks CAP_SYS_RESOURCE: runc must not lower oom_score_adj below ours.
+    restrict_oom_score_adj = true
+    enable_selinux = false
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "/usr/lib/cni"
+      conf_dir = "{cni}"
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      snapshotter = "overlayfs"
+      default_runtime_name = "runc"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+          SystemdCgroup = false
+"#,
+        root = d("containerd/root"),
+        state = d("containerd/state"),
+        socket = socket.display(),
+        opt = d("containerd/opt"),
+        cni = d("cni"),
+    )
+}
+
+/// The CNI bridge plugin on the World node's own pod bridge (`br0`, gateway .1
+/// already there), host-local addresses from the node's podCIDR; pods route
+/// everything through the node, which has no route out.
+fn cni_config(pod_cidr: &str, ipam_dir: &str) -> String {
+    serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": "lb-node",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "br0",
+                "isGateway": true,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": pod_cidr, "rangeStart": pod_cidr.replace(".0/24", ".100")}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": ipam_dir,
+                },
+            },
+            {"type": "loopback"},
+        ],
+    })
+    .to_string()
+}
+
+fn kubelet_config(dir: &Path, socket: &Path, cgroup_root: &str) -> String {
+    let d = |p: &str| dir.join(p).display().to_string();
+    format!(
+        r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# cgroups v1 (hybrid) and no systemd on this machine.
+cgroupDriver: cgroupfs
+failCgroupV1: false
+cgroupsPerQOS: true
+cgroupRoot: {cgroup_root}
+enforceNodeAllocatable: []
+failSwapOn: false
+protectKernelDefaults: false
+resolvConf: {resolv}
+containerRuntimeEndpoint: unix://{socket}
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+podLogsDir: {logs}
+# Root here lacks CAP_SYS_RESOURCE: no negative oom_score_adj.
+oomScoreAdj: 0
+# Else it adds KUBE-FIREWALL jumps to the node's INPUT and OUTPUT chains.
+makeIPTablesUtilChains: false
+# Only the API server reaches this port (over the management veth).
+authentication:
+  anonymous:
+    enabled: true
+  webhook:
+    enabled: false
+authorization:
+  mode: AlwaysAllow
+serializeImagePulls: false
+imageGCHighThresholdPercent: 100
+evictionHard:
+  memory.available: "100Mi"
+  nodefs.available: "1%"
+  imagefs.available: "1%"
+"#,
+        resolv = d("resolv.conf"),
+        socket = socket.display(),
+        logs = d("pod-logs"),
+    )
+}
+
+/// The sandbox ("pause") image: a static program that sleeps, reaps the children it
+/// inherits as PID 1 of a shared PID namespace, and exits on SIGTERM or SIGINT.
+pub fn pause_image(out: &Path) -> Result<String> {
+    const PAUSE_C: &str = r#"
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static void stop(int sig) { (void)sig; _exit(0); }
+static void reap(int sig) { (void)sig; while (waitpid(-1, NULL, WNOHANG) > 0) {} }
+int main(void) {
+    signal(SIGTERM, stop);
+    signal(SIGINT, stop);
+    signal(SIGCHLD, reap);
+    for (;;) pause();
+}
+"#;
+    let work = out.with_extension("build");
+    fs::create_dir_all(&work)?;
+    fs::write(work.join("pause.c"), PAUSE_C)?;
+    let binary = work.join("pause");
+    crate::run(
+        "gcc",
+        &[
+            "-static",
+            "-O2",
+            "-o",
+            &binary.display().to_string(),
+            &work.join("pause.c").display().to_string(),
+        ],
+    )?;
+    let mut image = crate::image::Image::new(PAUSE_IMAGE);
+    image.add_program(&binary, "/pause")?;
+    image.entrypoint = vec!["/pause".into()];
+    let id = image.write_docker_archive(out)?;
+    let _ = fs::remove_dir_all(&work);
+    Ok(id)
+}

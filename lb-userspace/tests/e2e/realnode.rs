@@ -1,0 +1,366 @@
+//! `lb` deployed as users deploy it: `deploy/rbac.yaml` and `deploy/daemonset.yaml`
+//! applied to a control plane whose node is a real kubelet with containerd and runc
+//! (lb_testbed::realnode), running the image `cargo xtask image` builds, then the
+//! seed's redis Deployment served through a ClusterIP to a client pod.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use lb_testbed::{
+    image::{Image, lb_image},
+    k8s::ControlPlane,
+    realnode::{self, RealNode},
+    world::World,
+};
+use libtest_mimic::Trial;
+
+use crate::support::{SYNC_CAPS, ensure_least_privilege};
+
+/// The seed's Service address (examples/manifests/redis-master.yaml).
+const REDIS_CLUSTER_IP: &str = "10.99.187.220";
+
+pub fn trials() -> Vec<Trial> {
+    vec![trial(
+        "realnode::daemonset_under_a_real_kubelet",
+        daemonset_under_a_real_kubelet,
+    )]
+}
+
+/// Needs the control-plane binaries and containerd: without them it fails with the
+/// reason on CI and is reported as ignored elsewhere.
+fn trial(name: &'static str, body: fn() -> Result<()>) -> Trial {
+    let missing = lb_testbed::k8s::unavailable().or_else(realnode::unavailable);
+    match missing {
+        Some(reason) if std::env::var_os("CI").is_some() => {
+            Trial::test(name, move || Err(reason.clone().into()))
+        }
+        Some(_) => crate::trial(name, body).with_ignored_flag(true),
+        None => crate::trial(name, body),
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+/// `image:` of deploy/daemonset.yaml (both containers use the same one).
+fn daemonset_image(yaml: &str) -> Result<String> {
+    let images: Vec<&str> = yaml
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: "))
+        .collect();
+    ensure!(
+        images.len() == 2 && images[0] == images[1],
+        "deploy/daemonset.yaml should run one image in its two containers: {images:?}"
+    );
+    Ok(images[0].to_string())
+}
+
+/// The images this node runs: lb (the test build of the binary in `cargo xtask
+/// image`'s layout), the sandbox image, and redis (redis-server and redis-cli).
+fn build_images(dir: &Path, lb_name: &str) -> Result<Vec<PathBuf>> {
+    let lb = lb_image(Path::new(env!("CARGO_BIN_EXE_lb")), lb_name)?;
+    lb.write_docker_archive(&dir.join("lb.tar"))?;
+    realnode::pause_image(&dir.join("pause.tar"))?;
+    // The seed's `image: redis`. Like the official image, it serves other pods
+    // (protected mode off).
+    let mut redis = Image::new("docker.io/library/redis:latest");
+    redis
+        .add_program(
+            Path::new("/usr/bin/redis-server"),
+            "/usr/local/bin/redis-server",
+        )?
+        .add_program(Path::new("/usr/bin/redis-cli"), "/usr/local/bin/redis-cli")?;
+    redis.entrypoint = vec!["/usr/local/bin/redis-server".into()];
+    redis.cmd = vec!["--protected-mode".into(), "no".into()];
+    redis.write_docker_archive(&dir.join("redis.tar"))?;
+    Ok(vec![
+        dir.join("lb.tar"),
+        dir.join("pause.tar"),
+        dir.join("redis.tar"),
+    ])
+}
+
+/// deploy/daemonset.yaml with what an operator sets for this cluster: the API
+/// server's address, the cgroup of this node's pods and a pin directory of its own
+/// (tests run side by side). Each edit must apply exactly once.
+fn daemonset_for(yaml: &str, api_port: u16, cgroup: &str, pin_dir: &str) -> Result<String> {
+    let mut out = yaml.to_string();
+    for (from, to) in [
+        (
+            "value: \"api-server.example\"",
+            "value: \"127.0.0.1\"".to_string(),
+        ),
+        ("value: \"6443\"", format!("value: \"{api_port}\"")),
+        (
+            "- --cgroup=/host/sys/fs/cgroup\n",
+            format!("- --cgroup=/host{cgroup}\n"),
+        ),
+        (
+            "- --pin-dir=/sys/fs/bpf/lb\n",
+            format!("- --pin-dir={pin_dir}\n"),
+        ),
+    ] {
+        ensure!(
+            out.matches(from).count() == 1,
+            "deploy/daemonset.yaml no longer has `{from}` once"
+        );
+        out = out.replace(from, &to);
+    }
+    Ok(out)
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn pod_ready(cp: &ControlPlane, namespace: &str, selector: &str) -> Option<String> {
+    let out = cp
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+        ])
+        .ok()?;
+    out.lines().find_map(|l| {
+        let (name, ready) = l.split_once(' ')?;
+        (ready == "True").then(|| name.to_string())
+    })
+}
+
+/// The host pid of the first process in a cgroup under `root` whose command line
+/// starts with `argv0`.
+fn find_process(node: &RealNode, argv0: &str, needle: &str) -> Option<i32> {
+    node.pod_pids().into_iter().find(|pid| {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        cmdline.starts_with(argv0) && cmdline.contains(needle)
+    })
+}
+
+fn describe(cp: &ControlPlane, node: &RealNode) -> String {
+    format!(
+        "pods:\n{}\nevents:\n{}\nkubelet:\n{}",
+        cp.kubectl(&["get", "pods", "-A", "-o", "wide"])
+            .unwrap_or_default(),
+        cp.kubectl(&["get", "events", "-A"]).unwrap_or_default(),
+        node.log_tail("kubelet")
+    )
+}
+
+/// The DaemonSet, as shipped but for the operator's settings, runs under a real
+/// kubelet: the init container mounts bpffs on the host, the daemon becomes ready
+/// (the kubelet's readiness probe), `kubectl logs` and `kubectl exec ... lb list`
+/// work, every thread holds only what the README's table says, and the seed's redis
+/// Deployment answers a client pod through its ClusterIP, seeing the client's own
+/// pod address (no NAT), while the client finds it through the environment the
+/// kubelet injected.
+fn daemonset_under_a_real_kubelet() -> Result<()> {
+    let cp = ControlPlane::start_for_real_nodes()?;
+    let world = World::new(&["node1"])?;
+    let images_dir = cp.dir.join("images");
+    fs::create_dir_all(&images_dir)?;
+    let shipped = fs::read_to_string(workspace().join("deploy/daemonset.yaml"))?;
+    let images = build_images(&images_dir, &daemonset_image(&shipped)?)?;
+    let node = RealNode::start(&cp, &world.nodes[0], &images)?;
+
+    let cgroup = node.pods_cgroup()?;
+    let pin_dir = format!("/sys/fs/bpf/{}-lb", node.netns);
+    let daemonset = daemonset_for(
+        &shipped,
+        cp.api_port,
+        &cgroup.display().to_string(),
+        &pin_dir,
+    )?;
+    let result = (|| -> Result<()> {
+        cp.kubectl(&[
+            "apply",
+            "-f",
+            &workspace().join("deploy/rbac.yaml").display().to_string(),
+        ])?;
+        cp.kubectl_with_input(&["apply", "-f", "-"], Some(&daemonset))?;
+        let lb_pod = wait_for("the lb pod Ready", Duration::from_secs(120), || {
+            pod_ready(&cp, "kube-system", "app.kubernetes.io/name=lb")
+        })
+        .with_context(|| describe(&cp, &node))?;
+        eprintln!("lb pod {lb_pod} Ready");
+        ensure!(
+            Path::new(&pin_dir).join("maps").exists() || Path::new(&pin_dir).exists(),
+            "no pins at {pin_dir} on the host: the init container's bpffs or its propagation failed"
+        );
+
+        // Per-thread capabilities, read from the host.
+        let pid = find_process(&node, "/usr/local/bin/lb", "daemon")
+            .context("no lb daemon process in the node's pods")?;
+        let threads = ensure_least_privilege(pid as u32, SYNC_CAPS)?;
+        for t in &threads {
+            eprintln!(
+                "in the pod: thread {:<16} effective {:#012x} permitted {:#012x} bounding {:#012x} no_new_privs {}",
+                t.name, t.effective, t.permitted, t.bounding, t.no_new_privs
+            );
+        }
+
+        let logs = cp.kubectl(&["logs", "-n", "kube-system", &lb_pod, "-c", "lb"])?;
+        ensure!(
+            logs.contains("ready"),
+            "kubectl logs shows no ready line:\n{logs}"
+        );
+
+        // The seed: its redis Deployment (`image: redis`; no registry exists here, so
+        // the locally imported image is used instead of pulled) and its Service.
+        let deployment =
+            fs::read_to_string(workspace().join("examples/cluster/r-deployment.yaml"))?.replace(
+                "      - image: redis\n",
+                "      - image: redis\n        imagePullPolicy: IfNotPresent\n",
+            );
+        cp.kubectl_with_input(&["apply", "-f", "-"], Some(&deployment))?;
+        cp.kubectl_with_input(
+            &["apply", "-f", "-"],
+            Some(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: redis-master-sr\n  namespace: default\n\
+                 spec:\n  clusterIP: {REDIS_CLUSTER_IP}\n  ports:\n  - port: 6379\n    targetPort: 6379\n  \
+                 selector:\n    app: redis\n"
+            )),
+        )?;
+        let server = wait_for("the redis pod Ready", Duration::from_secs(60), || {
+            pod_ready(&cp, "default", "app=redis")
+        })
+        .with_context(|| describe(&cp, &node))?;
+        // The client pod starts after the Service, so the kubelet gives it the
+        // Service's environment variables.
+        cp.kubectl_with_input(
+            &["apply", "-f", "-"],
+            Some(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: default\n  labels:\n    role: client\n\
+                 spec:\n  containers:\n  - name: web\n    image: redis\n    imagePullPolicy: IfNotPresent\n    \
+                 args: [--port, \"7000\", --protected-mode, \"no\"]\n",
+            ),
+        )?;
+        wait_for("the client pod Ready", Duration::from_secs(60), || {
+            pod_ready(&cp, "default", "role=client")
+        })
+        .with_context(|| describe(&cp, &node))?;
+        let client_ip = cp.kubectl(&["get", "pod", "web", "-o", "jsonpath={.status.podIP}"])?;
+        // The environment the kubelet gave the container, from the runtime's spec of it
+        // (redis-server overwrites its own /proc/<pid>/environ with its title).
+        let container = cp.kubectl(&[
+            "get",
+            "pod",
+            "web",
+            "-o",
+            "jsonpath={.status.containerStatuses[0].containerID}",
+        ])?;
+        let container = container
+            .trim()
+            .strip_prefix("containerd://")
+            .context("no containerd container id")?;
+        let info: serde_json::Value =
+            serde_json::from_str(&node.ctr(&["containers", "info", container])?)?;
+        let wanted = format!("REDIS_MASTER_SR_SERVICE_HOST={REDIS_CLUSTER_IP}");
+        let env = &info["Spec"]["process"]["env"];
+        ensure!(
+            env.as_array()
+                .is_some_and(|vars| vars.iter().any(|v| v.as_str() == Some(wanted.as_str()))),
+            "the kubelet did not inject {wanted}: {env}"
+        );
+
+        // lb list inside the pod shows the Service once synced.
+        let mut last = String::new();
+        wait_for(
+            "lb list to show the Service",
+            Duration::from_secs(30),
+            || {
+                let out = cp.kubectl(&[
+                    "exec",
+                    "-n",
+                    "kube-system",
+                    &lb_pod,
+                    "-c",
+                    "lb",
+                    "--",
+                    "/usr/local/bin/lb",
+                    "list",
+                    "--pin-dir",
+                    &pin_dir,
+                ]);
+                last = format!("{out:?}");
+                out.ok()?.contains(REDIS_CLUSTER_IP).then_some(())
+            },
+        )
+        .with_context(|| format!("kubectl exec ... lb list: {last}"))?;
+
+        // The node blackholes the service range: only a rewritten connect reaches redis.
+        let cli = |args: &[&str]| -> Result<String> {
+            let mut argv = vec![
+                "exec",
+                "web",
+                "--",
+                "/usr/local/bin/redis-cli",
+                "-h",
+                REDIS_CLUSTER_IP,
+                "-p",
+                "6379",
+            ];
+            argv.extend(args);
+            cp.kubectl(&argv)
+        };
+        let set = wait_for("SET through the ClusterIP", Duration::from_secs(30), || {
+            cli(&["set", "seed", "hello"]).ok()
+        })?;
+        ensure!(set.trim() == "OK", "SET answered {set:?}");
+        let info = cli(&["client", "info"])?;
+        ensure!(
+            info.contains(&format!("addr={}:", client_ip.trim())),
+            "redis saw {info:?}, not the client pod {client_ip} (translated per packet?)"
+        );
+        let got = cp.kubectl(&[
+            "exec",
+            &server,
+            "--",
+            "/usr/local/bin/redis-cli",
+            "get",
+            "seed",
+        ])?;
+        ensure!(got.trim() == "hello", "the redis pod holds {got:?}");
+        Ok(())
+    })();
+    let cleanup = cp.kubectl(&[
+        "delete",
+        "daemonset",
+        "-n",
+        "kube-system",
+        "lb",
+        "--wait=false",
+    ]);
+    drop(node);
+    // The pinned datapath outlives the pod by design; remove it as an operator would.
+    let _ = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["cleanup", "--force", "--pin-dir", &pin_dir])
+        .output();
+    let _ = fs::remove_dir(&pin_dir);
+    drop(world);
+    result?;
+    cleanup.map(|_| ())
+}
