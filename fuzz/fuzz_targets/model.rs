@@ -121,6 +121,7 @@ fuzz_target!(|input: Input| {
         frontends: 2 + (input.frontends % 16) as u32,
         backends: 2 + (input.backends % 32) as u32,
         service_entries: 2 + (input.entries % 64) as u32,
+        ..Limits::default()
     };
     let mut maps = MemoryMaps::with_limits(limits);
     let mut rec = Reconciler::new(limits);

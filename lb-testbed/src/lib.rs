@@ -523,6 +523,8 @@ pub fn cleanup_leftovers() -> Result<Vec<String>> {
             }
         }
     }
+    // Before the cgroups below: a real node's pods are cgroups inside them.
+    removed.extend(realnode::cleanup_leftovers());
     if let Ok(root) = cgroup2_root() {
         for entry in fs::read_dir(&root)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

@@ -733,3 +733,70 @@ int main(void) {
     let _ = fs::remove_dir_all(&work);
     Ok(id)
 }
+
+/// What a killed run's real nodes left (`cargo xtask cleanup`; nothing may be running):
+/// processes naming a node directory (containerd, its shims, the kubelet), mounts under
+/// it, the directory, and `lbt` cgroups in every hierarchy, their pods' first.
+pub fn cleanup_leftovers() -> Vec<String> {
+    let mut removed = Vec::new();
+    let temp = std::env::temp_dir();
+    let dirs: Vec<PathBuf> = fs::read_dir(&temp)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name().is_some_and(|n| {
+                        let n = n.to_string_lossy();
+                        n.starts_with(PREFIX) && n.ends_with("-kl")
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for dir in dirs {
+        let text = dir.display().to_string();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&text) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .filter(|m| m.starts_with(&text))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mount in mounts {
+            if let Ok(c) = std::ffi::CString::new(mount) {
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        if fs::remove_dir_all(&dir).is_ok() {
+            removed.push(format!("real node directory {text}"));
+        }
+    }
+    for (mount, _) in cgroup_hierarchies().unwrap_or_default() {
+        for entry in fs::read_dir(&mount).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(PREFIX) || !entry.path().is_dir() {
+                continue;
+            }
+            let mut pids = Vec::new();
+            collect_pids(&entry.path(), &mut pids);
+            for pid in pids {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            remove_cgroup_tree(&entry.path());
+            if !entry.path().exists() {
+                removed.push(format!("cgroup {}", entry.path().display()));
+            }
+        }
+    }
+    removed
+}

@@ -120,6 +120,11 @@ struct DaemonArgs {
     /// take the capacity every other Service needs.
     #[arg(long, value_name = "N", default_value_t = lb::model::DEFAULT_FRONTENDS_PER_SERVICE)]
     max_frontends_per_service: usize,
+    /// Kernel memory, in MiB, that the Maglev tables of external frontends (node
+    /// ports, external and load-balancer IPs) may take together; a frontend whose
+    /// table does not fit is not served, and reported.
+    #[arg(long, value_name = "MIB", default_value_t = lb::reconcile::DEFAULT_MAGLEV_BYTES >> 20)]
+    max_maglev_memory: u64,
     /// Open translated connected sockets remembered for reverse translation and
     /// stale-socket termination (an entry lives as long as its socket; past this,
     /// translations are kept in the socket's own storage and counted as overflow).
@@ -317,6 +322,7 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             ),
         },
         frontends_per_service: args.max_frontends_per_service.max(1),
+        maglev_bytes: args.max_maglev_memory.saturating_mul(1 << 20),
         detach_on_exit: args.detach_on_exit,
         node_name: node_name(args.node_name)?,
         health_addr: parse_addr("health-addr", &args.health_addr)?,

@@ -61,6 +61,8 @@ pub struct ExternalOptions {
     pub api_addresses: Vec<std::net::IpAddr>,
     /// `--max-frontends-per-service`.
     pub frontends_per_service: usize,
+    /// `--max-maglev-memory`, in bytes.
+    pub maglev_bytes: u64,
 }
 
 /// Why a sync ended early.
@@ -124,12 +126,13 @@ impl Controller {
     pub fn new(
         maps: KernelMaps,
         datapath: Datapath,
-        limits: Limits,
+        mut limits: Limits,
         node_name: String,
         outputs: Outputs,
         external: ExternalOptions,
         stop: Arc<AtomicBool>,
     ) -> Self {
+        limits.maglev_bytes = external.maglev_bytes;
         let Outputs {
             health,
             metrics,

@@ -56,6 +56,8 @@ pub struct DaemonOptions {
     pub external_ip_cidrs: Option<Vec<crate::model::spec::Cidr>>,
     /// `--max-frontends-per-service`.
     pub frontends_per_service: usize,
+    /// `--max-maglev-memory`, in bytes.
+    pub maglev_bytes: u64,
 }
 
 /// How long a shutdown waits for the sync to reach a stopping point.
@@ -137,6 +139,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
             external_ip_cidrs: options.external_ip_cidrs.clone(),
             api_addresses,
             frontends_per_service: options.frontends_per_service,
+            maglev_bytes: options.maglev_bytes,
         },
         stop.clone(),
     );

@@ -54,6 +54,8 @@ impl Capacities {
             frontends: self.frontends + 1,
             backends: self.backends + 1,
             service_entries: self.service_entries,
+            source_ranges: self.frontends + 1,
+            maglev_bytes: crate::reconcile::DEFAULT_MAGLEV_BYTES,
         }
     }
 

@@ -245,6 +245,14 @@ impl MapSet for MemoryMaps {
 
     fn put_maglev(&mut self, svc_id: u32, table: &[u32]) -> Result<()> {
         self.put()?;
+        if let Some(limits) = self.limits
+            && !self.tables.contains_key(&svc_id)
+        {
+            let bytes: usize = self.tables.values().map(|t| t.len() * 4).sum();
+            if (bytes + table.len() * 4) as u64 > limits.maglev_bytes {
+                bail!("the Maglev tables' memory is exhausted (ENOMEM)");
+            }
+        }
         self.tables.insert(svc_id, table.to_vec());
         let op = format!("put_table {svc_id}");
         self.check_invariant(&op);
@@ -264,6 +272,12 @@ impl MapSet for MemoryMaps {
     fn put_source_ranges(&mut self, keys: &[lb_common::SourceRangeKey]) -> Result<()> {
         for key in keys {
             self.put()?;
+            if let Some(limits) = self.limits
+                && !self.ranges.contains(key)
+                && self.ranges.len() >= limits.source_ranges as usize
+            {
+                bail!("LB_SOURCE_RANGES is full (E2BIG)");
+            }
             self.ranges.insert(*key);
             self.log
                 .push(format!("put_range {}", u32::from_be(key.svc_id_be)));

@@ -177,11 +177,17 @@ pub struct GoneBackend {
     pub backend: BackendIdentity,
 }
 
-/// What an apply has admitted so far.
+/// What an apply has admitted so far, and what the kernel held when it started.
 #[derive(Debug, Default)]
 struct Budget {
     frontend_ids: usize,
     service_entries: usize,
+    /// LB_SOURCE_RANGES entries held, and admitted by this apply.
+    ranges_held: usize,
+    ranges: usize,
+    /// Maglev tables held, and admitted by this apply.
+    tables_held: usize,
+    tables: usize,
 }
 
 /// What one [`Reconciler::apply`] wrote.
@@ -287,7 +293,14 @@ pub struct Limits {
     pub backends: u32,
     /// LB_SERVICES entries.
     pub service_entries: u32,
+    /// LB_SOURCE_RANGES entries.
+    pub source_ranges: u32,
+    /// Kernel memory all Maglev tables together may take (`--max-maglev-memory`).
+    pub maglev_bytes: u64,
 }
+
+/// Default of `--max-maglev-memory`: 8192 tables of the default size (64 KiB each).
+pub const DEFAULT_MAGLEV_BYTES: u64 = 512 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -296,6 +309,8 @@ impl Default for Limits {
             frontends: maps::DEFAULT_FRONTENDS + 1,
             backends: maps::DEFAULT_BACKENDS + 1,
             service_entries: maps::DEFAULT_SERVICE_ENTRIES,
+            source_ranges: maps::DEFAULT_FRONTENDS + 1,
+            maglev_bytes: DEFAULT_MAGLEV_BYTES,
         }
     }
 }
@@ -311,6 +326,10 @@ pub enum Shortage {
     ServiceEntries,
     /// More backends than one frontend can address (65 535).
     TooManyBackends,
+    /// LB_SOURCE_RANGES cannot hold its `loadBalancerSourceRanges`.
+    SourceRanges,
+    /// Its Maglev table would take the Maglev tables past `--max-maglev-memory`.
+    MaglevMemory,
     /// An IPv4-mapped IPv6 address: the kernel keys it as its IPv4 twin, so it could
     /// overwrite that frontend (the sources write addresses canonically; this guards
     /// the kernel against any other caller).
@@ -324,6 +343,13 @@ impl std::fmt::Display for Shortage {
             Self::Backends => "not enough backend ids for its backends (raise --max-backends)",
             Self::ServiceEntries => "LB_SERVICES is full (raise --max-service-entries)",
             Self::TooManyBackends => "more backends than one frontend can hold (65 535)",
+            Self::SourceRanges => {
+                "LB_SOURCE_RANGES cannot hold its loadBalancerSourceRanges (raise --max-frontends)"
+            }
+            Self::MaglevMemory => {
+                "its Maglev table would pass --max-maglev-memory (raise it, or lower \
+                 --maglev-table-size)"
+            }
             Self::AliasedAddress => {
                 "an IPv4-mapped IPv6 address, which the kernel keys as its IPv4 twin"
             }
@@ -700,6 +726,23 @@ impl Reconciler {
         {
             return Err(Shortage::ServiceEntries);
         }
+        let range_growth = frontend
+            .source_ranges
+            .len()
+            .saturating_sub(old.map_or(0, |p| p.ranges.len()));
+        if budget.ranges_held + budget.ranges + range_growth > self.limits.source_ranges as usize {
+            return Err(Shortage::SourceRanges);
+        }
+        // A new external frontend brings a table (an update replaces its own).
+        let table_growth = usize::from(is_new && key.scope == Scope::External);
+        let table_bytes = u64::from(self.maglev_size) * 4;
+        if (budget.tables_held + budget.tables + table_growth) as u64 * table_bytes
+            > self.limits.maglev_bytes
+        {
+            return Err(Shortage::MaglevMemory);
+        }
+        budget.ranges += range_growth;
+        budget.tables += table_growth;
         budget.service_entries += growth;
         budget.frontend_ids += usize::from(is_new);
         Ok(())
@@ -722,7 +765,22 @@ impl Reconciler {
         let mut new_backends: Vec<(u32, Backend)> = Vec::new();
         // Backends whose locality changed (an endpoint's nodeName learnt late).
         let mut relocated: Vec<(u32, Backend)> = Vec::new();
-        let mut budget = Budget::default();
+        // Deletions free space only once this apply has written them.
+        let mut budget = Budget {
+            ranges_held: self.garbage_ranges.len()
+                + self
+                    .frontends
+                    .values()
+                    .map(|p| p.ranges.len())
+                    .sum::<usize>(),
+            tables_held: self.garbage_tables.len()
+                + self
+                    .frontends
+                    .keys()
+                    .filter(|k| k.scope == Scope::External)
+                    .count(),
+            ..Budget::default()
+        };
         for (key, change) in changes {
             let Some(frontend) = change else {
                 self.unprogrammed.remove(key);

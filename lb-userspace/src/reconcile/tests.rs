@@ -446,6 +446,7 @@ fn small(frontends: u32, backends: u32, service_entries: u32) -> Limits {
         frontends,
         backends,
         service_entries,
+        ..Limits::default()
     }
 }
 
@@ -900,4 +901,89 @@ fn an_ipv4_mapped_frontend_is_refused_and_its_twin_kept() {
     assert_eq!(stats.unprogrammed, vec![(mapped, Shortage::AliasedAddress)]);
     assert_eq!(reachable_ips(&maps, &key), ips(&["10.244.1.1"]));
     assert!(maps.log.is_empty(), "nothing written: {:?}", maps.log);
+}
+
+/// `n` prefixes 10.<i>.0.0/16.
+fn ranges(n: usize) -> Vec<crate::model::spec::Cidr> {
+    (0..n)
+        .map(|i| crate::model::spec::Cidr::parse(&format!("10.{i}.0.0/16")).unwrap())
+        .collect()
+}
+
+#[test]
+fn source_ranges_past_capacity_leave_the_frontend_unserved_and_others_untouched() {
+    // LB_SOURCE_RANGES holds 5 entries.
+    let limits = Limits {
+        source_ranges: 5,
+        ..Limits::default()
+    };
+    // Maps that refuse what does not fit, as the kernel's do: admission must agree.
+    let mut maps = MemoryMaps::with_limits(limits);
+    let mut r = Reconciler::new(limits);
+    let mut first = external("10.111.254.11", 6379, &["10.244.1.2"]);
+    first.kind = FrontendKind::LoadBalancer;
+    first.source_ranges = ranges(3);
+    let mut greedy = external("10.111.254.12", 6379, &["10.244.1.3"]);
+    greedy.kind = FrontendKind::LoadBalancer;
+    greedy.source_ranges = ranges(3);
+    let plain = external("10.111.254.13", 6379, &["10.244.1.4"]);
+    let mut all = change(first.clone());
+    all.extend(change(greedy.clone()));
+    all.extend(change(plain.clone()));
+    let stats = r.apply(&mut maps, &all).unwrap();
+    assert_eq!(
+        stats.unprogrammed,
+        vec![(greedy.key, Shortage::SourceRanges)]
+    );
+    assert!(maps.services.contains_key(&service_key(&first.key, 0)));
+    assert!(maps.services.contains_key(&service_key(&plain.key, 0)));
+    assert!(!maps.services.contains_key(&service_key(&greedy.key, 0)));
+    assert_eq!(maps.ranges.len(), 3);
+
+    // An update that would pass the limit keeps the previous version serving.
+    first.source_ranges = ranges(6);
+    let stats = r.apply(&mut maps, &change(first.clone())).unwrap();
+    assert_eq!(
+        stats.unprogrammed,
+        vec![(first.key, Shortage::SourceRanges)]
+    );
+    assert_eq!(maps.ranges.len(), 3);
+
+    // Space freed by a deletion is used by the next apply.
+    r.apply(&mut maps, &BTreeMap::from([(first.key, None)]))
+        .unwrap();
+    let stats = r.apply(&mut maps, &change(greedy.clone())).unwrap();
+    assert!(stats.unprogrammed.is_empty(), "{:?}", stats.unprogrammed);
+    assert_eq!(maps.ranges.len(), 3);
+}
+
+#[test]
+fn maglev_tables_past_the_memory_budget_are_refused_and_cluster_ips_still_fit() {
+    // Tables of 251 entries (1 004 bytes): the budget holds two.
+    let limits = Limits {
+        maglev_bytes: 2 * 1004 + 500,
+        ..Limits::default()
+    };
+    let mut maps = MemoryMaps::with_limits(limits);
+    let mut r = Reconciler::new(limits).with_maglev_size(251);
+    let externals: Vec<Frontend> = (0..3)
+        .map(|i| external("10.253.0.11", 30000 + i, &["10.244.1.2"]))
+        .collect();
+    let cluster_ip = frontend(fkey("10.96.0.100", 6379), &["10.244.1.2"]);
+    let mut all = change(cluster_ip.clone());
+    for f in &externals {
+        all.extend(change(f.clone()));
+    }
+    let stats = r.apply(&mut maps, &all).unwrap();
+    assert_eq!(
+        stats.unprogrammed,
+        vec![(externals[2].key, Shortage::MaglevMemory)]
+    );
+    assert_eq!(maps.tables.len(), 2);
+    assert!(maps.services.contains_key(&service_key(&cluster_ip.key, 0)));
+    // Updating a served external frontend replaces its own table: no new memory.
+    let mut moved = externals[0].clone();
+    moved.backends = frontend(moved.key, &["10.244.1.9"]).backends;
+    let stats = r.apply(&mut maps, &change(moved)).unwrap();
+    assert!(stats.unprogrammed.is_empty(), "{:?}", stats.unprogrammed);
 }
