@@ -532,15 +532,15 @@ pub fn cleanup_leftovers() -> Vec<String> {
         if owner_alive {
             continue;
         }
-        let dir = entry.path().display().to_string();
         for pid in fs::read_to_string(entry.path().join("pids"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.trim().parse::<i32>().ok())
         {
-            // Only if the pid still is ours (its command line names our directory).
+            // Only if the pid still is ours: its command line names our directory
+            // (etcd's data lives in /dev/shm/<name>, so the name, not the path).
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&dir) {
+            if String::from_utf8_lossy(&cmdline).contains(&name) {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }

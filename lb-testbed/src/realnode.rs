@@ -91,6 +91,23 @@ fn set_propagation(path: &str, flag: libc::c_ulong) -> bool {
     }
 }
 
+/// Where the machine's settings are kept while nodes run, so that `cargo xtask
+/// cleanup` restores them after a killed run: lines `sysctl <name> <value>` and
+/// `bpffs-was-private`.
+fn host_state_file() -> PathBuf {
+    std::env::temp_dir().join(format!("{PREFIX}-realnode-host-settings"))
+}
+
+fn restore_settings(sysctls: &[(String, String)], bpffs_was_private: bool) {
+    for (name, value) in sysctls {
+        let _ = fs::write(sysctl_path(name), value);
+    }
+    if bpffs_was_private {
+        set_propagation("/sys/fs/bpf", libc::MS_PRIVATE);
+    }
+    let _ = fs::remove_file(host_state_file());
+}
+
 fn sysctl_path(name: &str) -> PathBuf {
     Path::new("/proc/sys").join(name.replace('.', "/"))
 }
@@ -101,6 +118,8 @@ fn sysctl_path(name: &str) -> PathBuf {
 fn prepare_host() {
     let mut state = HOST_STATE.lock().expect("lock");
     if state.nodes == 0 {
+        // A killed run's settings come first: they are the machine's own.
+        restore_leftover_settings();
         state.bpffs_was_private = is_shared_mount("/sys/fs/bpf") == Some(false)
             && set_propagation("/sys/fs/bpf", libc::MS_SHARED);
         state.sysctls = KUBELET_SYSCTLS
@@ -110,6 +129,15 @@ fn prepare_host() {
                 Some((name.to_string(), value.trim().to_string()))
             })
             .collect();
+        let mut saved: String = state
+            .sysctls
+            .iter()
+            .map(|(name, value)| format!("sysctl {name} {value}\n"))
+            .collect();
+        if state.bpffs_was_private {
+            saved.push_str("bpffs-was-private\n");
+        }
+        let _ = fs::write(host_state_file(), saved);
     }
     state.nodes += 1;
 }
@@ -118,12 +146,8 @@ fn restore_host() {
     let mut state = HOST_STATE.lock().expect("lock");
     state.nodes = state.nodes.saturating_sub(1);
     if state.nodes == 0 {
-        for (name, value) in state.sysctls.drain(..) {
-            let _ = fs::write(sysctl_path(&name), &value);
-        }
-        if std::mem::take(&mut state.bpffs_was_private) {
-            set_propagation("/sys/fs/bpf", libc::MS_PRIVATE);
-        }
+        let sysctls = std::mem::take(&mut state.sysctls);
+        restore_settings(&sysctls, std::mem::take(&mut state.bpffs_was_private));
     }
 }
 
@@ -411,33 +435,6 @@ impl RealNode {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Network namespaces of this node's pod sandboxes (containerd's CNI setup names
-    /// them under /var/run/netns), from the runtime's specs.
-    fn sandbox_netns_paths(&self) -> Vec<String> {
-        let ids = self.ctr(&["containers", "ls", "-q"]).unwrap_or_default();
-        let mut paths = Vec::new();
-        for id in ids.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            let Ok(info) = self.ctr(&["containers", "info", id]) else {
-                continue;
-            };
-            let Ok(info) = serde_json::from_str::<serde_json::Value>(&info) else {
-                continue;
-            };
-            let namespaces = info["Spec"]["linux"]["namespaces"].as_array().cloned();
-            for ns in namespaces.unwrap_or_default() {
-                if ns["type"] == "network"
-                    && let Some(path) = ns["path"].as_str()
-                    && (path.starts_with("/var/run/netns/cni-")
-                        || path.starts_with("/run/netns/cni-"))
-                    && !paths.iter().any(|p| p == path)
-                {
-                    paths.push(path.to_string());
-                }
-            }
-        }
-        paths
-    }
-
     /// Waits until the Node reports Ready.
     pub fn wait_ready(&self, cp: &ControlPlane, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -529,7 +526,6 @@ impl Drop for RealNode {
         if let Some(mut kubelet) = self.kubelet.take() {
             stop_child(&mut kubelet, Duration::from_secs(5));
         }
-        let sandbox_netns = self.sandbox_netns_paths();
         // Every container process: all of them sit in this node's pod cgroups.
         for _ in 0..3 {
             for pid in self.pod_pids() {
@@ -554,7 +550,8 @@ impl Drop for RealNode {
                 }
             }
         }
-        // Mounts under our directory (rootfs overlays, sandbox netns, kubelet volumes),
+        // Mounts under our directory (rootfs overlays, pod network namespaces, kubelet
+        // volumes),
         // deepest first.
         let dir = self.dir.display().to_string();
         let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mounts")
@@ -568,12 +565,6 @@ impl Drop for RealNode {
             if let Ok(c) = std::ffi::CString::new(mount) {
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
             }
-        }
-        for path in sandbox_netns {
-            if let Ok(c) = std::ffi::CString::new(path.as_str()) {
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-            let _ = fs::remove_file(&path);
         }
         for cgroup in self.cgroups.drain(..).rev() {
             remove_cgroup_tree(&cgroup);
@@ -604,6 +595,9 @@ state = "{state}"
     # Root here lacks CAP_SYS_RESOURCE: runc must not lower oom_score_adj below ours.
     restrict_oom_score_adj = true
     enable_selinux = false
+    # Pod network namespaces under the state dir, not /var/run/netns: a killed run
+    # leaves them where cleanup finds them.
+    netns_mounts_under_state_dir = true
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "/usr/lib/cni"
       conf_dir = "{cni}"
@@ -734,6 +728,22 @@ int main(void) {
     Ok(id)
 }
 
+/// Restores the machine's settings a killed run recorded, if any.
+fn restore_leftover_settings() -> bool {
+    let Ok(saved) = fs::read_to_string(host_state_file()) else {
+        return false;
+    };
+    let sysctls: Vec<(String, String)> = saved
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.strip_prefix("sysctl ")?.splitn(2, ' ');
+            Some((parts.next()?.to_string(), parts.next()?.to_string()))
+        })
+        .collect();
+    restore_settings(&sysctls, saved.lines().any(|l| l == "bpffs-was-private"));
+    true
+}
+
 /// What a killed run's real nodes left (`cargo xtask cleanup`; nothing may be running):
 /// processes naming a node directory (containerd, its shims, the kubelet), mounts under
 /// it, the directory, and `lbt` cgroups in every hierarchy, their pods' first.
@@ -780,6 +790,9 @@ pub fn cleanup_leftovers() -> Vec<String> {
         if fs::remove_dir_all(&dir).is_ok() {
             removed.push(format!("real node directory {text}"));
         }
+    }
+    if restore_leftover_settings() {
+        removed.push("the kubelet's sysctls and /sys/fs/bpf's propagation, restored".into());
     }
     for (mount, _) in cgroup_hierarchies().unwrap_or_default() {
         for entry in fs::read_dir(&mount).into_iter().flatten().flatten() {
