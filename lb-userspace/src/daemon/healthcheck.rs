@@ -35,7 +35,15 @@ pub struct HealthCheckServers {
     servers: BTreeMap<u16, Server>,
     /// Ports that could not be bound, reported once each.
     failed: BTreeMap<u16, ObjectRef>,
+    /// Connections open across all health-check ports: past this a new one is closed
+    /// at once, so load balancers' probes (or anyone's) cannot exhaust the daemon.
+    slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Connections all health-check node ports hold at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A health-check exchange (read the request, answer, close) ends within this.
+const EXCHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl HealthCheckServers {
     pub fn new(runtime: Handle, netns: Option<PathBuf>) -> Self {
@@ -44,6 +52,7 @@ impl HealthCheckServers {
             netns,
             servers: BTreeMap::new(),
             failed: BTreeMap::new(),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         }
     }
 
@@ -92,6 +101,7 @@ impl HealthCheckServers {
         listener.set_nonblocking(true)?;
         let state = Arc::new(Mutex::new(check.clone()));
         let served = state.clone();
+        let slots = self.slots.clone();
         let _enter = self.runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let task = self.runtime.spawn(async move {
@@ -101,17 +111,25 @@ impl HealthCheckServers {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    // Full: closed unanswered (dropping it).
+                    continue;
+                };
                 let answer = response(&served.lock().expect("health state lock"));
                 tokio::spawn(async move {
-                    // The request itself does not matter (any path, any method).
-                    let mut request = [0u8; 1024];
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(2),
-                        stream.read(&mut request),
-                    )
+                    let _permit = permit;
+                    let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+                        // The request itself does not matter (any path, any method).
+                        let mut request = [0u8; 1024];
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(2),
+                            stream.read(&mut request),
+                        )
+                        .await;
+                        let _ = stream.write_all(answer.as_bytes()).await;
+                        let _ = stream.shutdown().await;
+                    })
                     .await;
-                    let _ = stream.write_all(answer.as_bytes()).await;
-                    let _ = stream.shutdown().await;
                 });
             }
         });
@@ -167,5 +185,49 @@ mod tests {
         ), "{ok}");
         check.local_endpoints = 0;
         assert!(response(&check).starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+    }
+
+    #[test]
+    fn connections_past_the_cap_are_closed_and_the_port_keeps_answering() {
+        use std::io::{Read as _, Write as _};
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let port = std::net::TcpListener::bind("[::]:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut servers = HealthCheckServers::new(runtime.handle().clone(), None);
+        let check = HealthCheck {
+            service: ObjectRef::new("web", "shop"),
+            local_endpoints: 1,
+        };
+        servers.sync(&BTreeMap::from([(port, check)]));
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // Idle connections (no request): each holds a slot for the read timeout.
+        let idle: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        // A full request: without the cap it would be answered at once.
+        let mut extra = std::net::TcpStream::connect(addr).unwrap();
+        let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\n\r\n");
+        extra
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = extra.read_to_end(&mut got);
+        assert!(got.is_empty(), "answered past the cap: {got:?}");
+        // Once the idle ones time out, the port answers again.
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let mut probe = std::net::TcpStream::connect(addr).unwrap();
+        probe.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        probe.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        drop(idle);
     }
 }

@@ -89,7 +89,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     datapath.start_logger();
     let maps = datapath.take_maps()?;
 
-    let (sink, events) = std::sync::mpsc::channel();
+    let (sink, events) = std::sync::mpsc::sync_channel(crate::source::SINK_BATCHES);
     // The Kubernetes watchers are tasks on the runtime; the manifest source is a
     // thread of its own, started below once this thread has shed its privileges.
     let mut manifest_sink = None;

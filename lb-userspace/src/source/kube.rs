@@ -358,7 +358,7 @@ async fn watch<K>(
                     vec![Event::Remove(kind, id)]
                 }
             };
-            if !batch.is_empty() && sink.send(batch).is_err() {
+            if !batch.is_empty() && super::send_async(&sink, batch).await.is_err() {
                 return;
             }
         }

@@ -67,9 +67,28 @@ pub enum Event {
     Listed(Kind),
 }
 
-/// Where a source sends its batches. Unbounded: a source never blocks on the daemon,
-/// and the daemon coalesces whatever has queued up into one sync.
-pub type Sink = std::sync::mpsc::Sender<Vec<Event>>;
+/// Where a source sends its batches; the daemon coalesces whatever has queued up into
+/// one sync. Bounded ([`SINK_BATCHES`]): a source that outruns the daemon (a Service
+/// rewritten in a loop) waits instead of growing the queue without limit.
+pub type Sink = std::sync::mpsc::SyncSender<Vec<Event>>;
+
+/// Batches the sink holds before sources wait.
+pub const SINK_BATCHES: usize = 1024;
+
+/// Sends from an async task without blocking its runtime thread: while the queue is
+/// full, the task sleeps and tries again. `Err` once the daemon is gone.
+pub async fn send_async(sink: &Sink, mut batch: Vec<Event>) -> Result<(), ()> {
+    loop {
+        match sink.try_send(batch) {
+            Ok(()) => return Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(back)) => {
+                batch = back;
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(()),
+        }
+    }
+}
 
 /// Tracks which objects a source has delivered per kind, so a re-list can announce
 /// removals for objects that vanished while the watch was down. Pure: the Kubernetes
@@ -177,5 +196,29 @@ mod tests {
             relist.end(Kind::EndpointSlice),
             vec![Event::Listed(Kind::EndpointSlice)]
         );
+    }
+
+    #[test]
+    fn a_full_sink_makes_async_sources_wait_without_blocking_their_thread() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (sink, events) = std::sync::mpsc::sync_channel::<Vec<Event>>(1);
+        sink.send(vec![Event::Listed(Kind::Service)]).unwrap();
+        runtime.block_on(async {
+            let waiting = tokio::spawn({
+                let sink = sink.clone();
+                async move { send_async(&sink, vec![Event::Listed(Kind::Node)]).await }
+            });
+            // The one-thread runtime still runs other tasks while the sender waits.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert!(!waiting.is_finished(), "sent into a full queue");
+            assert_eq!(events.recv().unwrap(), vec![Event::Listed(Kind::Service)]);
+            assert_eq!(waiting.await.unwrap(), Ok(()));
+            assert_eq!(events.recv().unwrap(), vec![Event::Listed(Kind::Node)]);
+            drop(events);
+            assert_eq!(send_async(&sink, Vec::new()).await, Err(()));
+        });
     }
 }
