@@ -32,7 +32,7 @@ use std::{
     sync::Arc,
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use lb_common::{
     AffinityMember, BACKEND_F_LOCAL, Backend, DEFAULT_MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_FRONTEND,
     SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
@@ -811,10 +811,12 @@ impl Reconciler {
                         entry.id
                     }
                     None => {
+                        // Invariant breaches are errors, never panics: the caller
+                        // rebuilds this view from the kernel (adopt) and retries.
                         let id = self
                             .backend_ids
                             .allocate()
-                            .expect("admission counted the backend ids");
+                            .context("reconciler invariant: admission counted the backend ids")?;
                         new_backends.push((id, identity.to_map_value(local)));
                         self.backends
                             .insert(identity, BackendEntry { id, refs: 1, local });
@@ -875,7 +877,7 @@ impl Reconciler {
                     let id = self
                         .svc_ids
                         .allocate()
-                        .expect("admission counted the frontend ids");
+                        .context("reconciler invariant: admission counted the frontend ids")?;
                     new_svc_ids.push(id);
                     (
                         id,
@@ -889,9 +891,10 @@ impl Reconciler {
                     )
                 }
             };
-            let frontend = changes[key]
-                .as_ref()
-                .expect("wanted_ids holds upserts only");
+            let frontend = changes
+                .get(key)
+                .and_then(Option::as_ref)
+                .context("reconciler invariant: wanted_ids holds upserts only")?;
             let name = frontend_name(frontend);
             if name != old_name {
                 names.push((svc_id, name.clone()));
@@ -1089,7 +1092,7 @@ impl Reconciler {
             let entry = self
                 .backends
                 .get_mut(&identity)
-                .expect("backend_by_id and backends agree");
+                .context("reconciler invariant: backend_by_id and backends agree")?;
             entry.refs -= 1;
             if entry.refs == 0 {
                 dead_backends.push(id);
