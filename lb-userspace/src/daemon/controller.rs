@@ -97,6 +97,8 @@ pub struct Controller {
     /// External-scope frontends already reported as not served from outside.
     external_reported: BTreeSet<FrontendKey>,
     node: Option<Arc<NodeSpec>>,
+    /// Every other Node the source has, by name: their addresses are reserved.
+    other_nodes: BTreeMap<String, Arc<NodeSpec>>,
     node_ports: (u16, u16),
     /// `--external-ip-cidrs`.
     external_ip_cidrs: Option<Vec<crate::model::spec::Cidr>>,
@@ -168,6 +170,7 @@ impl Controller {
             node_expected: false,
             external_reported: BTreeSet::new(),
             node: None,
+            other_nodes: BTreeMap::new(),
             listed: BTreeSet::new(),
             initialized: false,
             full_sync_needed: true,
@@ -249,6 +252,15 @@ impl Controller {
             node_port_range: Some(self.node_ports),
             external_ip_cidrs: self.external_ip_cidrs.clone(),
             reserved: self.api_addresses.clone(),
+            other_nodes: {
+                let mut addresses: Vec<(std::net::IpAddr, String)> = self
+                    .other_nodes
+                    .values()
+                    .flat_map(|n| n.addresses.iter().map(|a| (*a, n.name.clone())))
+                    .collect();
+                addresses.sort();
+                addresses
+            },
         }
     }
 
@@ -285,6 +297,7 @@ impl Controller {
 
     fn absorb(&mut self, batch: Vec<Event>) {
         let mut node_changed = false;
+        let mut others_changed = false;
         for (i, event) in batch.into_iter().enumerate() {
             // A huge batch (a first list) must not hold up a shutdown.
             if i % 1024 == 1023 && self.stopping() {
@@ -297,16 +310,25 @@ impl Controller {
                 }
                 Event::Upsert(Object::Slice(spec)) => self.model.upsert_slice(spec),
                 Event::Upsert(Object::Node(spec)) => {
-                    if spec.name == self.node_name && self.node.as_ref() != Some(&spec) {
-                        self.node = Some(spec);
-                        node_changed = true;
+                    if spec.name == self.node_name {
+                        if self.node.as_ref() != Some(&spec) {
+                            self.node = Some(spec);
+                            node_changed = true;
+                        }
+                    } else if self.other_nodes.get(&spec.name).map(|n| &n.addresses)
+                        != Some(&spec.addresses)
+                    {
+                        self.other_nodes.insert(spec.name.clone(), spec);
+                        others_changed = true;
                     }
                 }
                 Event::Remove(Kind::Service, id) => self.model.remove_service(&id),
                 Event::Remove(Kind::EndpointSlice, id) => self.model.remove_slice(&id),
                 Event::Remove(Kind::Node, id) => {
-                    if id.name == self.node_name && self.node.take().is_some() {
-                        node_changed = true;
+                    if id.name == self.node_name {
+                        node_changed |= self.node.take().is_some();
+                    } else {
+                        others_changed |= self.other_nodes.remove(&id.name).is_some();
                     }
                 }
                 Event::Listed(kind) => {
@@ -315,6 +337,9 @@ impl Controller {
                     }
                 }
             }
+        }
+        if others_changed && !node_changed {
+            self.model.set_node(self.node_context());
         }
         if node_changed {
             if let Some(node) = &self.node {

@@ -100,7 +100,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         }
         (SourceOptions::Kubernetes { .. }, Some(client)) => {
             info!(node = %options.node_name, "watching the Kubernetes API");
-            Some(source::kube::spawn(client, &options.node_name, sink))
+            Some(source::kube::spawn(client, sink))
         }
         (SourceOptions::Kubernetes { .. }, None) => unreachable!("client built above"),
     };

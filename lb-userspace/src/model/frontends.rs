@@ -148,6 +148,9 @@ pub struct NodeContext {
     /// Addresses no external or load-balancer IP may take: the API server's (its
     /// endpoints and the address this daemon dials).
     pub reserved: Vec<IpAddr>,
+    /// The other nodes' addresses, with their names (sorted): no external or
+    /// load-balancer IP may take them either (their kubelets, their node ports).
+    pub other_nodes: Vec<(IpAddr, String)>,
 }
 
 impl NodeContext {
@@ -160,8 +163,8 @@ impl NodeContext {
 
 /// Why an external or load-balancer IP is not served, if it is not. A Service's
 /// `externalIPs` and load-balancer status are written by whoever may create Services,
-/// so they may not take this node's own addresses (its node ports aside), the API
-/// server's, or anything outside `--external-ip-cidrs`. Addresses that are never a
+/// so they may not take this node's own addresses (its node ports aside), another
+/// node's, the API server's, or anything outside `--external-ip-cidrs`. Addresses that are never a
 /// host's (loopback, ...) are refused when the Service is read.
 pub fn external_address_refusal(ip: IpAddr, node: &NodeContext) -> Option<String> {
     if node.addresses.contains(&ip) {
@@ -169,6 +172,9 @@ pub fn external_address_refusal(ip: IpAddr, node: &NodeContext) -> Option<String
     }
     if node.reserved.contains(&ip) {
         return Some("it is an address of the API server".into());
+    }
+    if let Some((_, name)) = node.other_nodes.iter().find(|(a, _)| *a == ip) {
+        return Some(format!("it is an address of node {name}"));
     }
     match &node.external_ip_cidrs {
         Some(cidrs) if !cidrs.iter().any(|c| c.contains(ip)) => Some(format!(

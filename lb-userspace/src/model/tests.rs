@@ -949,7 +949,8 @@ fn cidrs_contain_what_they_should() {
     assert!(!cidr("10.1.2.3").contains(ip("10.1.2.4")));
 }
 
-/// External and load-balancer IPs never take this node's address, the API server's
+/// External and load-balancer IPs never take this node's address, another node's, the
+/// API server's
 /// (its endpoints as the `default/kubernetes` slices list them, or the address the
 /// daemon dials), or an address outside `--external-ip-cidrs`; each refusal is
 /// reported with the Service and the reason, and the Service's other addresses serve.
@@ -973,8 +974,11 @@ fn external_addresses_follow_the_policy() {
     let mut model = Model::default();
     let mut here = node("node-a", None, &["10.253.0.2"]);
     here.reserved = vec!["192.0.2.10".parse().unwrap()];
+    here.other_nodes = vec![("10.253.0.3".parse().unwrap(), "node-b".into())];
     model.set_node(here.clone());
-    model.upsert_service(svc("10.253.0.2, 192.0.2.10, 192.0.2.11, 198.51.100.7"));
+    model.upsert_service(svc(
+        "10.253.0.2, 10.253.0.3, 192.0.2.10, 192.0.2.11, 198.51.100.7",
+    ));
     let changes = model.recompute();
     assert_eq!(external_ips(&model), ["192.0.2.11", "198.51.100.7"]);
     let reasons: Vec<String> = changes.refused.iter().map(ToString::to_string).collect();
@@ -982,6 +986,7 @@ fn external_addresses_follow_the_policy() {
         reasons,
         [
             "Service tenant/claim: external address 10.253.0.2 is not served: it is this node's own address",
+            "Service tenant/claim: external address 10.253.0.3 is not served: it is an address of node node-b",
             "Service tenant/claim: external address 192.0.2.10 is not served: it is an address of the API server",
         ]
     );

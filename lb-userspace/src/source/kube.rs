@@ -225,7 +225,7 @@ fn node(node: &Node) -> Result<Option<Object>, Vec<String>> {
 }
 
 /// Starts the three watchers on the current tokio runtime.
-pub fn spawn(client: Client, node_name: &str, sink: Sink) -> Arc<ApiStatus> {
+pub fn spawn(client: Client, sink: Sink) -> Arc<ApiStatus> {
     let status = Arc::new(ApiStatus::default());
     let services =
         watcher::Config::default().labels(&format!("!{}", spec::SERVICE_PROXY_NAME_LABEL));
@@ -234,7 +234,9 @@ pub fn spawn(client: Client, node_name: &str, sink: Sink) -> Arc<ApiStatus> {
         spec::HEADLESS_LABEL,
         spec::SERVICE_PROXY_NAME_LABEL
     ));
-    let nodes = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    // Every Node: this one for its name, zone and addresses, the others so that no
+    // Service's external IP can take their addresses.
+    let nodes = watcher::Config::default();
     tokio::spawn(watch(
         Api::<Service>::all(client.clone()),
         services,

@@ -31,7 +31,102 @@ pub fn trials() -> Vec<Trial> {
             "security::one_service_of_256_ports_and_128_external_ips_cannot_take_all_capacity",
             one_service_cannot_take_all_capacity,
         ),
+        cluster::trial(
+            "security::an_external_ip_cannot_take_another_nodes_address",
+            external_ip_cannot_take_another_node,
+        ),
     ]
+}
+
+/// A process on node b's own network (its kubelet, say), stopped on drop.
+struct NodeServer(std::process::Child);
+
+impl Drop for NodeServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A tenant's Service claims node b's address on 6379 as an external IP, with pods
+/// of its own behind it. The daemon of node a (which watches every Node) refuses it by
+/// name, and a pod on node a dialling node b's address still reaches what node b runs
+/// there: a redis-server on node b's own network.
+fn external_ip_cannot_take_another_node() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let ns = cluster.namespace.clone();
+    // Node a is where the scheduler put the client; node b is the other one.
+    cluster.run_client("web")?;
+    let a_name = cluster
+        .pod_node("web")
+        .context("the client pod has no node")?
+        .net()
+        .name
+        .clone();
+    let a = cluster
+        .nodes
+        .iter()
+        .position(|n| n.net().name == a_name)
+        .context("node a")?;
+    let node_b = cluster.nodes[1 - a].net();
+    let b_ip = node_b.ipv4.to_string();
+    let dir = std::env::temp_dir().join(format!("{}-redis", node_b.netns));
+    std::fs::create_dir_all(&dir)?;
+    let mut server = lb_testbed::netns_command(&node_b.netns, None, "redis-server")?;
+    server
+        .args([
+            "--port",
+            "6379",
+            "--bind",
+            &b_ip,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args([
+            "--protected-mode",
+            "no",
+            "--dir",
+            &dir.display().to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _server = NodeServer(server.spawn().context("starting redis-server on node b")?);
+    let identity = cluster.wait(
+        "node b's own redis",
+        std::time::Duration::from_secs(10),
+        || {
+            let mut cli = lb_testbed::netns_command(&node_b.netns, None, "redis-cli")?;
+            let out = cli
+                .args(["-h", &b_ip, "SET", "whoami", "node-b-itself"])
+                .output()?;
+            Ok((String::from_utf8_lossy(&out.stdout).trim() == "OK").then_some(()))
+        },
+    );
+    identity?;
+    cluster.apply(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: claim}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: claim}}}}\n  template:\n    metadata: {{labels: {{app: claim}}}}\n    spec: {{containers: [{{name: r, image: redis, ports: [{{containerPort: 6379}}]}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: claim}}\nspec:\n  selector: {{app: claim}}\n  externalIPs: [\"{b_ip}\"]\n  ports: [{{port: 6379}}]\n"
+    ))?;
+    let claimers = cluster.wait_ready("app=claim", 1)?;
+    let mut daemon = cluster.daemon(a, &[])?;
+    daemon.wait_for_log(
+        &format!(
+            // The Node object is named after the node's namespace.
+            "Service {ns}/claim: external address {b_ip} is not served: it is an address of node {}",
+            node_b.netns
+        ),
+        slow(std::time::Duration::from_secs(10)),
+    )?;
+    for _ in 0..10 {
+        let who = crate::kube::whoami(&cluster, "web", &b_ip)?;
+        ensure!(
+            who == "node-b-itself",
+            "a pod dialling node b's address reached {who:?} (the claim's pods are {claimers:?})"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 /// A tenant's Service with 256 ports and 128 external IPs wants 65 792 frontends,
