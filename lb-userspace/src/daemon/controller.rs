@@ -593,9 +593,12 @@ impl Controller {
         changes: BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
     ) -> Result<ApplyStats, SyncError> {
         let mut total = ApplyStats::default();
-        let (removals, upserts): (Vec<_>, Vec<_>) = changes
+        let (removals, mut upserts): (Vec<_>, Vec<_>) = changes
             .into_iter()
             .partition(|(_, change)| change.is_none());
+        // Chunks in admission order too (see Reconciler::apply): a ClusterIP or an older
+        // Service never loses space to a frontend of a later chunk.
+        upserts.sort_by_key(|(key, change)| (change.as_ref().map(|f| f.admission_rank()), *key));
         let mut all = removals;
         all.extend(upserts);
         let count = all.len();

@@ -198,6 +198,7 @@ fn node_port(ip: IpAddr, backend: IpAddr, source_ranges: &[&str]) -> Frontend {
         local_backends: Vec::new(),
         excluded: Vec::new(),
         affinity_timeout: None,
+        created: None,
         local_policy: false,
         topology: crate::model::endpoints::Topology::Any,
         source_ranges: source_ranges

@@ -125,9 +125,21 @@ pub struct Frontend {
     pub topology: Topology,
     /// Allowed client prefixes (LoadBalancer frontends, external scope); empty = all.
     pub source_ranges: Vec<Cidr>,
+    /// The Service's creationTimestamp (Unix seconds): when the maps cannot hold every
+    /// frontend, ClusterIPs are admitted first, then older Services.
+    pub created: Option<i64>,
 }
 
 impl Frontend {
+    /// Admission order when capacity is short: ClusterIPs, then older Services (a
+    /// Service without a timestamp, from a manifest, counts as newest), then key.
+    pub fn admission_rank(&self) -> (bool, i64) {
+        (
+            self.kind != FrontendKind::ClusterIp,
+            self.created.unwrap_or(i64::MAX),
+        )
+    }
+
     pub fn is_local(&self, backend: &BackendAddr) -> bool {
         self.local_backends.binary_search(backend).is_ok()
     }
@@ -359,6 +371,7 @@ pub fn service_frontends(
                     backends: selection.backends.clone(),
                     excluded: selection.excluded.clone(),
                     affinity_timeout: service.affinity_timeout,
+                    created: service.created,
                     local_policy: selection.local_policy,
                     topology: selection.topology,
                     source_ranges: if kind == FrontendKind::LoadBalancer && scope == Scope::External

@@ -781,7 +781,11 @@ impl Reconciler {
                     .count(),
             ..Budget::default()
         };
-        for (key, change) in changes {
+        // Removals, then ClusterIPs, then older Services, so that when space is short
+        // the same frontends win whatever their keys (and after every restart).
+        let mut order: Vec<(&FrontendKey, &Option<Arc<Frontend>>)> = changes.iter().collect();
+        order.sort_by_key(|(key, change)| (change.as_ref().map(|f| f.admission_rank()), **key));
+        for (key, change) in order {
             let Some(frontend) = change else {
                 self.unprogrammed.remove(key);
                 continue;

@@ -27,6 +27,7 @@ fn frontend(key: FrontendKey, backends: &[&str]) -> Frontend {
         local_backends: Vec::new(),
         excluded: Vec::new(),
         affinity_timeout: None,
+        created: None,
         local_policy: false,
         topology: Topology::Any,
         source_ranges: Vec::new(),
@@ -986,4 +987,28 @@ fn maglev_tables_past_the_memory_budget_are_refused_and_cluster_ips_still_fit() 
     moved.backends = frontend(moved.key, &["10.244.1.9"]).backends;
     let stats = r.apply(&mut maps, &change(moved)).unwrap();
     assert!(stats.unprogrammed.is_empty(), "{:?}", stats.unprogrammed);
+}
+
+#[test]
+fn when_space_is_short_cluster_ips_then_older_services_win_whatever_their_keys() {
+    // Two frontend ids; three frontends want one each.
+    let limits = small(3, 64, 64);
+    let mut maps = MemoryMaps::with_limits(limits);
+    let mut r = Reconciler::new(limits);
+    // External frontends whose keys sort before the ClusterIP's.
+    let mut older = external("10.0.0.1", 80, &["10.244.1.2"]);
+    older.kind = FrontendKind::ExternalIp;
+    older.created = Some(100);
+    let mut newer = external("10.0.0.2", 80, &["10.244.1.3"]);
+    newer.kind = FrontendKind::ExternalIp;
+    newer.created = Some(200);
+    let mut cluster_ip = frontend(fkey("10.96.0.10", 80), &["10.244.1.4"]);
+    cluster_ip.created = Some(300);
+    let mut all = change(newer.clone());
+    all.extend(change(older.clone()));
+    all.extend(change(cluster_ip.clone()));
+    let stats = r.apply(&mut maps, &all).unwrap();
+    assert_eq!(stats.unprogrammed, vec![(newer.key, Shortage::Frontends)]);
+    assert!(maps.services.contains_key(&service_key(&cluster_ip.key, 0)));
+    assert!(maps.services.contains_key(&service_key(&older.key, 0)));
 }
