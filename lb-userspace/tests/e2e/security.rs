@@ -35,7 +35,99 @@ pub fn trials() -> Vec<Trial> {
             "security::an_external_ip_cannot_take_another_nodes_address",
             external_ip_cannot_take_another_node,
         ),
+        cluster::trial(
+            "security::a_load_balancer_with_70000_source_ranges_cannot_take_the_source_range_map",
+            seventy_thousand_source_ranges,
+        ),
     ]
+}
+
+/// A tenant's LoadBalancer Service lists 70 000 `loadBalancerSourceRanges`, more than
+/// LB_SOURCE_RANGES holds (65 537 by default). Its external frontend is refused by
+/// name (the map is never overfilled, so no sync fails); the ClusterIP that was there
+/// keeps serving, a Service created after it is served, `/healthz` stays 200, and the
+/// one refused frontend is what `lb_unprogrammed_frontends` counts.
+fn seventy_thousand_source_ranges() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let ns = cluster.namespace.clone();
+    cluster.apply(include_str!("../../../examples/cluster/r-deployment.yaml"))?;
+    cluster.kubectl(&["expose", "deployment", "redis-master", "--port=6379"])?;
+    cluster.run_client("web")?;
+    let redis = cluster.wait_ready("app=redis", 1)?;
+    let mut daemon = cluster.daemon(0, &[])?;
+    let vip = cluster.cluster_ip("redis-master")?;
+    ensure!(crate::kube::whoami(&cluster, "web", &vip)? == redis[0]);
+
+    // 11.0.0.0/24, 11.0.1.0/24, ...: prefixes only, nothing is ever sent to them.
+    let ranges: Vec<String> = (0u32..70_000)
+        .map(|i| format!("{}.{}.{}.0/24", 11 + (i >> 16), (i >> 8) & 255, i & 255))
+        .collect();
+    let service = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "ranges", "namespace": ns},
+        "spec": {
+            "type": "LoadBalancer",
+            "selector": {"app": "redis"},
+            "ports": [{"port": 6379}],
+            "loadBalancerSourceRanges": ranges,
+        },
+    });
+    // create, not apply: apply would copy the 1.2 MB object into an annotation.
+    cluster
+        .cp
+        .kubectl_with_input(&["create", "-f", "-"], Some(&service.to_string()))?;
+    cluster.kubectl(&[
+        "patch",
+        "service",
+        "ranges",
+        "--subresource=status",
+        "-p",
+        r#"{"status":{"loadBalancer":{"ingress":[{"ip":"198.51.100.50"}]}}}"#,
+    ])?;
+    let shortage = "LB_SOURCE_RANGES cannot hold its loadBalancerSourceRanges";
+    daemon.wait_for_log(shortage, slow(std::time::Duration::from_secs(30)))?;
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains(shortage))
+        .unwrap_or_default();
+    ensure!(
+        line.contains(&format!("Service {ns}/ranges")) && line.contains("198.51.100.50"),
+        "the refusal does not name the Service and its address: {line}"
+    );
+
+    cluster.kubectl(&[
+        "expose",
+        "deployment",
+        "redis-master",
+        "--name=late",
+        "--port=6379",
+    ])?;
+    let late = cluster.cluster_ip("late")?;
+    cluster.wait(
+        "the Service created after the refused one",
+        std::time::Duration::from_secs(10),
+        || {
+            Ok(daemon
+                .backends_of(&late, 6379, "TCP")?
+                .filter(|b| !b.is_empty()))
+        },
+    )?;
+    ensure!(crate::kube::whoami(&cluster, "web", &late)? == redis[0]);
+    ensure!(crate::kube::whoami(&cluster, "web", &vip)? == redis[0]);
+    let (code, body) = daemon.http_get("health", "/healthz")?;
+    ensure!(code == 200, "/healthz: {code} {body}");
+    let unprogrammed = daemon.metric("lb_unprogrammed_frontends")?;
+    ensure!(
+        unprogrammed == 1.0,
+        "lb_unprogrammed_frontends is {unprogrammed}, not the one refused frontend"
+    );
+    ensure!(
+        !log.contains("syncing the kernel maps failed"),
+        "a sync failed on the way:\n{log}"
+    );
+    Ok(())
 }
 
 /// A process on node b's own network (its kubelet, say), stopped on drop.
