@@ -23,6 +23,10 @@ pub fn trials() -> Vec<Trial> {
             "security::idle_connections_to_the_health_port_are_capped_and_shed",
             idle_health_connections,
         ),
+        trial(
+            "security::a_100_mb_manifest_is_refused_unread_and_the_rest_serves",
+            hundred_megabyte_manifest,
+        ),
         cluster::trial(
             "security::an_external_ip_cannot_take_a_cluster_ip_before_or_after_a_restart",
             external_ip_cannot_take_a_cluster_ip,
@@ -40,6 +44,65 @@ pub fn trials() -> Vec<Trial> {
             seventy_thousand_source_ranges,
         ),
     ]
+}
+
+/// A 100 MB file appears in the manifest folder beside a valid one: it is refused
+/// without being read (the daemon's resident memory does not grow by its size), named
+/// in the log, the valid Service is served, and `/healthz` stays 200.
+fn hundred_megabyte_manifest() -> Result<()> {
+    let (tb, backends, client) = redis_world(2)?;
+    let dir = manifest_dir(&tb)?;
+    write_manifest(
+        &dir,
+        "redis.yaml",
+        &redis_manifest("10.96.0.100", &backends.iter().collect::<Vec<_>>()),
+    )?;
+    let mut daemon = Daemon::start(&tb, &dir)?;
+    let rss = |pid: u32| -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS")
+    };
+    let pid = daemon.pid().context("daemon pid")?;
+    let before = rss(pid)?;
+    // Real bytes (a valid YAML comment line repeated), not a sparse file.
+    let line = format!("# {}\n", "x".repeat(1022));
+    let big = dir.join("big.yaml");
+    {
+        use std::io::Write as _;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&big)?);
+        for _ in 0..(100 << 10) {
+            file.write_all(line.as_bytes())?;
+        }
+        file.flush()?;
+    }
+    daemon.wait_for_log(
+        "larger than 64 MiB, the limit for one manifest file",
+        slow(std::time::Duration::from_secs(20)),
+    )?;
+    let log = daemon.log_text();
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("big.yaml") && l.contains("larger than 64 MiB")),
+        "the refusal does not name the file"
+    );
+    let after = rss(pid)?;
+    ensure!(
+        after < before + 32 * 1024,
+        "the daemon's RSS grew from {before} kB to {after} kB: the file was read"
+    );
+    let who = whoami(&tb, &client, "10.96.0.100", 6379)?;
+    ensure!(
+        backends.iter().any(|b| b.name == who),
+        "the ClusterIP answered {who:?}"
+    );
+    let (code, body) = daemon.http_get("health", "/healthz")?;
+    ensure!(code == 200, "/healthz: {code} {body}");
+    std::fs::remove_file(&big)?;
+    Ok(())
 }
 
 /// A tenant's LoadBalancer Service lists 70 000 `loadBalancerSourceRanges`, more than
