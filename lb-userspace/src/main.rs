@@ -194,10 +194,17 @@ fn parse_addr(flag: &str, value: &str) -> Result<Option<SocketAddr>> {
     if value == "off" || value.is_empty() {
         return Ok(None);
     }
-    match value.parse() {
-        Ok(addr) => Ok(Some(addr)),
-        Err(_) => bail!("--{flag} {value:?} is not an address:port (or \"off\")"),
+    if let Ok(addr) = value.parse() {
+        return Ok(Some(addr));
     }
+    // An IPv6 address without brackets, as `$(NODE_IP):10256` expands to on an
+    // IPv6 node: the last colon separates the port.
+    if let Some((ip, port)) = value.rsplit_once(':')
+        && let (Ok(ip), Ok(port)) = (ip.parse::<std::net::Ipv6Addr>(), port.parse::<u16>())
+    {
+        return Ok(Some(SocketAddr::from((ip, port))));
+    }
+    bail!("--{flag} {value:?} is not an address:port (or \"off\")")
 }
 
 /// `--node-name`, else `$NODE_NAME` (the DaemonSet's downward API), else the hostname.
@@ -402,5 +409,31 @@ fn main() -> ExitCode {
             eprintln!("lb: error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_with_and_without_ipv6_brackets() {
+        let parse = |v: &str| parse_addr("health-addr", v).unwrap();
+        assert_eq!(
+            parse("10.0.0.5:10256"),
+            Some("10.0.0.5:10256".parse().unwrap())
+        );
+        assert_eq!(
+            parse("[fd00::5]:10256"),
+            Some("[fd00::5]:10256".parse().unwrap())
+        );
+        // `$(NODE_IP):10256` on an IPv6 node.
+        assert_eq!(
+            parse("fd00::5:10256"),
+            Some("[fd00::5]:10256".parse().unwrap())
+        );
+        assert_eq!(parse("off"), None);
+        assert!(parse_addr("health-addr", "10.0.0.5").is_err());
+        assert!(parse_addr("health-addr", ":10256").is_err());
     }
 }

@@ -222,6 +222,31 @@ fn daemonset_under_a_real_kubelet() -> Result<()> {
             );
         }
 
+        // The health server listens on the node's address only.
+        let health = |host: &str| -> Result<String> {
+            let out = lb_testbed::netns_command(&node.netns, None, "curl")?
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "2",
+                ])
+                .arg(format!("http://{host}:10256/healthz"))
+                .output()?;
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        ensure!(
+            health(&node.ipv4.to_string())? == "200",
+            "no /healthz on the node's address"
+        );
+        ensure!(
+            health("127.0.0.1")? == "000",
+            "the health server also listens on the node's loopback"
+        );
+
         let logs = cp.kubectl(&["logs", "-n", "kube-system", &lb_pod, "-c", "lb"])?;
         ensure!(
             logs.contains("ready"),
