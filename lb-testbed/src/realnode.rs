@@ -201,6 +201,7 @@ fn cgroup_hierarchies() -> Result<Vec<(PathBuf, bool)>> {
 }
 
 pub struct RealNode {
+    /// The Node object's name (the node's network namespace name).
     pub name: String,
     pub netns: String,
     pub ipv4: Ipv4Addr,
@@ -243,7 +244,9 @@ impl RealNode {
             }
         };
         let mut this = Self {
-            name: node.name.clone(),
+            // The Node object, the kubelet's cgroupRoot and the namespace share one
+            // name, so a DaemonSet can find its node's pods at `<cgroup2>/$(NODE_NAME)`.
+            name: node.netns.clone(),
             netns: node.netns.clone(),
             ipv4: node.ipv4,
             socket: dir.join("containerd.sock"),

@@ -26,8 +26,8 @@ const REDIS_CLUSTER_IP: &str = "10.99.187.220";
 
 pub fn trials() -> Vec<Trial> {
     vec![trial(
-        "realnode::daemonset_under_a_real_kubelet",
-        daemonset_under_a_real_kubelet,
+        "realnode::daemonset_under_two_real_kubelets",
+        daemonset_under_real_kubelets,
     )]
 }
 
@@ -131,25 +131,6 @@ fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<
     }
 }
 
-fn pod_ready(cp: &ControlPlane, namespace: &str, selector: &str) -> Option<String> {
-    let out = cp
-        .kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            namespace,
-            "-l",
-            selector,
-            "-o",
-            "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-        ])
-        .ok()?;
-    out.lines().find_map(|l| {
-        let (name, ready) = l.split_once(' ')?;
-        (ready == "True").then(|| name.to_string())
-    })
-}
-
 /// The host pid of the first process in a cgroup under `root` whose command line
 /// starts with `argv0`.
 fn find_process(node: &RealNode, argv0: &str, needle: &str) -> Option<i32> {
@@ -160,39 +141,75 @@ fn find_process(node: &RealNode, argv0: &str, needle: &str) -> Option<i32> {
     })
 }
 
-fn describe(cp: &ControlPlane, node: &RealNode) -> String {
-    format!(
-        "pods:\n{}\nevents:\n{}\nkubelet:\n{}",
+fn describe(cp: &ControlPlane, nodes: &[RealNode]) -> String {
+    let mut text = format!(
+        "pods:\n{}\nevents:\n{}",
         cp.kubectl(&["get", "pods", "-A", "-o", "wide"])
             .unwrap_or_default(),
         cp.kubectl(&["get", "events", "-A"]).unwrap_or_default(),
-        node.log_tail("kubelet")
-    )
+    );
+    for node in nodes {
+        text.push_str(&format!(
+            "\nkubelet of {}:\n{}",
+            node.name,
+            node.log_tail("kubelet")
+        ));
+    }
+    text
 }
 
-/// The DaemonSet, as shipped but for the operator's settings, runs under a real
-/// kubelet: the init container mounts bpffs on the host, the daemon becomes ready
-/// (the kubelet's readiness probe), `kubectl logs` and `kubectl exec ... lb list`
-/// work, every thread holds only what the README's table says, and the seed's redis
-/// Deployment answers a client pod through its ClusterIP, seeing the client's own
-/// pod address (no NAT), while the client finds it through the environment the
-/// kubelet injected.
-fn daemonset_under_a_real_kubelet() -> Result<()> {
+/// Ready pods matching `selector`, with their nodes.
+fn ready_pods(cp: &ControlPlane, namespace: &str, selector: &str) -> Vec<(String, String)> {
+    let out = cp
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+        ])
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| {
+            let mut parts = l.split(' ');
+            let (name, node, ready) = (parts.next()?, parts.next()?, parts.next()?);
+            (ready == "True").then(|| (name.to_string(), node.to_string()))
+        })
+        .collect()
+}
+
+/// The DaemonSet, as shipped but for the operator's settings, runs under two real
+/// kubelets: on each node the init container mounts bpffs on the host, the daemon
+/// becomes ready (the kubelet's readiness probe) with its health server on the node's
+/// address only, every thread holds only what the README's table says, and
+/// `kubectl logs` and `kubectl exec ... lb list` work. The seed's redis Deployment then
+/// answers a client pod on the other node through its ClusterIP, seeing the client's
+/// own pod address (no NAT), the client having found it through the environment the
+/// kubelet injected; and a client outside the cluster reaches it through a NodePort on
+/// either node (the TC path, SNAT through the node without the pod).
+fn daemonset_under_real_kubelets() -> Result<()> {
     let cp = ControlPlane::start_for_real_nodes()?;
-    let world = World::new(&["node1"])?;
+    let world = World::new(&["node1", "node2"])?;
+    let outside = world.add_outside("outside")?;
     let images_dir = cp.dir.join("images");
     fs::create_dir_all(&images_dir)?;
     let shipped = fs::read_to_string(workspace().join("deploy/daemonset.yaml"))?;
     let images = build_images(&images_dir, &daemonset_image(&shipped)?)?;
-    let node = RealNode::start(&cp, &world.nodes[0], &images)?;
-
-    let cgroup = node.pods_cgroup()?;
-    let pin_dir = format!("/sys/fs/bpf/{}-lb", node.netns);
+    let nodes = world
+        .nodes
+        .iter()
+        .map(|n| RealNode::start(&cp, n, &images))
+        .collect::<Result<Vec<_>>>()?;
+    // Each node's pods are <cgroup2>/<node name>: one DaemonSet, per-node paths.
+    let cgroup2 = lb_testbed::cgroup2_root()?;
     let daemonset = daemonset_for(
         &shipped,
         cp.api_port,
-        &cgroup.display().to_string(),
-        &pin_dir,
+        &format!("{}/$(NODE_NAME)", cgroup2.display()),
+        "/sys/fs/bpf/$(NODE_NAME)-lb",
     )?;
     let result = (|| -> Result<()> {
         cp.kubectl(&[
@@ -201,53 +218,62 @@ fn daemonset_under_a_real_kubelet() -> Result<()> {
             &workspace().join("deploy/rbac.yaml").display().to_string(),
         ])?;
         cp.kubectl_with_input(&["apply", "-f", "-"], Some(&daemonset))?;
-        let lb_pod = wait_for("the lb pod Ready", Duration::from_secs(120), || {
-            pod_ready(&cp, "kube-system", "app.kubernetes.io/name=lb")
-        })
-        .with_context(|| describe(&cp, &node))?;
-        eprintln!("lb pod {lb_pod} Ready");
-        ensure!(
-            Path::new(&pin_dir).join("maps").exists() || Path::new(&pin_dir).exists(),
-            "no pins at {pin_dir} on the host: the init container's bpffs or its propagation failed"
-        );
+        let lb_pods = wait_for(
+            "an lb pod Ready on each node",
+            Duration::from_secs(120),
+            || {
+                let pods = ready_pods(&cp, "kube-system", "app.kubernetes.io/name=lb");
+                (pods.len() == nodes.len()).then_some(pods)
+            },
+        )
+        .with_context(|| describe(&cp, &nodes))?;
+        eprintln!("lb pods Ready: {lb_pods:?}");
 
-        // Per-thread capabilities, read from the host.
-        let pid = find_process(&node, "/usr/local/bin/lb", "daemon")
-            .context("no lb daemon process in the node's pods")?;
-        let threads = ensure_least_privilege(pid as u32, SYNC_CAPS)?;
-        for t in &threads {
-            eprintln!(
-                "in the pod: thread {:<16} effective {:#012x} permitted {:#012x} bounding {:#012x} no_new_privs {}",
-                t.name, t.effective, t.permitted, t.bounding, t.no_new_privs
+        for node in &nodes {
+            let pin_dir = format!("/sys/fs/bpf/{}-lb", node.name);
+            ensure!(
+                Path::new(&pin_dir).exists(),
+                "no pins at {pin_dir} on the host: the init container's bpffs or its propagation failed"
+            );
+            // Per-thread capabilities, read from the host.
+            let pid = find_process(node, "/usr/local/bin/lb", "daemon")
+                .with_context(|| format!("no lb daemon process in {}'s pods", node.name))?;
+            let threads = ensure_least_privilege(pid as u32, SYNC_CAPS)?;
+            for t in &threads {
+                eprintln!(
+                    "{}: thread {:<16} effective {:#012x} permitted {:#012x} bounding {:#012x} no_new_privs {}",
+                    node.name, t.name, t.effective, t.permitted, t.bounding, t.no_new_privs
+                );
+            }
+            // The health server listens on the node's address only.
+            let health = |host: &str| -> Result<String> {
+                let out = lb_testbed::netns_command(&node.netns, None, "curl")?
+                    .args([
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--max-time",
+                        "2",
+                    ])
+                    .arg(format!("http://{host}:10256/healthz"))
+                    .output()?;
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            };
+            ensure!(
+                health(&node.ipv4.to_string())? == "200",
+                "no /healthz on {}'s address",
+                node.name
+            );
+            ensure!(
+                health("127.0.0.1")? == "000",
+                "the health server of {} also listens on loopback",
+                node.name
             );
         }
-
-        // The health server listens on the node's address only.
-        let health = |host: &str| -> Result<String> {
-            let out = lb_testbed::netns_command(&node.netns, None, "curl")?
-                .args([
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--max-time",
-                    "2",
-                ])
-                .arg(format!("http://{host}:10256/healthz"))
-                .output()?;
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        };
-        ensure!(
-            health(&node.ipv4.to_string())? == "200",
-            "no /healthz on the node's address"
-        );
-        ensure!(
-            health("127.0.0.1")? == "000",
-            "the health server also listens on the node's loopback"
-        );
-
-        let logs = cp.kubectl(&["logs", "-n", "kube-system", &lb_pod, "-c", "lb"])?;
+        let (lb_pod, _) = &lb_pods[0];
+        let logs = cp.kubectl(&["logs", "-n", "kube-system", lb_pod, "-c", "lb"])?;
         ensure!(
             logs.contains("ready"),
             "kubectl logs shows no ready line:\n{logs}"
@@ -269,24 +295,30 @@ fn daemonset_under_a_real_kubelet() -> Result<()> {
                  selector:\n    app: redis\n"
             )),
         )?;
-        let server = wait_for("the redis pod Ready", Duration::from_secs(60), || {
-            pod_ready(&cp, "default", "app=redis")
-        })
-        .with_context(|| describe(&cp, &node))?;
-        // The client pod starts after the Service, so the kubelet gives it the
-        // Service's environment variables.
+        let (server, server_node) =
+            wait_for("the redis pod Ready", Duration::from_secs(60), || {
+                ready_pods(&cp, "default", "app=redis").into_iter().next()
+            })
+            .with_context(|| describe(&cp, &nodes))?;
+        // The client runs on the other node, and starts after the Service, so the
+        // kubelet gives it the Service's environment variables.
+        let client_node = nodes
+            .iter()
+            .find(|n| n.name != server_node)
+            .context("a node without the redis pod")?;
         cp.kubectl_with_input(
             &["apply", "-f", "-"],
-            Some(
+            Some(&format!(
                 "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: default\n  labels:\n    role: client\n\
-                 spec:\n  containers:\n  - name: web\n    image: redis\n    imagePullPolicy: IfNotPresent\n    \
+                 spec:\n  nodeName: {}\n  containers:\n  - name: web\n    image: redis\n    imagePullPolicy: IfNotPresent\n    \
                  args: [--port, \"7000\", --protected-mode, \"no\"]\n",
-            ),
+                client_node.name
+            )),
         )?;
         wait_for("the client pod Ready", Duration::from_secs(60), || {
-            pod_ready(&cp, "default", "role=client")
+            ready_pods(&cp, "default", "role=client").into_iter().next()
         })
-        .with_context(|| describe(&cp, &node))?;
+        .with_context(|| describe(&cp, &nodes))?;
         let client_ip = cp.kubectl(&["get", "pod", "web", "-o", "jsonpath={.status.podIP}"])?;
         // The environment the kubelet gave the container, from the runtime's spec of it
         // (redis-server overwrites its own /proc/<pid>/environ with its title).
@@ -302,7 +334,7 @@ fn daemonset_under_a_real_kubelet() -> Result<()> {
             .strip_prefix("containerd://")
             .context("no containerd container id")?;
         let info: serde_json::Value =
-            serde_json::from_str(&node.ctr(&["containers", "info", container])?)?;
+            serde_json::from_str(&client_node.ctr(&["containers", "info", container])?)?;
         let wanted = format!("REDIS_MASTER_SR_SERVICE_HOST={REDIS_CLUSTER_IP}");
         let env = &info["Spec"]["process"]["env"];
         ensure!(
@@ -317,11 +349,12 @@ fn daemonset_under_a_real_kubelet() -> Result<()> {
             "lb list to show the Service",
             Duration::from_secs(30),
             || {
+                let pin_dir = format!("/sys/fs/bpf/{}-lb", lb_pods[0].1);
                 let out = cp.kubectl(&[
                     "exec",
                     "-n",
                     "kube-system",
-                    &lb_pod,
+                    lb_pod,
                     "-c",
                     "lb",
                     "--",
@@ -336,7 +369,7 @@ fn daemonset_under_a_real_kubelet() -> Result<()> {
         )
         .with_context(|| format!("kubectl exec ... lb list: {last}"))?;
 
-        // The node blackholes the service range: only a rewritten connect reaches redis.
+        // The nodes blackhole the service range: only a rewritten connect reaches redis.
         let cli = |args: &[&str]| -> Result<String> {
             let mut argv = vec![
                 "exec",
@@ -358,7 +391,7 @@ fn daemonset_under_a_real_kubelet() -> Result<()> {
         let info = cli(&["client", "info"])?;
         ensure!(
             info.contains(&format!("addr={}:", client_ip.trim())),
-            "redis saw {info:?}, not the client pod {client_ip} (translated per packet?)"
+            "redis saw {info:?}, not the client pod {client_ip} on the other node"
         );
         let got = cp.kubectl(&[
             "exec",
@@ -369,6 +402,41 @@ fn daemonset_under_a_real_kubelet() -> Result<()> {
             "seed",
         ])?;
         ensure!(got.trim() == "hello", "the redis pod holds {got:?}");
+
+        // A NodePort from outside the cluster, on both nodes.
+        cp.kubectl(&[
+            "expose",
+            "deployment",
+            "redis-master",
+            "--type=NodePort",
+            "--name=redis-np",
+            "--port=6379",
+        ])?;
+        let node_port = cp.kubectl(&[
+            "get",
+            "service",
+            "redis-np",
+            "-o",
+            "jsonpath={.spec.ports[0].nodePort}",
+        ])?;
+        for node in &nodes {
+            let address = node.ipv4.to_string();
+            let got = wait_for(
+                &format!("GET through {address}:{node_port} from outside"),
+                Duration::from_secs(30),
+                || {
+                    let out = world
+                        .command(&outside, None, "redis-cli")
+                        .ok()?
+                        .args(["-h", &address, "-p", node_port.trim(), "GET", "seed"])
+                        .output()
+                        .ok()?;
+                    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                    (text == "hello").then_some(text)
+                },
+            )?;
+            eprintln!("outside -> {address}:{} -> {got}", node_port.trim());
+        }
         Ok(())
     })();
     let cleanup = cp.kubectl(&[
@@ -379,12 +447,16 @@ fn daemonset_under_a_real_kubelet() -> Result<()> {
         "lb",
         "--wait=false",
     ]);
-    drop(node);
-    // The pinned datapath outlives the pod by design; remove it as an operator would.
-    let _ = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
-        .args(["cleanup", "--force", "--pin-dir", &pin_dir])
-        .output();
-    let _ = fs::remove_dir(&pin_dir);
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    drop(nodes);
+    // The pinned datapath outlives the pods by design; remove it as an operator would.
+    for name in names {
+        let pin_dir = format!("/sys/fs/bpf/{name}-lb");
+        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+            .args(["cleanup", "--force", "--pin-dir", &pin_dir])
+            .output();
+        let _ = fs::remove_dir(&pin_dir);
+    }
     drop(world);
     result?;
     cleanup.map(|_| ())

@@ -193,13 +193,15 @@ fn seventy_thousand_source_ranges() -> Result<()> {
     Ok(())
 }
 
-/// A process on node b's own network (its kubelet, say), stopped on drop.
-struct NodeServer(std::process::Child);
+/// A process on node b's own network (its kubelet, say) and its working directory,
+/// stopped and removed on drop.
+struct NodeServer(std::process::Child, std::path::PathBuf);
 
 impl Drop for NodeServer {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 
@@ -247,7 +249,10 @@ fn external_ip_cannot_take_another_node() -> Result<()> {
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    let _server = NodeServer(server.spawn().context("starting redis-server on node b")?);
+    let _server = NodeServer(
+        server.spawn().context("starting redis-server on node b")?,
+        dir.clone(),
+    );
     let identity = cluster.wait(
         "node b's own redis",
         std::time::Duration::from_secs(10),
@@ -280,7 +285,6 @@ fn external_ip_cannot_take_another_node() -> Result<()> {
             "a pod dialling node b's address reached {who:?} (the claim's pods are {claimers:?})"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
