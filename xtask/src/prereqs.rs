@@ -122,6 +122,8 @@ pub fn ensure() -> Result<()> {
                 "install",
                 &format!("cargo-audit@{CARGO_AUDIT_VERSION}"),
                 "--locked",
+                // Binary scanning is not used: lockfiles only.
+                "--no-default-features",
             ],
         )?;
     }

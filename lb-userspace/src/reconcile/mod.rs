@@ -765,22 +765,27 @@ impl Reconciler {
         let mut new_backends: Vec<(u32, Backend)> = Vec::new();
         // Backends whose locality changed (an endpoint's nodeName learnt late).
         let mut relocated: Vec<(u32, Backend)> = Vec::new();
-        // Deletions free space only once this apply has written them.
-        let mut budget = Budget {
-            ranges_held: self.garbage_ranges.len()
+        // Deletions free space only once this apply has written them. What is held is
+        // counted only when this apply may add to it (an endpoint change of ClusterIPs
+        // stays O(changes)).
+        let upserts = || changes.values().flatten();
+        let mut budget = Budget::default();
+        if upserts().any(|f| !f.source_ranges.is_empty()) {
+            budget.ranges_held = self.garbage_ranges.len()
                 + self
                     .frontends
                     .values()
                     .map(|p| p.ranges.len())
-                    .sum::<usize>(),
-            tables_held: self.garbage_tables.len()
+                    .sum::<usize>();
+        }
+        if upserts().any(|f| f.key.scope == Scope::External) {
+            budget.tables_held = self.garbage_tables.len()
                 + self
                     .frontends
                     .keys()
                     .filter(|k| k.scope == Scope::External)
-                    .count(),
-            ..Budget::default()
-        };
+                    .count();
+        }
         // Removals, then ClusterIPs, then older Services, so that when space is short
         // the same frontends win whatever their keys (and after every restart).
         let mut order: Vec<(&FrontendKey, &Option<Arc<Frontend>>)> = changes.iter().collect();
