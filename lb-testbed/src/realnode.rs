@@ -226,10 +226,13 @@ impl RealNode {
         let dir = std::env::temp_dir().join(format!("{}-kl", node.netns));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
-        let host_link = format!("{PREFIX}{}m", &node.netns[PREFIX.len()..])
-            .chars()
-            .take(15)
-            .collect::<String>();
+        // Interface names hold 15 bytes: a counter, not the node's (longer) name.
+        static NEXT_LINK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let host_link = format!(
+            "{PREFIX}m{}-{}",
+            std::process::id(),
+            NEXT_LINK.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         prepare_host();
         let forwarder = Forwarder::start(
             &node.netns,
