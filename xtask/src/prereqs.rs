@@ -122,8 +122,6 @@ pub fn ensure() -> Result<()> {
                 "install",
                 &format!("cargo-audit@{CARGO_AUDIT_VERSION}"),
                 "--locked",
-                // Binary scanning is not used: lockfiles only.
-                "--no-default-features",
             ],
         )?;
     }
