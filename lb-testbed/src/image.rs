@@ -25,6 +25,8 @@ pub enum Content {
     Bytes(Vec<u8>),
     /// A symbolic link to this target.
     Symlink(String),
+    /// An (empty) directory.
+    Dir,
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +73,13 @@ impl Image {
         self
     }
 
+    /// An empty directory (`/tmp` with mode 0o1777, say).
+    pub fn add_dir(&mut self, path: &str, mode: u32) -> &mut Self {
+        self.files
+            .insert(path.trim_end_matches('/').to_string(), (Content::Dir, mode));
+        self
+    }
+
     pub fn add_symlink(&mut self, path: &str, target: &str) -> &mut Self {
         self.files.insert(
             path.to_string(),
@@ -104,14 +113,24 @@ impl Image {
             header.set_size(size);
             header
         };
+        for (path, (content, _)) in &self.files {
+            if matches!(content, Content::Dir) {
+                dirs.insert(PathBuf::from(path));
+            }
+        }
         for dir in &dirs {
-            let mut h = header(tar::EntryType::Directory, 0o755, 0);
+            let mode = match self.files.get(&dir.display().to_string()) {
+                Some((Content::Dir, mode)) => *mode,
+                _ => 0o755,
+            };
+            let mut h = header(tar::EntryType::Directory, mode, 0);
             let name = format!("{}/", dir.strip_prefix("/").expect("absolute").display());
             builder.append_data(&mut h, name, std::io::empty())?;
         }
         for (path, (content, mode)) in &self.files {
             let name = path.trim_start_matches('/');
             match content {
+                Content::Dir => {}
                 Content::Symlink(target) => {
                     let mut h = header(tar::EntryType::Symlink, *mode, 0);
                     builder.append_link(&mut h, name, target)?;

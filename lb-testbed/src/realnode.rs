@@ -211,6 +211,8 @@ pub struct RealNode {
     socket: PathBuf,
     containerd: Option<Child>,
     kubelet: Option<Child>,
+    /// The node-local cluster DNS (dnsmasq on the node's address), if asked for.
+    dns: Option<Child>,
     _forwarder: Forwarder,
     host_link: String,
     cgroups: Vec<PathBuf>,
@@ -220,6 +222,18 @@ impl RealNode {
     /// Starts containerd and the kubelet on `node` and imports `images`
     /// (docker-archives); returns once the Node is Ready.
     pub fn start(cp: &ControlPlane, node: &NodeNet, images: &[PathBuf]) -> Result<Self> {
+        Self::start_with(cp, node, images, false)
+    }
+
+    /// With `cluster_dns`, the kubelet gives pods a node-local DNS server (dnsmasq on
+    /// the node's address, never forwarding) for `*.svc.cluster.local`, whose records
+    /// [`RealNode::set_dns_records`] writes.
+    pub fn start_with(
+        cp: &ControlPlane,
+        node: &NodeNet,
+        images: &[PathBuf],
+        cluster_dns: bool,
+    ) -> Result<Self> {
         if let Some(why) = unavailable() {
             bail!(why);
         }
@@ -257,16 +271,23 @@ impl RealNode {
             cgroup_root: format!("/{}", node.netns),
             containerd: None,
             kubelet: None,
+            dns: None,
             _forwarder: forwarder,
             host_link,
             cgroups: Vec::new(),
         };
-        this.start_inner(cp, node, images)
+        this.start_inner(cp, node, images, cluster_dns)
             .with_context(|| format!("starting real node {}", node.name))?;
         Ok(this)
     }
 
-    fn start_inner(&mut self, cp: &ControlPlane, node: &NodeNet, images: &[PathBuf]) -> Result<()> {
+    fn start_inner(
+        &mut self,
+        cp: &ControlPlane,
+        node: &NodeNet,
+        images: &[PathBuf],
+        cluster_dns: bool,
+    ) -> Result<()> {
         self.plug_management_link()?;
         self.make_cgroup_root()?;
         let dir = self.dir.clone();
@@ -292,8 +313,35 @@ impl RealNode {
         fs::write(dir.join("resolv.conf"), "nameserver 192.0.2.53\n")?;
         fs::write(
             dir.join("kubelet.yaml"),
-            kubelet_config(&dir, &self.socket, &self.cgroup_root),
+            kubelet_config(
+                &dir,
+                &self.socket,
+                &self.cgroup_root,
+                cluster_dns.then_some(self.ipv4),
+            ),
         )?;
+        if cluster_dns {
+            fs::write(dir.join("dns-hosts"), "")?;
+            let address = self.ipv4.to_string();
+            let hosts = d("dns-hosts");
+            self.dns = Some(self.spawn(
+                "dnsmasq",
+                "dnsmasq",
+                &[
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    &format!("--addn-hosts={hosts}"),
+                    &format!("--listen-address={address}"),
+                    "--bind-interfaces",
+                    // Authoritative for the cluster domain: unknown names are NXDOMAIN.
+                    "--local=/cluster.local/",
+                    "--pid-file=",
+                    "--user=root",
+                    "--log-facility=-",
+                ],
+            )?);
+        }
         fs::write(dir.join("kubeconfig"), fs::read_to_string(&cp.kubeconfig)?)?;
 
         self.containerd = Some(self.spawn(
@@ -468,6 +516,13 @@ impl RealNode {
         }
     }
 
+    /// Where the node-local DNS reads its records, and its pid (SIGHUP reloads them).
+    pub fn dns_records(&self) -> Option<(PathBuf, u32)> {
+        self.dns
+            .as_ref()
+            .map(|child| (self.dir.join("dns-hosts"), child.id()))
+    }
+
     /// Cgroup2 directory of this node's pods (where a node's daemon attaches).
     pub fn pods_cgroup(&self) -> Result<PathBuf> {
         Ok(cgroup2_root()?.join(self.cgroup_root.trim_start_matches('/')))
@@ -531,6 +586,9 @@ impl Drop for RealNode {
     fn drop(&mut self) {
         if let Some(mut kubelet) = self.kubelet.take() {
             stop_child(&mut kubelet, Duration::from_secs(5));
+        }
+        if let Some(mut dns) = self.dns.take() {
+            stop_child(&mut dns, Duration::from_secs(2));
         }
         // Every container process: all of them sit in this node's pod cgroups.
         for _ in 0..3 {
@@ -650,8 +708,16 @@ fn cni_config(pod_cidr: &str, ipam_dir: &str) -> String {
     .to_string()
 }
 
-fn kubelet_config(dir: &Path, socket: &Path, cgroup_root: &str) -> String {
+fn kubelet_config(
+    dir: &Path,
+    socket: &Path,
+    cgroup_root: &str,
+    cluster_dns: Option<Ipv4Addr>,
+) -> String {
     let d = |p: &str| dir.join(p).display().to_string();
+    let dns = cluster_dns
+        .map(|ip| format!("clusterDNS:\n- {ip}\nclusterDomain: cluster.local\n"))
+        .unwrap_or_default();
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -688,7 +754,7 @@ evictionHard:
   memory.available: "100Mi"
   nodefs.available: "1%"
   imagefs.available: "1%"
-"#,
+{dns}"#,
         resolv = d("resolv.conf"),
         socket = socket.display(),
         logs = d("pod-logs"),
@@ -818,4 +884,33 @@ pub fn cleanup_leftovers() -> Vec<String> {
         }
     }
     removed
+}
+
+/// `deploy/daemonset.yaml` with what an operator sets for this cluster: the API
+/// server's address (the node's forwarder), the cgroup of the node's pods and a pin
+/// directory (`$(NODE_NAME)` makes either per node). Each edit must apply exactly
+/// once, so a changed DaemonSet fails loudly instead of deploying half-edited.
+pub fn daemonset_for(yaml: &str, api_port: u16, cgroup: &str, pin_dir: &str) -> Result<String> {
+    let mut out = yaml.to_string();
+    for (from, to) in [
+        (
+            "value: \"api-server.example\"",
+            "value: \"127.0.0.1\"".to_string(),
+        ),
+        ("value: \"6443\"", format!("value: \"{api_port}\"")),
+        (
+            "- --cgroup=/host/sys/fs/cgroup\n",
+            format!("- --cgroup=/host{cgroup}\n"),
+        ),
+        (
+            "- --pin-dir=/sys/fs/bpf/lb\n",
+            format!("- --pin-dir={pin_dir}\n"),
+        ),
+    ] {
+        if out.matches(from).count() != 1 {
+            bail!("deploy/daemonset.yaml no longer has `{from}` once");
+        }
+        out = out.replace(from, &to);
+    }
+    Ok(out)
 }

@@ -15,6 +15,7 @@ use std::{
 
 mod audit;
 mod bench;
+mod conformance;
 mod prereqs;
 mod vm;
 
@@ -81,6 +82,10 @@ enum Task {
         #[arg(long, default_value = DEFAULT_IMAGE)]
         name: String,
     },
+    /// Upstream's Service e2e suite (`e2e.test`) on two real nodes with lb deployed
+    /// from deploy/, or with upstream's kube-proxy in its place (`--proxy`), skipping
+    /// what conformance/skip.txt lists with its reason. Needs root.
+    Conformance(conformance::ConformanceArgs),
     /// Remove namespaces, cgroups and pins left by killed test or sandbox runs.
     Cleanup,
 }
@@ -802,6 +807,7 @@ fn main() -> ExitCode {
         } => kernel_test_task(&kernel),
         Task::Bench(args) => bench::run(args),
         Task::Image { output, name } => image_task(output, name),
+        Task::Conformance(args) => conformance::run(args),
         Task::Cleanup => cleanup_task(),
     };
     match result {

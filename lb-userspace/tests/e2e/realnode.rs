@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use lb_testbed::{
     image::{Image, lb_image},
     k8s::ControlPlane,
-    realnode::{self, RealNode},
+    realnode::{self, RealNode, daemonset_for},
     world::World,
 };
 use libtest_mimic::Trial;
@@ -87,35 +87,6 @@ fn build_images(dir: &Path, lb_name: &str) -> Result<Vec<PathBuf>> {
         dir.join("pause.tar"),
         dir.join("redis.tar"),
     ])
-}
-
-/// deploy/daemonset.yaml with what an operator sets for this cluster: the API
-/// server's address, the cgroup of this node's pods and a pin directory of its own
-/// (tests run side by side). Each edit must apply exactly once.
-fn daemonset_for(yaml: &str, api_port: u16, cgroup: &str, pin_dir: &str) -> Result<String> {
-    let mut out = yaml.to_string();
-    for (from, to) in [
-        (
-            "value: \"api-server.example\"",
-            "value: \"127.0.0.1\"".to_string(),
-        ),
-        ("value: \"6443\"", format!("value: \"{api_port}\"")),
-        (
-            "- --cgroup=/host/sys/fs/cgroup\n",
-            format!("- --cgroup=/host{cgroup}\n"),
-        ),
-        (
-            "- --pin-dir=/sys/fs/bpf/lb\n",
-            format!("- --pin-dir={pin_dir}\n"),
-        ),
-    ] {
-        ensure!(
-            out.matches(from).count() == 1,
-            "deploy/daemonset.yaml no longer has `{from}` once"
-        );
-        out = out.replace(from, &to);
-    }
-    Ok(out)
 }
 
 fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Result<T> {

@@ -1,0 +1,481 @@
+//! `cargo xtask conformance`: upstream's own Service e2e suite (`e2e.test` v1.36.2 from
+//! `../shared/k8s/`) against two real nodes (lb_testbed::realnode) with `lb` deployed
+//! from `deploy/` as the service proxy, or with upstream's kube-proxy in its place, so
+//! the two can be compared spec by spec.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_testbed::{
+    image::{Image, lb_image},
+    k8s::{ControlPlane, extra_binary},
+    realnode::{self, RealNode, daemonset_for},
+    world::World,
+};
+
+use crate::{build_lb, prereqs, require_root, workspace_root};
+
+/// The image tag upstream's suite runs (test/utils/image/manifest.go of v1.36.2).
+const AGNHOST_IMAGE: &str = "registry.k8s.io/e2e-test-images/agnhost:2.63.0";
+/// What runs: the Service specs (focus) minus what cannot run here (conformance/skip.txt).
+const DEFAULT_FOCUS: &str = r"\[sig-network\] Services";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Proxy {
+    /// `lb`, deployed with deploy/rbac.yaml and deploy/daemonset.yaml.
+    Lb,
+    /// Upstream's kube-proxy v1.36.2 in nftables mode, on each node's network.
+    KubeProxyNftables,
+    /// Upstream's kube-proxy v1.36.2 in iptables mode, on each node's network.
+    KubeProxyIptables,
+}
+
+#[derive(clap::Args)]
+pub struct ConformanceArgs {
+    /// The service proxy under test.
+    #[arg(long, value_enum, default_value = "lb")]
+    proxy: Proxy,
+    /// Ginkgo focus (a regular expression over spec names).
+    #[arg(long, default_value = DEFAULT_FOCUS)]
+    focus: String,
+    /// Where the JUnit report and the summary go.
+    #[arg(long, value_name = "DIR", default_value = "target/conformance")]
+    out: PathBuf,
+}
+
+/// The committed skip list: `regex  # reason` per line.
+fn skip_list() -> Result<Vec<(String, String)>> {
+    let path = workspace_root().join("conformance/skip.txt");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((pattern, reason)) = line.split_once(" # ") else {
+            bail!("{}: every entry needs a reason: {line:?}", path.display());
+        };
+        out.push((pattern.trim().to_string(), reason.trim().to_string()));
+    }
+    Ok(out)
+}
+
+/// upstream's agnhost with the tools the suite execs in pods: busybox's applets,
+/// curl, OpenBSD nc (busybox's rejects `-v -t`), GNU wget, and dash as /bin/sh so
+/// that busybox does not shadow them.
+fn agnhost_image(work: &Path) -> Result<Image> {
+    let agnhost = extra_binary("agnhost")?;
+    let mut image = Image::new(AGNHOST_IMAGE);
+    image.add_program(&agnhost, "/agnhost")?;
+    image.entrypoint = vec!["/agnhost".into()];
+    for dir in ["/tmp", "/var/tmp"] {
+        image.add_dir(dir, 0o1777);
+    }
+    for dir in ["/proc", "/sys", "/dev", "/etc", "/root", "/home"] {
+        image.add_dir(dir, 0o755);
+    }
+    image.add_program(Path::new("/bin/busybox"), "/bin/busybox")?;
+    let applets = Command::new("/bin/busybox")
+        .arg("--list-full")
+        .output()
+        .context("busybox --list-full (apt-get install busybox-static)")?;
+    for applet in String::from_utf8_lossy(&applets.stdout).split_whitespace() {
+        let path = format!("/{applet}");
+        if ![
+            "/bin/busybox",
+            "/bin/sh",
+            "/bin/nc",
+            "/usr/bin/nc",
+            "/usr/bin/wget",
+        ]
+        .contains(&path.as_str())
+        {
+            image.add_symlink(&path, "/bin/busybox");
+        }
+    }
+    image.add_program(Path::new("/usr/bin/curl"), "/usr/bin/curl")?;
+    image.add_program(Path::new("/usr/bin/wget"), "/usr/bin/wget")?;
+    image.add_program(Path::new("/bin/dash"), "/bin/sh")?;
+    // OpenBSD nc from Debian's package, unpacked (not installed: the host's `nc`
+    // stays as it is).
+    let nc = work.join("netcat-openbsd/bin/nc.openbsd");
+    if !nc.exists() {
+        fs::create_dir_all(work)?;
+        let status = Command::new("sh")
+            .current_dir(work)
+            .arg("-c")
+            .arg("apt-get download netcat-openbsd && dpkg-deb -x netcat-openbsd_*.deb netcat-openbsd && rm -f netcat-openbsd_*.deb")
+            .status()?;
+        if !status.success() || !nc.exists() {
+            bail!("could not unpack netcat-openbsd");
+        }
+    }
+    image.add_program(&nc, "/usr/bin/nc")?;
+    image.add_symlink("/bin/nc", "/usr/bin/nc");
+    image.add_bytes(
+        "/etc/passwd",
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n",
+        0o644,
+    );
+    image.add_bytes("/etc/group", "root:x:0:\nnobody:x:65534:\n", 0o644);
+    Ok(image)
+}
+
+/// Keeps the nodes' DNS records (`<service>.<namespace>.svc.cluster.local` -> its
+/// ClusterIP, or its ready endpoints when headless) in step with the API, once a
+/// second; stopped on drop.
+struct ClusterDns {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ClusterDns {
+    fn start(cp: &ControlPlane, nodes: &[RealNode]) -> Result<Self> {
+        let targets: Vec<(PathBuf, u32)> = nodes.iter().filter_map(RealNode::dns_records).collect();
+        let mut kubectl = cp.kubectl_command();
+        kubectl.args(["get", "services,endpointslices", "-A", "-o", "json"]);
+        let program = kubectl.get_program().to_owned();
+        let args: Vec<_> = kubectl.get_args().map(ToOwned::to_owned).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut last = String::new();
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(out) = Command::new(&program).args(&args).output()
+                    && let Ok(list) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                {
+                    let records = dns_records(&list);
+                    if records != last {
+                        for (path, pid) in &targets {
+                            let _ = fs::write(path, &records);
+                            unsafe { libc::kill(*pid as i32, libc::SIGHUP) };
+                        }
+                        last = records;
+                    }
+                }
+                thread::sleep(Duration::from_secs(1));
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ClusterDns {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Hosts-file lines for a `kubectl get services,endpointslices -o json` list.
+fn dns_records(list: &serde_json::Value) -> String {
+    let items = list["items"].as_array().cloned().unwrap_or_default();
+    let mut lines = std::collections::BTreeSet::new();
+    for item in &items {
+        let ns = item["metadata"]["namespace"].as_str().unwrap_or("");
+        match item["kind"].as_str() {
+            Some("Service") => {
+                let name = item["metadata"]["name"].as_str().unwrap_or("");
+                for ip in item["spec"]["clusterIPs"].as_array().into_iter().flatten() {
+                    if let Some(ip) = ip.as_str().filter(|ip| *ip != "None") {
+                        lines.insert(format!("{ip} {name}.{ns}.svc.cluster.local"));
+                    }
+                }
+            }
+            Some("EndpointSlice") => {
+                // Headless Services resolve to their ready endpoints.
+                let service = item["metadata"]["labels"]["kubernetes.io/service-name"]
+                    .as_str()
+                    .unwrap_or("");
+                let headless = items.iter().any(|s| {
+                    s["kind"] == "Service"
+                        && s["metadata"]["namespace"] == ns
+                        && s["metadata"]["name"] == service
+                        && s["spec"]["clusterIP"] == "None"
+                });
+                if !headless {
+                    continue;
+                }
+                for endpoint in item["endpoints"].as_array().into_iter().flatten() {
+                    if endpoint["conditions"]["ready"] == false {
+                        continue;
+                    }
+                    for ip in endpoint["addresses"].as_array().into_iter().flatten() {
+                        if let Some(ip) = ip.as_str() {
+                            lines.insert(format!("{ip} {service}.{ns}.svc.cluster.local"));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    lines.into_iter().map(|l| l + "\n").collect()
+}
+
+/// kube-proxy processes, one per node, stopped on drop.
+struct KubeProxies(Vec<Child>);
+
+impl Drop for KubeProxies {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn start_kube_proxies(nodes: &[RealNode], mode: &str, out: &Path) -> Result<KubeProxies> {
+    let binary = extra_binary("kube-proxy")?;
+    let mut children = Vec::new();
+    for node in nodes {
+        let log = fs::File::create(out.join(format!("kube-proxy-{}.log", node.name)))?;
+        let mut cmd = lb_testbed::netns_command(&node.netns, None, &binary.display().to_string())?;
+        cmd.args([
+            &format!("--kubeconfig={}", node.dir.join("kubeconfig").display()),
+            &format!("--hostname-override={}", node.name),
+            &format!("--proxy-mode={mode}"),
+            "--cluster-cidr=10.244.0.0/16",
+            "--v=1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        children.push(cmd.spawn().context("starting kube-proxy")?);
+    }
+    Ok(KubeProxies(children))
+}
+
+fn wait_lb_ready(cp: &ControlPlane, nodes: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = cp.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "kube-system",
+            "-l",
+            "app.kubernetes.io/name=lb",
+            "-o",
+            "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+        ])?;
+        if out.lines().filter(|l| *l == "True").count() == nodes {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "lb pods not Ready within 120 s:\n{}",
+                cp.kubectl(&["get", "pods", "-A", "-o", "wide"])?
+            );
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Counts of a JUnit report: (passed, failed, skipped), and the failed specs' names.
+fn summarize(junit: &str) -> (usize, usize, usize, Vec<String>) {
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    let mut failures = Vec::new();
+    for case in junit.split("<testcase ").skip(1) {
+        let name = case
+            .split("name=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("")
+            .replace("&#39;", "'")
+            .replace("&quot;", "\"")
+            .replace("&amp;", "&");
+        // Suite setup and reports are testcases too; only specs count.
+        if !name.starts_with("[It] ") {
+            continue;
+        }
+        let name = name.trim_start_matches("[It] ").to_string();
+        let body = case.split("</testcase>").next().unwrap_or(case);
+        let status = case
+            .split("status=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("");
+        if status == "skipped" || body.contains("<skipped") {
+            skipped += 1;
+        } else if status == "failed" || body.contains("<failure") || body.contains("<error") {
+            failed += 1;
+            failures.push(name);
+        } else {
+            passed += 1;
+        }
+    }
+    (passed, failed, skipped, failures)
+}
+
+pub fn run(args: ConformanceArgs) -> Result<()> {
+    require_root("cargo xtask conformance")?;
+    prereqs::ensure()?;
+    if let Some(why) = realnode::unavailable() {
+        bail!(why);
+    }
+    let out = if args.out.is_relative() {
+        workspace_root().join(&args.out)
+    } else {
+        args.out.clone()
+    };
+    fs::create_dir_all(&out)?;
+    let skips = skip_list()?;
+    let e2e = extra_binary("e2e.test")?;
+    let kubectl = lb_testbed::k8s::binaries()?
+        .context("no Kubernetes binaries")?
+        .join("kubectl");
+
+    eprintln!("==> images");
+    let images_dir = out.join("images");
+    fs::create_dir_all(&images_dir)?;
+    let shipped = fs::read_to_string(workspace_root().join("deploy/daemonset.yaml"))?;
+    let lb_name = shipped
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("image: "))
+        .context("no image in deploy/daemonset.yaml")?
+        .to_string();
+    let lb = build_lb(true)?;
+    lb_image(&lb, &lb_name)?.write_docker_archive(&images_dir.join("lb.tar"))?;
+    realnode::pause_image(&images_dir.join("pause.tar"))?;
+    agnhost_image(&images_dir.join("work"))?
+        .write_docker_archive(&images_dir.join("agnhost.tar"))?;
+    let images: Vec<PathBuf> = ["lb.tar", "pause.tar", "agnhost.tar"]
+        .iter()
+        .map(|n| images_dir.join(n))
+        .collect();
+
+    eprintln!("==> control plane and two real nodes");
+    let cp = ControlPlane::start_for_real_nodes()?;
+    let world = World::new(&["node1", "node2"])?;
+    let nodes = world
+        .nodes
+        .iter()
+        .map(|n| RealNode::start_with(&cp, n, &images, true))
+        .collect::<Result<Vec<_>>>()?;
+    let dns = ClusterDns::start(&cp, &nodes)?;
+
+    let _kube_proxies = match args.proxy {
+        Proxy::Lb => {
+            eprintln!("==> lb from deploy/");
+            let cgroup2 = lb_testbed::cgroup2_root()?;
+            let daemonset = daemonset_for(
+                &shipped,
+                cp.api_port,
+                &format!("{}/$(NODE_NAME)", cgroup2.display()),
+                "/sys/fs/bpf/$(NODE_NAME)-lb",
+            )?;
+            cp.kubectl(&[
+                "apply",
+                "-f",
+                &workspace_root()
+                    .join("deploy/rbac.yaml")
+                    .display()
+                    .to_string(),
+            ])?;
+            cp.kubectl_with_input(&["apply", "-f", "-"], Some(&daemonset))?;
+            wait_lb_ready(&cp, nodes.len())?;
+            None
+        }
+        Proxy::KubeProxyNftables => Some(start_kube_proxies(&nodes, "nftables", &out)?),
+        Proxy::KubeProxyIptables => Some(start_kube_proxies(&nodes, "iptables", &out)?),
+    };
+
+    eprintln!("==> e2e.test --ginkgo.focus={:?}", args.focus);
+    let report_dir = out.join(format!("{:?}", args.proxy).to_lowercase());
+    let _ = fs::remove_dir_all(&report_dir);
+    fs::create_dir_all(&report_dir)?;
+    let skip = skips
+        .iter()
+        .map(|(p, _)| p.as_str())
+        .collect::<Vec<_>>()
+        .join("|");
+    let started = Instant::now();
+    let status = Command::new(&e2e)
+        .args([
+            &format!("--kubeconfig={}", cp.kubeconfig.display()),
+            "--provider=local",
+            &format!("--kubectl-path={}", kubectl.display()),
+            &format!("--report-dir={}", report_dir.display()),
+            &format!("--ginkgo.focus={}", args.focus),
+            &format!("--ginkgo.skip={skip}"),
+            "--ginkgo.no-color",
+            "--ginkgo.timeout=2h",
+            "--allowed-not-ready-nodes=0",
+        ])
+        .stdout(fs::File::create(report_dir.join("e2e.log"))?)
+        .stderr(Stdio::inherit())
+        .status()
+        .context("running e2e.test")?;
+    let elapsed = started.elapsed();
+    let junit = fs::read_dir(&report_dir)?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("junit"))
+        .map(|e| fs::read_to_string(e.path()))
+        .transpose()?
+        .context("e2e.test wrote no JUnit report")?;
+    let (passed, failed, skipped, failures) = summarize(&junit);
+    let mut summary = format!(
+        "{:?}: {passed} passed, {failed} failed, {skipped} skipped in {:.0} s (e2e.test exit {status})\n",
+        args.proxy,
+        elapsed.as_secs_f64()
+    );
+    for name in &failures {
+        summary.push_str(&format!("  FAILED {name}\n"));
+    }
+    fs::write(report_dir.join("summary.txt"), &summary)?;
+    println!("{summary}");
+    let reasons: BTreeMap<&str, &str> = skips
+        .iter()
+        .map(|(p, r)| (p.as_str(), r.as_str()))
+        .collect();
+    eprintln!("skipped by conformance/skip.txt: {reasons:#?}");
+    drop(dns);
+    drop(nodes);
+    drop(world);
+    drop(cp);
+    if failed > 0 {
+        bail!(
+            "{failed} upstream specs failed (see {})",
+            report_dir.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn junit_reports_are_counted() {
+        let junit = r#"<testsuites><testsuite>
+<testcase name="[SynchronizedBeforeSuite]" status="passed"></testcase>
+<testcase name="[It] [sig-network] Services a" status="passed"></testcase>
+<testcase name="[It] [sig-network] Services b" status="failed"><failure>x</failure></testcase>
+<testcase name="[It] [sig-network] Services c" status="skipped"><skipped message="s"></skipped></testcase>
+</testsuite></testsuites>"#;
+        let (passed, failed, skipped, failures) = summarize(junit);
+        assert_eq!((passed, failed, skipped), (1, 1, 1));
+        assert_eq!(failures, ["[sig-network] Services b"]);
+    }
+
+    #[test]
+    fn every_skip_has_a_reason() {
+        let skips = skip_list().unwrap();
+        assert!(!skips.is_empty());
+        assert!(skips.iter().all(|(p, r)| !p.is_empty() && !r.is_empty()));
+    }
+}
