@@ -443,7 +443,19 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
         .collect();
     eprintln!("skipped by conformance/skip.txt: {reasons:#?}");
     drop(dns);
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     drop(nodes);
+    // The pinned datapaths outlive their pods by design; remove them as an operator
+    // would.
+    for name in names {
+        let pin_dir = format!("/sys/fs/bpf/{name}-lb");
+        if Path::new(&pin_dir).exists() {
+            let _ = Command::new(&lb)
+                .args(["cleanup", "--force", "--pin-dir", &pin_dir])
+                .output();
+            let _ = fs::remove_dir(&pin_dir);
+        }
+    }
     drop(world);
     drop(cp);
     if failed > 0 {
