@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 pub struct Forwarder {
     stop: Arc<AtomicBool>,
@@ -96,15 +96,4 @@ impl Drop for Forwarder {
             let _ = thread.join();
         }
     }
-}
-
-/// Fails unless `addr` accepts a TCP connection from inside `netns` within `timeout`.
-pub fn check_reachable(netns: &str, addr: SocketAddr, timeout: Duration) -> Result<()> {
-    let ok = in_netns(netns, move || {
-        TcpStream::connect_timeout(&addr, timeout).is_ok()
-    })?;
-    if !ok {
-        bail!("{addr} is not reachable from {netns}");
-    }
-    Ok(())
 }

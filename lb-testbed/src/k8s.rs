@@ -41,7 +41,7 @@ const BINARIES: [&str; 5] = [
     "kubectl",
 ];
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("lb-testbed lives in the workspace")
@@ -490,19 +490,7 @@ impl Drop for ControlPlane {
         // Dependents first, etcd last.
         for process in self.processes.get_mut().expect("lock").iter_mut().rev() {
             if let Some(mut child) = process.child.take() {
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-                let deadline = Instant::now() + Duration::from_secs(2);
-                loop {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    thread::sleep(Duration::from_millis(20));
-                }
+                crate::stop_child(&mut child, Duration::from_secs(2));
             }
         }
         let _ = fs::remove_dir_all(&self.dir);

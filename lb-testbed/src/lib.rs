@@ -288,7 +288,7 @@ impl Testbed {
     pub fn stop(&mut self, pid: u32) {
         if let Some(pos) = self.children.iter().position(|(_, c)| c.id() == pid) {
             let (_, mut child) = self.children.remove(pos);
-            stop_child(&mut child);
+            stop_child(&mut child, Duration::from_secs(3));
         }
     }
 
@@ -477,9 +477,10 @@ pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output
     })
 }
 
-fn stop_child(child: &mut Child) {
+/// SIGTERM, then SIGKILL if `child` has not exited within `grace`.
+pub(crate) fn stop_child(child: &mut Child, grace: Duration) {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             return;
@@ -496,7 +497,7 @@ impl Drop for Testbed {
             return;
         }
         for (_, child) in &mut self.children {
-            stop_child(child);
+            stop_child(child, Duration::from_secs(3));
         }
         for pod in &self.pods {
             let _ = ip(&["netns", "del", &pod.netns]);

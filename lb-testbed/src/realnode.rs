@@ -569,26 +569,44 @@ fn remove_cgroup_tree(dir: &Path) {
     }
 }
 
-fn stop_child(child: &mut Child, grace: Duration) {
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+/// SIGKILLs every process whose command line names `text` (a node directory: only a
+/// node's own processes do).
+fn kill_processes_naming(text: &str) {
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(text) {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        thread::sleep(Duration::from_millis(50));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+/// Detaches every mount below `dir` (rootfs overlays, pod network namespaces, kubelet
+/// volumes), deepest first.
+fn unmount_below(dir: &str) {
+    let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for mount in mounts {
+        if let Ok(c) = std::ffi::CString::new(mount) {
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
 
 impl Drop for RealNode {
     fn drop(&mut self) {
         if let Some(mut kubelet) = self.kubelet.take() {
-            stop_child(&mut kubelet, Duration::from_secs(5));
+            crate::stop_child(&mut kubelet, Duration::from_secs(5));
         }
         if let Some(mut dns) = self.dns.take() {
-            stop_child(&mut dns, Duration::from_secs(2));
+            crate::stop_child(&mut dns, Duration::from_secs(2));
         }
         // Every container process: all of them sit in this node's pod cgroups.
         for _ in 0..3 {
@@ -598,38 +616,12 @@ impl Drop for RealNode {
             thread::sleep(Duration::from_millis(200));
         }
         if let Some(mut containerd) = self.containerd.take() {
-            stop_child(&mut containerd, Duration::from_secs(5));
+            crate::stop_child(&mut containerd, Duration::from_secs(5));
         }
-        // Shims outlive containerd; ours name our socket on their command line.
-        let socket = self.socket.display().to_string();
-        if let Ok(entries) = fs::read_dir("/proc") {
-            for entry in entries.flatten() {
-                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.contains("containerd-shim") && cmdline.contains(&socket) {
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        // Mounts under our directory (rootfs overlays, pod network namespaces, kubelet
-        // volumes),
-        // deepest first.
+        // Shims outlive containerd; they name our socket, under our directory.
         let dir = self.dir.display().to_string();
-        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mounts")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-            .filter(|m| m.starts_with(&dir))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for mount in mounts {
-            if let Ok(c) = std::ffi::CString::new(mount) {
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
+        kill_processes_naming(&dir);
+        unmount_below(&dir);
         for cgroup in self.cgroups.drain(..).rev() {
             remove_cgroup_tree(&cgroup);
         }
@@ -838,27 +830,8 @@ pub fn cleanup_leftovers() -> Vec<String> {
         .unwrap_or_default();
     for dir in dirs {
         let text = dir.display().to_string();
-        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&text) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mounts")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-            .filter(|m| m.starts_with(&text))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for mount in mounts {
-            if let Ok(c) = std::ffi::CString::new(mount) {
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
+        kill_processes_naming(&text);
+        unmount_below(&text);
         if fs::remove_dir_all(&dir).is_ok() {
             removed.push(format!("real node directory {text}"));
         }
@@ -886,11 +859,109 @@ pub fn cleanup_leftovers() -> Vec<String> {
     removed
 }
 
+/// `deploy/daemonset.yaml` as shipped, and the image its two containers run.
+pub fn shipped_daemonset() -> Result<(String, String)> {
+    let path = crate::k8s::workspace_root().join("deploy/daemonset.yaml");
+    let yaml = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let images: Vec<&str> = yaml
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: "))
+        .collect();
+    if images.len() != 2 || images[0] != images[1] {
+        bail!("deploy/daemonset.yaml should run one image in its two containers: {images:?}");
+    }
+    let image = images[0].to_string();
+    Ok((yaml, image))
+}
+
+/// Where the DaemonSet [`deploy_lb`] applies pins a node's datapath.
+pub fn lb_pin_dir(node: &str) -> String {
+    format!("/sys/fs/bpf/{node}-lb")
+}
+
+/// Deploys lb as users do: `deploy/rbac.yaml`, then `daemonset` (deploy/daemonset.yaml)
+/// with the operator's settings for these nodes: each node's pods at
+/// `<cgroup2>/$(NODE_NAME)` and its pins at [`lb_pin_dir`].
+pub fn deploy_lb(cp: &ControlPlane, daemonset: &str) -> Result<()> {
+    let cgroup2 = cgroup2_root()?;
+    let daemonset = daemonset_for(
+        daemonset,
+        cp.api_port,
+        &format!("{}/$(NODE_NAME)", cgroup2.display()),
+        &lb_pin_dir("$(NODE_NAME)"),
+    )?;
+    let rbac = crate::k8s::workspace_root().join("deploy/rbac.yaml");
+    cp.kubectl(&["apply", "-f", &rbac.display().to_string()])?;
+    cp.kubectl_with_input(&["apply", "-f", "-"], Some(&daemonset))?;
+    Ok(())
+}
+
+/// Ready pods matching `selector` in `namespace`, with their nodes.
+pub fn ready_pods(cp: &ControlPlane, namespace: &str, selector: &str) -> Vec<(String, String)> {
+    let out = cp
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+        ])
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| {
+            let mut parts = l.split(' ');
+            let (name, node, ready) = (parts.next()?, parts.next()?, parts.next()?);
+            (ready == "True").then(|| (name.to_string(), node.to_string()))
+        })
+        .collect()
+}
+
+/// Waits until an lb pod is Ready on each of `nodes` nodes; returns them with their
+/// nodes.
+pub fn wait_lb_ready(
+    cp: &ControlPlane,
+    nodes: usize,
+    timeout: Duration,
+) -> Result<Vec<(String, String)>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let pods = ready_pods(cp, "kube-system", "app.kubernetes.io/name=lb");
+        if pods.len() == nodes {
+            return Ok(pods);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "lb pods not Ready on {nodes} nodes within {timeout:?}:\n{}",
+                cp.kubectl(&["get", "pods", "-A", "-o", "wide"])
+                    .unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Removes the datapaths the DaemonSet pinned for `nodes` (they outlive their pods by
+/// design), with `lb cleanup` as an operator would.
+pub fn remove_lb_pins(lb: &Path, nodes: &[String]) {
+    for node in nodes {
+        let pin_dir = lb_pin_dir(node);
+        if Path::new(&pin_dir).exists() {
+            let _ = Command::new(lb)
+                .args(["cleanup", "--force", "--pin-dir", &pin_dir])
+                .output();
+            let _ = fs::remove_dir(&pin_dir);
+        }
+    }
+}
+
 /// `deploy/daemonset.yaml` with what an operator sets for this cluster: the API
 /// server's address (the node's forwarder), the cgroup of the node's pods and a pin
 /// directory (`$(NODE_NAME)` makes either per node). Each edit must apply exactly
 /// once, so a changed DaemonSet fails loudly instead of deploying half-edited.
-pub fn daemonset_for(yaml: &str, api_port: u16, cgroup: &str, pin_dir: &str) -> Result<String> {
+fn daemonset_for(yaml: &str, api_port: u16, cgroup: &str, pin_dir: &str) -> Result<String> {
     let mut out = yaml.to_string();
     for (from, to) in [
         (

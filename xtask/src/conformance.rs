@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use lb_testbed::{
     image::{Image, lb_image},
     k8s::{ControlPlane, extra_binary},
-    realnode::{self, RealNode, daemonset_for},
+    realnode::{self, RealNode},
     world::World,
 };
 
@@ -258,32 +258,6 @@ fn start_kube_proxies(nodes: &[RealNode], mode: &str, out: &Path) -> Result<Kube
     Ok(KubeProxies(children))
 }
 
-fn wait_lb_ready(cp: &ControlPlane, nodes: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let out = cp.kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            "kube-system",
-            "-l",
-            "app.kubernetes.io/name=lb",
-            "-o",
-            "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-        ])?;
-        if out.lines().filter(|l| *l == "True").count() == nodes {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "lb pods not Ready within 120 s:\n{}",
-                cp.kubectl(&["get", "pods", "-A", "-o", "wide"])?
-            );
-        }
-        thread::sleep(Duration::from_millis(500));
-    }
-}
-
 /// Counts of a JUnit report: (passed, failed, skipped), and the failed specs' names.
 fn summarize(junit: &str) -> (usize, usize, usize, Vec<String>) {
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
@@ -341,12 +315,7 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
     eprintln!("==> images");
     let images_dir = out.join("images");
     fs::create_dir_all(&images_dir)?;
-    let shipped = fs::read_to_string(workspace_root().join("deploy/daemonset.yaml"))?;
-    let lb_name = shipped
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("image: "))
-        .context("no image in deploy/daemonset.yaml")?
-        .to_string();
+    let (shipped, lb_name) = realnode::shipped_daemonset()?;
     let lb = build_lb(true)?;
     lb_image(&lb, &lb_name)?.write_docker_archive(&images_dir.join("lb.tar"))?;
     realnode::pause_image(&images_dir.join("pause.tar"))?;
@@ -370,23 +339,8 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
     let _kube_proxies = match args.proxy {
         Proxy::Lb => {
             eprintln!("==> lb from deploy/");
-            let cgroup2 = lb_testbed::cgroup2_root()?;
-            let daemonset = daemonset_for(
-                &shipped,
-                cp.api_port,
-                &format!("{}/$(NODE_NAME)", cgroup2.display()),
-                "/sys/fs/bpf/$(NODE_NAME)-lb",
-            )?;
-            cp.kubectl(&[
-                "apply",
-                "-f",
-                &workspace_root()
-                    .join("deploy/rbac.yaml")
-                    .display()
-                    .to_string(),
-            ])?;
-            cp.kubectl_with_input(&["apply", "-f", "-"], Some(&daemonset))?;
-            wait_lb_ready(&cp, nodes.len())?;
+            realnode::deploy_lb(&cp, &shipped)?;
+            realnode::wait_lb_ready(&cp, nodes.len(), Duration::from_secs(120))?;
             None
         }
         Proxy::KubeProxyNftables => Some(start_kube_proxies(&nodes, "nftables", &out)?),
@@ -445,17 +399,7 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
     drop(dns);
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     drop(nodes);
-    // The pinned datapaths outlive their pods by design; remove them as an operator
-    // would.
-    for name in names {
-        let pin_dir = format!("/sys/fs/bpf/{name}-lb");
-        if Path::new(&pin_dir).exists() {
-            let _ = Command::new(&lb)
-                .args(["cleanup", "--force", "--pin-dir", &pin_dir])
-                .output();
-            let _ = fs::remove_dir(&pin_dir);
-        }
-    }
+    realnode::remove_lb_pins(&lb, &names);
     drop(world);
     drop(cp);
     if failed > 0 {

@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use lb_testbed::{
     image::{Image, lb_image},
     k8s::ControlPlane,
-    realnode::{self, RealNode, daemonset_for},
+    realnode::{self, RealNode},
     world::World,
 };
 use libtest_mimic::Trial;
@@ -49,19 +49,6 @@ fn workspace() -> PathBuf {
         .parent()
         .expect("workspace")
         .to_path_buf()
-}
-
-/// `image:` of deploy/daemonset.yaml (both containers use the same one).
-fn daemonset_image(yaml: &str) -> Result<String> {
-    let images: Vec<&str> = yaml
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("image: "))
-        .collect();
-    ensure!(
-        images.len() == 2 && images[0] == images[1],
-        "deploy/daemonset.yaml should run one image in its two containers: {images:?}"
-    );
-    Ok(images[0].to_string())
 }
 
 /// The images this node runs: lb (the test build of the binary in `cargo xtask
@@ -102,8 +89,8 @@ fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<
     }
 }
 
-/// The host pid of the first process in a cgroup under `root` whose command line
-/// starts with `argv0`.
+/// The host pid of the first process in `node`'s pods whose command line starts with
+/// `argv0` and contains `needle`.
 fn find_process(node: &RealNode, argv0: &str, needle: &str) -> Option<i32> {
     node.pod_pids().into_iter().find(|pid| {
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -129,29 +116,6 @@ fn describe(cp: &ControlPlane, nodes: &[RealNode]) -> String {
     text
 }
 
-/// Ready pods matching `selector`, with their nodes.
-fn ready_pods(cp: &ControlPlane, namespace: &str, selector: &str) -> Vec<(String, String)> {
-    let out = cp
-        .kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            namespace,
-            "-l",
-            selector,
-            "-o",
-            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-        ])
-        .unwrap_or_default();
-    out.lines()
-        .filter_map(|l| {
-            let mut parts = l.split(' ');
-            let (name, node, ready) = (parts.next()?, parts.next()?, parts.next()?);
-            (ready == "True").then(|| (name.to_string(), node.to_string()))
-        })
-        .collect()
-}
-
 /// The DaemonSet, as shipped but for the operator's settings, runs under two real
 /// kubelets: on each node the init container mounts bpffs on the host, the daemon
 /// becomes ready (the kubelet's readiness probe) with its health server on the node's
@@ -167,41 +131,22 @@ fn daemonset_under_real_kubelets() -> Result<()> {
     let outside = world.add_outside("outside")?;
     let images_dir = cp.dir.join("images");
     fs::create_dir_all(&images_dir)?;
-    let shipped = fs::read_to_string(workspace().join("deploy/daemonset.yaml"))?;
-    let images = build_images(&images_dir, &daemonset_image(&shipped)?)?;
+    let (shipped, image) = realnode::shipped_daemonset()?;
+    let images = build_images(&images_dir, &image)?;
     let nodes = world
         .nodes
         .iter()
         .map(|n| RealNode::start(&cp, n, &images))
         .collect::<Result<Vec<_>>>()?;
-    // Each node's pods are <cgroup2>/<node name>: one DaemonSet, per-node paths.
-    let cgroup2 = lb_testbed::cgroup2_root()?;
-    let daemonset = daemonset_for(
-        &shipped,
-        cp.api_port,
-        &format!("{}/$(NODE_NAME)", cgroup2.display()),
-        "/sys/fs/bpf/$(NODE_NAME)-lb",
-    )?;
     let result = (|| -> Result<()> {
-        cp.kubectl(&[
-            "apply",
-            "-f",
-            &workspace().join("deploy/rbac.yaml").display().to_string(),
-        ])?;
-        cp.kubectl_with_input(&["apply", "-f", "-"], Some(&daemonset))?;
-        let lb_pods = wait_for(
-            "an lb pod Ready on each node",
-            Duration::from_secs(120),
-            || {
-                let pods = ready_pods(&cp, "kube-system", "app.kubernetes.io/name=lb");
-                (pods.len() == nodes.len()).then_some(pods)
-            },
-        )
-        .with_context(|| describe(&cp, &nodes))?;
+        // Each node's pods are <cgroup2>/<node name>: one DaemonSet, per-node paths.
+        realnode::deploy_lb(&cp, &shipped)?;
+        let lb_pods = realnode::wait_lb_ready(&cp, nodes.len(), Duration::from_secs(120))
+            .with_context(|| describe(&cp, &nodes))?;
         eprintln!("lb pods Ready: {lb_pods:?}");
 
         for node in &nodes {
-            let pin_dir = format!("/sys/fs/bpf/{}-lb", node.name);
+            let pin_dir = realnode::lb_pin_dir(&node.name);
             ensure!(
                 Path::new(&pin_dir).exists(),
                 "no pins at {pin_dir} on the host: the init container's bpffs or its propagation failed"
@@ -268,7 +213,9 @@ fn daemonset_under_real_kubelets() -> Result<()> {
         )?;
         let (server, server_node) =
             wait_for("the redis pod Ready", Duration::from_secs(60), || {
-                ready_pods(&cp, "default", "app=redis").into_iter().next()
+                realnode::ready_pods(&cp, "default", "app=redis")
+                    .into_iter()
+                    .next()
             })
             .with_context(|| describe(&cp, &nodes))?;
         // The client runs on the other node, and starts after the Service, so the
@@ -287,7 +234,9 @@ fn daemonset_under_real_kubelets() -> Result<()> {
             )),
         )?;
         wait_for("the client pod Ready", Duration::from_secs(60), || {
-            ready_pods(&cp, "default", "role=client").into_iter().next()
+            realnode::ready_pods(&cp, "default", "role=client")
+                .into_iter()
+                .next()
         })
         .with_context(|| describe(&cp, &nodes))?;
         let client_ip = cp.kubectl(&["get", "pod", "web", "-o", "jsonpath={.status.podIP}"])?;
@@ -320,7 +269,7 @@ fn daemonset_under_real_kubelets() -> Result<()> {
             "lb list to show the Service",
             Duration::from_secs(30),
             || {
-                let pin_dir = format!("/sys/fs/bpf/{}-lb", lb_pods[0].1);
+                let pin_dir = realnode::lb_pin_dir(&lb_pods[0].1);
                 let out = cp.kubectl(&[
                     "exec",
                     "-n",
@@ -420,14 +369,7 @@ fn daemonset_under_real_kubelets() -> Result<()> {
     ]);
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
     drop(nodes);
-    // The pinned datapath outlives the pods by design; remove it as an operator would.
-    for name in names {
-        let pin_dir = format!("/sys/fs/bpf/{name}-lb");
-        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
-            .args(["cleanup", "--force", "--pin-dir", &pin_dir])
-            .output();
-        let _ = fs::remove_dir(&pin_dir);
-    }
+    realnode::remove_lb_pins(Path::new(env!("CARGO_BIN_EXE_lb")), &names);
     drop(world);
     result?;
     cleanup.map(|_| ())
