@@ -38,6 +38,16 @@ fn change(f: Frontend) -> BTreeMap<FrontendKey, Option<Arc<Frontend>>> {
     BTreeMap::from([(f.key, Some(Arc::new(f)))])
 }
 
+/// One apply's upserts of all of `frontends`.
+fn changes<'a>(
+    frontends: impl IntoIterator<Item = &'a Frontend>,
+) -> BTreeMap<FrontendKey, Option<Arc<Frontend>>> {
+    frontends
+        .into_iter()
+        .map(|f| (f.key, Some(Arc::new(f.clone()))))
+        .collect()
+}
+
 /// A frontend programmed with `backends`, with the operation log cleared.
 fn programmed(backends: &[&str]) -> (MemoryMaps, Reconciler, FrontendKey) {
     let mut maps = MemoryMaps::default();
@@ -928,9 +938,7 @@ fn source_ranges_past_capacity_leave_the_frontend_unserved_and_others_untouched(
     greedy.kind = FrontendKind::LoadBalancer;
     greedy.source_ranges = ranges(3);
     let plain = external("10.111.254.13", 6379, &["10.244.1.4"]);
-    let mut all = change(first.clone());
-    all.extend(change(greedy.clone()));
-    all.extend(change(plain.clone()));
+    let all = changes([&first, &greedy, &plain]);
     let stats = r.apply(&mut maps, &all).unwrap();
     assert_eq!(
         stats.unprogrammed,
@@ -971,10 +979,7 @@ fn maglev_tables_past_the_memory_budget_are_refused_and_cluster_ips_still_fit() 
         .map(|i| external("10.253.0.11", 30000 + i, &["10.244.1.2"]))
         .collect();
     let cluster_ip = frontend(fkey("10.96.0.100", 6379), &["10.244.1.2"]);
-    let mut all = change(cluster_ip.clone());
-    for f in &externals {
-        all.extend(change(f.clone()));
-    }
+    let all = changes(externals.iter().chain([&cluster_ip]));
     let stats = r.apply(&mut maps, &all).unwrap();
     assert_eq!(
         stats.unprogrammed,
@@ -1004,9 +1009,7 @@ fn when_space_is_short_cluster_ips_then_older_services_win_whatever_their_keys()
     newer.created = Some(200);
     let mut cluster_ip = frontend(fkey("10.96.0.10", 80), &["10.244.1.4"]);
     cluster_ip.created = Some(300);
-    let mut all = change(newer.clone());
-    all.extend(change(older.clone()));
-    all.extend(change(cluster_ip.clone()));
+    let all = changes([&newer, &older, &cluster_ip]);
     let stats = r.apply(&mut maps, &all).unwrap();
     assert_eq!(stats.unprogrammed, vec![(newer.key, Shortage::Frontends)]);
     assert!(maps.services.contains_key(&service_key(&cluster_ip.key, 0)));

@@ -46,6 +46,53 @@ pub fn trials() -> Vec<Trial> {
     ]
 }
 
+/// One node, the seed's redis Deployment behind a ClusterIP, the client pod `web` and
+/// the daemon, which serves it: (cluster, daemon, redis pod names, the ClusterIP).
+fn seed_cluster() -> Result<(Cluster, Daemon, Vec<String>, String)> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    cluster.apply(include_str!("../../../examples/cluster/r-deployment.yaml"))?;
+    cluster.kubectl(&["expose", "deployment", "redis-master", "--port=6379"])?;
+    cluster.run_client("web")?;
+    let redis = cluster.wait_ready("app=redis", 1)?;
+    let daemon = cluster.daemon(0, &[])?;
+    let vip = cluster.cluster_ip("redis-master")?;
+    ensure!(crate::kube::whoami(&cluster, "web", &vip)? == redis[0]);
+    Ok((cluster, daemon, redis, vip))
+}
+
+/// After a hostile Service (`offender`) of [`seed_cluster`]: a Service created now is
+/// served, the ClusterIP that was there still answers, and `/healthz` is 200.
+fn others_still_serve(
+    cluster: &Cluster,
+    daemon: &mut Daemon,
+    redis: &[String],
+    vip: &str,
+    offender: &str,
+) -> Result<()> {
+    cluster.kubectl(&[
+        "expose",
+        "deployment",
+        "redis-master",
+        "--name=late",
+        "--port=6379",
+    ])?;
+    let late = cluster.cluster_ip("late")?;
+    cluster.wait(
+        &format!("the Service created after the {offender} one"),
+        std::time::Duration::from_secs(10),
+        || {
+            Ok(daemon
+                .backends_of(&late, 6379, "TCP")?
+                .filter(|b| !b.is_empty()))
+        },
+    )?;
+    ensure!(crate::kube::whoami(cluster, "web", &late)? == redis[0]);
+    ensure!(crate::kube::whoami(cluster, "web", vip)? == redis[0]);
+    let (code, body) = daemon.http_get("health", "/healthz")?;
+    ensure!(code == 200, "/healthz: {code} {body}");
+    Ok(())
+}
+
 /// A 100 MB file appears in the manifest folder beside a valid one: it is refused
 /// without being read (the daemon's resident memory does not grow by its size), named
 /// in the log, the valid Service is served, and `/healthz` stays 200.
@@ -111,15 +158,8 @@ fn hundred_megabyte_manifest() -> Result<()> {
 /// keeps serving, a Service created after it is served, `/healthz` stays 200, and the
 /// one refused frontend is what `lb_unprogrammed_frontends` counts.
 fn seventy_thousand_source_ranges() -> Result<()> {
-    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let (cluster, mut daemon, redis, vip) = seed_cluster()?;
     let ns = cluster.namespace.clone();
-    cluster.apply(include_str!("../../../examples/cluster/r-deployment.yaml"))?;
-    cluster.kubectl(&["expose", "deployment", "redis-master", "--port=6379"])?;
-    cluster.run_client("web")?;
-    let redis = cluster.wait_ready("app=redis", 1)?;
-    let mut daemon = cluster.daemon(0, &[])?;
-    let vip = cluster.cluster_ip("redis-master")?;
-    ensure!(crate::kube::whoami(&cluster, "web", &vip)? == redis[0]);
 
     // 11.0.0.0/24, 11.0.1.0/24, ...: prefixes only, nothing is ever sent to them.
     let ranges: Vec<String> = (0u32..70_000)
@@ -160,27 +200,7 @@ fn seventy_thousand_source_ranges() -> Result<()> {
         "the refusal does not name the Service and its address: {line}"
     );
 
-    cluster.kubectl(&[
-        "expose",
-        "deployment",
-        "redis-master",
-        "--name=late",
-        "--port=6379",
-    ])?;
-    let late = cluster.cluster_ip("late")?;
-    cluster.wait(
-        "the Service created after the refused one",
-        std::time::Duration::from_secs(10),
-        || {
-            Ok(daemon
-                .backends_of(&late, 6379, "TCP")?
-                .filter(|b| !b.is_empty()))
-        },
-    )?;
-    ensure!(crate::kube::whoami(&cluster, "web", &late)? == redis[0]);
-    ensure!(crate::kube::whoami(&cluster, "web", &vip)? == redis[0]);
-    let (code, body) = daemon.http_get("health", "/healthz")?;
-    ensure!(code == 200, "/healthz: {code} {body}");
+    others_still_serve(&cluster, &mut daemon, &redis, &vip, "refused")?;
     let unprogrammed = daemon.metric("lb_unprogrammed_frontends")?;
     ensure!(
         unprogrammed == 1.0,
@@ -293,15 +313,8 @@ fn external_ip_cannot_take_another_node() -> Result<()> {
 /// (reported by name), the Services that were there keep serving, one created after
 /// it is served, and `/healthz` stays 200.
 fn one_service_cannot_take_all_capacity() -> Result<()> {
-    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let (cluster, mut daemon, redis, vip) = seed_cluster()?;
     let ns = cluster.namespace.clone();
-    cluster.apply(include_str!("../../../examples/cluster/r-deployment.yaml"))?;
-    cluster.kubectl(&["expose", "deployment", "redis-master", "--port=6379"])?;
-    cluster.run_client("web")?;
-    let redis = cluster.wait_ready("app=redis", 1)?;
-    let mut daemon = cluster.daemon(0, &[])?;
-    let vip = cluster.cluster_ip("redis-master")?;
-    ensure!(crate::kube::whoami(&cluster, "web", &vip)? == redis[0]);
 
     let ports: Vec<String> = (0..256)
         .map(|i| format!("{{name: p{i}, port: {}}}", 20000 + i))
@@ -319,27 +332,7 @@ fn one_service_cannot_take_all_capacity() -> Result<()> {
         ),
         slow(std::time::Duration::from_secs(20)),
     )?;
-    cluster.kubectl(&[
-        "expose",
-        "deployment",
-        "redis-master",
-        "--name=late",
-        "--port=6379",
-    ])?;
-    let late = cluster.cluster_ip("late")?;
-    cluster.wait(
-        "the Service created after the wide one",
-        std::time::Duration::from_secs(10),
-        || {
-            Ok(daemon
-                .backends_of(&late, 6379, "TCP")?
-                .filter(|b| !b.is_empty()))
-        },
-    )?;
-    ensure!(crate::kube::whoami(&cluster, "web", &late)? == redis[0]);
-    ensure!(crate::kube::whoami(&cluster, "web", &vip)? == redis[0]);
-    let (code, body) = daemon.http_get("health", "/healthz")?;
-    ensure!(code == 200, "/healthz: {code} {body}");
+    others_still_serve(&cluster, &mut daemon, &redis, &vip, "wide")?;
     ensure!(
         daemon.metric("lb_unprogrammed_frontends")? == 0.0,
         "frontends left unprogrammed"
