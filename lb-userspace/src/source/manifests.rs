@@ -363,13 +363,6 @@ fn yaml_options() -> serde_saphyr::Options {
 /// One YAML (or JSON) document as a JSON value, the form Kubernetes objects
 /// deserialize from; an empty document (only a marker or comments) is `null`.
 fn parse_yaml(text: &str) -> Result<Value, serde_saphyr::Error> {
-    let has_content = text.lines().any(|line| {
-        let line = line.trim();
-        !line.is_empty() && !line.starts_with('#') && line != "---" && line != "..."
-    });
-    if !has_content {
-        return Ok(Value::Null);
-    }
     serde_saphyr::from_str_with_options(text, yaml_options())
 }
 
