@@ -1,5 +1,7 @@
 //! Arbitrary sequences of Service and EndpointSlice changes, conflicts, write
-//! failures and small capacities, through the model and the reconciler into an
+//! failures, frontends the kernel refuses and small capacities, applied as the daemon
+//! applies them (failures isolated per frontend), through the model and the
+//! reconciler into an
 //! in-memory map set that checks after every write what a concurrent connect() relies
 //! on. After every step (and a resync from the maps after a failure, as the daemon
 //! does) nothing in the maps is unreachable and every frontend that fits is exactly
@@ -9,11 +11,11 @@
 use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 
 use arbitrary::Arbitrary;
-use lb_common::addr_to_ip;
 use lb::{
     model::{Model, ObjectRef, Protocol, ServiceSpec, SliceSpec, spec},
     reconcile::{Limits, Reconciler, memory::MemoryMaps, service_key},
 };
+use lb_common::addr_to_ip;
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -36,6 +38,11 @@ enum Op {
     },
     FailNextWrites {
         after: u8,
+    },
+    /// The kernel refuses (or takes again) the writes of one ClusterIP's frontends.
+    Refuse {
+        ip: u8,
+        refused: bool,
     },
 }
 
@@ -142,22 +149,39 @@ fuzz_target!(|input: Input| {
                 maps.fail_put_at = Some(maps.puts() + 1 + (*after % 8) as usize);
                 continue;
             }
+            Op::Refuse { ip, refused } => {
+                let ip = IpAddr::from([10, 96, 0, ip % 8]);
+                if *refused {
+                    maps.refused_addrs.insert(ip);
+                } else {
+                    maps.refused_addrs.remove(&ip);
+                }
+            }
         }
         let changes = model.recompute_until(&|| false);
-        let result = rec.apply(&mut maps, &changes.frontends);
+        let mut refusals_left = 4;
+        let result = rec.apply_isolating(&mut maps, &changes.frontends, &mut refusals_left);
         maps.fail_put_at = None;
         match result {
             Err(_) => {
                 rec = adopt(limits, &maps);
                 let diff = rec.diff_all(model.frontends());
-                rec.apply(&mut maps, &diff)
+                rec.apply_isolating(&mut maps, &diff, &mut refusals_left)
                     .expect("a resync without injected failures succeeds");
             }
-            Ok(stats) if stats.freed_space() && !rec.unprogrammed().is_empty() => {
-                rec.apply(&mut maps, &rec.pending())
+            Ok(stats) if stats.freed_space() || rec.has_refused() => {
+                let mut retry = rec.pending();
+                retry.extend(rec.refused().map(|(key, f)| (key, Some(f))));
+                rec.apply_isolating(&mut maps, &retry, &mut refusals_left)
                     .expect("a retry succeeds");
             }
             Ok(_) => {}
+        }
+        for (key, _) in rec.refused() {
+            assert!(
+                maps.refused_addrs.contains(&key.ip) || refusals_left == 0,
+                "{key} refused for no reason"
+            );
         }
         assert!(maps.unreachable().is_empty(), "{:?}", maps.unreachable());
         for (key, frontend) in model.frontends() {

@@ -393,7 +393,8 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
     if unprogrammed > 0 {
         writeln!(
             out,
-            "{unprogrammed} frontends do not fit the maps (marked above); raise the --max-* flag named"
+            "{unprogrammed} frontends are not programmed (marked above, with why): raise the \
+             --max-* flag named, or see the daemon's log for what the kernel refused"
         )?;
     }
     if !snapshot.orphan_slots.is_empty() || !snapshot.unreferenced_backends.is_empty() {

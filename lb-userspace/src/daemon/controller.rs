@@ -31,7 +31,7 @@ use crate::{
     model::{
         Changes, Frontend, FrontendKey, FrontendKind, Model, NodeContext, NodeSpec, Protocol, Scope,
     },
-    reconcile::{ApplyStats, GoneBackend, Limits, Reconciler},
+    reconcile::{ApplyStats, GoneBackend, Limits, MapDump as _, Reconciler, Shortage},
     source::{Event, Kind, Object},
     warnings::Summary,
 };
@@ -41,6 +41,9 @@ const CHUNK: usize = 1024;
 /// Retry delays after a failed sync.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Frontends the kernel may refuse one by one in a sync before the rest of the sync's
+/// upserts are deferred untried (isolating each refusal reads every map back).
+const REFUSALS_PER_SYNC: usize = 16;
 
 /// Where the controller reports what it does.
 pub struct Outputs {
@@ -113,6 +116,9 @@ pub struct Controller {
     full_sync_needed: bool,
     retry_delay: Duration,
     retry_at: Option<Instant>,
+    /// When to try again the frontends the kernel refused, and the backoff after.
+    refused_retry_at: Option<Instant>,
+    refused_retry_delay: Duration,
     /// When the controller started (the `ready` line reports the time since).
     created: Instant,
     /// Trigger times of slice changes not yet in the kernel.
@@ -175,6 +181,8 @@ impl Controller {
             initialized: false,
             full_sync_needed: true,
             retry_delay: RETRY_FIRST,
+            refused_retry_at: None,
+            refused_retry_delay: RETRY_FIRST,
             retry_at: None,
             created: Instant::now(),
             triggers: Vec::new(),
@@ -359,7 +367,11 @@ impl Controller {
         if !self.kinds.is_subset(&self.listed) {
             return;
         }
-        if self.initialized && !self.full_sync_needed && self.model.pending() == 0 {
+        if self.initialized
+            && !self.full_sync_needed
+            && self.model.pending() == 0
+            && !self.refused_retry_due()
+        {
             return;
         }
         let started = Instant::now();
@@ -449,6 +461,7 @@ impl Controller {
             Ordering::Relaxed,
         );
         self.report_capacity(&stats);
+        self.schedule_refused_retry(&stats);
         self.terminate_gone(&stats.gone);
         if !self.initialized {
             self.initialized = true;
@@ -498,10 +511,36 @@ impl Controller {
 
     fn incremental_sync(&mut self) -> Result<ApplyStats, SyncError> {
         let changes = self.recompute()?;
-        let result = self.apply_chunked(changes.frontends.clone());
+        let mut frontends = changes.frontends.clone();
+        if self.refused_retry_due() {
+            // A later change of the same frontend (in `frontends`) supersedes its retry.
+            for (key, frontend) in self.reconciler.refused() {
+                frontends.entry(key).or_insert(Some(frontend));
+            }
+        }
+        let result = self.apply_chunked(frontends.clone());
         self.board
-            .update(&changes.frontends, self.reconciler.unprogrammed());
+            .update(&frontends, self.reconciler.unprogrammed());
         result
+    }
+
+    fn refused_retry_due(&self) -> bool {
+        self.refused_retry_at.is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// Schedules the next try of the frontends the kernel refused, backing off while
+    /// it keeps refusing.
+    fn schedule_refused_retry(&mut self, stats: &ApplyStats) {
+        if !self.reconciler.has_refused() {
+            self.refused_retry_at = None;
+            self.refused_retry_delay = RETRY_FIRST;
+            return;
+        }
+        if !stats.refused.is_empty() || self.refused_retry_at.is_none() {
+            let delay = self.refused_retry_delay;
+            self.refused_retry_delay = (delay * 2).min(RETRY_MAX);
+            self.refused_retry_at = Some(Instant::now() + delay);
+        }
     }
 
     /// Rebuilds the reconciler from the kernel's maps and writes what differs from the
@@ -533,12 +572,8 @@ impl Controller {
         }
         self.write_node_addrs()?;
         self.recompute()?;
-        let (services, backends, names) = self.maps.raw_entries()?;
-        let members = self.maps.affinity_members()?;
-        let (tables, ranges) = self.maps.external_entries()?;
-        self.reconciler = Reconciler::adopt(self.limits, services, backends, names, members)
-            .with_maglev_size(self.maps.maglev_size);
-        self.reconciler.adopt_external(tables, ranges);
+        self.reconciler =
+            Reconciler::from_state(self.limits, self.maps.maglev_size, self.maps.dump()?);
         let diff = self.reconciler.diff_all(self.model.frontends());
         let stats = self.apply_chunked(diff);
         let everything: BTreeMap<FrontendKey, Option<Arc<Frontend>>> = self
@@ -580,9 +615,10 @@ impl Controller {
         &mut self,
         changes: BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
     ) -> Result<ApplyStats, SyncError> {
-        let mut stats = self.apply_chunks(changes)?;
+        let mut refusals_left = REFUSALS_PER_SYNC;
+        let mut stats = self.apply_chunks(changes, &mut refusals_left)?;
         if stats.freed_space() && !self.reconciler.unprogrammed().is_empty() {
-            let retry = self.apply_chunks(self.reconciler.pending())?;
+            let retry = self.apply_chunks(self.reconciler.pending(), &mut refusals_left)?;
             stats.absorb(retry);
         }
         Ok(stats)
@@ -591,6 +627,7 @@ impl Controller {
     fn apply_chunks(
         &mut self,
         changes: BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
+        refusals_left: &mut usize,
     ) -> Result<ApplyStats, SyncError> {
         let mut total = ApplyStats::default();
         let (removals, mut upserts): (Vec<_>, Vec<_>) = changes
@@ -611,7 +648,7 @@ impl Controller {
             let chunk: BTreeMap<_, _> = rest.by_ref().take(CHUNK).collect();
             let stats = self
                 .reconciler
-                .apply(&mut self.maps, &chunk)
+                .apply_isolating(&mut self.maps, &chunk, refusals_left)
                 .map_err(|err| SyncError::Failed(anyhow!(err)))?;
             done += chunk.len();
             if done < count {
@@ -626,7 +663,34 @@ impl Controller {
     fn report_capacity(&self, stats: &ApplyStats) {
         let mut summary = Summary::default();
         let unprogrammed = self.reconciler.unprogrammed();
+        if let Some(err) = &stats.retried_after {
+            warn!(
+                "a map write failed: {err}; the maps were read back and the writes retried \
+                 (frontends the kernel still refused are listed by Service)"
+            );
+        }
+        for (key, why) in &stats.refused {
+            let Some((frontend, _)) = unprogrammed.get(key) else {
+                continue;
+            };
+            let what = if self.reconciler.is_programmed(key) {
+                "update not programmed (the previous version keeps serving)"
+            } else {
+                "not programmed"
+            };
+            summary.warn(
+                Some("kernel"),
+                &format!(
+                    "Service {}: {key}: {what}: the kernel refused its writes: {why}; \
+                     retried with backoff",
+                    frontend.service
+                ),
+            );
+        }
         for (key, shortage) in &stats.unprogrammed {
+            if *shortage == Shortage::KernelRefused {
+                continue;
+            }
             let Some((frontend, _)) = unprogrammed.get(key) else {
                 continue;
             };

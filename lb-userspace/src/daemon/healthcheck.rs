@@ -11,6 +11,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use super::slots::Slots;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     runtime::Handle,
@@ -35,9 +36,10 @@ pub struct HealthCheckServers {
     servers: BTreeMap<u16, Server>,
     /// Ports that could not be bound, reported once each.
     failed: BTreeMap<u16, ObjectRef>,
-    /// Connections open across all health-check ports: past this a new one is closed
-    /// at once, so load balancers' probes (or anyone's) cannot exhaust the daemon.
-    slots: Arc<tokio::sync::Semaphore>,
+    /// Connections open across all health-check ports: past this the oldest idle one is
+    /// closed for the new one ([`super::slots`]), so a flood (anyone's) can neither
+    /// exhaust the daemon nor lock the load balancers' probes out.
+    slots: Arc<Slots>,
 }
 
 /// Connections all health-check node ports hold at once.
@@ -52,7 +54,7 @@ impl HealthCheckServers {
             netns,
             servers: BTreeMap::new(),
             failed: BTreeMap::new(),
-            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            slots: Slots::new(MAX_CONNECTIONS),
         }
     }
 
@@ -93,17 +95,15 @@ impl HealthCheckServers {
     }
 
     fn start(&self, port: u16, check: &HealthCheck) -> anyhow::Result<Server> {
+        let _enter = self.runtime.enter();
         let listener = {
             let _netns = NetnsGuard::enter(self.netns.as_deref())?;
             // [::] takes IPv4 too (IPV6_V6ONLY is off by default).
-            std::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?
+            super::http::listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?
         };
-        listener.set_nonblocking(true)?;
         let state = Arc::new(Mutex::new(check.clone()));
         let served = state.clone();
         let slots = self.slots.clone();
-        let _enter = self.runtime.enter();
-        let listener = tokio::net::TcpListener::from_std(listener)?;
         let task = self.runtime.spawn(async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else {
@@ -111,13 +111,14 @@ impl HealthCheckServers {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 };
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    // Full: closed unanswered (dropping it).
+                let Some(mut slot) = slots.admit() else {
+                    // Every connection is being answered: closed unanswered (dropped).
                     continue;
                 };
+                slot.room().await;
+                let slot_id = slot.id();
                 let answer = response(&served.lock().expect("health state lock"));
-                tokio::spawn(async move {
-                    let _permit = permit;
+                let task = tokio::spawn(async move {
                     let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, async {
                         // The request itself does not matter (any path, any method).
                         let mut request = [0u8; 1024];
@@ -126,11 +127,13 @@ impl HealthCheckServers {
                             stream.read(&mut request),
                         )
                         .await;
+                        let _busy = slot.busy();
                         let _ = stream.write_all(answer.as_bytes()).await;
                         let _ = stream.shutdown().await;
                     })
                     .await;
                 });
+                slots.attach(slot_id, task.abort_handle());
             }
         });
         Ok(Server { state, task })
@@ -188,7 +191,7 @@ mod tests {
     }
 
     #[test]
-    fn connections_past_the_cap_are_closed_and_the_port_keeps_answering() {
+    fn a_probe_past_the_cap_is_answered_and_the_oldest_idle_connection_closed() {
         use std::io::{Read as _, Write as _};
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -207,27 +210,34 @@ mod tests {
         };
         servers.sync(&BTreeMap::from([(port, check)]));
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        // Idle connections (no request): each holds a slot for the read timeout.
-        let idle: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS)
+        // Idle connections (no request): together they take every slot.
+        let mut idle: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS)
             .map(|_| std::net::TcpStream::connect(addr).unwrap())
             .collect();
         std::thread::sleep(std::time::Duration::from_millis(500));
-        // A full request: without the cap it would be answered at once.
-        let mut extra = std::net::TcpStream::connect(addr).unwrap();
-        let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\n\r\n");
-        extra
-            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
-            .unwrap();
-        let mut got = Vec::new();
-        let _ = extra.read_to_end(&mut got);
-        assert!(got.is_empty(), "answered past the cap: {got:?}");
-        // Once the idle ones time out, the port answers again.
-        std::thread::sleep(std::time::Duration::from_secs(3));
+        // A probe is answered at once all the same...
         let mut probe = std::net::TcpStream::connect(addr).unwrap();
         probe.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+        probe
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
         let mut answer = String::new();
         probe.read_to_string(&mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        // ... because the oldest idle connection was closed for it.
+        let mut byte = [0u8; 1];
+        idle[0]
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        assert_eq!(idle[0].read(&mut byte).unwrap_or(usize::MAX), 0);
+        let newest = idle.last_mut().unwrap();
+        newest
+            .set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        assert!(
+            newest.read(&mut byte).is_err(),
+            "the newest idle one is open"
+        );
         drop(idle);
     }
 }

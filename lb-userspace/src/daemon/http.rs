@@ -28,7 +28,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-use super::metrics::{self, Metrics};
+use super::{
+    metrics::{self, Metrics},
+    slots::Slots,
+};
 
 /// What the health endpoints report, shared with the controller.
 #[derive(Debug)]
@@ -129,14 +132,31 @@ fn health_response(health: &Health, path: &str) -> Response<Full<Bytes>> {
 /// Binds `addr` before anything touches the kernel, so a busy port is a start-up error
 /// (not a silent gap, nor a datapath loaded by a daemon that then exits).
 pub async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| {
+    listen(addr).with_context(|| {
         format!("{what} server: binding {addr} (in use by another kube-proxy or lb? choose another address)")
     })
 }
 
-/// Connections one server holds at once; more are closed as they arrive. Probes and
-/// scrapes need a handful; a flood of idle connections must not exhaust the daemon's
-/// file descriptors.
+/// Connections the kernel queues for a server before it accepts them. The default
+/// (128) overflows in a burst, and a connection whose SYN is dropped waits a second to
+/// retry: longer than a probe's default timeout.
+const BACKLOG: u32 = 1024;
+
+/// A listener on `addr` with [`BACKLOG`] (in the calling thread's network namespace;
+/// needs a Tokio runtime context).
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Connections one server holds at once (see [`super::slots`]: past it, the oldest
+/// idle one is closed). Probes and scrapes need a handful; a flood of idle connections
+/// must not exhaust the daemon's file descriptors.
 pub const MAX_CONNECTIONS: usize = 256;
 /// A client has this long to send a request's headers (also between the requests of
 /// a kept-alive connection), or its connection is closed.
@@ -153,7 +173,7 @@ where
     let bound = listener.local_addr()?;
     info!(%bound, "{what} server listening");
     let handler = Arc::new(handler);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new(MAX_CONNECTIONS);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -161,15 +181,21 @@ where
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                debug!("{what} server: {MAX_CONNECTIONS} connections open; closing a new one");
+            let Some(mut slot) = slots.admit() else {
+                debug!("{what} server: {MAX_CONNECTIONS} connections answering; closing a new one");
                 continue;
             };
+            slot.room().await;
+            let slot_id = slot.id();
             let handler = handler.clone();
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
+                let slot = Arc::new(slot);
+                let in_service = slot.clone();
                 let service = service_fn(move |req: Request<Incoming>| {
                     let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(&req)) }
+                    let _busy = in_service.busy();
+                    let response = handler(&req);
+                    async move { Ok::<_, Infallible>(response) }
                 });
                 let connection = http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -182,6 +208,7 @@ where
                 }
                 drop(slot);
             });
+            slots.attach(slot_id, task.abort_handle());
         }
     });
     Ok(bound)

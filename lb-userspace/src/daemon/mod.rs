@@ -10,6 +10,7 @@ mod controller;
 mod healthcheck;
 mod http;
 mod metrics;
+mod slots;
 pub mod status;
 
 use std::{

@@ -23,7 +23,7 @@ use tracing::debug;
 use super::batch;
 
 use super::sockets::{TrackedSocket, sockets_of_gone};
-use crate::reconcile::{GoneBackend, MapSet};
+use crate::reconcile::{GoneBackend, KernelState, MapDump, MapSet};
 
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -559,6 +559,22 @@ fn dup_fd(map: &Map) -> Result<OwnedFd> {
         _ => anyhow::bail!("unexpected map type"),
     };
     Ok(data.fd().as_fd().try_clone_to_owned()?)
+}
+
+impl MapDump for KernelMaps {
+    fn dump(&self) -> Result<KernelState> {
+        let (services, backends, names) = self.raw_entries()?;
+        let members = self.affinity_members()?;
+        let (tables, ranges) = self.external_entries()?;
+        Ok(KernelState {
+            services,
+            backends,
+            names,
+            members,
+            tables,
+            ranges,
+        })
+    }
 }
 
 impl MapSet for KernelMaps {

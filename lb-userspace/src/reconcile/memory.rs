@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use anyhow::{Result, bail};
 use lb_common::{AffinityMember, Backend, SVC_F_AFFINITY, ServiceKey, ServiceValue};
 
-use super::MapSet;
+use super::{KernelState, MapDump, MapSet};
 
 #[derive(Debug, Default)]
 pub struct MemoryMaps {
@@ -25,6 +25,9 @@ pub struct MemoryMaps {
     puts: usize,
     /// Capacities, as the kernel enforces them (a write past one is an error).
     pub limits: Option<super::Limits>,
+    /// Frontend addresses whose LB_SERVICES writes fail, as a kernel out of memory
+    /// would refuse them.
+    pub refused_addrs: BTreeSet<std::net::IpAddr>,
 }
 
 impl MemoryMaps {
@@ -154,6 +157,12 @@ impl MemoryMaps {
 
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
         self.put()?;
+        if self
+            .refused_addrs
+            .contains(&lb_common::addr_to_ip(&key.addr))
+        {
+            bail!("refused (ENOMEM)");
+        }
         if let Some(limits) = self.limits
             && !self.services.contains_key(key)
             && self.services.len() >= limits.service_entries as usize
@@ -169,6 +178,19 @@ impl MemoryMaps {
         self.check_invariant(&op);
         self.log.push(op);
         Ok(())
+    }
+}
+
+impl MapDump for MemoryMaps {
+    fn dump(&self) -> Result<KernelState> {
+        Ok(KernelState {
+            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            names: self.names.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            members: self.members.iter().copied().collect(),
+            tables: self.tables.keys().copied().collect(),
+            ranges: self.ranges.iter().copied().collect(),
+        })
     }
 }
 

@@ -69,6 +69,24 @@ pub trait MapSet {
     fn delete_source_ranges(&mut self, keys: &[SourceRangeKey]) -> Result<()>;
 }
 
+/// Everything the maps hold that the reconciler keeps track of.
+#[derive(Debug, Default)]
+pub struct KernelState {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub backends: Vec<(u32, Backend)>,
+    pub names: Vec<(u32, String)>,
+    pub members: Vec<AffinityMember>,
+    /// Frontend ids that have a Maglev table.
+    pub tables: Vec<u32>,
+    pub ranges: Vec<SourceRangeKey>,
+}
+
+/// Reads back what the maps hold: after a failed write the reconciler's view is
+/// rebuilt from it.
+pub trait MapDump {
+    fn dump(&self) -> Result<KernelState>;
+}
+
 /// The `LB_SOURCE_RANGES` entries of frontend `svc_id`.
 fn wanted_ranges(svc_id: u32, frontend: &Frontend) -> BTreeSet<SourceRangeKey> {
     frontend
@@ -208,6 +226,15 @@ pub struct ApplyStats {
     pub members_deleted: usize,
     /// Maglev tables written (each replaced whole).
     pub tables_written: usize,
+    /// Maglev tables and source ranges deleted (of removed frontends, or garbage).
+    pub tables_deleted: usize,
+    pub ranges_deleted: usize,
+    /// Frontends whose writes the kernel refused, with its error; they are skipped
+    /// (listed in `unprogrammed` too) and the rest of the apply goes on.
+    pub refused: Vec<(FrontendKey, String)>,
+    /// A write failed and succeeded after the maps were read back (or the changes were
+    /// applied one by one): the first error.
+    pub retried_after: Option<String>,
 }
 
 impl ApplyStats {
@@ -225,11 +252,22 @@ impl ApplyStats {
         self.members_written += other.members_written;
         self.members_deleted += other.members_deleted;
         self.tables_written += other.tables_written;
+        self.tables_deleted += other.tables_deleted;
+        self.ranges_deleted += other.ranges_deleted;
+        self.refused.extend(other.refused);
+        if self.retried_after.is_none() {
+            self.retried_after = other.retried_after;
+        }
     }
 
     /// Whether anything was deleted (space for frontends that did not fit).
     pub fn freed_space(&self) -> bool {
-        self.frontends_deleted + self.slots_deleted + self.backends_deleted > 0
+        self.frontends_deleted
+            + self.slots_deleted
+            + self.backends_deleted
+            + self.tables_deleted
+            + self.ranges_deleted
+            > 0
     }
 
     pub fn writes(&self) -> usize {
@@ -242,6 +280,8 @@ impl ApplyStats {
             + self.members_written
             + self.members_deleted
             + self.tables_written
+            + self.tables_deleted
+            + self.ranges_deleted
     }
 }
 
@@ -334,6 +374,8 @@ pub enum Shortage {
     /// overwrite that frontend (the sources write addresses canonically; this guards
     /// the kernel against any other caller).
     AliasedAddress,
+    /// The kernel refused its writes (out of memory, say): skipped, retried later.
+    KernelRefused,
 }
 
 impl std::fmt::Display for Shortage {
@@ -352,6 +394,9 @@ impl std::fmt::Display for Shortage {
             }
             Self::AliasedAddress => {
                 "an IPv4-mapped IPv6 address, which the kernel keys as its IPv4 twin"
+            }
+            Self::KernelRefused => {
+                "the kernel refused its map writes (the error is logged); retried with backoff"
             }
         })
     }
@@ -430,6 +475,50 @@ impl Reconciler {
         }
     }
 
+    /// [`Reconciler::adopt`] and [`Reconciler::adopt_external`] of a whole dump.
+    pub fn from_state(limits: Limits, maglev_size: u32, state: KernelState) -> Self {
+        let mut this = Self::adopt(
+            limits,
+            state.services,
+            state.backends,
+            state.names,
+            state.members,
+        )
+        .with_maglev_size(maglev_size);
+        this.adopt_external(state.tables, state.ranges);
+        this
+    }
+
+    /// Rebuilds this view from the kernel's maps after a failed apply of `changes`,
+    /// keeping what the kernel cannot tell: the frontends waiting for space, the
+    /// backends draining, and which Maglev tables are current (but not those of
+    /// `changes`, whose writes may have been cut short).
+    fn rebuild<M: MapDump>(
+        &mut self,
+        maps: &M,
+        changes: &BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
+    ) -> Result<()> {
+        let state = maps
+            .dump()
+            .context("reading the maps back after a failed write")?;
+        let mut rebuilt = Self::from_state(self.limits, self.maglev_size, state);
+        rebuilt.unprogrammed = std::mem::take(&mut self.unprogrammed);
+        for (key, programmed) in &mut rebuilt.frontends {
+            let Some(old) = self.frontends.get_mut(key) else {
+                continue;
+            };
+            if old.svc_id != programmed.svc_id {
+                continue;
+            }
+            programmed.draining = std::mem::take(&mut old.draining);
+            if !changes.contains_key(key) {
+                programmed.table_for = old.table_for.take();
+            }
+        }
+        *self = rebuilt;
+        Ok(())
+    }
+
     /// The members the kernel holds for frontend `svc_id`.
     fn members_of(&self, svc_id: u32) -> BTreeSet<AffinityMember> {
         let range = AffinityMember {
@@ -447,10 +536,24 @@ impl Reconciler {
         &self.unprogrammed
     }
 
-    /// The unprogrammed frontends, as changes to try again (after space freed up).
+    /// The frontends the kernel refused, to try again.
+    pub fn refused(&self) -> impl Iterator<Item = (FrontendKey, Arc<Frontend>)> + '_ {
+        self.unprogrammed
+            .iter()
+            .filter(|(_, (_, shortage))| *shortage == Shortage::KernelRefused)
+            .map(|(key, (frontend, _))| (*key, frontend.clone()))
+    }
+
+    pub fn has_refused(&self) -> bool {
+        self.refused().next().is_some()
+    }
+
+    /// The frontends that did not fit, as changes to try again (after space freed
+    /// up). Those the kernel refused have their own retry, with backoff.
     pub fn pending(&self) -> BTreeMap<FrontendKey, Option<Arc<Frontend>>> {
         self.unprogrammed
             .iter()
+            .filter(|(_, (_, shortage))| *shortage != Shortage::KernelRefused)
             .map(|(key, (frontend, _))| (*key, Some(frontend.clone())))
             .collect()
     }
@@ -746,6 +849,84 @@ impl Reconciler {
         budget.service_entries += growth;
         budget.frontend_ids += usize::from(is_new);
         Ok(())
+    }
+
+    /// [`Reconciler::apply`], but a frontend whose writes the kernel refuses is skipped
+    /// and reported (in `refused` and `unprogrammed`) instead of failing the rest.
+    ///
+    /// After a failed apply the view is rebuilt from the kernel and the whole set tried
+    /// again once (another writer may have made the view stale; the rebuild accounts
+    /// for what it left). If that fails too, each change is applied alone, rebuilding
+    /// after each failure. `refusals_left` bounds those rebuilds (each reads every map):
+    /// once it is spent, the upserts still untried are deferred as refused, untried.
+    /// A removal the kernel refuses, or maps that cannot be read back, fail the apply.
+    pub fn apply_isolating<M: MapSet + MapDump>(
+        &mut self,
+        maps: &mut M,
+        changes: &BTreeMap<FrontendKey, Option<Arc<Frontend>>>,
+        refusals_left: &mut usize,
+    ) -> Result<ApplyStats> {
+        let first = match self.apply(maps, changes) {
+            Ok(stats) => return Ok(stats),
+            Err(err) => err,
+        };
+        self.rebuild(maps, changes)?;
+        match self.apply(maps, changes) {
+            Ok(mut stats) => {
+                stats.retried_after = Some(format!("{first:#}"));
+                return Ok(stats);
+            }
+            Err(_) => self.rebuild(maps, changes)?,
+        }
+        let mut stats = ApplyStats {
+            retried_after: Some(format!("{first:#}")),
+            ..ApplyStats::default()
+        };
+        let mut order: Vec<(&FrontendKey, &Option<Arc<Frontend>>)> = changes.iter().collect();
+        order.sort_by_key(|(key, change)| (change.as_ref().map(|f| f.admission_rank()), **key));
+        for (key, change) in order {
+            let single = BTreeMap::from([(*key, change.clone())]);
+            if *refusals_left == 0
+                && let Some(frontend) = change
+            {
+                self.refuse(
+                    &mut stats,
+                    key,
+                    frontend,
+                    "not tried: too many refusals in this sync",
+                );
+                continue;
+            }
+            match self.apply(maps, &single) {
+                Ok(applied) => stats.absorb(applied),
+                Err(err) => {
+                    self.rebuild(maps, &single)?;
+                    let Some(frontend) = change else {
+                        return Err(err.context(format!("removing frontend {key}")));
+                    };
+                    *refusals_left = refusals_left.saturating_sub(1);
+                    self.refuse(&mut stats, key, frontend, &format!("{err:#}"));
+                }
+            }
+        }
+        if !stats.refused.is_empty() {
+            // What a refused frontend's writes left behind (found by the rebuild).
+            stats.absorb(self.apply(maps, &BTreeMap::new())?);
+        }
+        Ok(stats)
+    }
+
+    fn refuse(
+        &mut self,
+        stats: &mut ApplyStats,
+        key: &FrontendKey,
+        frontend: &Arc<Frontend>,
+        why: &str,
+    ) {
+        self.unprogrammed
+            .insert(*key, (frontend.clone(), Shortage::KernelRefused));
+        stats.unprogrammed.push((*key, Shortage::KernelRefused));
+        stats.refused.push((*key, why.to_string()));
     }
 
     /// Applies frontend changes (`None` = remove) in make-before-break order. After an
@@ -1084,7 +1265,9 @@ impl Reconciler {
         maps.delete_affinity_members(&member_deletes)?;
         stats.members_deleted += member_deletes.len();
         maps.delete_maglev(&table_deletes)?;
+        stats.tables_deleted += table_deletes.len();
         maps.delete_source_ranges(&range_deletes)?;
+        stats.ranges_deleted += range_deletes.len();
         maps.delete_frontend_names(&removed_ids)?;
         for id in removed_ids {
             self.svc_ids.release(id);

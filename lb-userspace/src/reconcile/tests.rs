@@ -640,6 +640,17 @@ fn affinity_frontends_list_their_backends_as_members() {
 /// frontends that did not fit are entirely absent or at their previous version.
 #[test]
 fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
+    follow_the_model(false);
+}
+
+/// The same walk with writes the kernel keeps refusing for some frontend addresses,
+/// applied as the controller does: failures are isolated, never the whole apply.
+#[test]
+fn the_maps_follow_the_model_when_the_kernel_refuses_some_frontends() {
+    follow_the_model(true);
+}
+
+fn follow_the_model(isolating: bool) {
     use crate::model::{Model, ServiceSpec, SliceSpec, spec};
 
     let limits = small(10, 14, 36);
@@ -703,6 +714,7 @@ fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
         })
     };
     let mut failures = 0;
+    let mut refusals = 0;
     for step in 0..2000 {
         let i = next(12);
         match next(10) {
@@ -722,17 +734,51 @@ fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
         if next(4) == 0 {
             maps.fail_put_at = Some(maps.puts() + 1 + next(4) as usize);
         }
+        if isolating && next(8) == 0 {
+            // The kernel refuses one of the eight addresses for a while, or none.
+            maps.refused_addrs.clear();
+            if next(2) == 0 {
+                let ip = format!("10.96.0.{}", 10 + next(8)).parse().unwrap();
+                maps.refused_addrs.insert(ip);
+            }
+        }
         let changes = model.recompute();
-        let result = rec.apply(&mut maps, &changes.frontends);
-        maps.fail_put_at = None;
-        let freed = result.as_ref().is_ok_and(ApplyStats::freed_space);
-        if result.is_err() {
-            failures += 1;
-            rec = adopt_with(limits, &maps);
-            let diff = rec.diff_all(model.frontends());
-            rec.apply(&mut maps, &diff).unwrap();
-        } else if freed && !rec.unprogrammed().is_empty() {
-            rec.apply(&mut maps, &rec.pending()).unwrap();
+        if isolating {
+            let mut refusals_left = 2;
+            let mut stats = rec
+                .apply_isolating(&mut maps, &changes.frontends, &mut refusals_left)
+                .unwrap();
+            maps.fail_put_at = None;
+            if stats.retried_after.is_some() {
+                failures += 1;
+            }
+            // What the controller does: retry when space frees, and what was refused.
+            if stats.freed_space() || rec.has_refused() {
+                let mut retry = rec.pending();
+                retry.extend(rec.refused().map(|(k, f)| (k, Some(f))));
+                stats = rec
+                    .apply_isolating(&mut maps, &retry, &mut refusals_left)
+                    .unwrap();
+            }
+            refusals += stats.refused.len();
+            for (key, _) in &stats.refused {
+                assert!(
+                    maps.refused_addrs.contains(&key.ip) || refusals_left == 0,
+                    "step {step}: {key} refused for no reason"
+                );
+            }
+        } else {
+            let result = rec.apply(&mut maps, &changes.frontends);
+            maps.fail_put_at = None;
+            let freed = result.as_ref().is_ok_and(ApplyStats::freed_space);
+            if result.is_err() {
+                failures += 1;
+                rec = adopt_with(limits, &maps);
+                let diff = rec.diff_all(model.frontends());
+                rec.apply(&mut maps, &diff).unwrap();
+            } else if freed && !rec.unprogrammed().is_empty() {
+                rec.apply(&mut maps, &rec.pending()).unwrap();
+            }
         }
         assert!(
             maps.unreachable().is_empty(),
@@ -764,6 +810,7 @@ fn the_maps_follow_the_model_through_failures_and_capacity_limits() {
         assert!(maps.backends.len() < limits.backends as usize);
     }
     assert!(failures > 80, "only {failures} injected failures");
+    assert!(!isolating || refusals > 50, "only {refusals} refusals");
 }
 
 fn adopt_with(limits: Limits, maps: &MemoryMaps) -> Reconciler {
@@ -1014,4 +1061,130 @@ fn when_space_is_short_cluster_ips_then_older_services_win_whatever_their_keys()
     assert_eq!(stats.unprogrammed, vec![(newer.key, Shortage::Frontends)]);
     assert!(maps.services.contains_key(&service_key(&cluster_ip.key, 0)));
     assert!(maps.services.contains_key(&service_key(&older.key, 0)));
+}
+
+#[test]
+fn a_frontend_the_kernel_refuses_is_skipped_and_the_rest_programmed() {
+    let mut maps = MemoryMaps::default();
+    let mut r = Reconciler::default();
+    let a = frontend(fkey("10.96.0.1", 80), &["10.244.1.2"]);
+    let refused = frontend(fkey("10.96.0.2", 80), &["10.244.1.3", "10.244.1.4"]);
+    let c = frontend(fkey("10.96.0.3", 80), &["10.244.1.5"]);
+    maps.refused_addrs.insert(refused.key.ip);
+    let mut refusals_left = 16;
+    let stats = r
+        .apply_isolating(&mut maps, &changes([&a, &refused, &c]), &mut refusals_left)
+        .unwrap();
+    assert_eq!(refusals_left, 15);
+    assert_eq!(stats.refused.len(), 1);
+    assert_eq!(stats.refused[0].0, refused.key);
+    assert!(stats.refused[0].1.contains("ENOMEM"), "{:?}", stats.refused);
+    assert!(stats.retried_after.is_some());
+    assert_eq!(r.unprogrammed()[&refused.key].1, Shortage::KernelRefused);
+    assert!(r.has_refused());
+    for ok in [&a, &c] {
+        assert_eq!(reachable_ips(&maps, &ok.key).len(), 1, "{}", ok.key);
+    }
+    assert!(!maps.services.contains_key(&service_key(&refused.key, 0)));
+    // Its backends were written before the refusal; nothing is left behind.
+    assert!(maps.unreachable().is_empty(), "{:?}", maps.unreachable());
+    assert_eq!(r.service_entry_count(), maps.services.len());
+
+    // Once the kernel takes it, the retry programs it and forgets the refusal.
+    maps.refused_addrs.clear();
+    let retry: BTreeMap<_, _> = r.refused().map(|(k, f)| (k, Some(f))).collect();
+    let stats = r
+        .apply_isolating(&mut maps, &retry, &mut refusals_left)
+        .unwrap();
+    assert!(stats.refused.is_empty() && stats.retried_after.is_none());
+    assert_eq!(reachable_ips(&maps, &refused.key).len(), 2);
+    assert!(!r.has_refused() && r.unprogrammed().is_empty());
+}
+
+#[test]
+fn once_the_refusal_budget_is_spent_the_rest_is_deferred_untried() {
+    let mut maps = MemoryMaps::default();
+    let mut r = Reconciler::default();
+    let all: Vec<Frontend> = (1..=4)
+        .map(|i| frontend(fkey(&format!("10.96.0.{i}"), 80), &["10.244.1.2"]))
+        .collect();
+    maps.refused_addrs.insert(all[0].key.ip);
+    let mut refusals_left = 1;
+    let stats = r
+        .apply_isolating(&mut maps, &changes(&all), &mut refusals_left)
+        .unwrap();
+    assert_eq!(refusals_left, 0);
+    // The first (in admission order) was tried and refused; the rest never tried.
+    assert_eq!(stats.refused.len(), 4);
+    assert!(stats.refused[0].1.contains("ENOMEM"));
+    assert!(
+        stats.refused[1..]
+            .iter()
+            .all(|(_, why)| why.contains("not tried"))
+    );
+    assert!(maps.services.is_empty());
+    assert!(maps.unreachable().is_empty(), "{:?}", maps.unreachable());
+
+    // The next sync has a budget again and programs all but the refused one.
+    let mut refusals_left = 16;
+    let retry: BTreeMap<_, _> = r.refused().map(|(k, f)| (k, Some(f))).collect();
+    let stats = r
+        .apply_isolating(&mut maps, &retry, &mut refusals_left)
+        .unwrap();
+    assert_eq!(stats.refused.len(), 1);
+    assert_eq!(r.frontend_count(), 3);
+}
+
+/// Another writer filled LB_SOURCE_RANGES behind the reconciler's back: the write
+/// fails, the maps are read back (the strangers' entries become garbage that admission
+/// counts), the frontend waits for space rather than failing the apply, and it is
+/// programmed once the garbage is gone.
+#[test]
+fn a_stale_view_is_rebuilt_from_the_maps_and_the_write_retried() {
+    let limits = Limits {
+        source_ranges: 4,
+        ..Limits::default()
+    };
+    let mut maps = MemoryMaps::with_limits(limits);
+    let mut r = Reconciler::new(limits);
+    for i in 0..4u8 {
+        maps.ranges.insert(SourceRangeKey {
+            prefix_len: 32 + 128,
+            svc_id_be: 999u32.to_be(),
+            addr: addr_from_ip(std::net::IpAddr::from([
+                0xfe80,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                u16::from(i),
+            ])),
+        });
+    }
+    let mut lb = external("10.111.254.11", 6379, &["10.244.1.2"]);
+    lb.kind = FrontendKind::LoadBalancer;
+    lb.source_ranges = ranges(2);
+    let plain = frontend(fkey("10.96.0.3", 80), &["10.244.1.5"]);
+    let mut refusals_left = 16;
+    let stats = r
+        .apply_isolating(&mut maps, &changes([&lb, &plain]), &mut refusals_left)
+        .unwrap();
+    assert!(
+        stats
+            .retried_after
+            .as_ref()
+            .unwrap()
+            .contains("LB_SOURCE_RANGES is full")
+    );
+    assert!(stats.refused.is_empty());
+    assert_eq!(stats.unprogrammed, vec![(lb.key, Shortage::SourceRanges)]);
+    assert_eq!(reachable_ips(&maps, &plain.key).len(), 1);
+    // The strangers' entries were deleted: the waiting frontend fits now.
+    assert!(stats.freed_space());
+    let stats = r.apply(&mut maps, &r.pending()).unwrap();
+    assert!(stats.unprogrammed.is_empty());
+    assert_eq!(maps.ranges.len(), 2);
+    assert_eq!(refusals_left, 16);
 }
