@@ -10,8 +10,11 @@
 //!   node's cgroup, so a daemon attached there sees exactly this node's pods;
 //! - the kubelet reaches the API server (loopback only) through a forwarder on the
 //!   node's own 127.0.0.1:<api port>, and the API server reaches the kubelet (exec,
-//!   logs) over a veth from the machine to the node: the machine gets a /32 route to
-//!   the node's address only, from the link-local 169.254.253.1;
+//!   logs) and its pods (the pod proxy) over a veth from the machine to the node: the
+//!   machine gets routes to the node's address and its podCIDR only, from the
+//!   link-local 169.254.253.1, so nothing bound for them takes the default route out;
+//! - containerd and the kubelet get a UTS namespace with the node's name, which
+//!   hostNetwork pods share;
 //! - host settings the kubelet changes (`vm.overcommit_memory`, `kernel.panic`, ...)
 //!   are restored when the last node stops, and so is the propagation of
 //!   /sys/fs/bpf (made shared while nodes run, as on systemd hosts).
@@ -205,6 +208,8 @@ pub struct RealNode {
     pub name: String,
     pub netns: String,
     pub ipv4: Ipv4Addr,
+    /// The node's IPv4 pod range (its pods sit on its bridge).
+    pub pod_cidr: String,
     pub dir: PathBuf,
     /// The kubelet's cgroupRoot, e.g. `/lbt123w0-node1`.
     pub cgroup_root: String,
@@ -266,6 +271,7 @@ impl RealNode {
             name: node.netns.clone(),
             netns: node.netns.clone(),
             ipv4: node.ipv4,
+            pod_cidr: node.pod_cidr_v4.clone(),
             socket: dir.join("containerd.sock"),
             dir,
             cgroup_root: format!("/{}", node.netns),
@@ -385,9 +391,11 @@ impl RealNode {
         if let Some(line) = holders.lines().find(|l| !l.contains(PREFIX)) {
             bail!("{HOST_ADDRESS} is already in use on this machine: {line}");
         }
-        let route = ip(&["route", "show", "exact", &format!("{}/32", self.ipv4)])?;
-        if !route.trim().is_empty() {
-            bail!("the machine already routes {}: {route}", self.ipv4);
+        for dst in [format!("{}/32", self.ipv4), self.pod_cidr.clone()] {
+            let route = ip(&["route", "show", "exact", &dst])?;
+            if !route.trim().is_empty() {
+                bail!("the machine already routes {dst}: {route}");
+            }
         }
         ip(&[
             "link",
@@ -410,15 +418,19 @@ impl RealNode {
             "dev",
             &self.host_link,
         ])?;
-        ip(&[
-            "route",
-            "add",
-            &format!("{}/32", self.ipv4),
-            "dev",
-            &self.host_link,
-            "src",
-            &HOST_ADDRESS.to_string(),
-        ])?;
+        // The node's address, and its pods: the API server's pod proxy dials pod IPs,
+        // which must never take the machine's default route out.
+        for dst in [format!("{}/32", self.ipv4), self.pod_cidr.clone()] {
+            ip(&[
+                "route",
+                "add",
+                &dst,
+                "dev",
+                &self.host_link,
+                "src",
+                &HOST_ADDRESS.to_string(),
+            ])?;
+        }
         ip(&[
             "-n",
             &self.netns,
@@ -455,6 +467,21 @@ impl RealNode {
         let log = fs::File::create(self.dir.join(format!("logs/{name}.log")))?;
         use std::os::unix::process::CommandExt as _;
         let mut cmd = netns_command(&self.netns, None, program)?;
+        // A UTS namespace named after the node: hostNetwork pods (which share the
+        // runtime's) report the node's name as their hostname, as on a real machine.
+        let hostname = std::ffi::CString::new(self.name.as_str())?;
+        // SAFETY: only async-signal-safe calls (unshare, sethostname) between fork and
+        // exec, after netns_command's setns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::unshare(libc::CLONE_NEWUTS) != 0
+                    || libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd.args(args)
             .process_group(0)
             .stdin(Stdio::null())

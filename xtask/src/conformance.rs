@@ -26,6 +26,8 @@ use crate::{build_lb, prereqs, require_root, workspace_root};
 const AGNHOST_IMAGE: &str = "registry.k8s.io/e2e-test-images/agnhost:2.63.0";
 /// What runs: the Service specs (focus) minus what cannot run here (conformance/skip.txt).
 const DEFAULT_FOCUS: &str = r"\[sig-network\] Services";
+/// How the names of the Service specs start.
+const SERVICE_SPECS: &str = "[sig-network] Services ";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Proxy {
@@ -48,6 +50,62 @@ pub struct ConformanceArgs {
     /// Where the JUnit report and the summary go.
     #[arg(long, value_name = "DIR", default_value = "target/conformance")]
     out: PathBuf,
+    /// The subset `cargo xtask test` runs (conformance/ci.txt) in place of `--focus`.
+    #[arg(long, conflicts_with = "focus")]
+    ci: bool,
+}
+
+impl ConformanceArgs {
+    /// The subset of `cargo xtask test`, with lb.
+    pub fn ci() -> Self {
+        Self {
+            proxy: Proxy::Lb,
+            focus: DEFAULT_FOCUS.to_string(),
+            out: PathBuf::from("target/conformance-ci"),
+            ci: true,
+        }
+    }
+}
+
+/// The CI subset: the spec names conformance/ci.txt lists.
+fn ci_specs() -> Result<Vec<String>> {
+    let path = workspace_root().join("conformance/ci.txt");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut names = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once(" # ") {
+            Some((name, why)) if !why.trim().is_empty() => names.push(name.trim().to_string()),
+            _ => bail!(
+                "{}: every entry says what it shows: {line:?}",
+                path.display()
+            ),
+        }
+    }
+    if names.is_empty() {
+        bail!("{} lists no spec", path.display());
+    }
+    Ok(names)
+}
+
+/// A focus on exactly the Service specs `names`.
+fn focus_on(names: &[String]) -> String {
+    let escaped: Vec<String> = names.iter().map(|n| regex_escape(n)).collect();
+    format!(r"{DEFAULT_FOCUS} ({})", escaped.join("|"))
+}
+
+/// `text` matched literally by a Go regular expression.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if r"\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The committed skip list: `regex  # reason` per line.
@@ -180,7 +238,42 @@ impl Drop for ClusterDns {
 }
 
 /// Hosts-file lines for a `kubectl get services,endpointslices -o json` list.
+/// An ExternalName Service whose target is a name listed here gets its target's
+/// addresses (a hosts file cannot hold a CNAME; clients see the same addresses).
 fn dns_records(list: &serde_json::Value) -> String {
+    let lines = address_records(list);
+    let mut by_name: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for line in &lines {
+        if let Some((ip, name)) = line.split_once(' ') {
+            by_name.entry(name).or_default().push(ip);
+        }
+    }
+    let mut aliases = std::collections::BTreeSet::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        if item["kind"] != "Service" || item["spec"]["type"] != "ExternalName" {
+            continue;
+        }
+        let ns = item["metadata"]["namespace"].as_str().unwrap_or("");
+        let name = item["metadata"]["name"].as_str().unwrap_or("");
+        let target = item["spec"]["externalName"].as_str().unwrap_or("");
+        for ip in by_name
+            .get(target.trim_end_matches('.'))
+            .into_iter()
+            .flatten()
+        {
+            aliases.insert(format!("{ip} {name}.{ns}.svc.cluster.local"));
+        }
+    }
+    lines
+        .iter()
+        .chain(&aliases)
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// `<address> <name>` for every Service's ClusterIPs and headless Services' ready
+/// endpoints.
+fn address_records(list: &serde_json::Value) -> std::collections::BTreeSet<String> {
     let items = list["items"].as_array().cloned().unwrap_or_default();
     let mut lines = std::collections::BTreeSet::new();
     for item in &items {
@@ -222,7 +315,7 @@ fn dns_records(list: &serde_json::Value) -> String {
             _ => {}
         }
     }
-    lines.into_iter().map(|l| l + "\n").collect()
+    lines
 }
 
 /// kube-proxy processes, one per node, stopped on drop.
@@ -258,40 +351,149 @@ fn start_kube_proxies(nodes: &[RealNode], mode: &str, out: &Path) -> Result<Kube
     Ok(KubeProxies(children))
 }
 
-/// Counts of a JUnit report: (passed, failed, skipped), and the failed specs' names.
-fn summarize(junit: &str) -> (usize, usize, usize, Vec<String>) {
-    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
-    let mut failures = Vec::new();
-    for case in junit.split("<testcase ").skip(1) {
-        let name = case
-            .split("name=\"")
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Passed,
+    Failed,
+    Skipped,
+}
+
+impl Outcome {
+    fn word(self) -> &'static str {
+        match self {
+            Self::Passed => "passed",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+/// The Service specs of a JUnit report: name (without `[It] `), outcome, seconds.
+/// e2e.test reports every spec it has (7 900), those outside the focus as skipped.
+fn specs(junit: &str) -> Vec<(String, Outcome, f64)> {
+    let attribute = |case: &str, name: &str| {
+        case.split(&format!(" {name}=\""))
             .nth(1)
             .and_then(|r| r.split('"').next())
             .unwrap_or("")
+            .to_string()
+    };
+    let mut out = Vec::new();
+    for case in junit.split("<testcase").skip(1) {
+        let name = attribute(case, "name")
             .replace("&#39;", "'")
             .replace("&quot;", "\"")
             .replace("&amp;", "&");
         // Suite setup and reports are testcases too; only specs count.
-        if !name.starts_with("[It] ") {
+        let Some(name) = name
+            .strip_prefix("[It] ")
+            .filter(|n| n.starts_with(SERVICE_SPECS))
+        else {
             continue;
-        }
-        let name = name.trim_start_matches("[It] ").to_string();
+        };
         let body = case.split("</testcase>").next().unwrap_or(case);
-        let status = case
-            .split("status=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("");
-        if status == "skipped" || body.contains("<skipped") {
-            skipped += 1;
+        let status = attribute(case, "status");
+        let outcome = if status == "skipped" || body.contains("<skipped") {
+            Outcome::Skipped
         } else if status == "failed" || body.contains("<failure") || body.contains("<error") {
-            failed += 1;
-            failures.push(name);
+            Outcome::Failed
         } else {
-            passed += 1;
+            Outcome::Passed
+        };
+        let seconds = attribute(case, "time").parse().unwrap_or(0.0);
+        out.push((name.to_string(), outcome, seconds));
+    }
+    out
+}
+
+/// Counts of a JUnit report: (passed, failed, skipped), and the failed specs' names.
+fn summarize(junit: &str, only: &[String]) -> (usize, usize, usize, Vec<String>) {
+    let mut specs = specs(junit);
+    if !only.is_empty() {
+        specs.retain(|(name, ..)| only.iter().any(|o| name[SERVICE_SPECS.len()..] == *o));
+    }
+    let count = |o: Outcome| specs.iter().filter(|s| s.1 == o).count();
+    let failures = specs
+        .iter()
+        .filter(|s| s.1 == Outcome::Failed)
+        .map(|s| s.0.clone())
+        .collect();
+    (
+        count(Outcome::Passed),
+        count(Outcome::Failed),
+        count(Outcome::Skipped),
+        failures,
+    )
+}
+
+/// The report directories of the proxies, in table order, with their column titles.
+const COLUMNS: [(&str, &str); 3] = [
+    ("lb", "lb"),
+    ("kubeproxynftables", "kube-proxy nftables"),
+    ("kubeproxyiptables", "kube-proxy iptables"),
+];
+
+/// The JUnit report e2e.test wrote in `dir`, if any.
+fn junit_report(dir: &Path) -> Result<Option<String>> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    Ok(entries
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("junit"))
+        .map(|e| fs::read_to_string(e.path()))
+        .transpose()?)
+}
+
+/// A markdown table of every spec that ran (or was skipped) under any proxy with a
+/// report in `out`, one column per proxy, with each column's totals.
+fn results_table(out: &Path) -> Result<String> {
+    let mut by_spec: BTreeMap<String, BTreeMap<usize, (Outcome, f64)>> = BTreeMap::new();
+    let mut present = Vec::new();
+    for (column, (dir, _)) in COLUMNS.iter().enumerate() {
+        let Some(junit) = junit_report(&out.join(dir))? else {
+            continue;
+        };
+        present.push(column);
+        for (name, outcome, seconds) in specs(&junit) {
+            by_spec
+                .entry(name)
+                .or_default()
+                .insert(column, (outcome, seconds));
         }
     }
-    (passed, failed, skipped, failures)
+    let mut table = String::from("| spec |");
+    for &column in &present {
+        table.push_str(&format!(" {} |", COLUMNS[column].1));
+    }
+    table.push_str("\n|---|");
+    table.push_str(&"---|".repeat(present.len()));
+    table.push('\n');
+    let mut totals = vec![[0usize; 3]; COLUMNS.len()];
+    for (name, results) in &by_spec {
+        table.push_str(&format!("| {} |", name.replace('|', "\\|")));
+        for &column in &present {
+            match results.get(&column) {
+                Some((outcome, seconds)) => {
+                    totals[column][*outcome as usize] += 1;
+                    if *outcome == Outcome::Skipped {
+                        table.push_str(" skipped |");
+                    } else {
+                        table.push_str(&format!(" {} ({seconds:.0} s) |", outcome.word()));
+                    }
+                }
+                None => table.push_str(" not run |"),
+            }
+        }
+        table.push('\n');
+    }
+    table.push_str("| **total** (passed / failed / skipped) |");
+    for &column in &present {
+        let [passed, failed, skipped] = totals[column];
+        table.push_str(&format!(" {passed} / {failed} / {skipped} |"));
+    }
+    table.push('\n');
+    Ok(table)
 }
 
 pub fn run(args: ConformanceArgs) -> Result<()> {
@@ -347,7 +549,37 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
         Proxy::KubeProxyIptables => Some(start_kube_proxies(&nodes, "iptables", &out)?),
     };
 
-    eprintln!("==> e2e.test --ginkgo.focus={:?}", args.focus);
+    let ci_specs = if args.ci { ci_specs()? } else { Vec::new() };
+    let focus = if args.ci {
+        focus_on(&ci_specs)
+    } else {
+        args.focus.clone()
+    };
+    if args.ci {
+        // Each entry must name exactly one upstream spec (a typo would drop it).
+        let wanted = ci_specs.len();
+        let dry = Command::new(&e2e)
+            .args([
+                &format!("--ginkgo.focus={focus}"),
+                "--ginkgo.dry-run",
+                "--ginkgo.no-color",
+            ])
+            .output()
+            .context("e2e.test --ginkgo.dry-run")?;
+        let text = String::from_utf8_lossy(&dry.stdout);
+        let matched = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Will run "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<usize>().ok());
+        if matched != Some(wanted) {
+            bail!(
+                "conformance/ci.txt names {wanted} specs; e2e.test matches {matched:?} (a name \
+                 that is not upstream's, or one that matches several)"
+            );
+        }
+    }
+    eprintln!("==> e2e.test --ginkgo.focus={focus:?}");
     let report_dir = out.join(format!("{:?}", args.proxy).to_lowercase());
     let _ = fs::remove_dir_all(&report_dir);
     fs::create_dir_all(&report_dir)?;
@@ -363,7 +595,7 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
             "--provider=local",
             &format!("--kubectl-path={}", kubectl.display()),
             &format!("--report-dir={}", report_dir.display()),
-            &format!("--ginkgo.focus={}", args.focus),
+            &format!("--ginkgo.focus={focus}"),
             &format!("--ginkgo.skip={skip}"),
             "--ginkgo.no-color",
             "--ginkgo.timeout=2h",
@@ -374,13 +606,9 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
         .status()
         .context("running e2e.test")?;
     let elapsed = started.elapsed();
-    let junit = fs::read_dir(&report_dir)?
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("junit"))
-        .map(|e| fs::read_to_string(e.path()))
-        .transpose()?
-        .context("e2e.test wrote no JUnit report")?;
-    let (passed, failed, skipped, failures) = summarize(&junit);
+    let junit = junit_report(&report_dir)?.context("e2e.test wrote no JUnit report")?;
+    fs::write(out.join("table.md"), results_table(&out)?)?;
+    let (passed, failed, skipped, failures) = summarize(&junit, &ci_specs);
     let mut summary = format!(
         "{:?}: {passed} passed, {failed} failed, {skipped} skipped in {:.0} s (e2e.test exit {status})\n",
         args.proxy,
@@ -422,10 +650,87 @@ mod tests {
 <testcase name="[It] [sig-network] Services a" status="passed"></testcase>
 <testcase name="[It] [sig-network] Services b" status="failed"><failure>x</failure></testcase>
 <testcase name="[It] [sig-network] Services c" status="skipped"><skipped message="s"></skipped></testcase>
+<testcase name="[It] [sig-apps] Deployment d" status="skipped"><skipped message="skipped"></skipped></testcase>
 </testsuite></testsuites>"#;
-        let (passed, failed, skipped, failures) = summarize(junit);
+        let (passed, failed, skipped, failures) = summarize(junit, &[]);
         assert_eq!((passed, failed, skipped), (1, 1, 1));
         assert_eq!(failures, ["[sig-network] Services b"]);
+        let only = ["a".to_string(), "c".to_string()];
+        assert_eq!(summarize(junit, &only), (1, 0, 1, vec![]));
+    }
+
+    #[test]
+    fn dns_records_cover_cluster_ips_headless_endpoints_and_external_names() {
+        let list = serde_json::json!({"items": [
+            {"kind": "Service", "metadata": {"namespace": "n", "name": "web"},
+             "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.5", "clusterIPs": ["10.96.0.5"]}},
+            {"kind": "Service", "metadata": {"namespace": "n", "name": "db"},
+             "spec": {"type": "ClusterIP", "clusterIP": "None", "clusterIPs": ["None"]}},
+            {"kind": "EndpointSlice", "metadata": {"namespace": "n",
+              "labels": {"kubernetes.io/service-name": "db"}},
+             "endpoints": [
+                {"addresses": ["10.244.1.7"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.8"], "conditions": {"ready": false}}]},
+            {"kind": "Service", "metadata": {"namespace": "n", "name": "alias"},
+             "spec": {"type": "ExternalName", "externalName": "web.n.svc.cluster.local."}},
+            {"kind": "Service", "metadata": {"namespace": "n", "name": "outside"},
+             "spec": {"type": "ExternalName", "externalName": "example.com"}},
+        ]});
+        assert_eq!(
+            dns_records(&list),
+            "10.244.1.7 db.n.svc.cluster.local\n\
+             10.96.0.5 web.n.svc.cluster.local\n\
+             10.96.0.5 alias.n.svc.cluster.local\n"
+        );
+    }
+
+    #[test]
+    fn results_of_several_proxies_make_one_table() {
+        let out = std::env::temp_dir().join(format!("lbt-conformance-{}", std::process::id()));
+        let case = |name: &str, status: &str, time: f64| {
+            format!(r#"<testcase name="[It] {name}" status="{status}" time="{time}"></testcase>"#)
+        };
+        for (dir, cases) in [
+            (
+                "lb",
+                [
+                    case("[sig-network] Services a", "passed", 3.2),
+                    case("[sig-network] Services b", "failed", 40.0),
+                ],
+            ),
+            (
+                "kubeproxyiptables",
+                [
+                    case("[sig-network] Services a", "passed", 2.9),
+                    case("[sig-network] Services c", "skipped", 0.0),
+                ],
+            ),
+        ] {
+            fs::create_dir_all(out.join(dir)).unwrap();
+            let junit = format!(
+                "<testsuites><testsuite>{}</testsuite></testsuites>",
+                cases.join("\n")
+            );
+            fs::write(out.join(dir).join("junit_01.xml"), junit).unwrap();
+        }
+        let table = results_table(&out).unwrap();
+        fs::remove_dir_all(&out).unwrap();
+        assert_eq!(
+            table,
+            "| spec | lb | kube-proxy iptables |\n\
+             |---|---|---|\n\
+             | [sig-network] Services a | passed (3 s) | passed (3 s) |\n\
+             | [sig-network] Services b | failed (40 s) | not run |\n\
+             | [sig-network] Services c | not run | skipped |\n\
+             | **total** (passed / failed / skipped) | 1 / 1 / 0 | 1 / 0 / 1 |\n"
+        );
+    }
+
+    #[test]
+    fn the_ci_subset_becomes_an_escaped_focus() {
+        let focus = focus_on(&ci_specs().unwrap());
+        assert!(focus.contains(r"should serve a basic endpoint from pods \[Conformance\]"));
+        assert_eq!(regex_escape("a (b) [c]"), r"a \(b\) \[c\]");
     }
 
     #[test]

@@ -640,6 +640,13 @@ fn test_task() -> Result<()> {
         "end-to-end tests (real kernel, real control plane)",
         cargo().args(["test", "-p", "lb-userspace", "--test", "e2e"]),
     )?;
+    eprintln!("==> upstream Service specs on two real nodes (conformance/ci.txt)");
+    let upstream = Instant::now();
+    conformance::run(conformance::ConformanceArgs::ci())?;
+    eprintln!(
+        "    upstream Service specs: ok in {:.1?}",
+        upstream.elapsed()
+    );
     eprintln!("==> kernel-compatibility suite (Linux {})", vm::KERNEL);
     let guest = Instant::now();
     vm::run_suite(vm::KERNEL)?;
