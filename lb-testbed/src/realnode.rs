@@ -863,6 +863,20 @@ pub fn cleanup_leftovers() -> Vec<String> {
             removed.push(format!("real node directory {text}"));
         }
     }
+    // Management links whose node namespace outlived its run (the kernel keeps a
+    // namespace while anything refers to it; the machine's side still routes to it).
+    if let Ok(links) = ip(&["-o", "link", "show"]) {
+        for name in links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n))
+            .filter(|n| n.starts_with(&format!("{PREFIX}m")))
+        {
+            if ip(&["link", "del", name]).is_ok() {
+                removed.push(format!("management link {name}"));
+            }
+        }
+    }
     if restore_leftover_settings() {
         removed.push("the kubelet's sysctls and /sys/fs/bpf's propagation, restored".into());
     }

@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeMap,
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -341,14 +342,69 @@ fn start_kube_proxies(nodes: &[RealNode], mode: &str, out: &Path) -> Result<Kube
             &format!("--hostname-override={}", node.name),
             &format!("--proxy-mode={mode}"),
             "--cluster-cidr=10.244.0.0/16",
+            // nf_conntrack_max belongs to the machine (read-only in a node's network
+            // namespace): leave it as it is.
+            "--conntrack-max-per-core=0",
             "--v=1",
         ])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
+        // Pods share their node's bridge: a reply from a backend on the client's own
+        // node is bridged, and only reaches the NAT's conntrack with br_netfilter on,
+        // as kubeadm requires of every node (per network namespace since Linux 5.3).
+        for family in ["iptables", "ip6tables"] {
+            let status = Command::new("ip")
+                .args(["netns", "exec", &node.netns, "sysctl", "-qw"])
+                .arg(format!("net.bridge.bridge-nf-call-{family}=1"))
+                .status()?;
+            if !status.success() {
+                bail!("cannot turn on net.bridge.bridge-nf-call-{family} (modprobe br_netfilter)");
+            }
+        }
         children.push(cmd.spawn().context("starting kube-proxy")?);
     }
-    Ok(KubeProxies(children))
+    let mut proxies = KubeProxies(children);
+    // Fail now, not after 20 minutes of failing specs, if kube-proxy cannot run here.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (node, child) in nodes.iter().zip(&mut proxies.0) {
+        let log = out.join(format!("kube-proxy-{}.log", node.name));
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!(
+                    "kube-proxy on {} exited ({status}); see {}",
+                    node.name,
+                    log.display()
+                );
+            }
+            if healthz_ok(SocketAddr::from((node.ipv4, 10256))) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-proxy on {} is not healthy after 60 s; see {}",
+                    node.name,
+                    log.display()
+                );
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+    Ok(proxies)
+}
+
+/// Whether `addr` answers `GET /healthz` with 200.
+fn healthz_ok(addr: SocketAddr) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut answer = String::new();
+    stream.write_all(request.as_bytes()).is_ok()
+        && stream.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.1 200")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
