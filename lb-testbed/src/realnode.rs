@@ -36,7 +36,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    PREFIX, cgroup2_root, forward::Forwarder, ip, k8s::ControlPlane, netns_command, world::NodeNet,
+    PREFIX, SERVICE_RANGE_V4, SERVICE_RANGE_V6, cgroup2_root, forward::Forwarder, ip,
+    k8s::ControlPlane, netns_command, world::NodeNet,
 };
 
 /// The machine's side of every node's management veth: link-local, so it cannot be
@@ -295,6 +296,7 @@ impl RealNode {
         cluster_dns: bool,
     ) -> Result<()> {
         self.plug_management_link()?;
+        self.discard_service_ranges()?;
         self.make_cgroup_root()?;
         let dir = self.dir.clone();
         let d = |p: &str| dir.join(p).display().to_string();
@@ -418,19 +420,30 @@ impl RealNode {
             "dev",
             &self.host_link,
         ])?;
-        // The node's address, and its pods: the API server's pod proxy dials pod IPs,
-        // which must never take the machine's default route out.
-        for dst in [format!("{}/32", self.ipv4), self.pod_cidr.clone()] {
-            ip(&[
-                "route",
-                "add",
-                &dst,
-                "dev",
-                &self.host_link,
-                "src",
-                &HOST_ADDRESS.to_string(),
-            ])?;
-        }
+        // The node's address, and its pods through it (the node answers ARP for its own
+        // address only): the API server's pod proxy dials pod IPs, which must never
+        // take the machine's default route out.
+        ip(&[
+            "route",
+            "add",
+            &format!("{}/32", self.ipv4),
+            "dev",
+            &self.host_link,
+            "src",
+            &HOST_ADDRESS.to_string(),
+        ])?;
+        ip(&[
+            "route",
+            "add",
+            &self.pod_cidr,
+            "via",
+            &self.ipv4.to_string(),
+            "dev",
+            &self.host_link,
+            "src",
+            &HOST_ADDRESS.to_string(),
+            "onlink",
+        ])?;
         ip(&[
             "-n",
             &self.netns,
@@ -440,6 +453,32 @@ impl RealNode {
             "dev",
             "mgmt0",
         ])?;
+        Ok(())
+    }
+
+    /// The World blackholes the service ranges in the node's namespace. A blackhole
+    /// route fails a packet at the routing decision, before the netfilter hooks that
+    /// follow it, where kube-proxy rejects connections to Services without endpoints
+    /// and translates the node's own (hostNetwork) connections. A route to an ifb
+    /// device discards just the same (ifb drops what tc did not redirect to it; this
+    /// kernel has no dummy driver), but only after those hooks, as a real node's
+    /// default route would carry the packet on.
+    fn discard_service_ranges(&self) -> Result<()> {
+        let ns = self.netns.as_str();
+        ip(&["-n", ns, "link", "add", "svcdiscard", "type", "ifb"])?;
+        ip(&["-n", ns, "link", "set", "svcdiscard", "up"])?;
+        for (family, range) in [("-4", SERVICE_RANGE_V4), ("-6", SERVICE_RANGE_V6)] {
+            ip(&[
+                "-n",
+                ns,
+                family,
+                "route",
+                "replace",
+                range,
+                "dev",
+                "svcdiscard",
+            ])?;
+        }
         Ok(())
     }
 
