@@ -15,6 +15,8 @@
 //!   link-local 169.254.253.1, so nothing bound for them takes the default route out;
 //! - containerd and the kubelet get a UTS namespace with the node's name, which
 //!   hostNetwork pods share;
+//! - the service ranges, blackholed by the World, are routed to a discarding device
+//!   instead, so the netfilter hooks after routing run as on a real node;
 //! - host settings the kubelet changes (`vm.overcommit_memory`, `kernel.panic`, ...)
 //!   are restored when the last node stops, and so is the propagation of
 //!   /sys/fs/bpf (made shared while nodes run, as on systemd hosts).
