@@ -31,7 +31,7 @@ use crate::{
     model::{
         Changes, Frontend, FrontendKey, FrontendKind, Model, NodeContext, NodeSpec, Protocol, Scope,
     },
-    reconcile::{ApplyStats, GoneBackend, Limits, MapDump as _, Reconciler, Shortage},
+    reconcile::{ApplyStats, GoneBackend, Limits, MapDump as _, Reconciler},
     source::{Event, Kind, Object},
     warnings::Summary,
 };
@@ -669,28 +669,12 @@ impl Controller {
                  (frontends the kernel still refused are listed by Service)"
             );
         }
-        for (key, why) in &stats.refused {
-            let Some((frontend, _)) = unprogrammed.get(key) else {
-                continue;
-            };
-            let what = if self.reconciler.is_programmed(key) {
-                "update not programmed (the previous version keeps serving)"
-            } else {
-                "not programmed"
-            };
-            summary.warn(
-                Some("kernel"),
-                &format!(
-                    "Service {}: {key}: {what}: the kernel refused its writes: {why}; \
-                     retried with backoff",
-                    frontend.service
-                ),
-            );
-        }
+        let refusals: BTreeMap<&FrontendKey, &str> = stats
+            .refused
+            .iter()
+            .map(|(key, why)| (key, why.as_str()))
+            .collect();
         for (key, shortage) in &stats.unprogrammed {
-            if *shortage == Shortage::KernelRefused {
-                continue;
-            }
             let Some((frontend, _)) = unprogrammed.get(key) else {
                 continue;
             };
@@ -699,12 +683,19 @@ impl Controller {
             } else {
                 "not programmed"
             };
-            summary.warn(
-                Some("capacity"),
-                &format!(
-                    "Service {}: {key}: {what}: {shortage}; retried when space frees up",
-                    frontend.service
+            let (shape, why) = match refusals.get(key) {
+                Some(why) => (
+                    "kernel",
+                    format!("the kernel refused its writes: {why}; retried with backoff"),
                 ),
+                None => (
+                    "capacity",
+                    format!("{shortage}; retried when space frees up"),
+                ),
+            };
+            summary.warn(
+                Some(shape),
+                &format!("Service {}: {key}: {what}: {why}", frontend.service),
             );
         }
         summary.finish();

@@ -103,6 +103,21 @@ impl Cluster {
         self.cp.kubectl(&all)
     }
 
+    /// Writes `ip` as the load-balancer address in Service `name`'s status, as a cloud
+    /// controller would.
+    pub fn set_load_balancer_ip(&self, name: &str, ip: &str) -> Result<()> {
+        let status = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}});
+        self.kubectl(&[
+            "patch",
+            "service",
+            name,
+            "--subresource=status",
+            "-p",
+            &status.to_string(),
+        ])?;
+        Ok(())
+    }
+
     /// `kubectl apply -f -` in the test's namespace.
     pub fn apply(&self, yaml: &str) -> Result<String> {
         self.cp

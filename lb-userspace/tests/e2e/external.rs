@@ -89,14 +89,7 @@ spec:
         "--port=6379",
         "--name=redis-np",
     ])?;
-    cluster.kubectl(&[
-        "patch",
-        "service",
-        "redis-lb",
-        "--subresource=status",
-        "-p",
-        &format!(r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{LB_IP}"}}]}}}}}}"#),
-    ])?;
+    cluster.set_load_balancer_ip("redis-lb", LB_IP)?;
     let names = cluster.wait_ready("app=redis", 2)?;
     let ips = pod_ips_of(&cluster, "app=redis", &names)?;
     cluster.wait_ready("role=client", 1)?;
@@ -381,14 +374,7 @@ spec:
 "#
     ));
     cluster.apply(&manifest)?;
-    cluster.kubectl(&[
-        "patch",
-        "service",
-        "redis-local",
-        "--subresource=status",
-        "-p",
-        &format!(r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{OUTSIDE_LB_IP}"}}]}}}}}}"#),
-    ])?;
+    cluster.set_load_balancer_ip("redis-local", OUTSIDE_LB_IP)?;
     let names = cluster.wait_ready("app=redis", 5)?;
     let on_a: BTreeSet<String> = cluster.wait_ready("side=a", 3)?.into_iter().collect();
     cluster.wait_ready("app=dns", 1)?;

@@ -184,14 +184,7 @@ fn seventy_thousand_source_ranges() -> Result<()> {
     cluster
         .cp
         .kubectl_with_input(&["create", "-f", "-"], Some(&service.to_string()))?;
-    cluster.kubectl(&[
-        "patch",
-        "service",
-        "ranges",
-        "--subresource=status",
-        "-p",
-        r#"{"status":{"loadBalancer":{"ingress":[{"ip":"198.51.100.50"}]}}}"#,
-    ])?;
+    cluster.set_load_balancer_ip("ranges", "198.51.100.50")?;
     let shortage = "LB_SOURCE_RANGES cannot hold its loadBalancerSourceRanges";
     daemon.wait_for_log(shortage, slow(std::time::Duration::from_secs(30)))?;
     let log = daemon.log_text();
@@ -249,14 +242,7 @@ spec:
   loadBalancerSourceRanges: [11.0.0.0/24]
 "#
     ))?;
-    cluster.kubectl(&[
-        "patch",
-        "service",
-        "frozen",
-        "--subresource=status",
-        "-p",
-        r#"{"status":{"loadBalancer":{"ingress":[{"ip":"198.51.100.51"}]}}}"#,
-    ])?;
+    cluster.set_load_balancer_ip("frozen", "198.51.100.51")?;
     let refused = "the kernel refused its writes";
     let slow_wait = slow(std::time::Duration::from_secs(30));
     daemon.wait_for_log(refused, slow_wait)?;
