@@ -243,7 +243,8 @@ fn capacity_overflow() -> Result<()> {
     }
     let human = daemon.list_text()?;
     ensure!(
-        human.matches("NOT PROGRAMMED").count() == 5 && human.contains("5 frontends do not fit"),
+        human.matches("NOT PROGRAMMED").count() == 5
+            && human.contains("5 frontends are not programmed"),
         "{human}"
     );
     let (_, metrics) = daemon.http_get("metrics", "/metrics")?;
