@@ -70,23 +70,12 @@ impl ConformanceArgs {
 
 /// The CI subset: the spec names conformance/ci.txt lists.
 fn ci_specs() -> Result<Vec<String>> {
-    let path = workspace_root().join("conformance/ci.txt");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut names = Vec::new();
-    for line in text.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        match line.split_once(" # ") {
-            Some((name, why)) if !why.trim().is_empty() => names.push(name.trim().to_string()),
-            _ => bail!(
-                "{}: every entry says what it shows: {line:?}",
-                path.display()
-            ),
-        }
-    }
+    let names: Vec<String> = annotated_list("conformance/ci.txt")?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     if names.is_empty() {
-        bail!("{} lists no spec", path.display());
+        bail!("conformance/ci.txt lists no spec");
     }
     Ok(names)
 }
@@ -111,17 +100,25 @@ fn regex_escape(text: &str) -> String {
 
 /// The committed skip list: `regex  # reason` per line.
 fn skip_list() -> Result<Vec<(String, String)>> {
-    let path = workspace_root().join("conformance/skip.txt");
+    annotated_list("conformance/skip.txt")
+}
+
+/// A committed list of `entry  # why` lines (blank lines and `#` comments aside):
+/// every entry must say why it is there.
+fn annotated_list(file: &str) -> Result<Vec<(String, String)>> {
+    let path = workspace_root().join(file);
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
     for line in text.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let Some((pattern, reason)) = line.split_once(" # ") else {
-            bail!("{}: every entry needs a reason: {line:?}", path.display());
-        };
-        out.push((pattern.trim().to_string(), reason.trim().to_string()));
+        match line.split_once(" # ") {
+            Some((entry, why)) if !why.trim().is_empty() => {
+                out.push((entry.trim().to_string(), why.trim().to_string()));
+            }
+            _ => bail!("{}: every entry needs a reason: {line:?}", path.display()),
+        }
     }
     Ok(out)
 }
