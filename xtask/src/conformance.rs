@@ -567,6 +567,38 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
         .context("no Kubernetes binaries")?
         .join("kubectl");
 
+    let ci_specs = if args.ci { ci_specs()? } else { Vec::new() };
+    let focus = if args.ci {
+        focus_on(&ci_specs)
+    } else {
+        args.focus.clone()
+    };
+    if args.ci {
+        // Each entry must name exactly one upstream spec (a typo would drop it);
+        // checked before any image or node is built.
+        let wanted = ci_specs.len();
+        let dry = Command::new(&e2e)
+            .args([
+                &format!("--ginkgo.focus={focus}"),
+                "--ginkgo.dry-run",
+                "--ginkgo.no-color",
+            ])
+            .output()
+            .context("e2e.test --ginkgo.dry-run")?;
+        let text = String::from_utf8_lossy(&dry.stdout);
+        let matched = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Will run "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<usize>().ok());
+        if matched != Some(wanted) {
+            bail!(
+                "conformance/ci.txt names {wanted} specs; e2e.test matches {matched:?} (a name \
+                 that is not upstream's, or one that matches several)"
+            );
+        }
+    }
+
     eprintln!("==> images");
     let images_dir = out.join("images");
     fs::create_dir_all(&images_dir)?;
@@ -602,36 +634,6 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
         Proxy::KubeProxyIptables => Some(start_kube_proxies(&nodes, "iptables", &out)?),
     };
 
-    let ci_specs = if args.ci { ci_specs()? } else { Vec::new() };
-    let focus = if args.ci {
-        focus_on(&ci_specs)
-    } else {
-        args.focus.clone()
-    };
-    if args.ci {
-        // Each entry must name exactly one upstream spec (a typo would drop it).
-        let wanted = ci_specs.len();
-        let dry = Command::new(&e2e)
-            .args([
-                &format!("--ginkgo.focus={focus}"),
-                "--ginkgo.dry-run",
-                "--ginkgo.no-color",
-            ])
-            .output()
-            .context("e2e.test --ginkgo.dry-run")?;
-        let text = String::from_utf8_lossy(&dry.stdout);
-        let matched = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Will run "))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse::<usize>().ok());
-        if matched != Some(wanted) {
-            bail!(
-                "conformance/ci.txt names {wanted} specs; e2e.test matches {matched:?} (a name \
-                 that is not upstream's, or one that matches several)"
-            );
-        }
-    }
     eprintln!("==> e2e.test --ginkgo.focus={focus:?}");
     let report_dir = out.join(format!("{:?}", args.proxy).to_lowercase());
     let _ = fs::remove_dir_all(&report_dir);
