@@ -67,6 +67,24 @@ impl Image {
         Ok(self)
     }
 
+    /// Debian's static busybox at `/bin/busybox` and a link to it for each of its
+    /// applets, but for the paths in `except` (tools the image brings its own of).
+    pub fn add_busybox(&mut self, except: &[&str]) -> Result<&mut Self> {
+        self.add_program(Path::new("/bin/busybox"), "/bin/busybox")
+            .context("apt-get install busybox-static")?;
+        let applets = Command::new("/bin/busybox")
+            .arg("--list-full")
+            .output()
+            .context("busybox --list-full (apt-get install busybox-static)")?;
+        for applet in String::from_utf8_lossy(&applets.stdout).split_whitespace() {
+            let path = format!("/{applet}");
+            if path != "/bin/busybox" && !except.contains(&path.as_str()) {
+                self.add_symlink(&path, "/bin/busybox");
+            }
+        }
+        Ok(self)
+    }
+
     pub fn add_bytes(&mut self, path: &str, bytes: impl Into<Vec<u8>>, mode: u32) -> &mut Self {
         self.files
             .insert(path.to_string(), (Content::Bytes(bytes.into()), mode));
@@ -150,11 +168,10 @@ impl Image {
         Ok(builder.into_inner()?)
     }
 
-    /// Writes the image as a docker-archive at `out`; returns the image ID (the
-    /// digest of its configuration, as `docker images --no-trunc` and `crictl` show).
-    pub fn write_docker_archive(&self, out: &Path) -> Result<String> {
+    /// The image's one layer (an uncompressed tar) and its configuration (JSON), as
+    /// both a docker-archive and a registry ([`crate::registry`]) serve them.
+    pub fn layer_and_config(&self) -> Result<(Vec<u8>, Vec<u8>)> {
         let layer = self.layer()?;
-        let layer_digest = hex(&Sha256::digest(&layer));
         let config = serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
@@ -165,11 +182,18 @@ impl Image {
                 "Env": self.env,
                 "WorkingDir": "/",
             },
-            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
+            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))]},
             "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "lb-testbed image writer"}],
         });
-        let config = serde_json::to_vec(&config)?;
-        let config_digest = hex(&Sha256::digest(&config));
+        Ok((layer, serde_json::to_vec(&config)?))
+    }
+
+    /// Writes the image as a docker-archive at `out`; returns the image ID (the
+    /// digest of its configuration, as `docker images --no-trunc` and `crictl` show).
+    pub fn write_docker_archive(&self, out: &Path) -> Result<String> {
+        let (layer, config) = self.layer_and_config()?;
+        let layer_digest = sha256_hex(&layer);
+        let config_digest = sha256_hex(&config);
         let manifest = serde_json::json!([{
             "Config": format!("{config_digest}.json"),
             "RepoTags": [self.name],
@@ -207,8 +231,12 @@ pub fn lb_image(lb: &Path, name: &str) -> Result<Image> {
     Ok(image)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// The SHA-256 of `bytes` in lowercase hex, as image digests spell it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The shared libraries `binary` loads, including the dynamic loader, as `ldd`
@@ -292,7 +320,7 @@ mod tests {
             serde_json::from_slice(&entries[manifest[0]["Config"].as_str().unwrap()]).unwrap();
         assert_eq!(
             config["rootfs"]["diff_ids"][0],
-            format!("sha256:{}", hex(&Sha256::digest(layer)))
+            format!("sha256:{}", sha256_hex(layer))
         );
 
         // The layer: parents before children, the program's libraries, the loader.

@@ -22,12 +22,15 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod cluster_dns;
 pub mod forward;
 pub mod image;
 pub mod k8s;
 pub mod kubelet;
 pub mod realnode;
+pub mod registry;
 pub mod sandbox;
+pub mod seed;
 pub mod servers;
 pub mod world;
 

@@ -206,6 +206,27 @@ fn cgroup_hierarchies() -> Result<Vec<(PathBuf, bool)>> {
     Ok(out)
 }
 
+/// Where pods' DNS queries go (the kubelet's `clusterDNS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PodDns {
+    /// No cluster DNS: pods get the node's resolv.conf.
+    #[default]
+    None,
+    /// dnsmasq on the node's address, never forwarding, authoritative for
+    /// `cluster.local`; its records are written from the API ([`ClusterDnsFeed`]).
+    NodeLocal,
+    /// A DNS Service's ClusterIP (kube-dns in a cluster that runs a DNS pod).
+    Server(Ipv4Addr),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    pub dns: PodDns,
+    /// (registry host, endpoint) pairs containerd pulls through instead of the
+    /// registry itself ([`crate::registry::Registry::mirrors`]).
+    pub registry_mirrors: Vec<(String, String)>,
+}
+
 pub struct RealNode {
     /// The Node object's name (the node's network namespace name).
     pub name: String,
@@ -230,17 +251,14 @@ impl RealNode {
     /// Starts containerd and the kubelet on `node` and imports `images`
     /// (docker-archives); returns once the Node is Ready.
     pub fn start(cp: &ControlPlane, node: &NodeNet, images: &[PathBuf]) -> Result<Self> {
-        Self::start_with(cp, node, images, false)
+        Self::start_with(cp, node, images, &NodeOptions::default())
     }
 
-    /// With `cluster_dns`, the kubelet gives pods a node-local DNS server (dnsmasq on
-    /// the node's address, never forwarding) for `*.svc.cluster.local`, whose records
-    /// [`RealNode::set_dns_records`] writes.
     pub fn start_with(
         cp: &ControlPlane,
         node: &NodeNet,
         images: &[PathBuf],
-        cluster_dns: bool,
+        options: &NodeOptions,
     ) -> Result<Self> {
         if let Some(why) = unavailable() {
             bail!(why);
@@ -285,7 +303,7 @@ impl RealNode {
             host_link,
             cgroups: Vec::new(),
         };
-        this.start_inner(cp, node, images, cluster_dns)
+        this.start_inner(cp, node, images, options)
             .with_context(|| format!("starting real node {}", node.name))?;
         Ok(this)
     }
@@ -295,7 +313,7 @@ impl RealNode {
         cp: &ControlPlane,
         node: &NodeNet,
         images: &[PathBuf],
-        cluster_dns: bool,
+        options: &NodeOptions,
     ) -> Result<()> {
         self.plug_management_link()?;
         self.discard_service_ranges()?;
@@ -314,23 +332,23 @@ impl RealNode {
         }
         fs::write(
             dir.join("containerd.toml"),
-            containerd_config(&dir, &self.socket),
+            containerd_config(&dir, &self.socket, &options.registry_mirrors),
         )?;
         fs::write(
             dir.join("cni/10-lb-node.conflist"),
             cni_config(&node.pod_cidr_v4, &d("ipam")),
         )?;
         fs::write(dir.join("resolv.conf"), "nameserver 192.0.2.53\n")?;
+        let cluster_dns = match options.dns {
+            PodDns::None => None,
+            PodDns::NodeLocal => Some(self.ipv4),
+            PodDns::Server(address) => Some(address),
+        };
         fs::write(
             dir.join("kubelet.yaml"),
-            kubelet_config(
-                &dir,
-                &self.socket,
-                &self.cgroup_root,
-                cluster_dns.then_some(self.ipv4),
-            ),
+            kubelet_config(&dir, &self.socket, &self.cgroup_root, cluster_dns),
         )?;
-        if cluster_dns {
+        if options.dns == PodDns::NodeLocal {
             fs::write(dir.join("dns-hosts"), "")?;
             let address = self.ipv4.to_string();
             let hosts = d("dns-hosts");
@@ -598,12 +616,17 @@ impl RealNode {
 
     /// Pids of every process in this node's pods.
     pub fn pod_pids(&self) -> Vec<i32> {
-        let mut pids = Vec::new();
-        if let Ok(root) = self.pods_cgroup() {
-            collect_pids(&root, &mut pids);
-        }
-        pids
+        self.pods_cgroup()
+            .map(|root| pids_below(&root))
+            .unwrap_or_default()
     }
+}
+
+/// Pids of every process in the cgroup2 directory `dir` and below it.
+pub fn pids_below(dir: &Path) -> Vec<i32> {
+    let mut pids = Vec::new();
+    collect_pids(dir, &mut pids);
+    pids
 }
 
 fn collect_pids(dir: &Path, pids: &mut Vec<i32>) {
@@ -699,8 +722,16 @@ impl Drop for RealNode {
     }
 }
 
-fn containerd_config(dir: &Path, socket: &Path) -> String {
+fn containerd_config(dir: &Path, socket: &Path, mirrors: &[(String, String)]) -> String {
     let d = |p: &str| dir.join(p).display().to_string();
+    let mirrors: String = mirrors
+        .iter()
+        .map(|(host, endpoint)| {
+            format!(
+                "    [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{host}\"]\n      endpoint = [\"{endpoint}\"]\n"
+            )
+        })
+        .collect();
     format!(
         r#"version = 2
 root = "{root}"
@@ -732,7 +763,7 @@ state = "{state}"
         runtime_type = "io.containerd.runc.v2"
         [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
           SystemdCgroup = false
-"#,
+{mirrors}"#,
         root = d("containerd/root"),
         state = d("containerd/state"),
         socket = socket.display(),
@@ -954,6 +985,13 @@ pub fn shipped_daemonset() -> Result<(String, String)> {
     }
     let image = images[0].to_string();
     Ok((yaml, image))
+}
+
+/// A registry serving `images` to every real node that lists its
+/// [`Registry::mirrors`] (on the machine's side of the management links, so nodes
+/// reach it and nothing else does).
+pub fn start_registry(images: &[crate::image::Image]) -> Result<crate::registry::Registry> {
+    crate::registry::Registry::start(HOST_ADDRESS, images)
 }
 
 /// Where the DaemonSet [`deploy_lb`] applies pins a node's datapath.

@@ -15,9 +15,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_testbed::{
+    cluster_dns::{ClusterDnsFeed, reload_dnsmasq},
     image::{Image, lb_image},
     k8s::{ControlPlane, extra_binary},
-    realnode::{self, RealNode},
+    realnode::{self, NodeOptions, PodDns, RealNode},
     world::World,
 };
 
@@ -26,9 +27,18 @@ use crate::{build_lb, prereqs, require_root, workspace_root};
 /// The image tag upstream's suite runs (test/utils/image/manifest.go of v1.36.2).
 const AGNHOST_IMAGE: &str = "registry.k8s.io/e2e-test-images/agnhost:2.63.0";
 /// What runs: the Service specs (focus) minus what cannot run here (conformance/skip.txt).
-const DEFAULT_FOCUS: &str = r"\[sig-network\] Services";
-/// How the names of the Service specs start.
-const SERVICE_SPECS: &str = "[sig-network] Services ";
+/// upstream's groups of the service proxy's specs, as the real-node issue lists them.
+const DEFAULT_FOCUS: &str = r"\[sig-network\] (Services|Networking Granular Checks: Services|Conntrack|Traffic Distribution|Topology Hints) ";
+/// How the names of the specs of those groups start (what the reports count).
+const PROXY_SPECS: [&str; 5] = [
+    "[sig-network] Services ",
+    "[sig-network] Networking Granular Checks: Services ",
+    "[sig-network] Conntrack ",
+    "[sig-network] Traffic Distribution ",
+    "[sig-network] Topology Hints ",
+];
+/// How the names of the Service specs (conformance/ci.txt's) start.
+const SERVICE_SPECS: &str = PROXY_SPECS[0];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Proxy {
@@ -51,6 +61,9 @@ pub struct ConformanceArgs {
     /// Where the JUnit report and the summary go.
     #[arg(long, value_name = "DIR", default_value = "target/conformance")]
     out: PathBuf,
+    /// Real nodes in the cluster (upstream skips a spec that needs more than there are).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=4))]
+    nodes: u8,
     /// The subset `cargo xtask test` runs (conformance/ci.txt) in place of `--focus`.
     #[arg(long, conflicts_with = "focus")]
     ci: bool,
@@ -63,6 +76,7 @@ impl ConformanceArgs {
             proxy: Proxy::Lb,
             focus: DEFAULT_FOCUS.to_string(),
             out: PathBuf::from("target/conformance-ci"),
+            nodes: 2,
             ci: true,
         }
     }
@@ -83,7 +97,7 @@ fn ci_specs() -> Result<Vec<String>> {
 /// A focus on exactly the Service specs `names`.
 fn focus_on(names: &[String]) -> String {
     let escaped: Vec<String> = names.iter().map(|n| regex_escape(n)).collect();
-    format!(r"{DEFAULT_FOCUS} ({})", escaped.join("|"))
+    format!(r"\[sig-network\] Services ({})", escaped.join("|"))
 }
 
 /// `text` matched literally by a Go regular expression.
@@ -137,25 +151,7 @@ fn agnhost_image(work: &Path) -> Result<Image> {
     for dir in ["/proc", "/sys", "/dev", "/etc", "/root", "/home"] {
         image.add_dir(dir, 0o755);
     }
-    image.add_program(Path::new("/bin/busybox"), "/bin/busybox")?;
-    let applets = Command::new("/bin/busybox")
-        .arg("--list-full")
-        .output()
-        .context("busybox --list-full (apt-get install busybox-static)")?;
-    for applet in String::from_utf8_lossy(&applets.stdout).split_whitespace() {
-        let path = format!("/{applet}");
-        if ![
-            "/bin/busybox",
-            "/bin/sh",
-            "/bin/nc",
-            "/usr/bin/nc",
-            "/usr/bin/wget",
-        ]
-        .contains(&path.as_str())
-        {
-            image.add_symlink(&path, "/bin/busybox");
-        }
-    }
+    image.add_busybox(&["/bin/sh", "/bin/nc", "/usr/bin/nc", "/usr/bin/wget"])?;
     image.add_program(Path::new("/usr/bin/curl"), "/usr/bin/curl")?;
     image.add_program(Path::new("/usr/bin/wget"), "/usr/bin/wget")?;
     image.add_program(Path::new("/bin/dash"), "/bin/sh")?;
@@ -182,138 +178,6 @@ fn agnhost_image(work: &Path) -> Result<Image> {
     );
     image.add_bytes("/etc/group", "root:x:0:\nnobody:x:65534:\n", 0o644);
     Ok(image)
-}
-
-/// Keeps the nodes' DNS records (`<service>.<namespace>.svc.cluster.local` -> its
-/// ClusterIP, or its ready endpoints when headless) in step with the API, once a
-/// second; stopped on drop.
-struct ClusterDns {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl ClusterDns {
-    fn start(cp: &ControlPlane, nodes: &[RealNode]) -> Result<Self> {
-        let targets: Vec<(PathBuf, u32)> = nodes.iter().filter_map(RealNode::dns_records).collect();
-        let mut kubectl = cp.kubectl_command();
-        kubectl.args(["get", "services,endpointslices", "-A", "-o", "json"]);
-        let program = kubectl.get_program().to_owned();
-        let args: Vec<_> = kubectl.get_args().map(ToOwned::to_owned).collect();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        let thread = thread::spawn(move || {
-            let mut last = String::new();
-            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(out) = Command::new(&program).args(&args).output()
-                    && let Ok(list) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                {
-                    let records = dns_records(&list);
-                    if records != last {
-                        for (path, pid) in &targets {
-                            let _ = fs::write(path, &records);
-                            unsafe { libc::kill(*pid as i32, libc::SIGHUP) };
-                        }
-                        last = records;
-                    }
-                }
-                thread::sleep(Duration::from_secs(1));
-            }
-        });
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for ClusterDns {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Hosts-file lines for a `kubectl get services,endpointslices -o json` list.
-/// An ExternalName Service whose target is a name listed here gets its target's
-/// addresses (a hosts file cannot hold a CNAME; clients see the same addresses).
-fn dns_records(list: &serde_json::Value) -> String {
-    let lines = address_records(list);
-    let mut by_name: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
-    for line in &lines {
-        if let Some((ip, name)) = line.split_once(' ') {
-            by_name.entry(name).or_default().push(ip);
-        }
-    }
-    let mut aliases = std::collections::BTreeSet::new();
-    for item in list["items"].as_array().into_iter().flatten() {
-        if item["kind"] != "Service" || item["spec"]["type"] != "ExternalName" {
-            continue;
-        }
-        let ns = item["metadata"]["namespace"].as_str().unwrap_or("");
-        let name = item["metadata"]["name"].as_str().unwrap_or("");
-        let target = item["spec"]["externalName"].as_str().unwrap_or("");
-        for ip in by_name
-            .get(target.trim_end_matches('.'))
-            .into_iter()
-            .flatten()
-        {
-            aliases.insert(format!("{ip} {name}.{ns}.svc.cluster.local"));
-        }
-    }
-    lines
-        .iter()
-        .chain(&aliases)
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
-
-/// `<address> <name>` for every Service's ClusterIPs and headless Services' ready
-/// endpoints.
-fn address_records(list: &serde_json::Value) -> std::collections::BTreeSet<String> {
-    let items = list["items"].as_array().cloned().unwrap_or_default();
-    let mut lines = std::collections::BTreeSet::new();
-    for item in &items {
-        let ns = item["metadata"]["namespace"].as_str().unwrap_or("");
-        match item["kind"].as_str() {
-            Some("Service") => {
-                let name = item["metadata"]["name"].as_str().unwrap_or("");
-                for ip in item["spec"]["clusterIPs"].as_array().into_iter().flatten() {
-                    if let Some(ip) = ip.as_str().filter(|ip| *ip != "None") {
-                        lines.insert(format!("{ip} {name}.{ns}.svc.cluster.local"));
-                    }
-                }
-            }
-            Some("EndpointSlice") => {
-                // Headless Services resolve to their ready endpoints.
-                let service = item["metadata"]["labels"]["kubernetes.io/service-name"]
-                    .as_str()
-                    .unwrap_or("");
-                let headless = items.iter().any(|s| {
-                    s["kind"] == "Service"
-                        && s["metadata"]["namespace"] == ns
-                        && s["metadata"]["name"] == service
-                        && s["spec"]["clusterIP"] == "None"
-                });
-                if !headless {
-                    continue;
-                }
-                for endpoint in item["endpoints"].as_array().into_iter().flatten() {
-                    if endpoint["conditions"]["ready"] == false {
-                        continue;
-                    }
-                    for ip in endpoint["addresses"].as_array().into_iter().flatten() {
-                        if let Some(ip) = ip.as_str() {
-                            lines.insert(format!("{ip} {service}.{ns}.svc.cluster.local"));
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    lines
 }
 
 /// kube-proxy processes, one per node, stopped on drop.
@@ -440,7 +304,7 @@ fn specs(junit: &str) -> Vec<(String, Outcome, f64)> {
         // Suite setup and reports are testcases too; only specs count.
         let Some(name) = name
             .strip_prefix("[It] ")
-            .filter(|n| n.starts_with(SERVICE_SPECS))
+            .filter(|n| PROXY_SPECS.iter().any(|group| n.starts_with(group)))
         else {
             continue;
         };
@@ -463,7 +327,10 @@ fn specs(junit: &str) -> Vec<(String, Outcome, f64)> {
 fn summarize(junit: &str, only: &[String]) -> (usize, usize, usize, Vec<String>) {
     let mut specs = specs(junit);
     if !only.is_empty() {
-        specs.retain(|(name, ..)| only.iter().any(|o| name[SERVICE_SPECS.len()..] == *o));
+        specs.retain(|(name, ..)| {
+            name.strip_prefix(SERVICE_SPECS)
+                .is_some_and(|rest| only.iter().any(|o| rest == o))
+        });
     }
     let count = |o: Outcome| specs.iter().filter(|s| s.1 == o).count();
     let failures = specs
@@ -613,15 +480,24 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
         .map(|n| images_dir.join(n))
         .collect();
 
-    eprintln!("==> control plane and two real nodes");
+    eprintln!("==> control plane and {} real nodes", args.nodes);
     let cp = ControlPlane::start_for_real_nodes()?;
-    let world = World::new(&["node1", "node2"])?;
+    let names: Vec<String> = (1..=args.nodes).map(|i| format!("node{i}")).collect();
+    let world = World::new(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let node_options = NodeOptions {
+        dns: PodDns::NodeLocal,
+        ..NodeOptions::default()
+    };
     let nodes = world
         .nodes
         .iter()
-        .map(|n| RealNode::start_with(&cp, n, &images, true))
+        .map(|n| RealNode::start_with(&cp, n, &images, &node_options))
         .collect::<Result<Vec<_>>>()?;
-    let dns = ClusterDns::start(&cp, &nodes)?;
+    let (files, pids): (Vec<PathBuf>, Vec<u32>) =
+        nodes.iter().filter_map(RealNode::dns_records).unzip();
+    let dns = ClusterDnsFeed::start(&cp, files, move || {
+        reload_dnsmasq(pids.iter().map(|&pid| pid as i32))
+    })?;
 
     let _kube_proxies = match args.proxy {
         Proxy::Lb => {
@@ -706,37 +582,13 @@ mod tests {
 <testcase name="[It] [sig-network] Services b" status="failed"><failure>x</failure></testcase>
 <testcase name="[It] [sig-network] Services c" status="skipped"><skipped message="s"></skipped></testcase>
 <testcase name="[It] [sig-apps] Deployment d" status="skipped"><skipped message="skipped"></skipped></testcase>
+<testcase name="[It] [sig-network] Conntrack e" status="passed"></testcase>
 </testsuite></testsuites>"#;
         let (passed, failed, skipped, failures) = summarize(junit, &[]);
-        assert_eq!((passed, failed, skipped), (1, 1, 1));
+        assert_eq!((passed, failed, skipped), (2, 1, 1));
         assert_eq!(failures, ["[sig-network] Services b"]);
         let only = ["a".to_string(), "c".to_string()];
         assert_eq!(summarize(junit, &only), (1, 0, 1, vec![]));
-    }
-
-    #[test]
-    fn dns_records_cover_cluster_ips_headless_endpoints_and_external_names() {
-        let list = serde_json::json!({"items": [
-            {"kind": "Service", "metadata": {"namespace": "n", "name": "web"},
-             "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.5", "clusterIPs": ["10.96.0.5"]}},
-            {"kind": "Service", "metadata": {"namespace": "n", "name": "db"},
-             "spec": {"type": "ClusterIP", "clusterIP": "None", "clusterIPs": ["None"]}},
-            {"kind": "EndpointSlice", "metadata": {"namespace": "n",
-              "labels": {"kubernetes.io/service-name": "db"}},
-             "endpoints": [
-                {"addresses": ["10.244.1.7"], "conditions": {"ready": true}},
-                {"addresses": ["10.244.1.8"], "conditions": {"ready": false}}]},
-            {"kind": "Service", "metadata": {"namespace": "n", "name": "alias"},
-             "spec": {"type": "ExternalName", "externalName": "web.n.svc.cluster.local."}},
-            {"kind": "Service", "metadata": {"namespace": "n", "name": "outside"},
-             "spec": {"type": "ExternalName", "externalName": "example.com"}},
-        ]});
-        assert_eq!(
-            dns_records(&list),
-            "10.244.1.7 db.n.svc.cluster.local\n\
-             10.96.0.5 web.n.svc.cluster.local\n\
-             10.96.0.5 alias.n.svc.cluster.local\n"
-        );
     }
 
     #[test]

@@ -49,6 +49,11 @@ enum Task {
         /// and the daemon in Kubernetes mode.
         #[arg(long)]
         cluster: bool,
+        /// With --cluster: two real nodes (containerd, runc, upstream's kubelet) with lb
+        /// deployed from deploy/ as a DaemonSet, cluster DNS in a pod, and the seed's
+        /// manifests applied verbatim (its `image: redis` pulled from a local registry).
+        #[arg(long, requires = "cluster")]
+        real_node: bool,
         /// Extra arguments for `lb daemon` (after --).
         #[arg(last = true)]
         daemon_args: Vec<String>,
@@ -545,6 +550,128 @@ fn cluster_task(daemon_args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask run --cluster --real-node`: the seed scenario as its documents run it,
+/// on two real nodes with lb deployed as users deploy it.
+fn real_node_task(daemon_args: Vec<String>) -> Result<()> {
+    use lb_testbed::seed::{self, SeedCluster};
+    require_root("cargo xtask run --cluster --real-node")?;
+    if !daemon_args.is_empty() {
+        bail!(
+            "with --real-node lb runs as the DaemonSet of deploy/daemonset.yaml: put daemon \
+             flags ({}) in its args",
+            daemon_args.join(" ")
+        );
+    }
+    prereqs::ensure()?;
+    if let Some(reason) = lb_testbed::k8s::unavailable().or_else(lb_testbed::realnode::unavailable)
+    {
+        bail!("{reason}");
+    }
+    let lb = build_lb(false)?;
+    let stop = ctrl_c_flag();
+    eprintln!(
+        "Starting a control plane and two real nodes (containerd, runc, kubelet), then lb \
+         from deploy/ and a DNS pod (about a minute)"
+    );
+    let cluster = SeedCluster::start(&lb, &["node1", "node2"], true)?;
+    let demo = (|| -> Result<()> {
+        cluster.kubectl(&["get", "nodes", "-o", "wide"])?;
+        cluster.kubectl(&["get", "pods", "-n", "kube-system", "-o", "wide"])?;
+        println!("\n# The seed's manifests, verbatim");
+        let seed = cluster.apply_seed()?;
+        println!(
+            "# the kubelet pulled `image: redis` from the test registry ({}): {:?}",
+            cluster.registry.address(),
+            cluster.registry.pulls()
+        );
+        cluster.kubectl(&["get", "pods,services", "-o", "wide"])?;
+        println!(
+            "\n# web (on {}) reaches redis (on {}) through redis-master-sr's ClusterIP, \
+             found in the environment the kubelet injected",
+            seed.client_node, seed.redis_node
+        );
+        cluster.sh("web", "env | grep REDIS_MASTER_SR_SERVICE | sort")?;
+        let by_env = "redis-cli -h $REDIS_MASTER_SR_SERVICE_HOST -p $REDIS_MASTER_SR_SERVICE_PORT";
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster
+            .sh("web", &format!("{by_env} set seed hello"))
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("redis-master-sr did not answer within 30 s");
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+        cluster.sh("web", &format!("{by_env} client info"))?;
+        println!("\n# and by name, through the kube-dns Service (DNS over UDP through lb too)");
+        cluster.sh("web", "nslookup redis-master-sr.default.svc.cluster.local")?;
+        cluster.sh("web", "redis-cli -h redis-master-sr get seed")?;
+        println!(
+            "\n# from outside the cluster, through the NodePort {} on each node",
+            seed::NODE_PORT
+        );
+        for node in &cluster.nodes {
+            let out = cluster
+                .world
+                .command(&cluster.outside, None, "redis-cli")?
+                .args([
+                    "-h",
+                    &node.ipv4.to_string(),
+                    "-p",
+                    &seed::NODE_PORT.to_string(),
+                ])
+                .args(["get", "seed"])
+                .output()?;
+            println!(
+                "$ redis-cli -h {} -p {} get seed\n    {}",
+                node.ipv4,
+                seed::NODE_PORT,
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        let (lb_pod, lb_node) = &cluster.lb_pods[0];
+        let pin_dir = lb_testbed::realnode::lb_pin_dir(lb_node);
+        cluster.kubectl(&[
+            "exec",
+            "-n",
+            "kube-system",
+            lb_pod,
+            "-c",
+            "lb",
+            "--",
+            "/usr/local/bin/lb",
+            "list",
+            "--pin-dir",
+            &pin_dir,
+        ])?;
+        println!(
+            "\nTry it yourself (another terminal, as root):\n\
+             \x20 export KUBECONFIG={kubeconfig}\n\
+             \x20 alias kubectl={kubectl_bin}\n\
+             \x20 kubectl scale deployment redis-master --replicas=3\n\
+             \x20 kubectl exec web -- sh -c 'for i in 1 2 3 4 5 6; do redis-cli -h redis-master-sr info server | grep run_id; done'\n\
+             \x20 kubectl delete pod -l app=redis                # replacements get new IPs\n\
+             \x20 kubectl logs -n kube-system -l app.kubernetes.io/name=lb -c lb\n\
+             Ctrl-C removes the nodes and the control plane.",
+            kubeconfig = cluster.cp.kubeconfig.display(),
+            kubectl_bin = lb_testbed::k8s::binaries()?
+                .unwrap_or_default()
+                .join("kubectl")
+                .display(),
+        );
+        Ok(())
+    })();
+    if let Err(err) = demo {
+        eprintln!("demo failed: {err:#}");
+    }
+    while !stop.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("\nStopping: removing lb's pins, the nodes, the registry and the control plane");
+    drop(cluster);
+    Ok(())
+}
+
 fn client_task(command: Vec<String>) -> Result<()> {
     require_root("cargo xtask client")?;
     let state: SandboxState = serde_json::from_slice(
@@ -797,6 +924,12 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
+        Task::Run {
+            cluster: true,
+            real_node: true,
+            daemon_args,
+            ..
+        } => real_node_task(daemon_args),
         Task::Run {
             cluster: true,
             daemon_args,
