@@ -31,6 +31,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("runc", "runc"),
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
     ("gcc", "gcc"),
+    // Shells and tools inside the images of the real-node tests (agnhost, redis).
+    ("/bin/busybox", "busybox-static"),
 ];
 
 /// The bpf-linker release that links with rustc's own LLVM (../shared/DESIGN.md section 6).
