@@ -313,6 +313,16 @@ pub const CT_REPLY: u8 = 1;
 pub const CT_F_SNAT: u32 = 1 << 0;
 /// `CtValue::flags`: the backend runs on this node.
 pub const CT_F_LOCAL_BACKEND: u32 = 1 << 1;
+/// `CtValue::flags`: created by a program that records the flow's state in the flags
+/// below (entries without it predate that and are taken as established).
+pub const CT_F_STATEFUL: u32 = 1 << 2;
+/// `CtValue::flags`: a packet of this entry's direction was a reply (set on reply
+/// entries: the flow was answered).
+pub const CT_F_REPLIED: u32 = 1 << 3;
+/// `CtValue::flags`: a TCP FIN went this entry's way (the flow is closing).
+pub const CT_F_FIN: u32 = 1 << 4;
+/// `CtValue::flags`: a TCP RST went this entry's way (the flow is over).
+pub const CT_F_RST: u32 = 1 << 5;
 
 /// Key of `LB_CT`: a packet's tuple as it arrives at the TC hook.
 #[repr(C)]
@@ -486,6 +496,10 @@ pub const SVC_F_AFFINITY: u16 = 1 << 0;
 pub const SVC_F_LOCAL: u16 = 1 << 1;
 /// `ServiceValue::flags`: clients must match `loadBalancerSourceRanges`.
 pub const SVC_F_SOURCE_RANGES: u16 = 1 << 2;
+/// `ServiceValue::flags`: a node port (on one of the node's own addresses), so a
+/// packet the TC program does not serve can be left to the node's stack, which
+/// refuses it (TCP reset, ICMP port unreachable) as kube-proxy's REJECT does.
+pub const SVC_F_NODE_PORT: u16 = 1 << 3;
 
 /// `Backend::flags`: the backend runs on this node.
 pub const BACKEND_F_LOCAL: u8 = 1 << 0;
@@ -722,18 +736,23 @@ pub mod stat {
     /// sessionAffinity: no live entry (new client, expired, backend gone): chosen
     /// afresh and remembered.
     pub const AFFINITY_MISS: u32 = 14;
+    /// TC: an IPv4 header that is not one (version other than 4, or a header length
+    /// under 20 bytes): dropped, as the stack would.
+    pub const TC_MALFORMED: u32 = 15;
     /// TC: a packet to an external frontend was sent to a backend.
     pub const TC_TRANSLATED: u32 = 16;
     /// TC: a reply of a tracked flow was translated back to the frontend.
     pub const TC_REVERSE_TRANSLATED: u32 = 17;
     /// TC: a TCP/UDP packet whose destination is not an external frontend.
     pub const TC_NOT_SERVICE: u32 = 18;
-    /// TC: an external frontend without (local) backends: dropped.
+    /// TC: an external frontend without (local) backends: left to the stack on a
+    /// node port of a Cluster-policy Service (which refuses it), else dropped.
     pub const TC_NO_BACKEND: u32 = 19;
     /// TC: a client outside `loadBalancerSourceRanges`: dropped.
     pub const TC_POLICY_DROP: u32 = 20;
-    /// TC: a TCP packet other than a SYN with no tracked flow (a flow from before a
-    /// restart, or evicted): balanced by Maglev, so it reaches the same backend.
+    /// TC: a TCP packet other than a SYN to a frontend with no tracked flow (an
+    /// expired or evicted flow, or forged): never tracked (only a SYN starts a flow);
+    /// left to the stack on a node port (which resets it), else dropped.
     pub const TC_CT_MISS_NON_SYN: u32 = 21;
     /// TC: an IPv4 fragment or IPv6 fragment header seen (the first fragment of a
     /// datagram for a frontend is dropped: later ones carry no ports).
@@ -777,7 +796,7 @@ pub mod stat {
         "revnat_released",
         "affinity_hit",
         "affinity_miss",
-        "reserved",
+        "tc_malformed",
         "tc_translated",
         "tc_reverse_translated",
         "tc_not_service",

@@ -36,9 +36,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    AFFINITY_CLIENT_IP, Addr, AffinityKey, BACKEND_F_LOCAL, CT_F_LOCAL_BACKEND, CT_F_SNAT,
-    CT_FORWARD, CT_REPLY, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_LOCAL,
-    SVC_F_SOURCE_RANGES, ServiceKey, addr_from_v4_raw, stat,
+    AFFINITY_CLIENT_IP, Addr, AffinityKey, BACKEND_F_LOCAL, CT_F_FIN, CT_F_LOCAL_BACKEND,
+    CT_F_REPLIED, CT_F_RST, CT_F_SNAT, CT_F_STATEFUL, CT_FORWARD, CT_REPLY, CtKey, CtValue,
+    IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES,
+    ServiceKey, addr_from_v4_raw, stat,
 };
 
 use crate::{
@@ -56,7 +57,9 @@ const NEXTHDR_FRAGMENT: u8 = 44;
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
+const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -145,6 +148,9 @@ enum Parsed {
     Fragment,
     /// An unfragmented ICMPv4 message (its header at `l4`).
     Icmp,
+    /// An IPv4 header that is not one: version other than 4, or shorter than 20
+    /// bytes (every offset after it would be wrong).
+    Malformed,
 }
 
 #[inline(always)]
@@ -169,6 +175,9 @@ fn parse(ctx: &TcContext, packet: &mut Packet) -> Parsed {
         ) else {
             return Parsed::Other;
         };
+        if version_ihl >> 4 != 4 || version_ihl & 0x0f < 5 {
+            return Parsed::Malformed;
+        }
         let frag_off = u16::from_be(frag_off);
         packet.v6 = false;
         packet.l4 = ETH_HLEN + (version_ihl & 0x0f) as usize * 4;
@@ -395,6 +404,23 @@ fn translate_tracked(
     if t.saturating_sub(to.last_seen_ns) > REFRESH_NS {
         to.last_seen_ns = t;
     }
+    // The flow's state, for the daemon's expiry: answered, closing, reset. Written
+    // only when it changes (the entry is shared by every CPU the flow's packets hit).
+    let mut state = to.flags;
+    if reply {
+        state |= CT_F_REPLIED;
+    }
+    if packet.proto == IPPROTO_TCP {
+        if packet.tcp_flags & TCP_FLAG_FIN != 0 {
+            state |= CT_F_FIN;
+        }
+        if packet.tcp_flags & TCP_FLAG_RST != 0 {
+            state |= CT_F_RST;
+        }
+    }
+    if state != to.flags {
+        to.flags = state;
+    }
     if rewrite(ctx, packet, to) != 0 {
         return TC_ACT_SHOT;
     }
@@ -432,7 +458,10 @@ fn icmp_error(ctx: &mut TcContext, scratch: &mut Scratch, ingress: bool) -> i32 
     ) else {
         return TC_ACT_OK;
     };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        || version_ihl >> 4 != 4
+        || version_ihl & 0x0f < 5
+    {
         return TC_ACT_OK;
     }
     let quoted_l4 = quoted + (version_ihl & 0x0f) as usize * 4;
@@ -608,8 +637,16 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
         }
         return TC_ACT_OK;
     };
+    // Only a SYN starts a TCP flow: anything else untracked (an expired or evicted
+    // flow, or forged to fill the table) is never tracked. On a node port the stack
+    // answers it with a reset; elsewhere it is dropped.
     if packet.proto == IPPROTO_TCP && !packet.is_syn() {
         count(stat::TC_CT_MISS_NON_SYN);
+        return if fe.flags & SVC_F_NODE_PORT != 0 {
+            TC_ACT_OK
+        } else {
+            TC_ACT_SHOT
+        };
     }
     if fe.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(fe.svc_id, &packet.src) {
         count(stat::TC_POLICY_DROP);
@@ -633,10 +670,17 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
             return TC_ACT_OK;
         }
         Selection::NoBackend { svc_id } | Selection::Failed { svc_id } => {
-            // As kube-proxy: no (local) endpoint, no answer.
             count(stat::TC_NO_BACKEND);
             count_frontend(svc_id, true);
-            return TC_ACT_SHOT;
+            // As kube-proxy: a node port without endpoints is refused (the node's own
+            // stack has no socket there: TCP reset, ICMP port unreachable); without
+            // local endpoints under the Local policy, and on other addresses, no
+            // answer.
+            return if fe.flags & SVC_F_NODE_PORT != 0 && fe.flags & SVC_F_LOCAL == 0 {
+                TC_ACT_OK
+            } else {
+                TC_ACT_SHOT
+            };
         }
     };
     let local = backend.flags & BACKEND_F_LOCAL != 0;
@@ -648,7 +692,7 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
         dport: backend.port,
         svc_id,
         backend_id,
-        flags: if local { CT_F_LOCAL_BACKEND } else { 0 },
+        flags: CT_F_STATEFUL | if local { CT_F_LOCAL_BACKEND } else { 0 },
         last_seen_ns: now(),
     };
     // Cluster policy to another node: the reply must come back through this node.
@@ -702,13 +746,20 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
     route(ctx, packet, forward)
 }
 
-/// The forward entry of `packet`, if tracked and its backend is still the same one.
+/// The forward entry of `packet`, if tracked and its backend id was not reused for
+/// another backend. A freed id (the backend left every frontend's rotation, e.g.
+/// terminating) keeps its flows draining: the daemon removes flows whose backend is
+/// gone altogether (right after the sync that removes it).
 #[inline(always)]
 fn tracked(packet: &Packet) -> Option<*mut CtValue> {
     let entry = LB_CT.get_ptr_mut(&packet.key(CT_FORWARD))?;
     let value = unsafe { &*entry };
-    let backend = unsafe { LB_BACKENDS.get(value.backend_id) }?;
-    (backend.addr == value.dst && backend.port == value.dport).then_some(entry)
+    match unsafe { LB_BACKENDS.get(value.backend_id) } {
+        Some(backend) => {
+            (backend.addr == value.dst && backend.port == value.dport).then_some(entry)
+        }
+        None => Some(entry),
+    }
 }
 
 #[inline(always)]
@@ -730,6 +781,10 @@ fn ingress(ctx: &mut TcContext) -> i32 {
         Parsed::Packet => {}
         Parsed::Other => return TC_ACT_OK,
         Parsed::Icmp => return icmp_error(ctx, scratch, true),
+        Parsed::Malformed => {
+            count(stat::TC_MALFORMED);
+            return TC_ACT_SHOT;
+        }
         Parsed::Fragment => {
             count(stat::TC_FRAGMENT);
             return TC_ACT_OK;

@@ -467,6 +467,9 @@ pub struct ListedFlow {
     pub rewritten_to: String,
     pub frontend_id: u32,
     pub snat: bool,
+    /// The flow's state, from both its entries (`syn-sent`, `established`, `closing`,
+    /// `reset`, `unreplied`, `replied`; `unknown` for entries of an older program).
+    pub state: &'static str,
     pub idle_seconds: u64,
 }
 
@@ -474,14 +477,20 @@ pub struct ListedFlow {
 pub fn run_ct(pin_dir: &Path, json: bool) -> Result<()> {
     use lb_common::{CT_F_SNAT, CT_FORWARD};
     let maps = KernelMaps::open_pinned(pin_dir)?;
-    let now = boot_time_ns();
+    let now = crate::datapath::flows::monotonic_ns();
     let cell = |addr: &lb_common::Addr, port: u16| {
         endpoint(&addr_to_ip(addr).to_string(), port_from_net(port))
     };
-    let mut flows: Vec<ListedFlow> = maps
-        .ct_entries()?
+    let mut flows: Vec<ListedFlow> = crate::datapath::flows::pair_up(maps.ct_entries()?)
         .into_iter()
-        .map(|(key, value)| ListedFlow {
+        .flat_map(|flow| {
+            let state = flow.state().name();
+            flow.forward
+                .into_iter()
+                .chain(flow.reply)
+                .map(move |entry| (entry, state))
+        })
+        .map(|((key, value), state)| ListedFlow {
             protocol: crate::model::Protocol::from_number(key.proto)
                 .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
             direction: if key.dir == CT_FORWARD {
@@ -495,6 +504,7 @@ pub fn run_ct(pin_dir: &Path, json: bool) -> Result<()> {
             rewritten_to: cell(&value.dst, value.dport),
             frontend_id: value.svc_id,
             snat: value.flags & CT_F_SNAT != 0,
+            state,
             idle_seconds: now.saturating_sub(value.last_seen_ns) / 1_000_000_000,
         })
         .collect();
@@ -507,33 +517,23 @@ pub fn run_ct(pin_dir: &Path, json: bool) -> Result<()> {
     }
     writeln!(
         out,
-        "{:<5} {:<8} {:<46} {:<46} {:>5} {:>5}",
-        "PROTO", "DIR", "PACKET (from -> to)", "REWRITTEN TO (from -> to)", "FE", "IDLE"
+        "{:<5} {:<8} {:<46} {:<46} {:>5} {:<11} {:>5}",
+        "PROTO", "DIR", "PACKET (from -> to)", "REWRITTEN TO (from -> to)", "FE", "STATE", "IDLE"
     )?;
     for flow in &flows {
         writeln!(
             out,
-            "{:<5} {:<8} {:<46} {:<46} {:>5} {:>4}s{}",
+            "{:<5} {:<8} {:<46} {:<46} {:>5} {:<11} {:>4}s{}",
             flow.protocol,
             flow.direction,
             format!("{} -> {}", flow.from, flow.to),
             format!("{} -> {}", flow.rewritten_from, flow.rewritten_to),
             flow.frontend_id,
+            flow.state,
             flow.idle_seconds,
             if flow.snat { "  snat" } else { "" }
         )?;
     }
     writeln!(out, "{} tracked entries (two per flow)", flows.len())?;
     Ok(())
-}
-
-/// `bpf_ktime_get_ns()`'s clock (CLOCK_MONOTONIC).
-fn boot_time_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: fills `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

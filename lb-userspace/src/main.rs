@@ -162,6 +162,19 @@ struct DaemonArgs {
     /// least recently used forgotten first.
     #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_FLOWS)]
     max_flows: u32,
+    /// Idle time after which an answered TCP flow from another machine is forgotten
+    /// (kube-proxy's flag and default).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_established: Duration,
+    /// ... a TCP flow after a FIN (kube-proxy's flag and default).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_close_wait: Duration,
+    /// ... a UDP flow not answered yet (kube-proxy's flag; Linux's default).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// ... an answered UDP flow (kube-proxy's flag; Linux's default).
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    conntrack_udp_timeout_stream: Duration,
     /// Remember sockets in an LRU as on kernels without cgroup/sock_release (< 5.9),
     /// even where the kernel has it. For testing that fallback.
     #[arg(long, hide = true)]
@@ -188,6 +201,44 @@ fn init_logging(level: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
+}
+
+/// A duration as kube-proxy's flags take it: numbers with units, e.g. `24h`,
+/// `1h30m`, `90s`, `500ms`.
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    let mut total = Duration::ZERO;
+    let mut rest = value.trim();
+    if rest.is_empty() {
+        return Err("an empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{value:?}: expected a number before each unit"))?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit] {
+            "h" => Duration::from_secs(3600),
+            "m" => Duration::from_secs(60),
+            "s" => Duration::from_secs(1),
+            "ms" => Duration::from_millis(1),
+            other => return Err(format!("{value:?}: unknown unit {other:?} (h, m, s or ms)")),
+        };
+        total = scale
+            .checked_mul(u32::try_from(number).map_err(|_| format!("{value:?} is too long"))?)
+            .and_then(|d| total.checked_add(d))
+            .ok_or_else(|| format!("{value:?} is too long"))?;
+        rest = &rest[unit..];
+    }
+    if total.is_zero() {
+        return Err(format!("{value:?}: must be longer than zero"));
+    }
+    Ok(total)
 }
 
 fn parse_addr(flag: &str, value: &str) -> Result<Option<SocketAddr>> {
@@ -330,6 +381,13 @@ fn daemon(args: DaemonArgs) -> Result<()> {
         },
         frontends_per_service: args.max_frontends_per_service.max(1),
         maglev_bytes: args.max_maglev_memory.saturating_mul(1 << 20),
+        ct_timeouts: lb::datapath::flows::CtTimeouts {
+            tcp_established: args.conntrack_tcp_timeout_established,
+            tcp_close_wait: args.conntrack_tcp_timeout_close_wait,
+            udp: args.conntrack_udp_timeout,
+            udp_stream: args.conntrack_udp_timeout_stream,
+            ..Default::default()
+        },
         detach_on_exit: args.detach_on_exit,
         node_name: node_name(args.node_name)?,
         health_addr: parse_addr("health-addr", &args.health_addr)?,
@@ -435,5 +493,18 @@ mod tests {
         assert_eq!(parse("off"), None);
         assert!(parse_addr("health-addr", "10.0.0.5").is_err());
         assert!(parse_addr("health-addr", ":10256").is_err());
+    }
+
+    #[test]
+    fn durations_parse_as_kube_proxy_flags_take_them() {
+        let secs = |v: &str| parse_duration(v).unwrap().as_secs_f64();
+        assert_eq!(secs("24h"), 86_400.0);
+        assert_eq!(secs("24h0m0s"), 86_400.0);
+        assert_eq!(secs("1h30m"), 5_400.0);
+        assert_eq!(secs("90s"), 90.0);
+        assert_eq!(secs("1500ms"), 1.5);
+        for bad in ["", "0s", "10", "h", "5d", "1.5h", "-1s", "99999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

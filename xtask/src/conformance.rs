@@ -26,6 +26,8 @@ use crate::{build_lb, prereqs, require_root, workspace_root};
 
 /// The image tag upstream's suite runs (test/utils/image/manifest.go of v1.36.2).
 const AGNHOST_IMAGE: &str = "registry.k8s.io/e2e-test-images/agnhost:2.63.0";
+/// ... and of its busybox image.
+const BUSYBOX_IMAGE: &str = "registry.k8s.io/e2e-test-images/busybox:1.37.0-1";
 /// What runs: the Service specs (focus) minus what cannot run here (conformance/skip.txt).
 /// upstream's groups of the service proxy's specs, as the real-node issue lists them.
 const DEFAULT_FOCUS: &str = r"\[sig-network\] (Services|Networking Granular Checks: Services|Conntrack|Traffic Distribution|Topology Hints) ";
@@ -135,6 +137,23 @@ fn annotated_list(file: &str) -> Result<Vec<(String, String)>> {
         }
     }
     Ok(out)
+}
+
+/// upstream's busybox test image (the Conntrack specs' clients and servers): Debian's
+/// static busybox, an applet at every path.
+fn busybox_image() -> Result<Image> {
+    let mut image = Image::new(BUSYBOX_IMAGE);
+    image.add_busybox(&[])?;
+    for dir in ["/tmp", "/var/tmp"] {
+        image.add_dir(dir, 0o1777);
+    }
+    for dir in ["/proc", "/sys", "/dev", "/etc", "/root", "/home"] {
+        image.add_dir(dir, 0o755);
+    }
+    image.add_bytes("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644);
+    image.add_bytes("/etc/group", "root:x:0:\n", 0o644);
+    image.cmd = vec!["sh".into()];
+    Ok(image)
 }
 
 /// upstream's agnhost with the tools the suite execs in pods: busybox's applets,
@@ -475,7 +494,8 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
     realnode::pause_image(&images_dir.join("pause.tar"))?;
     agnhost_image(&images_dir.join("work"))?
         .write_docker_archive(&images_dir.join("agnhost.tar"))?;
-    let images: Vec<PathBuf> = ["lb.tar", "pause.tar", "agnhost.tar"]
+    busybox_image()?.write_docker_archive(&images_dir.join("busybox.tar"))?;
+    let images: Vec<PathBuf> = ["lb.tar", "pause.tar", "agnhost.tar", "busybox.tar"]
         .iter()
         .map(|n| images_dir.join(n))
         .collect();

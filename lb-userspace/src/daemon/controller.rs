@@ -27,7 +27,11 @@ use tracing::{debug, error, info, warn};
 
 use super::{healthcheck::HealthCheckServers, http::Health, metrics::Metrics, status::StatusBoard};
 use crate::{
-    datapath::{Datapath, KernelMaps, sockets},
+    datapath::{
+        Datapath, KernelMaps,
+        flows::{self, CtTimeouts, Removal},
+        sockets,
+    },
     model::{
         Changes, Frontend, FrontendKey, FrontendKind, Model, NodeContext, NodeSpec, Protocol, Scope,
     },
@@ -66,7 +70,11 @@ pub struct ExternalOptions {
     pub frontends_per_service: usize,
     /// `--max-maglev-memory`, in bytes.
     pub maglev_bytes: u64,
+    /// `--conntrack-*`.
+    pub ct_timeouts: CtTimeouts,
 }
+
+
 
 /// Why a sync ended early.
 #[derive(Debug)]
@@ -128,6 +136,9 @@ pub struct Controller {
     last_socket_check: Instant,
     /// When to try again the interfaces whose TC programs failed to attach.
     tc_retry_at: Option<Instant>,
+    ct_timeouts: CtTimeouts,
+    /// When the tracked flows are next collected.
+    flow_gc_at: Instant,
 }
 
 impl Controller {
@@ -158,6 +169,8 @@ impl Controller {
             revnat_full_seen,
             last_socket_check: Instant::now(),
             tc_retry_at: None,
+            ct_timeouts: external.ct_timeouts,
+            flow_gc_at: Instant::now() + external.ct_timeouts.collection_interval(),
             model: {
                 let mut model = Model::default();
                 model.set_frontend_cap(external.frontends_per_service);
@@ -229,6 +242,10 @@ impl Controller {
                 break;
             }
             self.watch_socket_map();
+            if Instant::now() >= self.flow_gc_at {
+                self.collect_flows();
+                self.flow_gc_at = Instant::now() + self.ct_timeouts.collection_interval();
+            }
             if self.tc_retry_at.is_some_and(|at| Instant::now() >= at) {
                 self.datapath.retry_tc();
                 self.publish_tc();
@@ -246,6 +263,65 @@ impl Controller {
         std::mem::forget(self.model);
         std::mem::forget(self.reconciler);
         self.datapath
+    }
+
+    /// Removes the tracked external flows that were idle past their state's timeout,
+    /// or whose frontend, source range or backend is gone (kube-proxy's conntrack
+    /// cleanup: the next UDP datagram picks a live backend). Only against a reconciler
+    /// in step with the kernel: before the first sync every flow would look orphaned.
+    fn collect_flows(&mut self) {
+        if !self.initialized || self.full_sync_needed {
+            return;
+        }
+        let entries = match self.maps.ct_entries() {
+            Ok(entries) => entries,
+            Err(err) => {
+                warn!("reading LB_CT for expiry failed: {err:#}");
+                return;
+            }
+        };
+        if entries.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let now = flows::monotonic_ns();
+        let check = self.reconciler.flow_check();
+        let mut removed: BTreeMap<Removal, u64> = BTreeMap::new();
+        let mut kept = 0usize;
+        for flow in flows::pair_up(entries) {
+            let (Some(value), Some(client), Some(backend)) =
+                (flow.value(), flow.client(), flow.backend())
+            else {
+                continue;
+            };
+            let reason = check
+                .stale(value.svc_id, &client, value.backend_id, backend)
+                .or_else(|| {
+                    flow.expired(now, &self.ct_timeouts)
+                        .then_some(Removal::Expired)
+                });
+            let Some(reason) = reason else {
+                kept += 1;
+                continue;
+            };
+            match self.maps.remove_flow(&flow, reason == Removal::Expired) {
+                Ok(true) => *removed.entry(reason).or_default() += 1,
+                Ok(false) => kept += 1,
+                Err(err) => {
+                    warn!("removing a tracked flow failed: {err:#}");
+                    break;
+                }
+            }
+        }
+        if !removed.is_empty() {
+            self.metrics.count_flow_removals(&removed);
+            debug!(
+                ?removed,
+                kept,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "tracked external flows collected"
+            );
+        }
     }
 
     fn node_context(&self) -> NodeContext {
@@ -463,6 +539,11 @@ impl Controller {
         self.report_capacity(&stats);
         self.schedule_refused_retry(&stats);
         self.terminate_gone(&stats.gone);
+        // Flows whose backend left, whose frontend went or whose source ranges
+        // shrank: collected at once (the next UDP datagram must find a live backend).
+        if !stats.gone.is_empty() || stats.tables_deleted > 0 || stats.ranges_deleted > 0 {
+            self.flow_gc_at = Instant::now();
+        }
         if !self.initialized {
             self.initialized = true;
             self.health.set_ready();

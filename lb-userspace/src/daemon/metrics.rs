@@ -56,6 +56,11 @@ struct FeatureLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: String,
 }
@@ -72,6 +77,7 @@ pub struct Metrics {
     pub sync_failures: Counter,
     pub map_writes: Counter,
     pub sockets_destroyed: Counter,
+    flow_removals: Family<ReasonLabel, Counter>,
     pub sizes: Arc<Sizes>,
     registry: Registry,
 }
@@ -294,6 +300,13 @@ impl Metrics {
             "Established sockets destroyed because their backend left its Service",
             sockets_destroyed.clone(),
         );
+        let flow_removals = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "lb_tracked_flows_removed",
+            "Tracked external flows the daemon removed, by reason (expired, frontend_gone, \
+             source_range, backend_gone)",
+            flow_removals.clone(),
+        );
         Self {
             sync_duration,
             last_sync,
@@ -304,8 +317,23 @@ impl Metrics {
             sync_failures,
             map_writes,
             sockets_destroyed,
+            flow_removals,
             sizes: Arc::new(Sizes::default()),
             registry,
+        }
+    }
+
+    /// Counts flows the collector removed, by reason.
+    pub fn count_flow_removals(
+        &self,
+        removed: &std::collections::BTreeMap<crate::datapath::flows::Removal, u64>,
+    ) {
+        for (reason, count) in removed {
+            self.flow_removals
+                .get_or_create(&ReasonLabel {
+                    reason: reason.name().to_string(),
+                })
+                .inc_by(*count);
         }
     }
 

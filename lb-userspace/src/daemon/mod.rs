@@ -59,6 +59,8 @@ pub struct DaemonOptions {
     pub frontends_per_service: usize,
     /// `--max-maglev-memory`, in bytes.
     pub maglev_bytes: u64,
+    /// `--conntrack-*`: how long tracked external flows may stay idle.
+    pub ct_timeouts: crate::datapath::flows::CtTimeouts,
 }
 
 /// How long a shutdown waits for the sync to reach a stopping point.
@@ -141,6 +143,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
             api_addresses,
             frontends_per_service: options.frontends_per_service,
             maglev_bytes: options.maglev_bytes,
+            ct_timeouts: options.ct_timeouts,
         },
         stop.clone(),
     );

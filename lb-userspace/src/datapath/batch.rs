@@ -112,6 +112,24 @@ pub fn update_one<K, V>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()
     )
 }
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+/// One BPF_MAP_LOOKUP_ELEM; `None` when the key is absent.
+pub fn lookup_one<K, V: Copy + Default>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = V::default();
+    match elem(
+        BPF_MAP_LOOKUP_ELEM,
+        fd,
+        (key as *const K).cast(),
+        // The kernel writes the value through this pointer.
+        (&mut value as *mut V).cast::<u8>().cast_const(),
+    ) {
+        Ok(()) => Ok(Some(value)),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
 /// One BPF_MAP_DELETE_ELEM, for kernels without batch operations.
 pub fn delete_one<K>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
     elem(

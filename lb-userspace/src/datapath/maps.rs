@@ -283,6 +283,28 @@ impl KernelMaps {
         Ok(batch::lookup_all::<CtKey, CtValue>(self.ct.as_fd())?)
     }
 
+    /// Removes `flow`'s entries; with `only_if_idle`, not if either was seen again
+    /// since `flow` was read (the programs keep using entries while we decide).
+    /// Returns whether they were removed.
+    pub fn remove_flow(&self, flow: &super::flows::Flow, only_if_idle: bool) -> Result<bool> {
+        let entries = flow.forward.iter().chain(flow.reply.iter());
+        if only_if_idle {
+            for (key, value) in entries.clone() {
+                let now = batch::lookup_one::<CtKey, CtValue>(self.ct.as_fd(), key)?;
+                if now.is_some_and(|now| now.last_seen_ns != value.last_seen_ns) {
+                    return Ok(false);
+                }
+            }
+        }
+        for (key, _) in entries {
+            match batch::delete_one(self.ct.as_fd(), key) {
+                Err(err) if err.raw_os_error() != Some(libc::ENOENT) => return Err(err.into()),
+                _ => {}
+            }
+        }
+        Ok(true)
+    }
+
     /// Removes the reverse-translation entries of sockets translated to backends that
     /// left their frontend, and returns those sockets (to be terminated).
     pub fn take_sockets_of(&mut self, gone: &[GoneBackend]) -> Result<Vec<TrackedSocket>> {

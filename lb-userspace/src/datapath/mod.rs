@@ -10,6 +10,7 @@
 
 mod batch;
 pub mod features;
+pub mod flows;
 mod links;
 mod maps;
 pub mod netns;

@@ -276,8 +276,13 @@ fn loaded_local_flow(datapath: &Datapath, maps: &KernelMaps) -> (IpAddr, u16) {
 }
 
 fn loaded() -> (Datapath, KernelMaps) {
-    let pin_dir =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/lb-tc-test-{}", std::process::id()));
+    // One datapath per test: tests run in parallel.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let pin_dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/lb-tc-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let mut datapath = Datapath::load(DatapathOptions {
         cgroup: super::cgroup2_root().unwrap(),
         pin_dir,
@@ -296,9 +301,30 @@ fn loaded() -> (Datapath, KernelMaps) {
     )
     .unwrap();
     let mut reconciler = Reconciler::default().with_maglev_size(251);
+    let no_endpoints = Frontend {
+        key: FrontendKey {
+            port: NODE_PORT + 1,
+            ..node_port(NODE4.into(), POD4.into(), &[]).key
+        },
+        backends: Vec::new(),
+        ..node_port(NODE4.into(), POD4.into(), &[])
+    };
+    // externalTrafficPolicy: Local, and the endpoints run on other nodes (the model
+    // serves local ones only).
+    let no_local_endpoint = Frontend {
+        key: FrontendKey {
+            port: NODE_PORT + 2,
+            ..node_port(NODE4.into(), POD4.into(), &[]).key
+        },
+        backends: Vec::new(),
+        local_policy: true,
+        ..node_port(NODE4.into(), POD4.into(), &[])
+    };
     let changes: BTreeMap<_, _> = [
         node_port(NODE4.into(), POD4.into(), &[]),
         node_port(NODE6.into(), POD6.into(), &[]),
+        no_endpoints,
+        no_local_endpoint,
         // A "load-balancer IP" that admits 192.0.2.0/24 only.
         node_port(
             Ipv4Addr::new(10, 111, 9, 1).into(),
@@ -376,18 +402,22 @@ fn tc_programs_translate_crafted_packets() {
                 "{node}: tracked"
             );
         }
-        // A mid-flow segment nothing tracks (a flow from before a restart): counted,
-        // and balanced by Maglev all the same.
+        // A mid-flow segment nothing tracks (expired, evicted or forged): never
+        // tracked, counted, and left untouched to the node's stack, which resets it.
         let misses = maps.stat(stat::TC_CT_MISS_NON_SYN);
+        let tracked_before = maps.ct_entries().unwrap().len();
         let ack = frame(
             (CLIENT4.into(), 40001),
             (NODE4.into(), NODE_PORT),
             Some(0x10),
             0,
         );
-        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &ack).unwrap();
-        assert_eq!(tuple_checked(&out).2, IpAddr::from(POD4));
+        assert_eq!(
+            datapath.test_run_tc("lb_tc_ingress", &ack).unwrap(),
+            (TC_ACT_OK, ack)
+        );
         assert_eq!(maps.stat(stat::TC_CT_MISS_NON_SYN), misses + 1);
+        assert_eq!(maps.ct_entries().unwrap().len(), tracked_before);
 
         // UDP: translated with its checksum.
         let udp = frame((CLIENT4.into(), 5353), (NODE4.into(), NODE_PORT), None, 0);
@@ -466,6 +496,146 @@ fn tc_programs_translate_crafted_packets() {
             datapath.test_run_tc("lb_tc_egress", &not_tracked).unwrap(),
             (TC_ACT_OK, not_tracked)
         );
+    }));
+    drop(maps);
+    drop(datapath);
+    let _ = super::cleanup(&pin_dir, None);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// `frame` with `options` (a multiple of 4 bytes) after its IPv4 header: IHL, total
+/// length and header checksum fixed up.
+fn with_ip_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
+    let mut out = frame[..34].to_vec();
+    out.extend(options);
+    out.extend(&frame[34..]);
+    let header = 20 + options.len();
+    out[14] = 0x40 | (header / 4) as u8;
+    let total = (out.len() - 14) as u16;
+    out[16..18].copy_from_slice(&total.to_be_bytes());
+    out[24..26].copy_from_slice(&[0, 0]);
+    let csum = fold(sum16(&out[14..14 + header], 0));
+    out[24..26].copy_from_slice(&csum.to_be_bytes());
+    out
+}
+
+#[test]
+#[ignore = "needs root (loads the datapath); cargo xtask test runs it with --include-ignored"]
+fn tc_programs_track_tcp_state_and_refuse_what_they_cannot_serve() {
+    use lb_common::{CT_F_FIN, CT_F_REPLIED, CT_F_RST, CT_F_STATEFUL, CT_FORWARD, CT_REPLY};
+    let (datapath, maps) = loaded();
+    let pin_dir = datapath.options.pin_dir.clone();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let flags = |dir: u8, port: u16| -> u32 {
+            maps.ct_entries()
+                .unwrap()
+                .into_iter()
+                .find(|(k, _)| {
+                    k.dir == dir
+                        && (if dir == CT_FORWARD { k.sport } else { k.dport }) == port.to_be()
+                })
+                .map(|(_, v)| v.flags)
+                .unwrap_or_else(|| panic!("no entry for port {port}, direction {dir}"))
+        };
+        // SYN: tracked, both entries marked as recording state, nothing seen yet.
+        let client = (IpAddr::from(CLIENT4), 41000);
+        let syn = frame(client, (NODE4.into(), NODE_PORT), Some(0x02), 0);
+        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &syn).unwrap();
+        let (_, snat_port, _, _) = tuple_checked(&out);
+        assert_eq!(
+            flags(CT_FORWARD, 41000) & (CT_F_STATEFUL | CT_F_REPLIED),
+            CT_F_STATEFUL
+        );
+        assert_eq!(flags(CT_REPLY, snat_port) & CT_F_REPLIED, 0);
+        // The pod answers: the reply entry says so.
+        let answer = frame(
+            (POD4.into(), 6379),
+            (NODE4.into(), snat_port),
+            Some(0x12),
+            0,
+        );
+        datapath.test_run_tc("lb_tc_ingress", &answer).unwrap();
+        assert_ne!(flags(CT_REPLY, snat_port) & CT_F_REPLIED, 0);
+        // The client closes (FIN|ACK), the pod resets.
+        let fin = frame(client, (NODE4.into(), NODE_PORT), Some(0x11), 0);
+        datapath.test_run_tc("lb_tc_ingress", &fin).unwrap();
+        assert_ne!(flags(CT_FORWARD, 41000) & CT_F_FIN, 0);
+        assert_eq!(flags(CT_FORWARD, 41000) & CT_F_RST, 0);
+        let rst = frame(
+            (POD4.into(), 6379),
+            (NODE4.into(), snat_port),
+            Some(0x04),
+            0,
+        );
+        datapath.test_run_tc("lb_tc_ingress", &rst).unwrap();
+        assert_ne!(flags(CT_REPLY, snat_port) & CT_F_RST, 0);
+        // A new SYN from the same port starts the flow afresh, state cleared.
+        datapath.test_run_tc("lb_tc_ingress", &syn).unwrap();
+        assert_eq!(flags(CT_FORWARD, 41000) & (CT_F_FIN | CT_F_RST), 0);
+
+        // IPv4 options move the TCP header: still translated, checksums right.
+        let optioned = with_ip_options(
+            &frame(
+                (CLIENT4.into(), 41001),
+                (NODE4.into(), NODE_PORT),
+                Some(0x02),
+                0,
+            ),
+            &[1, 1, 1, 0],
+        );
+        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &optioned).unwrap();
+        assert_eq!(fold(sum16(&out[14..38], 0)), 0, "IPv4 header checksum");
+        let l4 = &out[38..];
+        let dst = Ipv4Addr::from(<[u8; 4]>::try_from(&out[30..34]).unwrap());
+        assert_eq!(dst, POD4);
+        assert_eq!(u16::from_be_bytes([l4[2], l4[3]]), 6379);
+        let src = Ipv4Addr::from(<[u8; 4]>::try_from(&out[26..30]).unwrap());
+        assert_eq!(l4_sum(src.into(), dst.into(), 6, l4), 0, "TCP checksum");
+
+        // A header length under 20 bytes, or another version: dropped and counted.
+        let malformed = maps.stat(stat::TC_MALFORMED);
+        for first_byte in [0x44, 0x40, 0x65] {
+            let mut bad = frame(
+                (CLIENT4.into(), 41002),
+                (NODE4.into(), NODE_PORT),
+                Some(0x02),
+                0,
+            );
+            bad[14] = first_byte;
+            assert_eq!(
+                datapath.test_run_tc("lb_tc_ingress", &bad).unwrap().0,
+                TC_ACT_SHOT,
+                "first byte {first_byte:#x}"
+            );
+        }
+        assert_eq!(maps.stat(stat::TC_MALFORMED), malformed + 3);
+
+        // A node port without endpoints: left to the stack, which refuses it; without
+        // a local endpoint under the Local policy: dropped, as kube-proxy does.
+        let no_backend = maps.stat(stat::TC_NO_BACKEND);
+        let refused = frame(
+            (CLIENT4.into(), 41003),
+            (NODE4.into(), NODE_PORT + 1),
+            Some(0x02),
+            0,
+        );
+        assert_eq!(
+            datapath.test_run_tc("lb_tc_ingress", &refused).unwrap(),
+            (TC_ACT_OK, refused)
+        );
+        let dropped = frame(
+            (CLIENT4.into(), 41004),
+            (NODE4.into(), NODE_PORT + 2),
+            Some(0x02),
+            0,
+        );
+        assert_eq!(
+            datapath.test_run_tc("lb_tc_ingress", &dropped).unwrap().0,
+            TC_ACT_SHOT
+        );
+        assert_eq!(maps.stat(stat::TC_NO_BACKEND), no_backend + 2);
     }));
     drop(maps);
     drop(datapath);

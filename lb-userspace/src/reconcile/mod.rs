@@ -35,12 +35,12 @@ use std::{
 use anyhow::{Context as _, Result};
 use lb_common::{
     AffinityMember, BACKEND_F_LOCAL, Backend, DEFAULT_MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_FRONTEND,
-    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
-    addr_from_ip, addr_to_ip, maps, port_from_net, port_to_net,
+    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
+    SourceRangeKey, addr_from_ip, addr_to_ip, maps, port_from_net, port_to_net,
 };
 
 use self::{ids::IdAllocator, layout::layout};
-use crate::model::{BackendAddr, Frontend, FrontendKey, Protocol, Scope};
+use crate::model::{BackendAddr, Frontend, FrontendKey, FrontendKind, Protocol, Scope};
 
 mod ids;
 mod layout;
@@ -153,6 +153,9 @@ impl FrontendAttrs {
         }
         if !frontend.source_ranges.is_empty() {
             flags |= SVC_F_SOURCE_RANGES;
+        }
+        if frontend.kind == FrontendKind::NodePort {
+            flags |= SVC_F_NODE_PORT;
         }
         Self {
             flags,
@@ -310,6 +313,51 @@ pub struct Reconciler {
     /// Maglev tables and source ranges found in the kernel for no adopted frontend.
     garbage_tables: Vec<u32>,
     garbage_ranges: Vec<SourceRangeKey>,
+}
+
+/// Checks tracked external flows against what is programmed ([`Reconciler::flow_check`]).
+pub struct FlowCheck<'a> {
+    frontends: HashMap<u32, &'a Programmed>,
+    backend_by_id: &'a HashMap<u32, BackendIdentity>,
+}
+
+impl FlowCheck<'_> {
+    /// Why a flow of frontend `svc_id` from `client`, sent to backend `backend_id` at
+    /// `backend` (address, port in network order), must go now, if it must.
+    pub fn stale(
+        &self,
+        svc_id: u32,
+        client: &lb_common::Addr,
+        backend_id: u32,
+        backend: (lb_common::Addr, u16),
+    ) -> Option<crate::datapath::flows::Removal> {
+        use crate::datapath::flows::{Removal, prefix_contains};
+        let Some(programmed) = self.frontends.get(&svc_id) else {
+            return Some(Removal::FrontendGone);
+        };
+        if !programmed.ranges.is_empty()
+            && !programmed
+                .ranges
+                .iter()
+                .any(|r| prefix_contains(&r.addr, r.prefix_len.saturating_sub(32), client))
+        {
+            return Some(Removal::SourceRange);
+        }
+        let is =
+            |b: &BackendAddr| addr_from_ip(b.ip) == backend.0 && port_to_net(b.port) == backend.1;
+        // Draining (terminating, unready): its flows go on until it is gone; its id
+        // may have been freed meanwhile.
+        if programmed.draining.iter().any(is) {
+            return None;
+        }
+        // In rotation, under the same id.
+        let serving = programmed.slots.contains(&backend_id)
+            && self
+                .backend_by_id
+                .get(&backend_id)
+                .is_some_and(|b| is(&b.addr));
+        (!serving).then_some(Removal::BackendGone)
+    }
 }
 
 /// The members an affinity frontend's slots call for (none without affinity).
@@ -550,6 +598,20 @@ impl Reconciler {
 
     /// The frontends that did not fit, as changes to try again (after space freed
     /// up). Those the kernel refused have their own retry, with backoff.
+    /// What tracked external flows are checked against: the frontends programmed in
+    /// external scope, by id.
+    pub fn flow_check(&self) -> FlowCheck<'_> {
+        FlowCheck {
+            frontends: self
+                .frontends
+                .iter()
+                .filter(|(key, _)| key.scope == Scope::External)
+                .map(|(_, programmed)| (programmed.svc_id, programmed))
+                .collect(),
+            backend_by_id: &self.backend_by_id,
+        }
+    }
+
     pub fn pending(&self) -> BTreeMap<FrontendKey, Option<Arc<Frontend>>> {
         self.unprogrammed
             .iter()

@@ -1188,3 +1188,85 @@ fn a_stale_view_is_rebuilt_from_the_maps_and_the_write_retried() {
     assert_eq!(maps.ranges.len(), 2);
     assert_eq!(refusals_left, 16);
 }
+
+#[test]
+fn tracked_flows_are_checked_against_what_is_programmed() {
+    use crate::datapath::flows::Removal;
+    let mut maps = MemoryMaps::default();
+    let mut r = Reconciler::default().with_maglev_size(251);
+    let mut f = external("10.111.254.11", 6379, &["10.244.1.2", "10.244.1.3"]);
+    f.kind = FrontendKind::LoadBalancer;
+    f.source_ranges = vec![crate::model::spec::Cidr::parse("10.253.0.0/16").unwrap()];
+    r.apply(&mut maps, &change(f.clone())).unwrap();
+    let svc_id = maps.services[&service_key(&f.key, 0)].svc_id;
+    let id_of = |maps: &MemoryMaps, ip: &str| {
+        let addr = addr_from_ip(ip.parse().unwrap());
+        *maps
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr == addr)
+            .unwrap()
+            .0
+    };
+    let backend = |ip: &str| (addr_from_ip(ip.parse().unwrap()), port_to_net(6379));
+    let (first, second) = (id_of(&maps, "10.244.1.2"), id_of(&maps, "10.244.1.3"));
+    let inside = addr_from_ip("10.253.0.100".parse().unwrap());
+    let outside = addr_from_ip("192.0.2.9".parse().unwrap());
+    {
+        let check = r.flow_check();
+        assert_eq!(
+            check.stale(svc_id, &inside, first, backend("10.244.1.2")),
+            None
+        );
+        assert_eq!(
+            check.stale(svc_id, &outside, first, backend("10.244.1.2")),
+            Some(Removal::SourceRange)
+        );
+        assert_eq!(
+            check.stale(svc_id + 100, &inside, first, backend("10.244.1.2")),
+            Some(Removal::FrontendGone)
+        );
+        // An id that names another backend now (reused): the flow is not its.
+        assert_eq!(
+            check.stale(svc_id, &inside, second, backend("10.244.1.2")),
+            Some(Removal::BackendGone)
+        );
+    }
+    // A terminating backend keeps its flows; a backend that left loses them.
+    f.backends.retain(|b| b.ip.to_string() != "10.244.1.3");
+    f.excluded = vec![(
+        BackendAddr {
+            ip: "10.244.1.3".parse().unwrap(),
+            port: 6379,
+        },
+        Exclusion::Terminating,
+    )];
+    r.apply(&mut maps, &change(f.clone())).unwrap();
+    assert_eq!(
+        r.flow_check()
+            .stale(svc_id, &inside, second, backend("10.244.1.3")),
+        None
+    );
+    f.excluded.clear();
+    r.apply(&mut maps, &change(f.clone())).unwrap();
+    assert_eq!(
+        r.flow_check()
+            .stale(svc_id, &inside, second, backend("10.244.1.3")),
+        Some(Removal::BackendGone)
+    );
+    // The source ranges grow to admit everyone; then the frontend goes.
+    f.source_ranges.clear();
+    r.apply(&mut maps, &change(f.clone())).unwrap();
+    assert_eq!(
+        r.flow_check()
+            .stale(svc_id, &outside, first, backend("10.244.1.2")),
+        None
+    );
+    r.apply(&mut maps, &BTreeMap::from([(f.key, None)]))
+        .unwrap();
+    assert_eq!(
+        r.flow_check()
+            .stale(svc_id, &inside, first, backend("10.244.1.2")),
+        Some(Removal::FrontendGone)
+    );
+}

@@ -34,7 +34,229 @@ pub fn trials() -> Vec<Trial> {
             "external::node_ports_from_other_machines",
             node_ports_from_other_machines,
         ),
+        trial(
+            "external::tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse",
+            tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse,
+        ),
     ]
+}
+
+/// The outside client's UDP query for `whoami.test` through `host:port` from
+/// `source_port` (one flow per source port): the answering DNS pod's address.
+fn outside_dig(
+    world: &World,
+    client: &Pod,
+    host: &str,
+    port: &str,
+    source_port: u16,
+) -> Result<String> {
+    outside(
+        world,
+        client,
+        &[
+            "dig",
+            "+short",
+            "+time=1",
+            "+tries=1",
+            "-b",
+            &format!("{}#{source_port}", client.ipv4),
+            "-p",
+            port,
+            &format!("@{host}"),
+            "whoami.test",
+        ],
+        Duration::from_secs(5),
+    )
+    .with_context(|| format!("dig via {host}:{port} from port {source_port}"))
+}
+
+/// The tracked entries of the outside client's flow from `source_port`.
+fn flows_from(daemon: &crate::support::Daemon, source_port: u16) -> Result<Vec<serde_json::Value>> {
+    let suffix = format!(":{source_port}");
+    Ok(daemon
+        .flows()?
+        .into_iter()
+        .filter(|f| {
+            f["from"].as_str().is_some_and(|a| a.ends_with(&suffix))
+                || f["to"].as_str().is_some_and(|a| a.ends_with(&suffix))
+        })
+        .collect())
+}
+
+/// The daemon's collector on flows from another machine: a UDP flow through node B,
+/// whose daemon forgets answered UDP after 2 s, is tracked as `replied` and then
+/// removed; a UDP flow through node A (default timeouts) follows its DNS pod when the
+/// pod is replaced (kube-proxy's conntrack cleanup: the next datagram reaches the new
+/// pod, at once); and node ports without endpoints refuse at once, TCP with a reset
+/// and UDP with port unreachable (kube-proxy's REJECT), instead of a timeout.
+fn tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let node_b = cluster.nodes[1].name.clone();
+    let a_ip = cluster.nodes[0].net().ipv4.to_string();
+    let b_ip = cluster.nodes[1].net().ipv4.to_string();
+    let world = cluster.nodes[0].world().clone();
+    let client = world.add_outside("outside")?;
+    let daemon_a = cluster.daemon(0, &[])?;
+    let daemon_b = cluster.daemon(
+        1,
+        &[
+            "--conntrack-udp-timeout",
+            "2s",
+            "--conntrack-udp-timeout-stream",
+            "2s",
+        ],
+    )?;
+    cluster.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: dns}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: dns}}}}
+  template:
+    metadata: {{labels: {{app: dns}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node_b}}}
+      containers: [{{name: dns, image: coredns, ports: [{{containerPort: 53, protocol: UDP}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: dns-np}}
+spec:
+  type: NodePort
+  selector: {{app: dns}}
+  ports: [{{port: 53, protocol: UDP}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty-tcp}}
+spec:
+  type: NodePort
+  selector: {{app: nothing}}
+  ports: [{{port: 80}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty-udp}}
+spec:
+  type: NodePort
+  selector: {{app: nothing}}
+  ports: [{{port: 53, protocol: UDP}}]
+"#
+    ))?;
+    let first = cluster.wait_ready("app=dns", 1)?;
+    let first_ip = pod_ips_of(&cluster, "app=dns", &first)?
+        .into_iter()
+        .next()
+        .context("no DNS pod address")?;
+    let dns_np = node_port_of(&cluster, "dns-np")?;
+    let (empty_tcp, empty_udp) = (
+        node_port_of(&cluster, "empty-tcp")?,
+        node_port_of(&cluster, "empty-udp")?,
+    );
+    let programmed = |daemon: &crate::support::Daemon, ip: &str| -> Result<Option<()>> {
+        let backends = daemon.backends_of(ip, dns_np.parse()?, "UDP")?;
+        Ok(backends
+            .is_some_and(|b| b.len() == 1 && !b[0].starts_with(&format!("{first_ip}:")))
+            .then_some(()))
+    };
+    for daemon in [&daemon_a, &daemon_b] {
+        cluster.wait("the DNS node port", Duration::from_secs(30), || {
+            Ok(daemon
+                .list()?
+                .iter()
+                .any(|fe| {
+                    fe["scope"] == "external"
+                        && fe["port"].as_u64().map(|p| p.to_string()) == Some(dns_np.clone())
+                        && fe["backends"].as_array().is_some_and(|b| b.len() == 1)
+                })
+                .then_some(()))
+        })?;
+    }
+
+    // Node B forgets an answered UDP flow after 2 s idle.
+    let answer = outside_dig(&world, &client, &b_ip, &dns_np, 45000)?;
+    ensure!(answer.contains(&first_ip), "node B answered {answer:?}");
+    let tracked = flows_from(&daemon_b, 45000)?;
+    ensure!(
+        tracked.len() == 2 && tracked.iter().all(|f| f["state"] == "replied"),
+        "node B tracks {tracked:?}"
+    );
+    cluster.wait("the idle flow removed", Duration::from_secs(10), || {
+        Ok(flows_from(&daemon_b, 45000)?.is_empty().then_some(()))
+    })?;
+    ensure!(
+        daemon_b.metric("lb_tracked_flows_removed_total{reason=\"expired\"}")? >= 1.0,
+        "node B removed the flow but did not count it as expired"
+    );
+
+    // Node A keeps its flow (default timeouts) until the DNS pod is replaced: the next
+    // query of the same flow reaches the new pod.
+    let answer = outside_dig(&world, &client, &a_ip, &dns_np, 45001)?;
+    ensure!(answer.contains(&first_ip), "node A answered {answer:?}");
+    cluster.kubectl(&["delete", "pod", &first[0], "--wait=false"])?;
+    cluster.wait(
+        "the new DNS pod programmed",
+        Duration::from_secs(60),
+        || programmed(&daemon_a, &a_ip),
+    )?;
+    let second_ip = cluster.wait("the new DNS pod's address", Duration::from_secs(10), || {
+        let names = cluster.wait_ready("app=dns", 1)?;
+        Ok(pod_ips_of(&cluster, "app=dns", &names)?
+            .into_iter()
+            .find(|ip| *ip != first_ip))
+    })?;
+    let started = std::time::Instant::now();
+    let answer = cluster.wait("the flow at the new pod", Duration::from_secs(5), || {
+        Ok(outside_dig(&world, &client, &a_ip, &dns_np, 45001)
+            .ok()
+            .filter(|a| a.contains(&second_ip)))
+    })?;
+    eprintln!(
+        "the flow reached the new DNS pod {} s after it was programmed ({answer})",
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(
+        daemon_a.metric("lb_tracked_flows_removed_total{reason=\"backend_gone\"}")? >= 1.0,
+        "node A did not count the flow of the replaced pod"
+    );
+
+    // Node ports without endpoints: refused at once.
+    let script = format!(
+        r#"import socket, time
+t = time.time()
+s = socket.socket(); s.settimeout(5)
+try:
+    s.connect(('{a_ip}', {empty_tcp})); print('tcp connected')
+except ConnectionRefusedError: print('tcp refused %.2f' % (time.time() - t))
+except socket.timeout: print('tcp timeout')
+t = time.time()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
+u.connect(('{a_ip}', {empty_udp}))
+try:
+    u.send(b'x'); u.recv(100); print('udp answered')
+except ConnectionRefusedError: print('udp refused %.2f' % (time.time() - t))
+except socket.timeout: print('udp timeout')
+"#
+    );
+    let out = outside(
+        &world,
+        &client,
+        &["python3", "-c", &script],
+        Duration::from_secs(20),
+    )?;
+    let refused_fast = |proto: &str| {
+        out.lines().any(|l| {
+            l.strip_prefix(&format!("{proto} refused "))
+                .and_then(|s| s.parse::<f64>().ok())
+                .is_some_and(|s| s < 1.0)
+        })
+    };
+    ensure!(
+        refused_fast("tcp") && refused_fast("udp"),
+        "node ports without endpoints: {out}"
+    );
+    Ok(())
 }
 
 /// Addresses in the blackholed service range, so a connection the hooks failed to

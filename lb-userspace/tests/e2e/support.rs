@@ -282,6 +282,20 @@ impl Daemon {
             .sum())
     }
 
+    /// `lb ct --json` for this daemon's pin directory: one object per tracked entry.
+    pub fn flows(&self) -> Result<Vec<Value>> {
+        let output = Command::new(LB)
+            .args(["ct", "--json", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()?;
+        ensure!(
+            output.status.success(),
+            "lb ct failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
     /// `lb list --json` for this daemon's pin directory.
     pub fn list(&self) -> Result<Vec<Value>> {
         Ok(serde_json::from_slice(&self.run_list(&["--json"])?)?)
