@@ -297,6 +297,10 @@ pub mod map_names {
     pub const NODE_ADDRS: &str = maps::NODE_ADDRS.name;
 }
 
+/// First port of the default SNAT range (`--snat-ports 61000-65535`): above Linux's
+/// default ephemeral range (32768-60999), so the node's own connections never use it.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 61000;
+
 /// Default Maglev table size (`--maglev-table-size`): a prime, about 100 times the
 /// backends of a large Service, as the Maglev paper advises for even spread.
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16381;

@@ -67,10 +67,12 @@ const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
-/// SNAT source ports: above Linux's default ephemeral range (32768-60999), so the
-/// node's own connections never use them.
-const SNAT_PORT_MIN: u32 = 61000;
-const SNAT_PORTS: u32 = 65536 - SNAT_PORT_MIN;
+/// SNAT source ports (`--snat-ports`, set by the loader; the daemon checks they are
+/// outside the node's ephemeral range): the first, and how many.
+#[unsafe(no_mangle)]
+static LB_CONFIG_SNAT_PORT_MIN: u32 = lb_common::DEFAULT_SNAT_PORT_MIN as u32;
+#[unsafe(no_mangle)]
+static LB_CONFIG_SNAT_PORTS: u32 = 65536 - lb_common::DEFAULT_SNAT_PORT_MIN as u32;
 const SNAT_ATTEMPTS: u32 = 8;
 /// A tracked flow's last-seen time is refreshed at most this often.
 const REFRESH_NS: u64 = 1_000_000_000;
@@ -576,9 +578,11 @@ fn snat_port(packet: &Packet, backend: &CtValue, node: &Addr, hash: u32) -> Opti
     {
         return Some(previous.sport);
     }
+    let first = unsafe { core::ptr::read_volatile(&raw const LB_CONFIG_SNAT_PORT_MIN) };
+    let count = unsafe { core::ptr::read_volatile(&raw const LB_CONFIG_SNAT_PORTS) }.max(1);
     for attempt in 0..SNAT_ATTEMPTS {
         // Independent probes (no clustering of taken ports).
-        let port = SNAT_PORT_MIN + crate::select::fmix32(hash.wrapping_add(attempt)) % SNAT_PORTS;
+        let port = first + crate::select::fmix32(hash.wrapping_add(attempt)) % count;
         reply.dport = (port as u16).to_be();
         if unsafe { LB_CT.get(&reply) }.is_none() {
             return Some(reply.dport);

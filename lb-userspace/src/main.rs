@@ -162,6 +162,13 @@ struct DaemonArgs {
     /// least recently used forgotten first.
     #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_FLOWS)]
     max_flows: u32,
+    /// Source ports for flows from other machines SNATed to this node's address (their
+    /// backend on another node): they must lie outside the node's ephemeral ports
+    /// (net.ipv4.ip_local_port_range) or be reserved from them
+    /// (net.ipv4.ip_local_reserved_ports); else the TC programs are not attached, with
+    /// the reason, until they do.
+    #[arg(long, value_name = "MIN-MAX", default_value = "61000-65535")]
+    snat_ports: String,
     /// Idle time after which an answered TCP flow from another machine is forgotten
     /// (kube-proxy's flag and default).
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
@@ -368,6 +375,7 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             maglev_size,
             tc_attach: args.tc_attach,
             tc_retry: Duration::from_secs(args.tc_retry_seconds.max(1)),
+            snat_ports: datapath::uplink::SnatPorts::parse(&args.snat_ports)?,
         },
         node_ports,
         external_ip_cidrs: match &args.external_ip_cidrs {

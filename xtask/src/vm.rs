@@ -48,6 +48,7 @@ const E2E_TESTS: &[&str] = &[
     "udp::getpeername_shows_the_cluster_ip_ipv4",
     "udp::removed_backend_terminates_its_sockets_ipv4",
     "kernel::node_ports_survive_kill_9_with_the_kernels_tc_attachment",
+    "kernel::uplinks_that_cannot_be_served_are_refused_with_the_reason",
     "external::ipv6_node_ports_from_manifests",
     "reliability::restarts_kill_9_and_upgrades_under_load_drop_nothing",
     "reliability::an_older_layout_is_migrated_while_it_serves",

@@ -74,8 +74,6 @@ pub struct ExternalOptions {
     pub ct_timeouts: CtTimeouts,
 }
 
-
-
 /// Why a sync ended early.
 #[derive(Debug)]
 enum SyncError {

@@ -20,6 +20,7 @@ mod sys;
 mod tc_netlink;
 #[cfg(test)]
 mod tc_tests;
+pub mod uplink;
 
 use std::{
     fs,
@@ -132,6 +133,8 @@ pub struct DatapathOptions {
     pub tc_attach: TcAttachMode,
     /// How often interfaces whose TC programs failed to attach are tried again.
     pub tc_retry: std::time::Duration,
+    /// Source ports of flows SNATed to the node.
+    pub snat_ports: uplink::SnatPorts,
 }
 
 /// A loaded datapath: programs verified, maps pinned (adopted if they were already).
@@ -201,12 +204,7 @@ impl Datapath {
         }
         let loaded = (|| {
             let layout = pins::prepare(&options.pin_dir, &options.capacities)?;
-            let ebpf = load_object(
-                &layout.dir,
-                &options.capacities,
-                options.maglev_size,
-                probed.set_retval,
-            )?;
+            let ebpf = load_object(&layout.dir, &options, probed.set_retval)?;
             info!(maps = %layout.dir.display(), "datapath loaded");
             Ok(Self {
                 ebpf,
@@ -358,6 +356,12 @@ impl Datapath {
         device: &str,
     ) -> Result<(usize, usize, &'static str)> {
         let ifindex = ifindex(device)?;
+        uplink::require_ethernet(device)?;
+        // Checked where the programs attach (the devices' namespace), and again at
+        // every retry: fixing the sysctl is enough.
+        if let Some(why) = self.options.snat_ports.conflict_here() {
+            bail!(why);
+        }
         let tcx = self.uses_tcx();
         if !tcx {
             match aya::programs::tc::qdisc_add_clsact(device) {
@@ -699,12 +703,8 @@ fn attach_cgroup(program: &mut Program, cgroup: &fs::File) -> Result<FdLink> {
     Ok(link)
 }
 
-fn load_object(
-    maps_dir: &Path,
-    capacities: &Capacities,
-    maglev_size: u32,
-    has_set_retval: bool,
-) -> Result<Ebpf> {
+fn load_object(maps_dir: &Path, options: &DatapathOptions, has_set_retval: bool) -> Result<Ebpf> {
+    let capacities = &options.capacities;
     if !has_set_retval {
         warn!(
             "kernel lacks bpf_set_retval (< 5.18): connections to services without \
@@ -713,12 +713,18 @@ fn load_object(
     }
     let flag = u8::from(has_set_retval);
     let track_sockets = u8::from(!capacities.legacy_sockets);
+    let (snat_first, snat_count) = (
+        u32::from(options.snat_ports.first),
+        options.snat_ports.count(),
+    );
     let mut loader = EbpfLoader::new();
     loader
         .default_map_pin_directory(maps_dir)
         .override_global("LB_CONFIG_HAS_SET_RETVAL", &flag, true)
         .override_global("LB_CONFIG_TRACK_SOCKETS", &track_sockets, true)
-        .override_global("LB_CONFIG_MAGLEV_SIZE", &maglev_size, true);
+        .override_global("LB_CONFIG_MAGLEV_SIZE", &options.maglev_size, true)
+        .override_global("LB_CONFIG_SNAT_PORT_MIN", &snat_first, true)
+        .override_global("LB_CONFIG_SNAT_PORTS", &snat_count, true);
     for def in &lb_common::maps::ALL {
         loader.map_max_entries(def.name, capacities.entries(def));
     }

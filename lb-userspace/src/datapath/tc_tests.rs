@@ -276,6 +276,10 @@ fn loaded_local_flow(datapath: &Datapath, maps: &KernelMaps) -> (IpAddr, u16) {
 }
 
 fn loaded() -> (Datapath, KernelMaps) {
+    loaded_with(Default::default())
+}
+
+fn loaded_with(snat_ports: super::uplink::SnatPorts) -> (Datapath, KernelMaps) {
     // One datapath per test: tests run in parallel.
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let pin_dir = std::path::PathBuf::from(format!(
@@ -292,6 +296,7 @@ fn loaded() -> (Datapath, KernelMaps) {
         maglev_size: 251,
         tc_attach: Default::default(),
         tc_retry: super::TC_RETRY,
+        snat_ports,
     })
     .expect("loading the datapath");
     let mut maps = datapath.take_maps().unwrap();
@@ -525,7 +530,11 @@ fn with_ip_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
 #[ignore = "needs root (loads the datapath); cargo xtask test runs it with --include-ignored"]
 fn tc_programs_track_tcp_state_and_refuse_what_they_cannot_serve() {
     use lb_common::{CT_F_FIN, CT_F_REPLIED, CT_F_RST, CT_F_STATEFUL, CT_FORWARD, CT_REPLY};
-    let (datapath, maps) = loaded();
+    // `--snat-ports 20000-21023`.
+    let (datapath, maps) = loaded_with(super::uplink::SnatPorts {
+        first: 20000,
+        last: 21023,
+    });
     let pin_dir = datapath.options.pin_dir.clone();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let flags = |dir: u8, port: u16| -> u32 {
@@ -544,6 +553,10 @@ fn tc_programs_track_tcp_state_and_refuse_what_they_cannot_serve() {
         let syn = frame(client, (NODE4.into(), NODE_PORT), Some(0x02), 0);
         let (_, out) = datapath.test_run_tc("lb_tc_ingress", &syn).unwrap();
         let (_, snat_port, _, _) = tuple_checked(&out);
+        assert!(
+            (20000..=21023).contains(&snat_port),
+            "SNAT port {snat_port}"
+        );
         assert_eq!(
             flags(CT_FORWARD, 41000) & (CT_F_STATEFUL | CT_F_REPLIED),
             CT_F_STATEFUL

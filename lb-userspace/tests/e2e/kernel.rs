@@ -29,7 +29,88 @@ pub fn trials() -> Vec<Trial> {
             "kernel::node_ports_survive_kill_9_with_netlink_filters",
             || node_ports_survive_kill_9("netlink"),
         ),
+        trial(
+            "kernel::uplinks_that_cannot_be_served_are_refused_with_the_reason",
+            uplinks_that_cannot_be_served_are_refused_with_the_reason,
+        ),
     ]
+}
+
+/// An interface without Ethernet headers (loopback) is never attached, and the SNAT
+/// ports must be outside the node's ephemeral range: with
+/// `net.ipv4.ip_local_port_range = 32768 64000` in the node's namespace the uplink
+/// stays unattached, with the reason in `lb list`, while the daemon is ready and
+/// serves the rest; once the operator reserves the ports, the next try attaches it.
+fn uplinks_that_cannot_be_served_are_refused_with_the_reason() -> Result<()> {
+    let world = World::new(&["a"])?;
+    let node = world.node("a");
+    // Per-namespace settings, written from inside the node's namespace.
+    let sysctl = |name: &str, value: &str| {
+        lb_testbed::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &node.netns,
+                "sh",
+                "-c",
+                &format!("echo '{value}' > /proc/sys/net/ipv4/{name}"),
+            ],
+        )
+    };
+    sysctl("ip_local_port_range", "32768 64000")?;
+    let work_dir = std::env::temp_dir().join(format!("{}-uplinks", world.id));
+    let manifests = work_dir.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    std::fs::write(
+        manifests.join("node.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: a}}\nstatus:\n  addresses: [{{type: InternalIP, address: \"{}\"}}]\n",
+            node.ipv4
+        ),
+    )?;
+    let netns = format!("/run/netns/{}", node.netns);
+    let mut daemon = Daemon::launch_source(
+        &format!("/sys/fs/bpf/{}-a", world.id),
+        &node.cgroup.path,
+        &work_dir,
+        vec![
+            "--manifests".into(),
+            manifests.display().to_string(),
+            "--node-name".into(),
+            "a".into(),
+        ],
+        &[
+            "--netns",
+            &netns,
+            "--devices",
+            "eth0,lo",
+            "--tc-retry-seconds",
+            "1",
+        ],
+    )?;
+    daemon.wait_for_log(READY, slow(Duration::from_secs(30)))?;
+    let list = daemon.list_text()?;
+    ensure!(
+        list.contains("TC on lo: NOT ATTACHED: lo is not an Ethernet interface (link type 772)")
+            && list.contains("TC on eth0: NOT ATTACHED: the SNAT ports 61000-65535 overlap")
+            && list.contains("net.ipv4.ip_local_port_range = 32768 64000"),
+        "lb list:\n{list}"
+    );
+    sysctl("ip_local_reserved_ports", "61000-65535")?;
+    daemon.wait_for_log(
+        "TC programs attached on retry",
+        slow(Duration::from_secs(10)),
+    )?;
+    let list = daemon.list_text()?;
+    ensure!(
+        list.lines().any(|l| l.starts_with("TC on eth0: attached"))
+            && list.contains("TC on lo: NOT ATTACHED"),
+        "after the ports were reserved:\n{list}"
+    );
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&work_dir);
+    Ok(())
 }
 
 const CLUSTER_VIP: &str = "10.96.0.80";
