@@ -388,6 +388,14 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
     }
     if let Some(daemon) = &daemon {
         write_kernel_section(&mut out, daemon)?;
+        for note in daemon["unserved"].as_array().into_iter().flatten() {
+            writeln!(
+                out,
+                "NOT SERVED: Service {}: {}",
+                note["service"].as_str().unwrap_or("?"),
+                note["why"].as_str().unwrap_or("?")
+            )?;
+        }
     }
     let unprogrammed = listed.iter().filter(|f| f.not_programmed.is_some()).count();
     if unprogrammed > 0 {

@@ -582,6 +582,7 @@ impl Controller {
         self.triggers.extend(changes.triggers.iter().copied());
         let external_served = !self.datapath.devices().is_empty();
         report(&changes, &mut self.external_reported, external_served);
+        self.board.set_unserved(self.model.unserved());
         if changes.interrupted {
             return Err(SyncError::Stopped);
         }
@@ -908,6 +909,9 @@ fn report(changes: &Changes, reported: &mut BTreeSet<FrontendKey>, external_serv
     }
     for capped in &changes.capped {
         summary.warn(Some("frontends-per-service"), &capped.to_string());
+    }
+    for (service, why) in &changes.unserved {
+        summary.warn(Some("node-port"), &format!("Service {service}: {why}"));
     }
     for frontend in changes.frontends.values().flatten() {
         if frontend.key.protocol == Protocol::Sctp {

@@ -52,6 +52,14 @@ pub struct Board {
     ready: bool,
     features: Option<KernelFeatures>,
     tc_devices: Vec<TcDevice>,
+    unserved: Vec<UnservedService>,
+}
+
+/// Something a Service asks that this node cannot serve, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnservedService {
+    pub service: String,
+    pub why: String,
 }
 
 /// The daemon's side of `lb list`.
@@ -100,6 +108,7 @@ pub struct Status {
     /// attached, or why not.
     pub tc_devices: Vec<TcDevice>,
     pub frontends: Vec<FrontendStatus>,
+    pub unserved: Vec<UnservedService>,
 }
 
 impl StatusBoard {
@@ -152,6 +161,16 @@ impl StatusBoard {
         self.inner.lock().expect("lock").tc_devices = devices.to_vec();
     }
 
+    pub fn set_unserved(&self, unserved: &BTreeMap<crate::model::ObjectRef, String>) {
+        self.inner.lock().expect("lock").unserved = unserved
+            .iter()
+            .map(|(service, why)| UnservedService {
+                service: service.to_string(),
+                why: why.clone(),
+            })
+            .collect();
+    }
+
     pub fn set_ready(&self) {
         self.inner.lock().expect("lock").ready = true;
     }
@@ -191,6 +210,7 @@ impl StatusBoard {
             kernel: board.features.clone(),
             tc_devices: board.tc_devices.clone(),
             frontends,
+            unserved: board.unserved.clone(),
         }
     }
 }

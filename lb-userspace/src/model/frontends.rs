@@ -165,6 +165,35 @@ pub struct NodeContext {
     pub other_nodes: Vec<(IpAddr, String)>,
 }
 
+/// Why `spec`'s node ports cannot be served here, if they cannot: no address of this
+/// node is known (from manifests without a Node object of its name, say), so they
+/// are served neither to other machines nor to this node's own connections.
+pub fn unserved_node_ports(spec: &ServiceSpec, node: &NodeContext) -> Option<String> {
+    if !node.addresses.is_empty()
+        || !matches!(
+            spec.service_type,
+            ServiceType::NodePort | ServiceType::LoadBalancer
+        )
+    {
+        return None;
+    }
+    let ports: Vec<String> = spec
+        .ports
+        .iter()
+        .filter_map(|p| p.node_port.filter(|&n| node.serves_node_port(n)))
+        .map(|n| n.to_string())
+        .collect();
+    if ports.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "node port {} is not served: no address of node {:?} is known (the source has no \
+         Node object of that name with addresses; add one, or check --node-name)",
+        ports.join(", "),
+        node.name
+    ))
+}
+
 impl NodeContext {
     /// Whether `port` is in the node-port range.
     pub fn serves_node_port(&self, port: u16) -> bool {

@@ -165,6 +165,8 @@ pub struct Model {
     /// Work done (Services recomputed, frontends and waiters touched): a measure of
     /// cost that tests can bound, unlike time.
     work: u64,
+    /// What each Service asks that this node cannot serve, and why.
+    unserved: BTreeMap<ObjectRef, String>,
 }
 
 /// The outcome of [`Model::recompute`].
@@ -178,6 +180,9 @@ pub struct Changes {
     pub refused: Vec<Refusal>,
     /// Services cut down to the per-Service frontend cap (reported).
     pub capped: Vec<Capped>,
+    /// Services with something this node cannot serve, newly found (reported once;
+    /// [`Model::unserved`] has all of them).
+    pub unserved: Vec<(ObjectRef, String)>,
     /// Service and EndpointSlice objects changed (added, updated, removed) since the
     /// last recompute.
     pub service_changes: usize,
@@ -199,6 +204,11 @@ const STOP_CHECK_EVERY: usize = 256;
 impl Model {
     pub fn frontends(&self) -> &BTreeMap<FrontendKey, Arc<Frontend>> {
         &self.frontends
+    }
+
+    /// What Services ask that this node cannot serve, and why (`lb list`).
+    pub fn unserved(&self) -> &BTreeMap<ObjectRef, String> {
+        &self.unserved
     }
 
     pub fn service_count(&self) -> usize {
@@ -388,6 +398,20 @@ impl Model {
             // ClusterIPs first (a stable sort keeps the rest in their order).
             wanted.sort_by_key(|f| f.kind != FrontendKind::ClusterIp);
             wanted.truncate(cap);
+        }
+        match spec
+            .as_deref()
+            .and_then(|s| frontends::unserved_node_ports(s, &self.effective))
+        {
+            Some(why) => {
+                if self.unserved.get(id) != Some(&why) {
+                    self.unserved.insert(id.clone(), why.clone());
+                    changes.unserved.push((id.clone(), why));
+                }
+            }
+            None => {
+                self.unserved.remove(id);
+            }
         }
         if let Some(spec) = &spec {
             for &address in spec.external_ips.iter().chain(&spec.load_balancer_ips) {

@@ -1066,3 +1066,38 @@ fn a_service_is_cut_to_the_per_service_frontend_cap() {
             .contains("--max-frontends-per-service 5")
     );
 }
+
+#[test]
+fn node_ports_without_a_node_address_are_reported_once_and_cleared() {
+    let mut model = Model::default();
+    model.set_node(node("node-a", None, &[]));
+    model.upsert_service(Arc::new(web_service("  type: NodePort\n")));
+    model.upsert_service(Arc::new(redis_service()));
+    let changes = model.recompute();
+    let web = ObjectRef::new("pods", "web");
+    assert_eq!(changes.unserved.len(), 1, "{:?}", changes.unserved);
+    let (service, why) = &changes.unserved[0];
+    assert_eq!(service, &web);
+    assert!(
+        why.contains("node port 30002 is not served: no address of node \"node-a\" is known"),
+        "{why}"
+    );
+    assert_eq!(model.unserved().len(), 1);
+    // Recomputed for another reason: still unserved, not reported again.
+    model.upsert_service(Arc::new(web_service(
+        "  type: NodePort\n  sessionAffinity: ClientIP\n",
+    )));
+    assert!(model.recompute().unserved.is_empty());
+    assert_eq!(model.unserved().len(), 1);
+    // The Node's address arrives: served, the note goes.
+    model.set_node(node("node-a", None, &["10.253.0.2"]));
+    let changes = model.recompute();
+    assert!(changes.unserved.is_empty());
+    assert!(model.unserved().is_empty());
+    assert!(
+        model
+            .frontends()
+            .keys()
+            .any(|k| k.to_string() == "10.253.0.2:30002/TCP (external)")
+    );
+}

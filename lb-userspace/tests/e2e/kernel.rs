@@ -41,6 +41,7 @@ pub fn trials() -> Vec<Trial> {
 /// `net.ipv4.ip_local_port_range = 32768 64000` in the node's namespace the uplink
 /// stays unattached, with the reason in `lb list`, while the daemon is ready and
 /// serves the rest; once the operator reserves the ports, the next try attaches it.
+/// And a node port with no known node address is reported, not silently missed.
 fn uplinks_that_cannot_be_served_are_refused_with_the_reason() -> Result<()> {
     let world = World::new(&["a"])?;
     let node = world.node("a");
@@ -107,6 +108,26 @@ fn uplinks_that_cannot_be_served_are_refused_with_the_reason() -> Result<()> {
         list.lines().any(|l| l.starts_with("TC on eth0: attached"))
             && list.contains("TC on lo: NOT ATTACHED"),
         "after the ports were reserved:\n{list}"
+    );
+
+    // A node port while no address of this node is known (the Node object leaves the
+    // folder): said once in the log and in lb list, instead of a silent miss.
+    std::fs::remove_file(manifests.join("node.yaml"))?;
+    std::fs::write(
+        manifests.join("web.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+         spec:\n  type: NodePort\n  clusterIP: 10.96.0.81\n  ports: [{port: 80, nodePort: 30082}]\n",
+    )?;
+    daemon.wait_for_log(
+        "node port 30082 is not served",
+        slow(Duration::from_secs(10)),
+    )?;
+    let list = daemon.list_text()?;
+    ensure!(
+        list.contains(
+            "NOT SERVED: Service default/web: node port 30082 is not served: no address of node \"a\" is known"
+        ),
+        "lb list:\n{list}"
     );
     drop(daemon);
     let _ = std::fs::remove_dir_all(&work_dir);
