@@ -115,11 +115,19 @@ pub fn frontend(key: &mut ServiceKey) -> Option<ServiceValue> {
     (unsafe { LB_SERVICES.get(*key) }).copied()
 }
 
-/// Picks a backend for an external flow of frontend `key` hashed to `hash`: through
-/// the frontend's Maglev table (the same choice on every node), or, for session
-/// affinity or while the table is not written yet, as the socket hooks do.
+/// Picks a backend for an external flow of frontend `key` hashed to `hash` (the
+/// client's address and port) through the frontend's Maglev table: the same choice on
+/// every node. With session affinity, the client's remembered backend while it is
+/// fresh and still serves; else the table's choice for the client's address alone
+/// (`client_hash`), so every node sends a client to the same backend, and remembered.
+/// While the table is not written yet, as the socket hooks do.
 #[inline(always)]
-pub fn select_external(key: &mut ServiceKey, hash: u32, client: &mut AffinityKey) -> Selection {
+pub fn select_external(
+    key: &mut ServiceKey,
+    hash: u32,
+    client_hash: u32,
+    client: &mut AffinityKey,
+) -> Selection {
     let Some(frontend) = frontend(key) else {
         return Selection::NotService;
     };
@@ -127,10 +135,36 @@ pub fn select_external(key: &mut ServiceKey, hash: u32, client: &mut AffinityKey
     if frontend.count == 0 {
         return Selection::NoBackend { svc_id };
     }
-    if frontend.flags & SVC_F_AFFINITY == 0
-        && let Some(backend_id) = LB_MAGLEV.backend_id(svc_id, hash % maglev_size())
+    let affinity = frontend.flags & SVC_F_AFFINITY != 0;
+    let now = if affinity {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
+    if affinity {
+        client.svc_id = svc_id;
+        if let Some((backend_id, backend)) = sticky(client, frontend.affinity_timeout, now) {
+            count(stat::AFFINITY_HIT);
+            return Selection::Backend {
+                backend,
+                backend_id,
+                svc_id,
+            };
+        }
+    }
+    let slot = if affinity { client_hash } else { hash } % maglev_size();
+    if let Some(backend_id) = LB_MAGLEV.backend_id(svc_id, slot)
         && let Some(backend) = (unsafe { LB_BACKENDS.get(backend_id) }).copied()
     {
+        if affinity {
+            count(stat::AFFINITY_MISS);
+            let value = AffinityValue {
+                backend_id,
+                _pad: 0,
+                last_used_ns: now,
+            };
+            let _ = LB_AFFINITY.insert(*client, value, 0);
+        }
         return Selection::Backend {
             backend,
             backend_id,

@@ -663,7 +663,8 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
         kind: AFFINITY_CLIENT_IP,
         _pad: [0; 3],
     };
-    let (backend, backend_id, svc_id) = match select_external(key, hash, &mut client) {
+    let client_hash = flow_hash(&packet.src, 0, packet.proto);
+    let (backend, backend_id, svc_id) = match select_external(key, hash, client_hash, &mut client) {
         Selection::Backend {
             backend,
             backend_id,

@@ -35,10 +35,186 @@ pub fn trials() -> Vec<Trial> {
             node_ports_from_other_machines,
         ),
         trial(
+            "external::session_affinity_from_outside_is_the_same_on_both_nodes",
+            session_affinity_from_outside_is_the_same_on_both_nodes,
+        ),
+        trial(
             "external::tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse",
             tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse,
         ),
     ]
+}
+
+/// `sessionAffinity: ClientIP` from another machine, on a LoadBalancer Service with
+/// four pods over two nodes: 30 new connections (new source ports), alternating
+/// between node A's and node B's node port and the load-balancer IP, all reach one
+/// pod (the nodes agree without sharing state: the choice is Maglev's for the client's
+/// address, then remembered); switched off, the connections spread; switched on
+/// again, they stick; the pod deleted, the client moves to one other pod, again the
+/// same through both nodes.
+fn session_affinity_from_outside_is_the_same_on_both_nodes() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let (node_a, node_b) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+    let a_ip = cluster.nodes[0].net().ipv4.to_string();
+    let b_ip = cluster.nodes[1].net().ipv4.to_string();
+    let world = cluster.nodes[0].world().clone();
+    let client = world.add_outside("outside")?;
+    lb_testbed::run(
+        "ip",
+        &[
+            "-n",
+            &client.netns,
+            "route",
+            "add",
+            &format!("{OUTSIDE_LB_IP}/32"),
+            "via",
+            &a_ip,
+        ],
+    )?;
+    let daemon_a = cluster.daemon(0, &[])?;
+    let daemon_b = cluster.daemon(1, &[])?;
+    let mut manifest = String::new();
+    for (side, node) in [("a", &node_a), ("b", &node_b)] {
+        manifest.push_str(&format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: sticky-{side}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: sticky, side: "{side}"}}}}
+  template:
+    metadata: {{labels: {{app: sticky, side: "{side}"}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
+---
+"#
+        ));
+    }
+    manifest.push_str(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: sticky}
+spec:
+  type: LoadBalancer
+  selector: {app: sticky}
+  sessionAffinity: ClientIP
+  ports: [{port: 6379}]
+"#,
+    );
+    cluster.apply(&manifest)?;
+    cluster.set_load_balancer_ip("sticky", OUTSIDE_LB_IP)?;
+    let names: BTreeSet<String> = cluster.wait_ready("app=sticky", 4)?.into_iter().collect();
+    let np = node_port_of(&cluster, "sticky")?;
+    let serving = |count: usize| {
+        for daemon in [&daemon_a, &daemon_b] {
+            cluster.wait(
+                &format!("{count} backends on both nodes"),
+                Duration::from_secs(30),
+                || {
+                    Ok(daemon
+                        .list()?
+                        .iter()
+                        .filter(|fe| fe["scope"] == "external")
+                        .all(|fe| fe["backends"].as_array().is_some_and(|b| b.len() == count))
+                        .then_some(()))
+                },
+            )?;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    serving(4)?;
+    // New connections through both nodes and the load-balancer IP: the pods reached.
+    let reached = |round: u16| -> Result<BTreeSet<String>> {
+        let mut seen = BTreeSet::new();
+        for i in 0..30u16 {
+            let (host, port) = match i % 3 {
+                0 => (a_ip.as_str(), np.as_str()),
+                1 => (b_ip.as_str(), np.as_str()),
+                _ => (OUTSIDE_LB_IP, "6379"),
+            };
+            seen.insert(outside_whoami(
+                &world,
+                &client,
+                host,
+                port,
+                46000 + round * 100 + i,
+            )?);
+        }
+        Ok(seen)
+    };
+    let first = reached(0)?;
+    ensure!(
+        first.len() == 1 && names.contains(first.iter().next().unwrap()),
+        "with affinity, 30 connections through both nodes reached {first:?}"
+    );
+    let set_affinity = |value: &str| {
+        cluster.kubectl(&[
+            "patch",
+            "service",
+            "sticky",
+            "-p",
+            &format!(r#"{{"spec":{{"sessionAffinity":"{value}"}}}}"#),
+        ])
+    };
+    let affinity_is = |daemon: &crate::support::Daemon, on: bool| -> Result<Option<()>> {
+        Ok(daemon
+            .list()?
+            .iter()
+            .filter(|fe| fe["scope"] == "external")
+            .all(|fe| fe["affinity_timeout"].is_null() != on)
+            .then_some(()))
+    };
+    set_affinity("None")?;
+    for daemon in [&daemon_a, &daemon_b] {
+        cluster.wait("affinity off", Duration::from_secs(20), || {
+            affinity_is(daemon, false)
+        })?;
+    }
+    let spread = reached(1)?;
+    ensure!(
+        spread.len() > 1,
+        "without affinity, 30 connections all reached {spread:?}"
+    );
+    set_affinity("ClientIP")?;
+    for daemon in [&daemon_a, &daemon_b] {
+        cluster.wait("affinity on", Duration::from_secs(20), || {
+            affinity_is(daemon, true)
+        })?;
+    }
+    let again = reached(2)?;
+    ensure!(
+        again.len() == 1,
+        "affinity switched on again: 30 connections reached {again:?}"
+    );
+    // The pod the client sticks to goes: it moves to one other pod, on both nodes.
+    let pod = again.iter().next().unwrap().clone();
+    let pod_ip = pod_ips_of(&cluster, "app=sticky", std::slice::from_ref(&pod))?
+        .into_iter()
+        .next()
+        .context("the sticky pod's address")?;
+    cluster.kubectl(&["delete", "pod", &pod, "--wait=false"])?;
+    cluster.wait(
+        "the pod gone from both nodes",
+        Duration::from_secs(60),
+        || {
+            let gone = [&daemon_a, &daemon_b].iter().all(|d| {
+                d.list_text()
+                    .map(|t| !t.contains(&format!("{pod_ip}:6379")))
+                    .unwrap_or(false)
+            });
+            Ok(gone.then_some(()))
+        },
+    )?;
+    // Its replacement serves too before the client comes back.
+    cluster.wait_ready("app=sticky", 4)?;
+    serving(4)?;
+    let moved = reached(3)?;
+    ensure!(
+        moved.len() == 1 && !moved.contains(&pod),
+        "after {pod} left, 30 connections reached {moved:?}"
+    );
+    Ok(())
 }
 
 /// The outside client's UDP query for `whoami.test` through `host:port` from
