@@ -51,6 +51,38 @@ fn sticky(client: &AffinityKey, timeout_s: u32, now: u64) -> Option<(u32, Backen
     Some((value.backend_id, backend))
 }
 
+/// For a frontend with session affinity: keys `client` to it and returns the time
+/// of this choice and the backend `client` sticks to, if any (counted as a hit).
+#[inline(always)]
+fn remembered(frontend: &ServiceValue, client: &mut AffinityKey) -> (u64, Option<Selection>) {
+    if frontend.flags & SVC_F_AFFINITY == 0 {
+        return (0, None);
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    client.svc_id = frontend.svc_id;
+    let hit = sticky(client, frontend.affinity_timeout, now).map(|(backend_id, backend)| {
+        count(stat::AFFINITY_HIT);
+        Selection::Backend {
+            backend,
+            backend_id,
+            svc_id: frontend.svc_id,
+        }
+    });
+    (now, hit)
+}
+
+/// Remembers `backend_id`, just chosen afresh, as `client`'s (an affinity miss).
+#[inline(always)]
+fn remember(client: &AffinityKey, backend_id: u32, now: u64) {
+    count(stat::AFFINITY_MISS);
+    let value = AffinityValue {
+        backend_id,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    let _ = LB_AFFINITY.insert(*client, value, 0);
+}
+
 /// Picks a backend for `key` (slot ignored) using `hash` to choose the slot; on a
 /// frontend with session affinity, `client` (its `svc_id` filled in here) sticks to
 /// the backend it was given last, within the frontend's timeout.
@@ -67,35 +99,16 @@ pub fn select_backend(key: &mut ServiceKey, hash: u32, client: &mut AffinityKey)
         if frontend.count == 0 {
             return Selection::NoBackend { svc_id };
         }
-        let affinity = frontend.flags & SVC_F_AFFINITY != 0;
-        let now = if affinity {
-            unsafe { bpf_ktime_get_ns() }
-        } else {
-            0
-        };
-        if affinity {
-            client.svc_id = svc_id;
-            if let Some((backend_id, backend)) = sticky(client, frontend.affinity_timeout, now) {
-                count(stat::AFFINITY_HIT);
-                return Selection::Backend {
-                    backend,
-                    backend_id,
-                    svc_id,
-                };
-            }
+        let (now, hit) = remembered(&frontend, client);
+        if let Some(hit) = hit {
+            return hit;
         }
         key.slot = (hash % frontend.count as u32) as u16 + 1;
         if let Some(slot) = (unsafe { LB_SERVICES.get(*key) }).copied()
             && let Some(backend) = (unsafe { LB_BACKENDS.get(slot.backend_id) }).copied()
         {
-            if affinity {
-                count(stat::AFFINITY_MISS);
-                let value = AffinityValue {
-                    backend_id: slot.backend_id,
-                    _pad: 0,
-                    last_used_ns: now,
-                };
-                let _ = LB_AFFINITY.insert(*client, value, 0);
+            if frontend.flags & SVC_F_AFFINITY != 0 {
+                remember(client, slot.backend_id, now);
             }
             return Selection::Backend {
                 backend,
@@ -136,34 +149,16 @@ pub fn select_external(
         return Selection::NoBackend { svc_id };
     }
     let affinity = frontend.flags & SVC_F_AFFINITY != 0;
-    let now = if affinity {
-        unsafe { bpf_ktime_get_ns() }
-    } else {
-        0
-    };
-    if affinity {
-        client.svc_id = svc_id;
-        if let Some((backend_id, backend)) = sticky(client, frontend.affinity_timeout, now) {
-            count(stat::AFFINITY_HIT);
-            return Selection::Backend {
-                backend,
-                backend_id,
-                svc_id,
-            };
-        }
+    let (now, hit) = remembered(&frontend, client);
+    if let Some(hit) = hit {
+        return hit;
     }
     let slot = if affinity { client_hash } else { hash } % maglev_size();
     if let Some(backend_id) = LB_MAGLEV.backend_id(svc_id, slot)
         && let Some(backend) = (unsafe { LB_BACKENDS.get(backend_id) }).copied()
     {
         if affinity {
-            count(stat::AFFINITY_MISS);
-            let value = AffinityValue {
-                backend_id,
-                _pad: 0,
-                last_used_ns: now,
-            };
-            let _ = LB_AFFINITY.insert(*client, value, 0);
+            remember(client, backend_id, now);
         }
         return Selection::Backend {
             backend,

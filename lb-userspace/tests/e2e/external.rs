@@ -217,6 +217,27 @@ spec:
     Ok(())
 }
 
+/// A Deployment of one DNS pod (dnsmasq: `whoami.test` is its own address) on `node`,
+/// then a YAML document separator.
+fn dns_deployment(node: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: dns}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: dns}}}}
+  template:
+    metadata: {{labels: {{app: dns}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node_b}}}
+      containers: [{{name: dns, image: coredns, ports: [{{containerPort: 53, protocol: UDP}}]}}]
+---
+"#,
+        node_b = node
+    )
+}
+
 /// The outside client's UDP query for `whoami.test` through `host:port` from
 /// `source_port` (one flow per source port): the answering DNS pod's address.
 fn outside_dig(
@@ -282,20 +303,9 @@ fn tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse() -> Re
             "2s",
         ],
     )?;
+    let dns = dns_deployment(&node_b);
     cluster.apply(&format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: dns}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: dns}}}}
-  template:
-    metadata: {{labels: {{app: dns}}}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: {node_b}}}
-      containers: [{{name: dns, image: coredns, ports: [{{containerPort: 53, protocol: UDP}}]}}]
----
-apiVersion: v1
+        r#"{dns}apiVersion: v1
 kind: Service
 metadata: {{name: dns-np}}
 spec:
@@ -730,20 +740,9 @@ spec:
 "#
         ));
     }
+    let dns = dns_deployment(&node_b);
     manifest.push_str(&format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: dns}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: dns}}}}
-  template:
-    metadata: {{labels: {{app: dns}}}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: {node_b}}}
-      containers: [{{name: dns, image: coredns, ports: [{{containerPort: 53, protocol: UDP}}]}}]
----
-apiVersion: v1
+        r#"{dns}apiVersion: v1
 kind: Service
 metadata: {{name: redis-np}}
 spec:
