@@ -282,6 +282,9 @@ fn node_name(flag: Option<String>) -> Result<String> {
     Ok(name)
 }
 
+/// The fewest external flows `--max-flows` may ask for.
+const MIN_FLOWS: u32 = 1024;
+
 fn capacities(args: &DaemonArgs) -> Result<datapath::Capacities> {
     for (flag, value) in [
         ("max-frontends", args.max_frontends),
@@ -294,6 +297,16 @@ fn capacities(args: &DaemonArgs) -> Result<datapath::Capacities> {
         if !(16..=1 << 26).contains(&value) {
             bail!("--{flag} {value} is out of range (16 to {})", 1u32 << 26);
         }
+    }
+    // Measured: a flood of new flows through a table of 256 reset a flow in use (the
+    // kernel's LRU frees entries in per-CPU batches, so a few hundred entries churn
+    // as one); from 1024 up, ten times the table in new flows leave it alone.
+    if args.max_flows < MIN_FLOWS {
+        bail!(
+            "--max-flows {} is too small: at least {MIN_FLOWS}, or a burst of new flows \
+             evicts flows still in use",
+            args.max_flows
+        );
     }
     Ok(datapath::Capacities {
         frontends: args.max_frontends,

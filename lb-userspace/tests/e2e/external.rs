@@ -301,11 +301,34 @@ fn tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse() -> Re
             "2s",
             "--conntrack-udp-timeout-stream",
             "2s",
+            "--max-flows",
+            "1024",
         ],
     )?;
+    let node_a = cluster.nodes[0].name.clone();
     let dns = dns_deployment(&node_b);
     cluster.apply(&format!(
-        r#"{dns}apiVersion: v1
+        r#"{dns}apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: redis}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: redis}}}}
+  template:
+    metadata: {{labels: {{app: redis}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node_a}}}
+      containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: redis-np}}
+spec:
+  type: NodePort
+  selector: {{app: redis}}
+  ports: [{{port: 6379}}]
+---
+apiVersion: v1
 kind: Service
 metadata: {{name: dns-np}}
 spec:
@@ -406,6 +429,62 @@ spec:
         daemon_a.metric("lb_tracked_flows_removed_total{reason=\"backend_gone\"}")? >= 1.0,
         "node A did not count the flow of the replaced pod"
     );
+
+    // A flood of new connections, ten times what node B tracks (--max-flows 1024, the least it takes),
+    // while 100 MB cross node B on one flow (SNATed to the pod on node A): the
+    // transfer's entries, in use, outlive the churn.
+    cluster.wait_ready("app=redis", 1)?;
+    let redis_np = node_port_of(&cluster, "redis-np")?;
+    cluster.wait(
+        "the redis node port on node B",
+        Duration::from_secs(30),
+        || {
+            Ok(daemon_b
+                .backends_of(&b_ip, redis_np.parse()?, "TCP")?
+                .filter(|b| b.len() == 1)
+                .map(|_| ()))
+        },
+    )?;
+    let created = daemon_b.metric("lb_datapath_decisions_total{decision=\"tc_ct_created\"}")?;
+    let flood = format!(
+        r#"import socket, struct, time
+opened = []
+for port in range(30000, 40240):
+    s = socket.socket(); s.setblocking(False)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    s.bind(('{}', port)); s.connect_ex(('{b_ip}', {redis_np})); opened.append(s)
+    if len(opened) == 200:
+        time.sleep(0.05)
+        for o in opened: o.close()
+        opened = []
+print('flooded')
+"#,
+        client.ipv4
+    );
+    let (intact, flooded) = std::thread::scope(|scope| {
+        let transfer = scope.spawn(|| outside_transfer(&world, &client, &b_ip, &redis_np, 47000));
+        std::thread::sleep(Duration::from_millis(300));
+        let flooded = outside(
+            &world,
+            &client,
+            &["python3", "-c", &flood],
+            Duration::from_secs(60),
+        );
+        (transfer.join().expect("transfer thread"), flooded)
+    });
+    ensure!(flooded? == "flooded", "the flood did not run");
+    ensure!(
+        intact?,
+        "100 MB through node B arrived corrupted during the flood"
+    );
+    let churn =
+        daemon_b.metric("lb_datapath_decisions_total{decision=\"tc_ct_created\"}")? - created;
+    ensure!(
+        churn > 2000.0,
+        "only {churn} flows were created by the flood: it did not outgrow the table"
+    );
+    eprintln!("100 MB intact through node B while {churn} new flows churned a 1024-flow table");
 
     // Node ports without endpoints: refused at once.
     let script = format!(
