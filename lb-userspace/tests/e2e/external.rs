@@ -35,6 +35,10 @@ pub fn trials() -> Vec<Trial> {
             node_ports_from_other_machines,
         ),
         trial(
+            "external::node_port_edits_in_place_are_followed_from_outside",
+            node_port_edits_in_place_are_followed_from_outside,
+        ),
+        trial(
             "external::session_affinity_from_outside_is_the_same_on_both_nodes",
             session_affinity_from_outside_is_the_same_on_both_nodes,
         ),
@@ -43,6 +47,129 @@ pub fn trials() -> Vec<Trial> {
             tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse,
         ),
     ]
+}
+
+/// A LoadBalancer Service edited in place, seen from another machine through node A:
+/// its externalTrafficPolicy switched to Local (a health-check node port appears and
+/// answers 200 with the local endpoint count) and back (the port closes); its node
+/// port changed (the old one refuses at once, the new one serves); its type changed
+/// to ClusterIP (the node port refuses).
+fn node_port_edits_in_place_are_followed_from_outside() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let node_a = cluster.nodes[0].name.clone();
+    let a_ip = cluster.nodes[0].net().ipv4.to_string();
+    let world = cluster.nodes[0].world().clone();
+    let client = world.add_outside("outside")?;
+    let _daemon_a = cluster.daemon(0, &[])?;
+    cluster.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: edited}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: edited}}}}
+  template:
+    metadata: {{labels: {{app: edited}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node_a}}}
+      containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: edited}}
+spec:
+  type: LoadBalancer
+  selector: {{app: edited}}
+  ports: [{{port: 6379}}]
+"#
+    ))?;
+    let pod = cluster.wait_ready("app=edited", 1)?.remove(0);
+    let np = node_port_of(&cluster, "edited")?;
+    // (connected, refused) for one TCP connect from outside.
+    let connect = |port: &str| -> Result<String> {
+        let script = format!(
+            "import socket\ns = socket.socket(); s.settimeout(3)\n\
+             try:\n    s.connect(('{a_ip}', {port})); print('open')\n\
+             except ConnectionRefusedError: print('refused')\n\
+             except socket.timeout: print('timeout')\n"
+        );
+        outside(
+            &world,
+            &client,
+            &["python3", "-c", &script],
+            Duration::from_secs(10),
+        )
+    };
+    cluster.wait("the node port served", Duration::from_secs(30), || {
+        Ok(outside_whoami(&world, &client, &a_ip, &np, 0)
+            .ok()
+            .filter(|who| *who == pod))
+    })?;
+    let patch = |json: &str| cluster.kubectl(&["patch", "service", "edited", "-p", json]);
+
+    patch(r#"{"spec":{"externalTrafficPolicy":"Local"}}"#)?;
+    let health = cluster.wait("a health-check node port", Duration::from_secs(20), || {
+        let port = cluster.kubectl(&[
+            "get",
+            "service",
+            "edited",
+            "-o",
+            "jsonpath={.spec.healthCheckNodePort}",
+        ])?;
+        Ok(Some(port.trim().to_string()).filter(|p| !p.is_empty()))
+    })?;
+    let answer = cluster.wait(
+        "the health check answering",
+        Duration::from_secs(20),
+        || {
+            Ok(outside(
+                &world,
+                &client,
+                &[
+                    "curl",
+                    "-s",
+                    "--max-time",
+                    "2",
+                    "-w",
+                    " %{http_code}",
+                    &format!("http://{a_ip}:{health}/healthz"),
+                ],
+                Duration::from_secs(5),
+            )
+            .ok()
+            .filter(|a| a.ends_with(" 200")))
+        },
+    )?;
+    ensure!(
+        answer.contains(r#""localEndpoints":1"#),
+        "health check: {answer}"
+    );
+    patch(r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#)?;
+    cluster.wait(
+        "the health-check port closed",
+        Duration::from_secs(20),
+        || Ok((connect(&health)? == "refused").then_some(())),
+    )?;
+
+    let new_np = if np == "30999" { "30998" } else { "30999" };
+    patch(&format!(
+        r#"{{"spec":{{"ports":[{{"port":6379,"nodePort":{new_np}}}]}}}}"#
+    ))?;
+    cluster.wait("the new node port served", Duration::from_secs(20), || {
+        Ok(outside_whoami(&world, &client, &a_ip, new_np, 0)
+            .ok()
+            .filter(|who| *who == pod))
+    })?;
+    ensure!(
+        connect(&np)? == "refused",
+        "the old node port {np} did not refuse"
+    );
+
+    patch(r#"{"spec":{"type":"ClusterIP","ports":[{"port":6379}]}}"#)?;
+    cluster.wait("the node port gone", Duration::from_secs(20), || {
+        Ok((connect(new_np)? == "refused").then_some(()))
+    })?;
+    Ok(())
 }
 
 /// `sessionAffinity: ClientIP` from another machine, on a LoadBalancer Service with
