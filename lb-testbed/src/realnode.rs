@@ -225,6 +225,8 @@ pub struct NodeOptions {
     /// (registry host, endpoint) pairs containerd pulls through instead of the
     /// registry itself ([`crate::registry::Registry::mirrors`]).
     pub registry_mirrors: Vec<(String, String)>,
+    /// The node's `topology.kubernetes.io/zone` label, set by its kubelet.
+    pub zone: Option<String>,
 }
 
 pub struct RealNode {
@@ -390,19 +392,20 @@ impl RealNode {
         }
 
         let kubelet = crate::k8s::extra_binary("kubelet")?;
-        self.kubelet = Some(self.spawn(
-            "kubelet",
-            &kubelet.display().to_string(),
-            &[
-                &format!("--config={}", d("kubelet.yaml")),
-                &format!("--kubeconfig={}", d("kubeconfig")),
-                &format!("--root-dir={}", d("kubelet")),
-                &format!("--volume-plugin-dir={}", d("kubelet/volume-plugins")),
-                &format!("--hostname-override={}", self.name),
-                &format!("--node-ip={}", self.ipv4),
-                "--v=1",
-            ],
-        )?);
+        let mut args = vec![
+            format!("--config={}", d("kubelet.yaml")),
+            format!("--kubeconfig={}", d("kubeconfig")),
+            format!("--root-dir={}", d("kubelet")),
+            format!("--volume-plugin-dir={}", d("kubelet/volume-plugins")),
+            format!("--hostname-override={}", self.name),
+            format!("--node-ip={}", self.ipv4),
+            "--v=1".to_string(),
+        ];
+        if let Some(zone) = &options.zone {
+            args.push(format!("--node-labels=topology.kubernetes.io/zone={zone}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.kubelet = Some(self.spawn("kubelet", &kubelet.display().to_string(), &args)?);
         self.wait_ready(cp, Duration::from_secs(90))
     }
 

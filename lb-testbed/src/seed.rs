@@ -87,6 +87,7 @@ impl SeedCluster {
         let options = NodeOptions {
             dns: PodDns::Server(KUBE_DNS_IP),
             registry_mirrors: registry.mirrors(),
+            zone: None,
         };
         let preloaded = [images_dir.join("lb.tar"), images_dir.join("pause.tar")];
         let nodes = world

@@ -508,10 +508,19 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
         dns: PodDns::NodeLocal,
         ..NodeOptions::default()
     };
+    // A zone per node, as the topology specs want (at least three for Traffic
+    // Distribution: `--nodes 3`).
     let nodes = world
         .nodes
         .iter()
-        .map(|n| RealNode::start_with(&cp, n, &images, &node_options))
+        .enumerate()
+        .map(|(i, n)| {
+            let options = NodeOptions {
+                zone: Some(format!("zone-{}", i + 1)),
+                ..node_options.clone()
+            };
+            RealNode::start_with(&cp, n, &images, &options)
+        })
         .collect::<Result<Vec<_>>>()?;
     let (files, pids): (Vec<PathBuf>, Vec<u32>) =
         nodes.iter().filter_map(RealNode::dns_records).unzip();
