@@ -57,6 +57,10 @@ const NEXTHDR_FRAGMENT: u8 = 44;
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
 const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_RST: u8 = 0x04;
@@ -150,6 +154,8 @@ enum Parsed {
     Fragment,
     /// An unfragmented ICMPv4 message (its header at `l4`).
     Icmp,
+    /// An ICMPv6 message right after the IPv6 header (its header at `l4`).
+    Icmp6,
     /// An IPv4 header that is not one: version other than 4, or shorter than 20
     /// bytes (every offset after it would be wrong).
     Malformed,
@@ -221,6 +227,9 @@ fn parse(ctx: &TcContext, packet: &mut Packet) -> Parsed {
     if packet.proto == IPPROTO_ICMP && !packet.v6 && !fragment {
         return Parsed::Icmp;
     }
+    if packet.proto == IPPROTO_ICMPV6 && packet.v6 && !fragment {
+        return Parsed::Icmp6;
+    }
     if packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP {
         return if fragment {
             Parsed::Fragment
@@ -258,14 +267,7 @@ fn rewrite_addr(ctx: &mut TcContext, packet: &Packet, source: bool, new: &Addr) 
     let l4_flags = packet.l4_csum_flags();
     if packet.v6 {
         let offset = if source { ETH_HLEN + 8 } else { ETH_HLEN + 24 };
-        let (mut from, mut into) = (*old, *new);
-        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, into.as_mut_ptr(), 16, 0) };
-        if diff < 0 {
-            return Err(());
-        }
-        ctx.l4_csum_replace(csum, 0, diff as u64, BPF_F_PSEUDO_HDR | l4_flags)
-            .map_err(|_| ())?;
-        ctx.store(offset, new, 0).map_err(|_| ())
+        replace_addr16(ctx, offset, old, new, csum, BPF_F_PSEUDO_HDR | l4_flags)
     } else {
         let offset = if source { ETH_HLEN + 12 } else { ETH_HLEN + 16 };
         let (from, into) = (old[3] as u64, new[3] as u64);
@@ -275,6 +277,31 @@ fn rewrite_addr(ctx: &mut TcContext, packet: &Packet, source: bool, new: &Addr) 
             .map_err(|_| ())?;
         ctx.store(offset, &new[3], 0).map_err(|_| ())
     }
+}
+
+/// Stores the 16-byte address `new` at `offset` in place of `old`, updating the
+/// checksum at `csum` (`flags`: `BPF_F_PSEUDO_HDR` when the address is in its pseudo
+/// header, i.e. the packet's own IPv6 header).
+#[inline(always)]
+fn replace_addr16(
+    ctx: &mut TcContext,
+    offset: usize,
+    old: &Addr,
+    new: &Addr,
+    csum: usize,
+    flags: u64,
+) -> Result<(), ()> {
+    if old == new {
+        return Ok(());
+    }
+    let (mut from, mut into) = (*old, *new);
+    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, into.as_mut_ptr(), 16, 0) };
+    if diff < 0 {
+        return Err(());
+    }
+    ctx.l4_csum_replace(csum, 0, diff as u64, flags)
+        .map_err(|_| ())?;
+    ctx.store(offset, new, 0).map_err(|_| ())
 }
 
 /// Rewrites one port of `packet` to `new` (network order), with the L4 checksum.
@@ -546,6 +573,101 @@ fn icmp_error(ctx: &mut TcContext, scratch: &mut Scratch, ingress: bool) -> i32 
     route(ctx, &scratch.packet, &scratch.forward)
 }
 
+/// An ICMPv6 error (destination unreachable, packet too big, time exceeded) about a
+/// packet of a tracked flow: translated as [`icmp_error`] does for ICMPv4, so IPv6
+/// path MTU discovery works through a node port. The ICMPv6 checksum covers the
+/// message and a pseudo header of the outer addresses: each rewrite updates it.
+#[inline(never)]
+fn icmp6_error(ctx: &mut TcContext, scratch: &mut Scratch, ingress: bool) -> i32 {
+    let icmp = scratch.packet.l4;
+    let Some(kind) = load::<u8>(ctx, icmp) else {
+        return TC_ACT_OK;
+    };
+    if kind != ICMPV6_DEST_UNREACH && kind != ICMPV6_PKT_TOOBIG && kind != ICMPV6_TIME_EXCEED {
+        return TC_ACT_OK;
+    }
+    let quoted = icmp + 8;
+    let quoted_l4 = quoted + IPV6_HLEN;
+    let (Some(proto), Some(q_src), Some(q_dst), Some([q_sport, q_dport])) = (
+        load::<u8>(ctx, quoted + 6),
+        load::<Addr>(ctx, quoted + 8),
+        load::<Addr>(ctx, quoted + 24),
+        load::<[u16; 2]>(ctx, quoted_l4),
+    ) else {
+        return TC_ACT_OK;
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return TC_ACT_OK;
+    }
+    scratch.reply_key = CtKey {
+        src: q_dst,
+        dst: q_src,
+        sport: q_dport,
+        dport: q_sport,
+        proto,
+        dir: CT_REPLY,
+        _pad: 0,
+    };
+    let Some(entry) = (unsafe { LB_CT.get(&scratch.reply_key) }) else {
+        return TC_ACT_OK;
+    };
+    scratch.reply_value = *entry;
+    let to = &scratch.reply_value;
+    let csum = icmp + 2;
+    // The error goes to the client; from the frontend if the backend itself sent it.
+    let outer_src = scratch.packet.src;
+    scratch.forward.src = if outer_src == q_dst {
+        to.src
+    } else {
+        outer_src
+    };
+    scratch.forward.dst = to.dst;
+    let done = replace_addr16(ctx, quoted + 8, &q_src, &to.dst, csum, 0)
+        .and_then(|()| replace_addr16(ctx, quoted + 24, &q_dst, &to.src, csum, 0))
+        .and_then(|()| {
+            for (offset, old, new) in [
+                (quoted_l4, q_sport, to.dport),
+                (quoted_l4 + 2, q_dport, to.sport),
+            ] {
+                if old != new {
+                    ctx.l4_csum_replace(csum, old as u64, new as u64, 2)
+                        .map_err(|_| ())?;
+                    ctx.store(offset, &new, 0).map_err(|_| ())?;
+                }
+            }
+            Ok(())
+        })
+        .and_then(|()| {
+            replace_addr16(
+                ctx,
+                ETH_HLEN + 8,
+                &outer_src,
+                &scratch.forward.src,
+                csum,
+                BPF_F_PSEUDO_HDR,
+            )
+        })
+        .and_then(|()| {
+            replace_addr16(
+                ctx,
+                ETH_HLEN + 24,
+                &scratch.packet.dst,
+                &scratch.forward.dst,
+                csum,
+                BPF_F_PSEUDO_HDR,
+            )
+        });
+    if done.is_err() {
+        count(stat::TC_REWRITE_FAILED);
+        return TC_ACT_SHOT;
+    }
+    count(stat::TC_ICMP_TRANSLATED);
+    if !ingress {
+        return TC_ACT_OK;
+    }
+    route(ctx, &scratch.packet, &scratch.forward)
+}
+
 /// Whether `client` may reach frontend `svc_id` under its source ranges.
 #[inline(always)]
 fn source_allowed(svc_id: u32, client: &Addr) -> bool {
@@ -786,6 +908,7 @@ fn ingress(ctx: &mut TcContext) -> i32 {
         Parsed::Packet => {}
         Parsed::Other => return TC_ACT_OK,
         Parsed::Icmp => return icmp_error(ctx, scratch, true),
+        Parsed::Icmp6 => return icmp6_error(ctx, scratch, true),
         Parsed::Malformed => {
             count(stat::TC_MALFORMED);
             return TC_ACT_SHOT;
@@ -826,6 +949,7 @@ fn egress(ctx: &mut TcContext) -> i32 {
     match parse(ctx, &mut scratch.packet) {
         Parsed::Packet => {}
         Parsed::Icmp => return icmp_error(ctx, scratch, false),
+        Parsed::Icmp6 => return icmp6_error(ctx, scratch, false),
         _ => return TC_ACT_OK,
     }
     let packet = &scratch.packet;

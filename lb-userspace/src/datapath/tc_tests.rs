@@ -180,6 +180,39 @@ fn icmp_checked(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, (IpAddr, u16, IpAddr, u16)
     )
 }
 
+/// ICMPv6 "packet too big" from `router` to `to`, quoting `packet`'s IPv6 header and
+/// the first 8 bytes after it.
+fn icmp6_too_big(router: Ipv6Addr, to: Ipv6Addr, packet: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![2, 0, 0, 0, 0, 0, 0x05, 0x00];
+    icmp.extend(&packet[..48]);
+    let csum = l4_sum(router.into(), to.into(), 58, &icmp);
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+    let mut out = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
+    out.extend([0x60, 0, 0, 0]);
+    out.extend((icmp.len() as u16).to_be_bytes());
+    out.extend([58, 64]);
+    out.extend(router.octets());
+    out.extend(to.octets());
+    out.extend(icmp);
+    out
+}
+
+/// (outer source, outer destination, quoted tuple) of an ICMPv6 error frame, after
+/// checking its checksum (over the message and the outer addresses).
+fn icmp6_checked(frame: &[u8]) -> (IpAddr, IpAddr, (IpAddr, u16, IpAddr, u16)) {
+    let v6 = |b: &[u8]| IpAddr::from(<[u8; 16]>::try_from(b).unwrap());
+    let (src, dst) = (v6(&frame[22..38]), v6(&frame[38..54]));
+    let icmp = &frame[54..];
+    assert_eq!(l4_sum(src, dst, 58, icmp), 0, "ICMPv6 checksum");
+    let quoted = &icmp[8..];
+    let port = |at: usize| u16::from_be_bytes([quoted[at], quoted[at + 1]]);
+    (
+        src,
+        dst,
+        (v6(&quoted[8..24]), port(40), v6(&quoted[24..40]), port(42)),
+    )
+}
+
 fn node_port(ip: IpAddr, backend: IpAddr, source_ranges: &[&str]) -> Frontend {
     Frontend {
         key: FrontendKey {
@@ -385,6 +418,18 @@ fn tc_programs_translate_crafted_packets() {
 
             // A router on the way to the pod says the SYN was too big: the client gets
             // the error, about the packet it sent.
+            if let IpAddr::V6(node6) = node {
+                let router = Ipv6Addr::new(0xfd00, 0x253, 9, 0, 0, 0, 0, 1);
+                let error = icmp6_too_big(router, node6, &out_syn[14..]);
+                let (_, out) = datapath.test_run_tc("lb_tc_ingress", &error).unwrap();
+                let (outer_src, outer_dst, quoted) = icmp6_checked(&out);
+                assert_eq!((outer_src, outer_dst), (router.into(), client));
+                assert_eq!(
+                    quoted,
+                    (client, 40000, node, NODE_PORT),
+                    "the quoted IPv6 packet"
+                );
+            }
             if let IpAddr::V4(node4) = node {
                 let router = Ipv4Addr::new(10, 253, 9, 1);
                 let error = icmp_frag_needed(router, node4, &out_syn[14..]);
@@ -477,7 +522,7 @@ fn tc_programs_translate_crafted_packets() {
         let (_, out) = datapath.test_run_tc("lb_tc_ingress", &allowed).unwrap();
         assert_eq!(tuple_checked(&out).2, IpAddr::from(POD4));
 
-        assert_eq!(maps.stat(stat::TC_ICMP_TRANSLATED), 1);
+        assert_eq!(maps.stat(stat::TC_ICMP_TRANSLATED), 2);
 
         // A node-port flow to a local pod, then the same client port straight to the
         // pod: the old flow's reply entry must not rewrite the new connection's replies.
