@@ -30,6 +30,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh},
     helpers::generated::{
         bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     macros::{classifier, map},
     maps::PerCpuArray,
@@ -746,6 +747,170 @@ pub struct Scratch {
     forward: CtValue,
     reply_key: CtKey,
     reply_value: CtValue,
+    /// Port-unreachable errors sent by this CPU in the second that started at
+    /// `unreachable_since_ns` (see [`UNREACHABLE_PER_SECOND`]).
+    unreachable_since_ns: u64,
+    unreachable_sent: u32,
+    reject: RejectBuffer,
+}
+
+/// Port-unreachable errors each CPU sends per second at most, as the kernel limits
+/// its own ICMP errors: a flood to an address without endpoints is answered at a
+/// bounded rate, the rest dropped.
+const UNREACHABLE_PER_SECOND: u32 = 1000;
+
+/// The one's-complement checksum of a `bpf_csum_diff` sum, ready to store.
+#[inline(always)]
+fn fold(sum: u32) -> u16 {
+    let mut s = sum as u64;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// The `bpf_csum_diff` sum of `len` bytes at `data` (a multiple of 4), plus `seed`.
+#[inline(always)]
+fn sum_of(data: *mut u32, len: u32, seed: u32) -> Result<u32, ()> {
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, data, len, seed) };
+    if sum < 0 { Err(()) } else { Ok(sum as u32) }
+}
+
+/// Answers a packet for an external or load-balancer IP without any endpoint the way
+/// kube-proxy's REJECT does: ICMP (v6: ICMPv6) port unreachable, from the address it
+/// was sent to, quoting its header and 8 bytes after it, sent back out of the
+/// interface it came in on. TCP clients see "connection refused", UDP ones an error
+/// on their next receive. At most [`UNREACHABLE_PER_SECOND`] per CPU; packets with
+/// IPv4 options (rare, and they would have to be quoted whole) are dropped.
+#[inline(never)]
+fn port_unreachable(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
+    let t = now();
+    if t.saturating_sub(scratch.unreachable_since_ns) > 1_000_000_000 {
+        scratch.unreachable_since_ns = t;
+        scratch.unreachable_sent = 0;
+    }
+    if scratch.unreachable_sent >= UNREACHABLE_PER_SECOND {
+        return TC_ACT_SHOT;
+    }
+    scratch.unreachable_sent += 1;
+    let built = if scratch.packet.v6 {
+        unreachable6(ctx, &scratch.packet, &mut scratch.reject)
+    } else {
+        unreachable4(ctx, &scratch.packet, &mut scratch.reject)
+    };
+    if built.is_err() {
+        return TC_ACT_SHOT;
+    }
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// Room to build a port-unreachable error (too large for the BPF stack).
+#[repr(C)]
+pub struct RejectBuffer {
+    /// The ICMP message: its header, then the quoted bytes.
+    message: [u32; 14],
+    /// IPv4: the new header; IPv6: the checksum's pseudo header.
+    header: [u32; 10],
+}
+
+/// Swaps the Ethernet addresses: the frame goes back where it came from.
+#[inline(always)]
+fn turn_around(ctx: &mut TcContext) -> Result<(), ()> {
+    let (dst, src) = (
+        load::<[u8; 6]>(ctx, 0).ok_or(())?,
+        load::<[u8; 6]>(ctx, 6).ok_or(())?,
+    );
+    ctx.store(0, &src, 0).map_err(|_| ())?;
+    ctx.store(6, &dst, 0).map_err(|_| ())
+}
+
+#[inline(always)]
+fn resize(ctx: &mut TcContext, len: u32) -> Result<(), ()> {
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 {
+        return Err(());
+    }
+    Ok(())
+}
+
+/// Copies `N` words of the packet at `offset` into `message` after its first two
+/// (the ICMP header's place).
+#[inline(always)]
+fn quote<const N: usize>(
+    ctx: &TcContext,
+    offset: usize,
+    message: &mut [u32; 14],
+) -> Result<(), ()> {
+    // A constant length: aya's load_bytes clamps it to the packet, which the verifier
+    // then sees as possibly zero.
+    // SAFETY: 4 * N bytes from word 2 lie within `message` (N <= 12).
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            offset as u32,
+            message.as_mut_ptr().add(2).cast(),
+            (4 * N) as u32,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(()) }
+}
+
+/// IPv4: Ethernet, a 20-byte header, ICMP (8) and the quoted 28 bytes.
+#[inline(always)]
+fn unreachable4(ctx: &mut TcContext, packet: &Packet, buf: &mut RejectBuffer) -> Result<(), ()> {
+    const LEN: u32 = 8 + 28;
+    if packet.l4 != ETH_HLEN + 20 {
+        return Err(());
+    }
+    // Type 3 (destination unreachable), code 3 (port).
+    quote::<7>(ctx, ETH_HLEN, &mut buf.message)?;
+    buf.message[0] = u32::from_ne_bytes([ICMP_DEST_UNREACH, 3, 0, 0]);
+    buf.message[1] = 0;
+    let csum = fold(sum_of(buf.message.as_mut_ptr(), LEN, 0)?).to_ne_bytes();
+    buf.message[0] = u32::from_ne_bytes([ICMP_DEST_UNREACH, 3, csum[0], csum[1]]);
+    let total = (20 + LEN as u16).to_be_bytes();
+    buf.header[0] = u32::from_ne_bytes([0x45, 0, total[0], total[1]]);
+    buf.header[1] = 0;
+    buf.header[2] = u32::from_ne_bytes([64, IPPROTO_ICMP, 0, 0]);
+    buf.header[3] = packet.dst[3];
+    buf.header[4] = packet.src[3];
+    let csum = fold(sum_of(buf.header.as_mut_ptr(), 20, 0)?).to_ne_bytes();
+    buf.header[2] = u32::from_ne_bytes([64, IPPROTO_ICMP, csum[0], csum[1]]);
+    turn_around(ctx)?;
+    resize(ctx, (ETH_HLEN + 20) as u32 + LEN)?;
+    let header: &[u32; 5] = buf.header[..5].try_into().map_err(|_| ())?;
+    ctx.store(ETH_HLEN, header, 0).map_err(|_| ())?;
+    let message: &[u32; 9] = buf.message[..9].try_into().map_err(|_| ())?;
+    ctx.store(ETH_HLEN + 20, message, 0).map_err(|_| ())
+}
+
+/// IPv6: Ethernet, a 40-byte header, ICMPv6 (8) and the quoted 48 bytes.
+#[inline(always)]
+fn unreachable6(ctx: &mut TcContext, packet: &Packet, buf: &mut RejectBuffer) -> Result<(), ()> {
+    const LEN: u32 = 8 + 48;
+    // Type 1 (destination unreachable), code 4 (port unreachable).
+    quote::<12>(ctx, ETH_HLEN, &mut buf.message)?;
+    buf.message[0] = u32::from_ne_bytes([ICMPV6_DEST_UNREACH, 4, 0, 0]);
+    buf.message[1] = 0;
+    // The pseudo header: source, destination, length, next header.
+    buf.header[0..4].copy_from_slice(&packet.dst);
+    buf.header[4..8].copy_from_slice(&packet.src);
+    buf.header[8] = LEN.to_be();
+    buf.header[9] = (IPPROTO_ICMPV6 as u32).to_be();
+    let seed = sum_of(buf.header.as_mut_ptr(), 40, 0)?;
+    let csum = fold(sum_of(buf.message.as_mut_ptr(), LEN, seed)?).to_ne_bytes();
+    buf.message[0] = u32::from_ne_bytes([ICMPV6_DEST_UNREACH, 4, csum[0], csum[1]]);
+    let len = (LEN as u16).to_be_bytes();
+    let head = [
+        u32::from_ne_bytes([0x60, 0, 0, 0]),
+        u32::from_ne_bytes([len[0], len[1], IPPROTO_ICMPV6, 64]),
+    ];
+    turn_around(ctx)?;
+    resize(ctx, (ETH_HLEN + IPV6_HLEN) as u32 + LEN)?;
+    ctx.store(ETH_HLEN, &head, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN + 8, &packet.dst, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN + 24, &packet.src, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN + IPV6_HLEN, &buf.message, 0)
+        .map_err(|_| ())
 }
 
 #[map]
@@ -803,8 +968,12 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
             // stack has no socket there: TCP reset, ICMP port unreachable); without
             // local endpoints under the Local policy, and on other addresses, no
             // answer.
-            return if fe.flags & SVC_F_NODE_PORT != 0 && fe.flags & SVC_F_LOCAL == 0 {
+            return if fe.flags & SVC_F_LOCAL != 0 {
+                TC_ACT_SHOT
+            } else if fe.flags & SVC_F_NODE_PORT != 0 {
                 TC_ACT_OK
+            } else if packet.proto == IPPROTO_UDP || packet.is_syn() {
+                port_unreachable(ctx, scratch)
             } else {
                 TC_ACT_SHOT
             };

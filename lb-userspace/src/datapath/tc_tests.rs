@@ -25,6 +25,9 @@ const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x253, 9, 0, 0, 0, 0, 0x11);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x253, 9, 0, 0, 0, 0, 0x100);
 const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 9, 0, 0, 0, 0, 2);
 const NODE_PORT: u16 = 30002;
+const EXTERNAL4: Ipv4Addr = Ipv4Addr::new(10, 111, 9, 2);
+const EXTERNAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x111, 9, 0, 0, 0, 0, 2);
+const TC_ACT_REDIRECT: u32 = 7;
 
 fn sum16(data: &[u8], mut sum: u32) -> u32 {
     for chunk in data.chunks(2) {
@@ -358,11 +361,24 @@ fn loaded_with(snat_ports: super::uplink::SnatPorts) -> (Datapath, KernelMaps) {
         local_policy: true,
         ..node_port(NODE4.into(), POD4.into(), &[])
     };
+    // External IPs of a Service without endpoints.
+    let unserved_ip = |ip: IpAddr| Frontend {
+        key: FrontendKey {
+            ip,
+            port: 80,
+            ..node_port(ip, POD4.into(), &[]).key
+        },
+        kind: FrontendKind::ExternalIp,
+        backends: Vec::new(),
+        ..node_port(ip, POD4.into(), &[])
+    };
     let changes: BTreeMap<_, _> = [
         node_port(NODE4.into(), POD4.into(), &[]),
         node_port(NODE6.into(), POD6.into(), &[]),
         no_endpoints,
         no_local_endpoint,
+        unserved_ip(EXTERNAL4.into()),
+        unserved_ip(EXTERNAL6.into()),
         // A "load-balancer IP" that admits 192.0.2.0/24 only.
         node_port(
             Ipv4Addr::new(10, 111, 9, 1).into(),
@@ -694,6 +710,36 @@ fn tc_programs_track_tcp_state_and_refuse_what_they_cannot_serve() {
             TC_ACT_SHOT
         );
         assert_eq!(maps.stat(stat::TC_NO_BACKEND), no_backend + 2);
+
+        // An external IP without endpoints answers a SYN with port unreachable, from
+        // itself, quoting the SYN, sent back out (kube-proxy's REJECT); a segment
+        // other than a SYN is dropped.
+        for (external, client) in [
+            (IpAddr::from(EXTERNAL4), IpAddr::from(CLIENT4)),
+            (EXTERNAL6.into(), CLIENT6.into()),
+        ] {
+            let syn = frame((client, 41005), (external, 80), Some(0x02), 0);
+            let (verdict, out) = datapath.test_run_tc("lb_tc_ingress", &syn).unwrap();
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{external}");
+            assert_eq!(&out[..6], &syn[6..12], "back to the sender's MAC");
+            let (outer_src, outer_dst, quoted) = if external.is_ipv4() {
+                assert_eq!(out.len(), 14 + 20 + 8 + 28);
+                assert_eq!((out[34], out[35]), (3, 3), "ICMP port unreachable");
+                let (s, d, q) = icmp_checked(&out);
+                (IpAddr::from(s), IpAddr::from(d), q)
+            } else {
+                assert_eq!(out.len(), 14 + 40 + 8 + 48);
+                assert_eq!((out[54], out[55]), (1, 4), "ICMPv6 port unreachable");
+                icmp6_checked(&out)
+            };
+            assert_eq!((outer_src, outer_dst), (external, client));
+            assert_eq!(quoted, (client, 41005, external, 80), "the quoted SYN");
+            let ack = frame((client, 41005), (external, 80), Some(0x10), 0);
+            assert_eq!(
+                datapath.test_run_tc("lb_tc_ingress", &ack).unwrap().0,
+                TC_ACT_SHOT
+            );
+        }
     }));
     drop(maps);
     drop(datapath);

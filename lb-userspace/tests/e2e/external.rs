@@ -478,8 +478,28 @@ spec:
   type: NodePort
   selector: {{app: nothing}}
   ports: [{{port: 53, protocol: UDP}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty-external}}
+spec:
+  selector: {{app: nothing}}
+  externalIPs: [{EMPTY_EXTERNAL_IP}]
+  ports: [{{name: tcp, port: 80}}, {{name: udp, port: 53, protocol: UDP}}]
 "#
     ))?;
+    lb_testbed::run(
+        "ip",
+        &[
+            "-n",
+            &client.netns,
+            "route",
+            "add",
+            &format!("{EMPTY_EXTERNAL_IP}/32"),
+            "via",
+            &a_ip,
+        ],
+    )?;
     let first = cluster.wait_ready("app=dns", 1)?;
     let first_ip = pod_ips_of(&cluster, "app=dns", &first)?
         .into_iter()
@@ -613,43 +633,67 @@ print('flooded')
     );
     eprintln!("100 MB intact through node B while {churn} new flows churned a 1024-flow table");
 
-    // Node ports without endpoints: refused at once.
-    let script = format!(
-        r#"import socket, time
+    // Node ports without endpoints (the node's stack answers), and an external IP
+    // without endpoints (the TC program answers port unreachable): refused at once.
+    cluster.wait(
+        "the external IP programmed",
+        Duration::from_secs(30),
+        || {
+            Ok(daemon_a
+                .backends_of(EMPTY_EXTERNAL_IP, 80, "TCP")?
+                .map(|_| ()))
+        },
+    )?;
+    for (what, host, tcp, udp) in [
+        (
+            "node ports",
+            a_ip.as_str(),
+            empty_tcp.as_str(),
+            empty_udp.as_str(),
+        ),
+        ("an external IP", EMPTY_EXTERNAL_IP, "80", "53"),
+    ] {
+        let script = format!(
+            r#"import socket, time
 t = time.time()
 s = socket.socket(); s.settimeout(5)
 try:
-    s.connect(('{a_ip}', {empty_tcp})); print('tcp connected')
+    s.connect(('{host}', {tcp})); print('tcp connected')
 except ConnectionRefusedError: print('tcp refused %.2f' % (time.time() - t))
 except socket.timeout: print('tcp timeout')
 t = time.time()
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
-u.connect(('{a_ip}', {empty_udp}))
+u.connect(('{host}', {udp}))
 try:
     u.send(b'x'); u.recv(100); print('udp answered')
 except ConnectionRefusedError: print('udp refused %.2f' % (time.time() - t))
 except socket.timeout: print('udp timeout')
 "#
-    );
-    let out = outside(
-        &world,
-        &client,
-        &["python3", "-c", &script],
-        Duration::from_secs(20),
-    )?;
-    let refused_fast = |proto: &str| {
-        out.lines().any(|l| {
-            l.strip_prefix(&format!("{proto} refused "))
-                .and_then(|s| s.parse::<f64>().ok())
-                .is_some_and(|s| s < 1.0)
-        })
-    };
-    ensure!(
-        refused_fast("tcp") && refused_fast("udp"),
-        "node ports without endpoints: {out}"
-    );
+        );
+        let out = outside(
+            &world,
+            &client,
+            &["python3", "-c", &script],
+            Duration::from_secs(20),
+        )?;
+        let refused_fast = |proto: &str| {
+            out.lines().any(|l| {
+                l.strip_prefix(&format!("{proto} refused "))
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .is_some_and(|s| s < 1.0)
+            })
+        };
+        ensure!(
+            refused_fast("tcp") && refused_fast("udp"),
+            "{what} without endpoints: {out}"
+        );
+    }
     Ok(())
 }
+
+/// An external IP of a Service without endpoints, routed by the outside client to
+/// node A.
+const EMPTY_EXTERNAL_IP: &str = "10.111.254.22";
 
 /// Addresses in the blackholed service range, so a connection the hooks failed to
 /// rewrite fails inside the sandbox.
