@@ -35,6 +35,10 @@ pub fn trials() -> Vec<Trial> {
             node_ports_from_other_machines,
         ),
         trial(
+            "external::terminating_endpoints_serve_outside_clients_while_the_health_check_fails",
+            terminating_endpoints_serve_outside_clients_while_the_health_check_fails,
+        ),
+        trial(
             "external::node_port_edits_in_place_are_followed_from_outside",
             node_port_edits_in_place_are_followed_from_outside,
         ),
@@ -47,6 +51,115 @@ pub fn trials() -> Vec<Trial> {
             tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse,
         ),
     ]
+}
+
+/// The only pod (no controller replaces it) of two LoadBalancer Services
+/// (externalTrafficPolicy Local and Cluster) on node A starts terminating (a 30 s
+/// preStop): node A's health-check node
+/// port turns to 503 with no local endpoint, so a load balancer stops sending new
+/// clients, while clients that still come are served by the terminating pod, through
+/// node A (Local) and through node B (Cluster, SNAT), rather than refused: kube-proxy's
+/// terminating fallback, from outside.
+fn terminating_endpoints_serve_outside_clients_while_the_health_check_fails() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let node_a = cluster.nodes[0].name.clone();
+    let a_ip = cluster.nodes[0].net().ipv4.to_string();
+    let b_ip = cluster.nodes[1].net().ipv4.to_string();
+    let world = cluster.nodes[0].world().clone();
+    let client = world.add_outside("outside")?;
+    let daemon_a = cluster.daemon(0, &[])?;
+    let daemon_b = cluster.daemon(1, &[])?;
+    cluster.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: term, labels: {{app: term}}}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: {node_a}}}
+  terminationGracePeriodSeconds: 40
+  containers:
+  - name: redis
+    image: redis
+    ports: [{{containerPort: 6379}}]
+    lifecycle: {{preStop: {{sleep: {{seconds: 30}}}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: term-local}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {{app: term}}
+  ports: [{{port: 6379}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: term-cluster}}
+spec:
+  type: LoadBalancer
+  selector: {{app: term}}
+  ports: [{{port: 6379}}]
+"#
+    ))?;
+    let pod = cluster.wait_ready("app=term", 1)?.remove(0);
+    let local_np = node_port_of(&cluster, "term-local")?;
+    let cluster_np = node_port_of(&cluster, "term-cluster")?;
+    let health = cluster.kubectl(&[
+        "get",
+        "service",
+        "term-local",
+        "-o",
+        "jsonpath={.spec.healthCheckNodePort}",
+    ])?;
+    let health = health.trim().to_string();
+    let health_check = || -> Result<String> {
+        outside(
+            &world,
+            &client,
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                "-w",
+                " %{http_code}",
+                &format!("http://{a_ip}:{health}/healthz"),
+            ],
+            Duration::from_secs(5),
+        )
+    };
+    let served = |host: &str, port: &str| -> Result<Option<()>> {
+        Ok(outside_whoami(&world, &client, host, port, 0)
+            .ok()
+            .filter(|who| *who == pod)
+            .map(|_| ()))
+    };
+    cluster.wait("both node ports served", Duration::from_secs(30), || {
+        Ok(served(&a_ip, &local_np)?.and(served(&b_ip, &cluster_np)?))
+    })?;
+    cluster.wait("the health check passing", Duration::from_secs(20), || {
+        Ok(health_check()
+            .ok()
+            .filter(|a| a.ends_with(" 200") && a.contains(r#""localEndpoints":1"#)))
+    })?;
+
+    cluster.kubectl(&["delete", "pod", &pod, "--wait=false"])?;
+    let failing = cluster.wait("the health check failing", Duration::from_secs(20), || {
+        Ok(health_check().ok().filter(|a| a.ends_with(" 503")))
+    })?;
+    ensure!(
+        failing.contains(r#""localEndpoints":0"#),
+        "health check while terminating: {failing}"
+    );
+    for (node, host, port) in [("A", &a_ip, &local_np), ("B", &b_ip, &cluster_np)] {
+        let who = outside_whoami(&world, &client, host, port, 0)
+            .with_context(|| format!("through node {node} while {pod} terminates"))?;
+        ensure!(
+            who == pod,
+            "through node {node}: {who}, not the terminating {pod}"
+        );
+    }
+    drop((daemon_a, daemon_b));
+    Ok(())
 }
 
 /// A LoadBalancer Service edited in place, seen from another machine through node A:
