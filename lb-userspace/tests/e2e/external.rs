@@ -35,6 +35,10 @@ pub fn trials() -> Vec<Trial> {
             node_ports_from_other_machines,
         ),
         trial(
+            "external::rolling_updates_behind_node_ports_fail_no_connection",
+            rolling_updates_behind_node_ports_fail_no_connection,
+        ),
+        trial(
             "external::terminating_endpoints_serve_outside_clients_while_the_health_check_fails",
             terminating_endpoints_serve_outside_clients_while_the_health_check_fails,
         ),
@@ -51,6 +55,106 @@ pub fn trials() -> Vec<Trial> {
             tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse,
         ),
     ]
+}
+
+/// `kubectl rollout restart` of a 3-replica Deployment (on node A; a 3 s preStop, no
+/// pod unavailable) behind two node ports, while an outside client opens a new
+/// connection every 20 ms through each: through node B (externalTrafficPolicy
+/// Cluster, SNAT to node A's pods) and through node A (Local). Not one connection
+/// fails, and both streams reach old pods and new ones.
+fn rolling_updates_behind_node_ports_fail_no_connection() -> Result<()> {
+    use crate::{probe::Probe, reliability::tally};
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let node_a = cluster.nodes[0].name.clone();
+    let a_ip = cluster.nodes[0].net().ipv4.to_string();
+    let b_ip = cluster.nodes[1].net().ipv4.to_string();
+    let world = cluster.nodes[0].world().clone();
+    let client = world.add_outside("outside")?;
+    let daemon_a = cluster.daemon(0, &[])?;
+    let daemon_b = cluster.daemon(1, &[])?;
+    cluster.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: roll}}
+spec:
+  replicas: 3
+  strategy: {{rollingUpdate: {{maxUnavailable: 0, maxSurge: 1}}}}
+  selector: {{matchLabels: {{app: roll}}}}
+  template:
+    metadata: {{labels: {{app: roll}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node_a}}}
+      terminationGracePeriodSeconds: 10
+      containers:
+      - name: redis
+        image: redis
+        ports: [{{containerPort: 6379}}]
+        lifecycle: {{preStop: {{sleep: {{seconds: 3}}}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: roll-cluster}}
+spec:
+  type: NodePort
+  selector: {{app: roll}}
+  ports: [{{port: 6379}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: roll-local}}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {{app: roll}}
+  ports: [{{port: 6379}}]
+"#
+    ))?;
+    let before: BTreeSet<String> = cluster.wait_ready("app=roll", 3)?.into_iter().collect();
+    let cluster_np = node_port_of(&cluster, "roll-cluster")?;
+    let local_np = node_port_of(&cluster, "roll-local")?;
+    for (daemon, ip, port) in [
+        (&daemon_b, &b_ip, &cluster_np),
+        (&daemon_a, &a_ip, &local_np),
+    ] {
+        cluster.wait("3 backends", Duration::from_secs(30), || {
+            Ok(daemon
+                .backends_of(ip, port.parse()?, "TCP")?
+                .filter(|b| b.len() == 3)
+                .map(|_| ()))
+        })?;
+    }
+    let through_b = Probe::start_in(&world, &client, None, &["load", &b_ip, &cluster_np, "20"])?;
+    let through_a = Probe::start_in(&world, &client, None, &["load", &a_ip, &local_np, "20"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.kubectl(&["rollout", "restart", "deployment", "roll"])?;
+    cluster.kubectl(&["rollout", "status", "deployment", "roll", "--timeout=120s"])?;
+    // The last old pod's preStop: its connections drain while new ones go elsewhere.
+    std::thread::sleep(Duration::from_secs(4));
+    let after: BTreeSet<String> = cluster.wait_ready("app=roll", 3)?.into_iter().collect();
+    ensure!(
+        before.is_disjoint(&after),
+        "not rolled: {before:?} then {after:?}"
+    );
+    for (path, probe) in [
+        ("node B, Cluster", &through_b),
+        ("node A, Local", &through_a),
+    ] {
+        let (ok, failed, by_backend) = tally(probe);
+        ensure!(
+            failed.is_empty(),
+            "{path}: {} of {} connections failed during the rollout: {:?}",
+            failed.len(),
+            ok + failed.len(),
+            &failed[..failed.len().min(10)]
+        );
+        let reached: BTreeSet<String> = by_backend.keys().cloned().collect();
+        ensure!(
+            ok > 100 && !reached.is_disjoint(&before) && !reached.is_disjoint(&after),
+            "{path}: {ok} connections reached {by_backend:?} (old {before:?}, new {after:?})"
+        );
+        eprintln!("{path}: {ok} connections during the rollout, none failed: {by_backend:?}");
+    }
+    Ok(())
 }
 
 /// The only pod (no controller replaces it) of two LoadBalancer Services
