@@ -209,6 +209,75 @@ fn streaming_lists_unsupported(err: &watcher::Error) -> bool {
 /// Converts one API object; `Ok(None)` when this proxy does not serve it.
 type Convert<K> = fn(&K) -> Result<Option<Object>, Vec<String>>;
 
+/// A watched object decoded on its own. The API server may hold an object the
+/// client's types cannot decode (a Service status condition without
+/// `lastTransitionTime`, say): decoding it as part of the watch stream would fail the
+/// watch of every object of its kind, over and over. Decoded alone, it is reported by
+/// name; a `status.conditions` that does not decode is dropped first (nothing here
+/// reads it, and Kubernetes accepted it).
+#[derive(Clone, Debug)]
+enum Decoded<K> {
+    Object(Box<K>),
+    Undecodable {
+        metadata: Box<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+        error: String,
+    },
+}
+
+impl<'de, K: DeserializeOwned> serde::Deserialize<'de> for Decoded<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut value = serde_json::Value::deserialize(deserializer)?;
+        let error = match K::deserialize(&value) {
+            Ok(object) => return Ok(Self::Object(Box::new(object))),
+            Err(error) => error.to_string(),
+        };
+        let conditions = value
+            .get_mut("status")
+            .and_then(serde_json::Value::as_object_mut)
+            .and_then(|status| status.remove("conditions"));
+        if conditions.is_some()
+            && let Ok(object) = K::deserialize(&value)
+        {
+            return Ok(Self::Object(Box::new(object)));
+        }
+        let metadata = value
+            .get("metadata")
+            .and_then(|m| serde::Deserialize::deserialize(m).ok())
+            .unwrap_or_default();
+        Ok(Self::Undecodable { metadata, error })
+    }
+}
+
+impl<K: k8s_openapi::Resource> k8s_openapi::Resource for Decoded<K> {
+    const API_VERSION: &'static str = K::API_VERSION;
+    const GROUP: &'static str = K::GROUP;
+    const KIND: &'static str = K::KIND;
+    const VERSION: &'static str = K::VERSION;
+    const URL_PATH_SEGMENT: &'static str = K::URL_PATH_SEGMENT;
+    type Scope = K::Scope;
+}
+
+impl<K> k8s_openapi::Metadata for Decoded<K>
+where
+    K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+{
+    type Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn metadata(&self) -> &Self::Ty {
+        match self {
+            Self::Object(object) => object.metadata(),
+            Self::Undecodable { metadata, .. } => metadata,
+        }
+    }
+
+    fn metadata_mut(&mut self) -> &mut Self::Ty {
+        match self {
+            Self::Object(object) => object.metadata_mut(),
+            Self::Undecodable { metadata, .. } => metadata,
+        }
+    }
+}
+
 fn service(svc: &Service) -> Result<Option<Object>, Vec<String>> {
     Ok(ServiceSpec::from_k8s(svc)?.map(|s| Object::Service(Arc::new(s))))
 }
@@ -238,7 +307,7 @@ pub fn spawn(client: Client, sink: Sink) -> Arc<ApiStatus> {
     // Service's external IP can take their addresses.
     let nodes = watcher::Config::default();
     tokio::spawn(watch(
-        Api::<Service>::all(client.clone()),
+        Api::<Decoded<Service>>::all(client.clone()),
         services,
         Kind::Service,
         service as Convert<Service>,
@@ -247,7 +316,7 @@ pub fn spawn(client: Client, sink: Sink) -> Arc<ApiStatus> {
         status.clone(),
     ));
     tokio::spawn(watch(
-        Api::<EndpointSlice>::all(client.clone()),
+        Api::<Decoded<EndpointSlice>>::all(client.clone()),
         slices,
         Kind::EndpointSlice,
         slice as Convert<EndpointSlice>,
@@ -256,7 +325,7 @@ pub fn spawn(client: Client, sink: Sink) -> Arc<ApiStatus> {
         status.clone(),
     ));
     tokio::spawn(watch(
-        Api::<Node>::all(client.clone()),
+        Api::<Decoded<Node>>::all(client.clone()),
         nodes,
         Kind::Node,
         node as Convert<Node>,
@@ -279,7 +348,7 @@ fn id_of<K: Resource>(kind: Kind, object: &K) -> ObjectRef {
 
 /// One kind's watch, forever (until the sink closes).
 async fn watch<K>(
-    api: Api<K>,
+    api: Api<Decoded<K>>,
     config: watcher::Config,
     kind: Kind,
     convert: Convert<K>,
@@ -288,6 +357,7 @@ async fn watch<K>(
     status: Arc<ApiStatus>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    Decoded<K>: Resource<DynamicType = ()>,
 {
     let mut relist = Relist::default();
     let mut backoff = Backoff::new();
@@ -369,16 +439,22 @@ async fn watch<K>(
     }
 }
 
-fn apply<K: Resource>(
+fn apply<K>(
     kind: Kind,
-    object: &K,
+    object: &Decoded<K>,
     convert: Convert<K>,
     relist: &mut Relist,
     batch: &mut Vec<Event>,
     summary: &mut Summary,
-) {
+) where
+    Decoded<K>: Resource,
+{
     let id = id_of(kind, object);
-    match convert(object) {
+    let converted = match object {
+        Decoded::Object(object) => convert(object),
+        Decoded::Undecodable { error, .. } => Err(vec![format!("cannot be decoded ({error})")]),
+    };
+    match converted {
         Ok(Some(object)) => {
             relist.seen(kind, &id);
             batch.push(Event::Upsert(object));
@@ -434,7 +510,7 @@ mod tests {
         .unwrap();
         apply(
             Kind::Service,
-            &svc,
+            &Decoded::Object(Box::new(svc.clone())),
             service,
             &mut relist,
             &mut batch,
@@ -448,7 +524,7 @@ mod tests {
             .insert(spec::SERVICE_PROXY_NAME_LABEL.into(), "other".into());
         apply(
             Kind::Service,
-            &foreign,
+            &Decoded::Object(Box::new(foreign)),
             service,
             &mut relist,
             &mut batch,
@@ -463,7 +539,7 @@ mod tests {
         broken.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 0;
         apply(
             Kind::Service,
-            &broken,
+            &Decoded::Object(Box::new(broken)),
             service,
             &mut relist,
             &mut batch,
@@ -471,5 +547,50 @@ mod tests {
         );
         assert_eq!(batch.len(), 2);
         assert_eq!(summary.total(), 1);
+    }
+
+    #[test]
+    fn objects_are_decoded_one_by_one() {
+        // A status condition without lastTransitionTime (the API server serves it as
+        // null): decoded without it.
+        let odd: Decoded<Service> = serde_json::from_str(
+            r#"{"metadata": {"name": "odd", "namespace": "pods"},
+                "spec": {"clusterIP": "10.96.0.7", "ports": [{"port": 80}]},
+                "status": {"conditions": [{"type": "StatusUpdate", "status": "True",
+                  "reason": "E2E", "message": "m", "lastTransitionTime": null}]}}"#,
+        )
+        .unwrap();
+        let Decoded::Object(odd) = odd else {
+            panic!("not repaired: {odd:?}");
+        };
+        assert_eq!(odd.spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.7"));
+        // Something that cannot be decoded at all: named, and reported on apply.
+        let broken: Decoded<Service> = serde_json::from_str(
+            r#"{"metadata": {"name": "broken", "namespace": "pods"}, "spec": {"ports": "nonsense"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(&broken, Decoded::Undecodable { metadata, error }
+            if metadata.name.as_deref() == Some("broken") && error.contains("invalid type")));
+        let (mut relist, mut batch, mut summary) =
+            (Relist::default(), Vec::new(), Summary::default());
+        apply(
+            Kind::Service,
+            &broken,
+            service,
+            &mut relist,
+            &mut batch,
+            &mut summary,
+        );
+        assert!(batch.is_empty());
+        assert_eq!(summary.total(), 1);
+        // A watch event carrying it decodes, so the stream goes on.
+        let event: kube::core::WatchEvent<Decoded<Service>> = serde_json::from_str(
+            r#"{"type": "MODIFIED", "object": {"metadata": {"name": "broken", "namespace": "pods"}, "spec": {"ports": "nonsense"}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            event,
+            kube::core::WatchEvent::Modified(Decoded::Undecodable { .. })
+        ));
     }
 }

@@ -47,7 +47,72 @@ pub fn trials() -> Vec<Trial> {
             "kube::etcd_3_4_without_streaming_lists",
             etcd_3_4_without_streaming_lists,
         ),
+        trial(
+            "kube::an_object_the_client_cannot_decode_stalls_no_other",
+            an_object_the_client_cannot_decode_stalls_no_other,
+        ),
     ]
+}
+
+/// A Service whose status holds a condition without `lastTransitionTime` (the API
+/// server accepts it and serves it back as null, as upstream's "service status
+/// lifecycle" conformance spec writes it), which the client's types cannot decode:
+/// it is decoded on its own, without the conditions, so the Service watch never
+/// fails (it used to, on every change of that Service, and blamed the API server),
+/// and other Services are programmed at once while the odd one keeps changing.
+fn an_object_the_client_cannot_decode_stalls_no_other() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let daemon = cluster.daemon(0, &[])?;
+    cluster.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: odd}\nspec:\n  ports: [{port: 80}]\n",
+    )?;
+    let odd_status = |message: &str| {
+        cluster.kubectl(&[
+            "patch",
+            "service",
+            "odd",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!(
+                r#"{{"status":{{"conditions":[{{"type":"StatusUpdate","status":"True","reason":"E2E","message":"{message}","lastTransitionTime":null}}]}}}}"#
+            ),
+        ])
+    };
+    odd_status("first")?;
+    let mut result = (|| -> Result<()> {
+        for round in 0..3 {
+            // The odd Service changes, then another Service appears.
+            odd_status(&format!("round {round}"))?;
+            let name = format!("next-{round}");
+            cluster.apply(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{port: 80}}]\n"
+            ))?;
+            let vip = cluster.cluster_ip(&name)?;
+            let started = std::time::Instant::now();
+            cluster.wait(
+                &format!("{name} programmed"),
+                Duration::from_secs(10),
+                || Ok(daemon.backends_of(&vip, 80, "TCP")?.map(|_| ())),
+            )?;
+            let took = started.elapsed();
+            ensure!(
+                took < Duration::from_secs(1),
+                "{name} took {took:?} to be programmed beside the undecodable Service"
+            );
+        }
+        Ok(())
+    })();
+    if result.is_ok() {
+        let log = daemon.log_text();
+        if log.contains("watch stream failed") || log.contains("API unreachable") {
+            result = Err(anyhow::anyhow!(
+                "the odd Service broke the Service watch:\n{log}"
+            ));
+        }
+    }
+    let _ = cluster.kubectl(&["delete", "service", "odd"]);
+    result
 }
 
 /// A Deployment of `replicas` pods running `image`, and a Service in front of it.
