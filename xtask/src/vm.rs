@@ -31,6 +31,7 @@ pub fn kernel_for(name: &str) -> Result<&'static str> {
 /// Root-only unit tests run in the guest (`--exact` names in the library test binary).
 const UNIT_TESTS: &[&str] = &[
     "datapath::tc_tests::tc_programs_translate_crafted_packets",
+    "datapath::tc_tests::tc_programs_track_tcp_state_and_refuse_what_they_cannot_serve",
     "datapath::features::tests::probes_answer_on_this_kernel",
     "datapath::sockets::tests::destroys_only_matching_sockets_by_cookie_and_peer",
 ];
