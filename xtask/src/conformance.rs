@@ -669,6 +669,36 @@ mod tests {
         assert_eq!(regex_escape("a (b) [c]"), r"a \(b\) \[c\]");
     }
 
+    /// docs/conformance.md's map names tests of the e2e suite (`module::function`):
+    /// each must be a trial of lb-userspace/tests/e2e/<module>.rs, so the map cannot
+    /// name a test that was renamed or removed.
+    #[test]
+    fn the_conformance_map_names_real_e2e_tests() {
+        let doc = fs::read_to_string(workspace_root().join("docs/conformance.md")).unwrap();
+        let (_, map) = doc
+            .split_once("\n## Conformance map")
+            .expect("docs/conformance.md has a \"## Conformance map\" section");
+        let mut named = 0;
+        for line in map.lines().filter(|l| l.starts_with("| ")) {
+            let Some(here) = line.split(" | ").nth(1) else {
+                continue;
+            };
+            for name in here.split('`').skip(1).step_by(2) {
+                let Some((module, _)) = name.split_once("::") else {
+                    continue;
+                };
+                let path = format!("lb-userspace/tests/e2e/{module}.rs");
+                let source = fs::read_to_string(workspace_root().join(&path)).unwrap_or_default();
+                assert!(
+                    source.contains(&format!("\"{name}\"")),
+                    "docs/conformance.md names {name}, which is no trial of {path}"
+                );
+                named += 1;
+            }
+        }
+        assert!(named >= 40, "the map names only {named} tests");
+    }
+
     #[test]
     fn every_skip_has_a_reason() {
         let skips = skip_list().unwrap();

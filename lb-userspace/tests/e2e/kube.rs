@@ -48,10 +48,116 @@ pub fn trials() -> Vec<Trial> {
             etcd_3_4_without_streaming_lists,
         ),
         trial(
+            "kube::service_edits_in_place_and_recreation_are_followed",
+            service_edits_in_place_and_recreation_are_followed,
+        ),
+        trial(
             "kube::an_object_the_client_cannot_decode_stalls_no_other",
             an_object_the_client_cannot_decode_stalls_no_other,
         ),
     ]
+}
+
+/// A Service edited in place and recreated, seen from a pod: a port added serves at
+/// once; a port removed leaves the maps (nothing stale in `lb list`); the type changed
+/// to NodePort serves the node port on the node's address; deleted, its ClusterIP
+/// leaves the maps while another Service keeps serving; recreated under the same name
+/// (a new ClusterIP), it serves again.
+fn service_edits_in_place_and_recreation_are_followed() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let daemon = cluster.daemon(0, &[])?;
+    let service = |ports: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: edited}}\nspec:\n  \
+             selector: {{app: redis}}\n  ports: {ports}\n"
+        )
+    };
+    cluster.apply(&app(
+        "redis",
+        "redis",
+        1,
+        "[{containerPort: 6379}]",
+        "[{port: 6379}]",
+    ))?;
+    cluster.apply(&service("[{name: a, port: 6379}]"))?;
+    client_pod(&cluster)?;
+    let pod = cluster.wait_ready("app=redis", 1)?.remove(0);
+    cluster.wait_ready("run=web", 1)?;
+    let other = cluster.cluster_ip("redis")?;
+    let answers_at = |host: &str, port: &str| -> Result<Option<()>> {
+        Ok((whoami_at(&cluster, "web", host, port)? == pod).then_some(()))
+    };
+    let vip = cluster.cluster_ip("edited")?;
+    cluster.wait("the Service served", Duration::from_secs(20), || {
+        answers_at(&vip, "6379")
+    })?;
+    let programmed = |ip: &str, port: u16| -> Result<bool> {
+        Ok(daemon.backends_of(ip, port, "TCP")?.is_some())
+    };
+
+    // A second port, then the first removed.
+    cluster.apply(&service(
+        "[{name: a, port: 6379}, {name: b, port: 7000, targetPort: 6379}]",
+    ))?;
+    cluster.wait("the added port served", Duration::from_secs(10), || {
+        answers_at(&vip, "7000")
+    })?;
+    cluster.apply(&service("[{name: b, port: 7000, targetPort: 6379}]"))?;
+    cluster.wait("the removed port gone", Duration::from_secs(10), || {
+        Ok((!programmed(&vip, 6379)?).then_some(()))
+    })?;
+    ensure!(
+        answers_at(&vip, "7000")?.is_some(),
+        "port 7000 stopped serving"
+    );
+
+    // NodePort: served on the node's address.
+    cluster.kubectl(&[
+        "patch",
+        "service",
+        "edited",
+        "-p",
+        r#"{"spec":{"type":"NodePort"}}"#,
+    ])?;
+    let node_port = cluster.kubectl(&[
+        "get",
+        "service",
+        "edited",
+        "-o",
+        "jsonpath={.spec.ports[0].nodePort}",
+    ])?;
+    let node_ip = cluster.nodes[0].net().ipv4.to_string();
+    cluster.wait("the node port served", Duration::from_secs(10), || {
+        answers_at(&node_ip, node_port.trim())
+    })?;
+
+    // Deleted: its frontends leave the maps; the other Service keeps serving.
+    cluster.kubectl(&["delete", "service", "edited"])?;
+    cluster.wait("the deleted Service gone", Duration::from_secs(10), || {
+        Ok(
+            (!programmed(&vip, 7000)? && !programmed(&node_ip, node_port.trim().parse()?)?)
+                .then_some(()),
+        )
+    })?;
+    ensure!(
+        answers_at(&other, "6379")?.is_some(),
+        "the other Service stopped serving"
+    );
+    // Recreated under the same name: a new ClusterIP, served.
+    cluster.apply(&service("[{name: a, port: 6379}]"))?;
+    let again = cluster.cluster_ip("edited")?;
+    cluster.wait(
+        "the recreated Service served",
+        Duration::from_secs(10),
+        || answers_at(&again, "6379"),
+    )?;
+    if again != vip {
+        ensure!(
+            !programmed(&vip, 6379)?,
+            "the old ClusterIP {vip} is still programmed"
+        );
+    }
+    Ok(())
 }
 
 /// A Service whose status holds a condition without `lastTransitionTime` (the API
