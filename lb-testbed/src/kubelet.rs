@@ -60,6 +60,8 @@ struct Running {
     namespace: String,
     name: String,
     net: Pod,
+    /// `hostNetwork: true`: `net` is the node's own namespace (never removed here).
+    host_network: bool,
     child: Option<Child>,
     terminating: bool,
 }
@@ -518,7 +520,19 @@ async fn start_pod(
         .cloned()
         .context("pod has no container")?;
     let node = world.node(net);
-    let pod_net = world.add_pod(node, &name)?;
+    // hostNetwork: the node's own namespace and addresses, the node's cgroup (so the
+    // node's socket hooks apply), as a kubelet runs such a pod.
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    let pod_net = if host_network {
+        Pod {
+            name: name.clone(),
+            netns: node.netns.clone(),
+            ipv4: node.ipv4,
+            ipv6: node.ipv6,
+        }
+    } else {
+        world.add_pod(node, &name)?
+    };
     let kind = image_kind(&container);
     let work = pod_dir(&pod_net);
     std::fs::create_dir_all(&work)?;
@@ -550,6 +564,7 @@ async fn start_pod(
             namespace: namespace.clone(),
             name: name.clone(),
             net: pod_net.clone(),
+            host_network,
             child: Some(child),
             terminating: false,
         },
@@ -654,7 +669,9 @@ fn pod_dir(pod: &Pod) -> std::path::PathBuf {
 
 /// Removes a stopped pod's network namespace and files.
 fn remove_pod(world: &World, running: &Running) {
-    world.remove_pod(&running.net);
+    if !running.host_network {
+        world.remove_pod(&running.net);
+    }
     let _ = std::fs::remove_dir_all(pod_dir(&running.net));
 }
 

@@ -17,6 +17,10 @@ use crate::{
 pub fn trials() -> Vec<Trial> {
     vec![
         trial(
+            "semantics::host_network_clients_and_endpoints",
+            host_network_clients_and_endpoints,
+        ),
+        trial(
             "semantics::session_affinity_client_ip",
             session_affinity_client_ip,
         ),
@@ -58,6 +62,147 @@ spec:
         grace = prestop + 10,
         prestop = prestop.max(1),
     )
+}
+
+/// hostNetwork pods, which run in their node's own network namespace (and its
+/// cgroup, so the node's socket hooks apply): a hostNetwork client on node A reaches
+/// a ClusterIP over TCP and a DNS Service over UDP (upstream's "node-Service" checks),
+/// and a hostNetwork redis on node B, whose endpoint is node B's own address, serves a
+/// pod on node A through its Service ("service endpoints using hostNetwork").
+fn host_network_clients_and_endpoints() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let (node_a, node_b) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+    let _daemons = [cluster.daemon(0, &[])?, cluster.daemon(1, &[])?];
+    cluster.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: hostnet}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: hostnet}}}}
+  template:
+    metadata: {{labels: {{app: hostnet}}}}
+    spec:
+      hostNetwork: true
+      nodeSelector: {{kubernetes.io/hostname: {node_b}}}
+      containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: hostnet}}
+spec:
+  selector: {{app: hostnet}}
+  ports: [{{port: 6379}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: redis}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: redis}}}}
+  template:
+    metadata: {{labels: {{app: redis}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node_a}}}
+      containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: redis}}
+spec:
+  selector: {{app: redis}}
+  ports: [{{port: 6379}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: dns}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: dns}}}}
+  template:
+    metadata: {{labels: {{app: dns}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node_b}}}
+      containers: [{{name: dns, image: coredns, ports: [{{containerPort: 53, protocol: UDP}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: dns}}
+spec:
+  selector: {{app: dns}}
+  ports: [{{port: 53, protocol: UDP}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: hclient, labels: {{role: hclient}}}}
+spec:
+  hostNetwork: true
+  nodeName: {node_a}
+  containers: [{{name: c, image: busybox}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, labels: {{role: client}}}}
+spec:
+  nodeName: {node_a}
+  containers: [{{name: c, image: busybox}}]
+"#
+    ))?;
+    let hostnet = cluster.wait_ready("app=hostnet", 1)?.remove(0);
+    let redis = cluster.wait_ready("app=redis", 1)?.remove(0);
+    let dns = cluster.wait_ready("app=dns", 1)?;
+    cluster.wait_ready("role=hclient", 1)?;
+    cluster.wait_ready("role=client", 1)?;
+    // The kubelet reports a hostNetwork pod's address as its node's.
+    let node_b_ip = cluster.nodes[1].net().ipv4.to_string();
+    let hostnet_ip =
+        cluster.kubectl(&["get", "pod", &hostnet, "-o", "jsonpath={.status.podIP}"])?;
+    ensure!(
+        hostnet_ip.trim() == node_b_ip,
+        "hostNetwork pod IP {hostnet_ip}, node B {node_b_ip}"
+    );
+
+    let redis_vip = cluster.cluster_ip("redis")?;
+    let hostnet_vip = cluster.cluster_ip("hostnet")?;
+    let dns_vip = cluster.cluster_ip("dns")?;
+    cluster.wait(
+        "the hostNetwork client reaches a ClusterIP",
+        Duration::from_secs(20),
+        || Ok((whoami(&cluster, "hclient", &redis_vip)? == redis).then_some(())),
+    )?;
+    cluster.wait(
+        "a pod reaches the hostNetwork endpoint",
+        Duration::from_secs(20),
+        || Ok((whoami(&cluster, "client", &hostnet_vip)? == hostnet).then_some(())),
+    )?;
+    let dns_ips = pod_ips_of(&cluster, "app=dns", &dns)?;
+    let answer = cluster.wait(
+        "the hostNetwork client's UDP query",
+        Duration::from_secs(20),
+        || {
+            let out = cluster.exec(
+                "hclient",
+                &[
+                    "dig",
+                    "+short",
+                    "+time=1",
+                    "+tries=2",
+                    &format!("@{dns_vip}"),
+                    "whoami.test",
+                ],
+            )?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            Ok(dns_ips
+                .iter()
+                .any(|ip| text.contains(ip.as_str()))
+                .then_some(text))
+        },
+    )?;
+    eprintln!(
+        "hostNetwork client: DNS over UDP through {dns_vip} answered {}",
+        answer.trim()
+    );
+    Ok(())
 }
 
 /// The `redis` Service in front of every part, with extra spec lines.
