@@ -17,6 +17,10 @@ use crate::{
 pub fn trials() -> Vec<Trial> {
     vec![
         trial(
+            "semantics::publish_not_ready_addresses",
+            publish_not_ready_addresses,
+        ),
+        trial(
             "semantics::host_network_clients_and_endpoints",
             host_network_clients_and_endpoints,
         ),
@@ -62,6 +66,72 @@ spec:
         grace = prestop + 10,
         prestop = prestop.max(1),
     )
+}
+
+/// A pod that never turns ready (its readiness probe dials a port nothing listens
+/// on) behind two Services: with `publishNotReadyAddresses: true` it is served (the
+/// EndpointSlice controller lists it as ready), without it the Service has no
+/// endpoint and a connection is refused at once.
+fn publish_not_ready_addresses() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let _daemon = cluster.daemon(0, &[])?;
+    cluster.apply(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {name: unready, labels: {app: unready}}
+spec:
+  containers:
+  - name: redis
+    image: redis
+    ports: [{containerPort: 6379}]
+    readinessProbe: {tcpSocket: {port: 9999}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: published}
+spec:
+  publishNotReadyAddresses: true
+  selector: {app: unready}
+  ports: [{port: 6379}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: unpublished}
+spec:
+  selector: {app: unready}
+  ports: [{port: 6379}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {role: client}}
+spec:
+  containers: [{name: c, image: busybox}]
+"#,
+    )?;
+    cluster.wait_ready("role=client", 1)?;
+    let published = cluster.cluster_ip("published")?;
+    let unpublished = cluster.cluster_ip("unpublished")?;
+    // The test bed names a redis pod (GET whoami) once it is ready: PING instead.
+    cluster.wait(
+        "the unready pod served when published",
+        Duration::from_secs(30),
+        || {
+            let out = cluster.exec("client", &["redis-cli", "-h", &published, "PING"])?;
+            Ok((String::from_utf8_lossy(&out.stdout).trim() == "PONG").then_some(()))
+        },
+    )?;
+    let ready = cluster.kubectl(&[
+        "get",
+        "pod",
+        "unready",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+    ])?;
+    ensure!(
+        ready.trim() == "False",
+        "the pod turned ready ({ready}): the test proves nothing"
+    );
+    refused_at_once(&cluster, "client", &unpublished)
 }
 
 /// hostNetwork pods, which run in their node's own network namespace (and its
