@@ -17,6 +17,10 @@ use crate::{
 pub fn trials() -> Vec<Trial> {
     vec![
         trial(
+            "semantics::session_affinity_over_udp",
+            session_affinity_over_udp,
+        ),
+        trial(
             "semantics::publish_not_ready_addresses",
             publish_not_ready_addresses,
         ),
@@ -66,6 +70,79 @@ spec:
         grace = prestop + 10,
         prestop = prestop.max(1),
     )
+}
+
+/// `sessionAffinity: ClientIP` over UDP: a DNS Service of three pods answers 20
+/// queries of one client (each from a new socket) from one pod; without affinity,
+/// from more than one.
+fn session_affinity_over_udp() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let _daemon = cluster.daemon(0, &[])?;
+    cluster.apply(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: dns}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: dns}}
+  template:
+    metadata: {labels: {app: dns}}
+    spec:
+      containers: [{name: dns, image: coredns, ports: [{containerPort: 53, protocol: UDP}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns}
+spec:
+  selector: {app: dns}
+  sessionAffinity: ClientIP
+  ports: [{port: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {role: client}}
+spec:
+  containers: [{name: c, image: busybox}]
+"#,
+    )?;
+    cluster.wait_ready("app=dns", 3)?;
+    cluster.wait_ready("role=client", 1)?;
+    let vip = cluster.cluster_ip("dns")?;
+    let answers = || -> Result<BTreeSet<String>> {
+        let mut seen = BTreeSet::new();
+        for _ in 0..20 {
+            let out = cluster.exec(
+                "client",
+                &[
+                    "dig",
+                    "+short",
+                    "+time=1",
+                    "+tries=2",
+                    &format!("@{vip}"),
+                    "whoami.test",
+                ],
+            )?;
+            seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+        Ok(seen)
+    };
+    let sticky = cluster.wait("answers from one pod", Duration::from_secs(20), || {
+        let seen = answers()?;
+        Ok((seen.len() == 1 && !seen.iter().next().unwrap().is_empty()).then_some(seen))
+    })?;
+    cluster.kubectl(&[
+        "patch",
+        "service",
+        "dns",
+        "-p",
+        r#"{"spec":{"sessionAffinity":"None"}}"#,
+    ])?;
+    let spread = cluster.wait("answers from several pods", Duration::from_secs(20), || {
+        let seen = answers()?;
+        Ok((seen.len() > 1).then_some(seen))
+    })?;
+    eprintln!("UDP with affinity: {sticky:?}; without: {spread:?}");
+    Ok(())
 }
 
 /// A pod that never turns ready (its readiness probe dials a port nothing listens
