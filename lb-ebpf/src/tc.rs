@@ -964,10 +964,10 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
         Selection::NoBackend { svc_id } | Selection::Failed { svc_id } => {
             count(stat::TC_NO_BACKEND);
             count_frontend(svc_id, true);
-            // As kube-proxy: a node port without endpoints is refused (the node's own
-            // stack has no socket there: TCP reset, ICMP port unreachable); without
-            // local endpoints under the Local policy, and on other addresses, no
-            // answer.
+            // As kube-proxy's REJECT: refused, on a node port by the node's own stack
+            // (no socket there: TCP reset, ICMP port unreachable), on other addresses
+            // with a port unreachable built here; under the Local policy without a
+            // local endpoint, no answer (the load balancer's health check steers).
             return if fe.flags & SVC_F_LOCAL != 0 {
                 TC_ACT_SHOT
             } else if fe.flags & SVC_F_NODE_PORT != 0 {
