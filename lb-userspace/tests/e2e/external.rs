@@ -278,20 +278,9 @@ fn node_port_edits_in_place_are_followed_from_outside() -> Result<()> {
     let world = cluster.nodes[0].world().clone();
     let client = world.add_outside("outside")?;
     let _daemon_a = cluster.daemon(0, &[])?;
+    let pods_yaml = pinned_redis("edited", 1, &node_a);
     cluster.apply(&format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: edited}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: edited}}}}
-  template:
-    metadata: {{labels: {{app: edited}}}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: {node_a}}}
-      containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
----
-apiVersion: v1
+        r#"{pods_yaml}apiVersion: v1
 kind: Service
 metadata: {{name: edited}}
 spec:
@@ -561,6 +550,26 @@ spec:
     Ok(())
 }
 
+/// A Deployment `name` of `replicas` redis pods (labelled `app: <name>`) on `node`,
+/// then a YAML document separator.
+fn pinned_redis(name: &str, replicas: usize, node: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
+---
+"#
+    )
+}
+
 /// A Deployment of one DNS pod (dnsmasq: `whoami.test` is its own address) on `node`,
 /// then a YAML document separator.
 fn dns_deployment(node: &str) -> String {
@@ -651,20 +660,9 @@ fn tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse() -> Re
     )?;
     let node_a = cluster.nodes[0].name.clone();
     let dns = dns_deployment(&node_b);
+    let pods_yaml = pinned_redis("redis", 1, &node_a);
     cluster.apply(&format!(
-        r#"{dns}apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: redis}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: redis}}}}
-  template:
-    metadata: {{labels: {{app: redis}}}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: {node_a}}}
-      containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
----
-apiVersion: v1
+        r#"{dns}{pods_yaml}apiVersion: v1
 kind: Service
 metadata: {{name: redis-np}}
 spec:
@@ -926,20 +924,9 @@ fn node_port_lb_and_external_ips_from_the_node() -> Result<()> {
     let node_a = cluster.nodes[0].name.clone();
     let node_a_ip = cluster.nodes[0].net().ipv4.to_string();
     let daemon = cluster.daemon(0, &[])?;
+    let pods_yaml = pinned_redis("redis", 2, &node_a);
     cluster.apply(&format!(
-        r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: redis}}
-spec:
-  replicas: 2
-  selector: {{matchLabels: {{app: redis}}}}
-  template:
-    metadata: {{labels: {{app: redis}}}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: {node_a}}}
-      containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
----
-apiVersion: v1
+        r#"{pods_yaml}apiVersion: v1
 kind: Pod
 metadata: {{name: web, labels: {{role: client}}}}
 spec:
