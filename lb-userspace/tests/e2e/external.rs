@@ -439,18 +439,31 @@ spec:
     cluster.set_load_balancer_ip("sticky", OUTSIDE_LB_IP)?;
     let names: BTreeSet<String> = cluster.wait_ready("app=sticky", 4)?.into_iter().collect();
     let np = node_port_of(&cluster, "sticky")?;
+    // This Service's external frontends (tests sharing the control plane run their
+    // own Services beside it, which every daemon serves too).
+    let ours = format!("{}/sticky:", cluster.namespace);
+    let sticky_frontends = |daemon: &crate::support::Daemon| -> Result<Vec<serde_json::Value>> {
+        Ok(daemon
+            .list()?
+            .into_iter()
+            .filter(|fe| {
+                fe["scope"] == "external"
+                    && fe["service"].as_str().is_some_and(|s| s.starts_with(&ours))
+            })
+            .collect())
+    };
     let serving = |count: usize| {
         for daemon in [&daemon_a, &daemon_b] {
             cluster.wait(
                 &format!("{count} backends on both nodes"),
                 Duration::from_secs(30),
                 || {
-                    Ok(daemon
-                        .list()?
-                        .iter()
-                        .filter(|fe| fe["scope"] == "external")
-                        .all(|fe| fe["backends"].as_array().is_some_and(|b| b.len() == count))
-                        .then_some(()))
+                    let frontends = sticky_frontends(daemon)?;
+                    Ok((frontends.len() >= 2
+                        && frontends
+                            .iter()
+                            .all(|fe| fe["backends"].as_array().is_some_and(|b| b.len() == count)))
+                    .then_some(()))
                 },
             )?;
         }
@@ -491,10 +504,8 @@ spec:
         ])
     };
     let affinity_is = |daemon: &crate::support::Daemon, on: bool| -> Result<Option<()>> {
-        Ok(daemon
-            .list()?
+        Ok(sticky_frontends(daemon)?
             .iter()
-            .filter(|fe| fe["scope"] == "external")
             .all(|fe| fe["affinity_timeout"].is_null() != on)
             .then_some(()))
     };
