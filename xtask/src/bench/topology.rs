@@ -115,6 +115,10 @@ impl Topology {
         // give it the same port range and TIME_WAIT reuse as the client, or its
         // connect() crawls through exhausted ports and the proxy looks worse than it is.
         sysctl(&node, "net.ipv4.ip_local_port_range", "1024 65535")?;
+        // ... but never lb's SNAT ports (the default --snat-ports), which the daemon
+        // requires of a node: a SNATed flow must not share a tuple with the node's
+        // own connections (it refuses to attach its TC programs otherwise).
+        sysctl(&node, "net.ipv4.ip_local_reserved_ports", "61000-65535")?;
         sysctl(&node, "net.ipv4.tcp_tw_reuse", "1")?;
         // The service range exists only as a blackhole on the node; the proxy's VIP is
         // local to it.
