@@ -563,7 +563,7 @@ spec:
 
 /// A Deployment `name` of `replicas` redis pods (labelled `app: <name>`) on `node`,
 /// then a YAML document separator.
-fn pinned_redis(name: &str, replicas: usize, node: &str) -> String {
+pub(crate) fn pinned_redis(name: &str, replicas: usize, node: &str) -> String {
     format!(
         r#"apiVersion: apps/v1
 kind: Deployment
@@ -583,7 +583,7 @@ spec:
 
 /// A Deployment of one DNS pod (dnsmasq: `whoami.test` is its own address) on `node`,
 /// then a YAML document separator.
-fn dns_deployment(node: &str) -> String {
+pub(crate) fn dns_deployment(node: &str) -> String {
     format!(
         r#"apiVersion: apps/v1
 kind: Deployment

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::{
     cluster::{Cluster, shared_control_plane, trial},
+    external::{dns_deployment, pinned_redis},
     kube::{pod_ips_of, refused_at_once, whoami},
     support::Daemon,
 };
@@ -220,6 +221,8 @@ fn host_network_clients_and_endpoints() -> Result<()> {
     let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
     let (node_a, node_b) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
     let _daemons = [cluster.daemon(0, &[])?, cluster.daemon(1, &[])?];
+    let redis_pods = pinned_redis("redis", 1, &node_a);
+    let dns_pods = dns_deployment(&node_b);
     cluster.apply(&format!(
         r#"apiVersion: apps/v1
 kind: Deployment
@@ -241,38 +244,14 @@ spec:
   selector: {{app: hostnet}}
   ports: [{{port: 6379}}]
 ---
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: redis}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: redis}}}}
-  template:
-    metadata: {{labels: {{app: redis}}}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: {node_a}}}
-      containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
----
-apiVersion: v1
+{redis_pods}apiVersion: v1
 kind: Service
 metadata: {{name: redis}}
 spec:
   selector: {{app: redis}}
   ports: [{{port: 6379}}]
 ---
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: dns}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{app: dns}}}}
-  template:
-    metadata: {{labels: {{app: dns}}}}
-    spec:
-      nodeSelector: {{kubernetes.io/hostname: {node_b}}}
-      containers: [{{name: dns, image: coredns, ports: [{{containerPort: 53, protocol: UDP}}]}}]
----
-apiVersion: v1
+{dns_pods}apiVersion: v1
 kind: Service
 metadata: {{name: dns}}
 spec:
