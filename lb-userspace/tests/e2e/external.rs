@@ -558,6 +558,113 @@ spec:
         moved.len() == 1 && !moved.contains(&pod),
         "after {pod} left, 30 connections reached {moved:?}"
     );
+
+    // sessionAffinityConfig's timeout. Eight client addresses stick to the one pod
+    // left, and keep it while three more start and for as long as each comes back
+    // within the timeout (every node remembers on its own, so each address goes
+    // through both); idle past the timeout, each goes where Maglev now puts it, the
+    // same pod through both nodes, and with four pods not all of them to the old one
+    // (the odds of that are 4^-8).
+    const TIMEOUT_S: u32 = 12;
+    cluster.kubectl(&[
+        "patch",
+        "service",
+        "sticky",
+        "-p",
+        &format!(
+            r#"{{"spec":{{"sessionAffinityConfig":{{"clientIP":{{"timeoutSeconds":{TIMEOUT_S}}}}}}}}}"#
+        ),
+    ])?;
+    for daemon in [&daemon_a, &daemon_b] {
+        cluster.wait("the new timeout", Duration::from_secs(20), || {
+            Ok(sticky_frontends(daemon)?
+                .iter()
+                .all(|fe| fe["affinity_timeout"] == TIMEOUT_S)
+                .then_some(()))
+        })?;
+    }
+    cluster.kubectl(&["scale", "deployment", "sticky-a", "--replicas=0"])?;
+    cluster.kubectl(&["scale", "deployment", "sticky-b", "--replicas=1"])?;
+    let last = cluster.wait_ready("app=sticky", 1)?.remove(0);
+    serving(1)?;
+    let sources: Vec<String> = (1..=8u8)
+        .map(|i| {
+            let [a, b, c, d] = client.ipv4.octets();
+            std::net::Ipv4Addr::new(a, b, c, d + i).to_string()
+        })
+        .collect();
+    for source in &sources {
+        lb_testbed::run(
+            "ip",
+            &[
+                "-n",
+                &client.netns,
+                "addr",
+                "add",
+                &format!("{source}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+    }
+    // Each source through node A's and node B's node port: the two pods reached.
+    let through_both = || -> Result<Vec<(String, String, String)>> {
+        sources
+            .iter()
+            .map(|source| {
+                let via_a = outside_whoami_from(&world, &client, source, &a_ip, &np)?;
+                let via_b = outside_whoami_from(&world, &client, source, &b_ip, &np)?;
+                Ok((source.clone(), via_a, via_b))
+            })
+            .collect()
+    };
+    let all_on = |round: &[(String, String, String)], pod: &str| {
+        round.iter().all(|(_, a, b)| a == pod && b == pod)
+    };
+    let stuck = through_both()?;
+    ensure!(all_on(&stuck, &last), "one pod left, yet {stuck:?}");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let held = std::thread::scope(|scope| {
+        let refresher = scope.spawn(|| -> Result<usize> {
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let round = through_both()?;
+                ensure!(
+                    all_on(&round, &last),
+                    "within the timeout, while pods were added: {round:?}"
+                );
+                rounds += 1;
+            }
+            Ok(rounds)
+        });
+        let scaled = (|| {
+            cluster.kubectl(&["scale", "deployment", "sticky-a", "--replicas=2"])?;
+            cluster.kubectl(&["scale", "deployment", "sticky-b", "--replicas=2"])?;
+            cluster.wait_ready("app=sticky", 4)?;
+            serving(4)
+        })();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        scaled.and(refresher.join().expect("refresher thread"))
+    })?;
+    let four_pods = through_both()?;
+    ensure!(
+        all_on(&four_pods, &last),
+        "four pods, within the timeout (after {held} rounds): {four_pods:?}"
+    );
+    std::thread::sleep(Duration::from_secs(TIMEOUT_S as u64 + 2));
+    let expired = through_both()?;
+    ensure!(
+        expired.iter().all(|(_, a, b)| a == b),
+        "past the timeout the nodes disagree: {expired:?}"
+    );
+    ensure!(
+        !all_on(&expired, &last),
+        "past the timeout every address still reached {last}: {expired:?}"
+    );
+    let moved_on = expired.iter().filter(|(_, a, _)| *a != last).count();
+    eprintln!(
+        "affinity held over {held} rounds while pods were added; past the timeout {moved_on} of 8 addresses moved on"
+    );
     Ok(())
 }
 
@@ -1076,11 +1183,40 @@ fn outside_whoami(
     port: &str,
     source_port: u16,
 ) -> Result<String> {
+    whoami_from(
+        world,
+        client,
+        &client.ipv4.to_string(),
+        host,
+        port,
+        source_port,
+    )
+}
+
+/// [`outside_whoami`] from another of the client's addresses, any source port.
+fn outside_whoami_from(
+    world: &World,
+    client: &Pod,
+    source: &str,
+    host: &str,
+    port: &str,
+) -> Result<String> {
+    whoami_from(world, client, source, host, port, 0).with_context(|| format!("from {source}"))
+}
+
+fn whoami_from(
+    world: &World,
+    client: &Pod,
+    source: &str,
+    host: &str,
+    port: &str,
+    source_port: u16,
+) -> Result<String> {
     let script = format!(
         "import socket\n\
          s = socket.socket(); s.settimeout(3)\n\
          s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('{}', {source_port}))\n\
+         s.bind(('{source}', {source_port}))\n\
          s.connect(('{host}', {port}))\n\
          s.sendall(b'GET whoami\\r\\n')\n\
          data = b''\n\
@@ -1088,8 +1224,7 @@ fn outside_whoami(
              chunk = s.recv(4096)\n    \
              if not chunk: break\n    \
              data += chunk\n\
-         print(data.split(b'\\r\\n')[1].decode())\n",
-        client.ipv4
+         print(data.split(b'\\r\\n')[1].decode())\n"
     );
     outside(
         world,
