@@ -966,6 +966,8 @@ print('flooded')
     );
     eprintln!("100 MB intact through node B while {churn} new flows churned a 1024-flow table");
 
+    out_of_window_segments_reach_no_stack_untranslated(&cluster, &world, &client, &redis_np)?;
+
     // Node ports without endpoints (the node's stack answers), and an external IP
     // without endpoints (the TC program answers port unreachable): refused at once.
     cluster.wait(
@@ -1022,6 +1024,153 @@ except socket.timeout: print('udp timeout')
         );
     }
     Ok(())
+}
+
+/// Segments far outside the TCP window of a tracked flow (the "invalid conntrack
+/// state" of kube-proxy's bug), crafted on both sides of a 100 MB transfer through
+/// node B to the redis pod on node A (SNAT): from the outside client to the node port,
+/// and from the pod to node B's SNAT address. Node B's TC programs translate them like
+/// the flow's other segments, so the receivers' stacks discard them as out of window;
+/// none reaches node B's own stack, which would answer with a reset (its `OutRsts`
+/// stay put), and the transfer arrives intact.
+fn out_of_window_segments_reach_no_stack_untranslated(
+    cluster: &Cluster,
+    world: &World,
+    client: &Pod,
+    redis_np: &str,
+) -> Result<()> {
+    let b_ip = cluster.nodes[1].net().ipv4.to_string();
+    let node_b_netns = cluster.nodes[1].net().netns.clone();
+    let pod = cluster.wait_ready("app=redis", 1)?.remove(0);
+    let pod_ip = pod_ips_of(cluster, "app=redis", std::slice::from_ref(&pod))?
+        .into_iter()
+        .next()
+        .context("the redis pod's address")?;
+    let node_b_resets = || -> Result<u64> {
+        let snmp = lb_testbed::run(
+            "ip",
+            &["netns", "exec", &node_b_netns, "cat", "/proc/net/snmp"],
+        )?;
+        tcp_counter(&snmp, "OutRsts")
+    };
+    const SOURCE_PORT: u16 = 47100;
+    let resets_before = node_b_resets()?;
+    let (intact, injected) = std::thread::scope(|scope| {
+        let transfer =
+            scope.spawn(|| outside_transfer(world, client, &b_ip, redis_np, SOURCE_PORT));
+        let injected = (|| -> Result<()> {
+            // The transfer's tuple as the pod sees it: node B's SNAT address and port.
+            let snat_port = cluster.wait(
+                "the transfer's connection in the pod",
+                Duration::from_secs(20),
+                || {
+                    let out = cluster.exec(
+                        &pod,
+                        &["ss", "-tnH", "state", "established", "( sport = :6379 )"],
+                    )?;
+                    let text = String::from_utf8_lossy(&out.stdout).to_string();
+                    Ok(text.lines().find_map(|line| {
+                        let peer = line.split_whitespace().last()?;
+                        let (addr, port) = peer.rsplit_once(':')?;
+                        (addr == b_ip).then(|| port.to_string())
+                    }))
+                },
+            )?;
+            let towards_pod = outside(
+                world,
+                client,
+                &[
+                    "python3",
+                    "-c",
+                    OUT_OF_WINDOW_SEGMENTS,
+                    &client.ipv4.to_string(),
+                    &SOURCE_PORT.to_string(),
+                    &b_ip,
+                    redis_np,
+                ],
+                Duration::from_secs(10),
+            )?;
+            let out = cluster.exec(
+                &pod,
+                &[
+                    "python3",
+                    "-c",
+                    OUT_OF_WINDOW_SEGMENTS,
+                    &pod_ip,
+                    "6379",
+                    &b_ip,
+                    &snat_port,
+                ],
+            )?;
+            ensure!(
+                out.status.success(),
+                "crafting segments in the pod: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let towards_client = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            ensure!(
+                towards_pod == "sent 20" && towards_client == "sent 20",
+                "crafted segments: {towards_pod:?}, {towards_client:?}"
+            );
+            Ok(())
+        })();
+        (transfer.join().expect("transfer thread"), injected)
+    });
+    injected?;
+    ensure!(
+        intact?,
+        "100 MB through node B arrived corrupted after out-of-window segments"
+    );
+    let resets = node_b_resets()? - resets_before;
+    eprintln!(
+        "40 out-of-window segments during 100 MB through node B; node B's stack sent {resets} resets"
+    );
+    ensure!(
+        resets == 0,
+        "node B's own stack answered {resets} out-of-window segments with resets: they reached it untranslated"
+    );
+    Ok(())
+}
+
+/// Sends 20 TCP segments (ACK+PSH, 64 bytes of payload, random sequence and
+/// acknowledgement numbers: out of any window) from `argv[1]:argv[2]` to
+/// `argv[3]:argv[4]` through a raw socket; prints "sent 20".
+const OUT_OF_WINDOW_SEGMENTS: &str = r#"import random, socket, struct, sys
+def checksum(data):
+    if len(data) % 2: data += b'\0'
+    total = sum(struct.unpack('!%dH' % (len(data) // 2), data))
+    while total >> 16: total = (total >> 16) + (total & 0xffff)
+    return ~total & 0xffff
+src, sport, dst, dport = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+raw.bind((src, 0))
+for _ in range(20):
+    payload = b'x' * 64
+    header = struct.pack('!HHIIBBHHH', sport, dport, random.getrandbits(32),
+                         random.getrandbits(32), 5 << 4, 0x18, 65535, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 6, len(header) + len(payload))
+    header = header[:16] + struct.pack('!H', checksum(pseudo + header + payload)) + header[18:]
+    raw.sendto(header + payload, (dst, 0))
+print('sent 20')
+"#;
+
+/// The value of `field` on the `Tcp:` lines of `/proc/net/snmp`.
+fn tcp_counter(snmp: &str, field: &str) -> Result<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next(), tcp.next());
+    let (names, values) = names
+        .zip(values)
+        .context("no Tcp lines in /proc/net/snmp")?;
+    let index = names
+        .split_whitespace()
+        .position(|n| n == field)
+        .with_context(|| format!("no Tcp {field} in /proc/net/snmp"))?;
+    values
+        .split_whitespace()
+        .nth(index)
+        .context("a short Tcp line")?
+        .parse()
+        .context("a Tcp counter")
 }
 
 /// An external IP of a Service without endpoints, routed by the outside client to
