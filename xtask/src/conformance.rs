@@ -699,6 +699,58 @@ mod tests {
         assert!(named >= 40, "the map names only {named} tests");
     }
 
+    /// Each group's summary line ("covered 21, partly 11, ...") counts its rows.
+    #[test]
+    fn the_conformance_map_summaries_count_their_rows() {
+        let doc = fs::read_to_string(workspace_root().join("docs/conformance.md")).unwrap();
+        let (_, map) = doc.split_once("\n## Conformance map").unwrap();
+        for group in map.split("\n## ").skip(1) {
+            let title = group.lines().next().unwrap_or_default();
+            let Some(summary) = group.lines().find(|l| {
+                [
+                    "covered ",
+                    "partly ",
+                    "not covered ",
+                    "API only ",
+                    "unsupported ",
+                ]
+                .iter()
+                .any(|kind| l.starts_with(kind))
+            }) else {
+                panic!("map group {title} has no summary line");
+            };
+            let mut counted = std::collections::BTreeMap::<String, usize>::new();
+            for row in group
+                .lines()
+                .filter(|l| l.starts_with("| ") && !l.starts_with("| upstream spec"))
+            {
+                let note = row.rsplit(" | ").next().unwrap_or_default();
+                let kind = if note.starts_with("**covered**") {
+                    "covered"
+                } else if note.starts_with("**partly**") {
+                    "partly"
+                } else if note.starts_with("**not covered**") {
+                    "not covered"
+                } else if note.starts_with("API only") {
+                    "API only"
+                } else if note.starts_with("unsupported") {
+                    "unsupported"
+                } else {
+                    panic!("map row of {title} has no kind: {row}");
+                };
+                *counted.entry(kind.to_string()).or_default() += 1;
+            }
+            let summarized: std::collections::BTreeMap<String, usize> = summary
+                .split(", ")
+                .map(|part| {
+                    let (kind, n) = part.rsplit_once(' ').unwrap();
+                    (kind.to_string(), n.parse().unwrap())
+                })
+                .collect();
+            assert_eq!(summarized, counted, "the summary of map group {title}");
+        }
+    }
+
     #[test]
     fn every_skip_has_a_reason() {
         let skips = skip_list().unwrap();
