@@ -755,8 +755,11 @@ fn flows_from(daemon: &crate::support::Daemon, source_port: u16) -> Result<Vec<s
 /// whose daemon forgets answered UDP after 2 s, is tracked as `replied` and then
 /// removed; a UDP flow through node A (default timeouts) follows its DNS pod when the
 /// pod is replaced (kube-proxy's conntrack cleanup: the next datagram reaches the new
-/// pod, at once); and node ports without endpoints refuse at once, TCP with a reset
-/// and UDP with port unreachable (kube-proxy's REJECT), instead of a timeout.
+/// pod, at once); a 100 MB transfer through node B stays intact through floods of
+/// new flows ten and four times the table (real connections, spoofed SYNs) and
+/// out-of-window segments from both ends; and node ports without endpoints refuse at
+/// once, TCP with a reset and UDP with port unreachable (kube-proxy's REJECT), instead
+/// of a timeout.
 fn tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse() -> Result<()> {
     let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
     let node_b = cluster.nodes[1].name.clone();
@@ -910,9 +913,11 @@ spec:
         "node A did not count the flow of the replaced pod"
     );
 
-    // A flood of new connections, ten times what node B tracks (--max-flows 1024, the least it takes),
-    // while 100 MB cross node B on one flow (SNATed to the pod on node A): the
-    // transfer's entries, in use, outlive the churn.
+    // Floods of new flows, many times what node B tracks (--max-flows 1024, the least
+    // it takes), while 100 MB cross node B on one flow (SNATed to the pod on node A):
+    // the transfer's entries, in use, outlive the churn. First 10 240 real connections
+    // from the client (reset at once), then 4 096 SYNs from spoofed addresses of the
+    // fabric that nobody answers (their SYN-ACKs die unresolved in node B).
     cluster.wait_ready("app=redis", 1)?;
     let redis_np = node_port_of(&cluster, "redis-np")?;
     cluster.wait(
@@ -925,8 +930,7 @@ spec:
                 .map(|_| ()))
         },
     )?;
-    let created = daemon_b.metric("lb_datapath_decisions_total{decision=\"tc_ct_created\"}")?;
-    let flood = format!(
+    let connections = format!(
         r#"import socket, struct, time
 opened = []
 for port in range(30000, 40240):
@@ -942,31 +946,59 @@ print('flooded')
 "#,
         client.ipv4
     );
-    let (intact, flooded) = std::thread::scope(|scope| {
-        let transfer = scope.spawn(|| outside_transfer(&world, &client, &b_ip, &redis_np, 47000));
-        std::thread::sleep(Duration::from_millis(300));
-        let flooded = outside(
-            &world,
-            &client,
-            &["python3", "-c", &flood],
-            Duration::from_secs(60),
+    let [f1, f2, f3, _] = client.ipv4.octets();
+    let spoofed = format!(
+        r#"{IP_CHECKSUM}
+import random
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+dst = socket.inet_aton('{b_ip}')
+for i in range(4096):
+    src = socket.inet_aton('{f1}.{f2}.{f3}.%d' % random.randint(150, 250))
+    tcp = struct.pack('!HHIIBBHHH', random.randint(1024, 65535), {redis_np},
+                      random.getrandbits(32), 0, 5 << 4, 0x02, 65535, 0, 0)
+    pseudo = src + dst + struct.pack('!BBH', 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack('!H', checksum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(tcp), i, 0, 64, 6, 0, src, dst)
+    raw.sendto(ip + tcp, ('{b_ip}', 0))
+    if i % 256 == 255: time.sleep(0.02)
+print('flooded')
+"#
+    );
+    let flood_during_transfer = |what: &str, flood: &str, source_port: u16, least: f64| {
+        let created = daemon_b.metric("lb_datapath_decisions_total{decision=\"tc_ct_created\"}")?;
+        let (intact, flooded) = std::thread::scope(|scope| {
+            let transfer =
+                scope.spawn(|| outside_transfer(&world, &client, &b_ip, &redis_np, source_port));
+            std::thread::sleep(Duration::from_millis(300));
+            let flooded = outside(
+                &world,
+                &client,
+                &["python3", "-c", flood],
+                Duration::from_secs(60),
+            );
+            (transfer.join().expect("transfer thread"), flooded)
+        });
+        ensure!(flooded? == "flooded", "the flood of {what} did not run");
+        ensure!(
+            intact?,
+            "100 MB through node B arrived corrupted during the flood of {what}"
         );
-        (transfer.join().expect("transfer thread"), flooded)
-    });
-    ensure!(flooded? == "flooded", "the flood did not run");
-    ensure!(
-        intact?,
-        "100 MB through node B arrived corrupted during the flood"
-    );
-    let churn =
-        daemon_b.metric("lb_datapath_decisions_total{decision=\"tc_ct_created\"}")? - created;
-    ensure!(
-        churn > 2000.0,
-        "only {churn} flows were created by the flood: it did not outgrow the table"
-    );
-    eprintln!("100 MB intact through node B while {churn} new flows churned a 1024-flow table");
-
+        let churn =
+            daemon_b.metric("lb_datapath_decisions_total{decision=\"tc_ct_created\"}")? - created;
+        ensure!(
+            churn > least,
+            "only {churn} flows were created by the flood of {what}: it did not outgrow the table"
+        );
+        eprintln!(
+            "100 MB intact through node B while {churn} flows of {what} churned a 1024-flow table"
+        );
+        Ok::<_, anyhow::Error>(())
+    };
+    flood_during_transfer("new connections", &connections, 47000, 2000.0)?;
+    // (Before the spoofed SYNs: the pod's SYN-ACKs to those, retransmitted after
+    // their flows were evicted, meet node B's stack, which rightly resets them.)
     out_of_window_segments_reach_no_stack_untranslated(&cluster, &world, &client, &redis_np)?;
+    flood_during_transfer("spoofed SYNs", &spoofed, 47001, 4000.0)?;
 
     // Node ports without endpoints (the node's stack answers), and an external IP
     // without endpoints (the TC program answers port unreachable): refused at once.
@@ -1054,6 +1086,7 @@ fn out_of_window_segments_reach_no_stack_untranslated(
         tcp_counter(&snmp, "OutRsts")
     };
     const SOURCE_PORT: u16 = 47100;
+    let out_of_window = format!("{IP_CHECKSUM}{OUT_OF_WINDOW_SEGMENTS}");
     let resets_before = node_b_resets()?;
     let (intact, injected) = std::thread::scope(|scope| {
         let transfer =
@@ -1082,7 +1115,7 @@ fn out_of_window_segments_reach_no_stack_untranslated(
                 &[
                     "python3",
                     "-c",
-                    OUT_OF_WINDOW_SEGMENTS,
+                    &out_of_window,
                     &client.ipv4.to_string(),
                     &SOURCE_PORT.to_string(),
                     &b_ip,
@@ -1095,7 +1128,7 @@ fn out_of_window_segments_reach_no_stack_untranslated(
                 &[
                     "python3",
                     "-c",
-                    OUT_OF_WINDOW_SEGMENTS,
+                    &out_of_window,
                     &pod_ip,
                     "6379",
                     &b_ip,
@@ -1135,12 +1168,8 @@ fn out_of_window_segments_reach_no_stack_untranslated(
 /// Sends 20 TCP segments (ACK+PSH, 64 bytes of payload, random sequence and
 /// acknowledgement numbers: out of any window) from `argv[1]:argv[2]` to
 /// `argv[3]:argv[4]` through a raw socket; prints "sent 20".
-const OUT_OF_WINDOW_SEGMENTS: &str = r#"import random, socket, struct, sys
-def checksum(data):
-    if len(data) % 2: data += b'\0'
-    total = sum(struct.unpack('!%dH' % (len(data) // 2), data))
-    while total >> 16: total = (total >> 16) + (total & 0xffff)
-    return ~total & 0xffff
+/// (Follows [`IP_CHECKSUM`].)
+const OUT_OF_WINDOW_SEGMENTS: &str = r#"import random, sys
 src, sport, dst, dport = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
 raw.bind((src, 0))
@@ -1152,6 +1181,16 @@ for _ in range(20):
     header = header[:16] + struct.pack('!H', checksum(pseudo + header + payload)) + header[18:]
     raw.sendto(header + payload, (dst, 0))
 print('sent 20')
+"#;
+
+/// Python: imports socket, struct and time, and defines `checksum(data)`, the
+/// Internet checksum.
+const IP_CHECKSUM: &str = r#"import socket, struct, time
+def checksum(data):
+    if len(data) % 2: data += b'\0'
+    total = sum(struct.unpack('!%dH' % (len(data) // 2), data))
+    while total >> 16: total = (total >> 16) + (total & 0xffff)
+    return ~total & 0xffff
 "#;
 
 /// The value of `field` on the `Tcp:` lines of `/proc/net/snmp`.
