@@ -39,9 +39,14 @@ use lb_common::{
     SourceRangeKey, addr_from_ip, addr_to_ip, maps, port_from_net, port_to_net,
 };
 
-use self::{ids::IdAllocator, layout::layout};
+use self::{
+    backends::{BackendEntry, BackendTable},
+    ids::IdAllocator,
+    layout::layout,
+};
 use crate::model::{BackendAddr, Frontend, FrontendKey, FrontendKind, Protocol, Scope};
 
+mod backends;
 mod ids;
 mod layout;
 pub mod maglev;
@@ -182,14 +187,6 @@ struct Programmed {
     ranges: BTreeSet<SourceRangeKey>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct BackendEntry {
-    id: u32,
-    refs: usize,
-    /// `BACKEND_F_LOCAL` as written.
-    local: bool,
-}
-
 /// A backend that left a frontend altogether (not merely unready): sockets translated
 /// to it for that frontend should be terminated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -293,8 +290,7 @@ impl ApplyStats {
 pub struct Reconciler {
     limits: Limits,
     frontends: BTreeMap<FrontendKey, Programmed>,
-    backends: HashMap<BackendIdentity, BackendEntry>,
-    backend_by_id: HashMap<u32, BackendIdentity>,
+    backends: BackendTable,
     svc_ids: IdAllocator,
     backend_ids: IdAllocator,
     /// LB_SERVICES entries in use (frontend entries plus slots).
@@ -318,7 +314,7 @@ pub struct Reconciler {
 /// Checks tracked external flows against what is programmed ([`Reconciler::flow_check`]).
 pub struct FlowCheck<'a> {
     frontends: HashMap<u32, &'a Programmed>,
-    backend_by_id: &'a HashMap<u32, BackendIdentity>,
+    backends: &'a BackendTable,
 }
 
 impl FlowCheck<'_> {
@@ -353,8 +349,8 @@ impl FlowCheck<'_> {
         // In rotation, under the same id.
         let serving = programmed.slots.contains(&backend_id)
             && self
-                .backend_by_id
-                .get(&backend_id)
+                .backends
+                .identity(backend_id)
                 .is_some_and(|b| is(&b.addr));
         (!serving).then_some(Removal::BackendGone)
     }
@@ -471,8 +467,7 @@ impl Reconciler {
         Self {
             limits,
             frontends: BTreeMap::new(),
-            backends: HashMap::new(),
-            backend_by_id: HashMap::new(),
+            backends: BackendTable::default(),
             svc_ids: IdAllocator::new(limits.frontends),
             backend_ids: IdAllocator::new(limits.backends),
             service_entries: 0,
@@ -608,7 +603,7 @@ impl Reconciler {
                 .filter(|(key, _)| key.scope == Scope::External)
                 .map(|(_, programmed)| (programmed.svc_id, programmed))
                 .collect(),
-            backend_by_id: &self.backend_by_id,
+            backends: &self.backends,
         }
     }
 
@@ -704,17 +699,22 @@ impl Reconciler {
             for (&slot, _) in frontend_slots.range(value.count + 1..) {
                 this.garbage_slots.push(ServiceKey { slot, ..key });
             }
-            for &id in programmed.iter().filter(|id| **id != 0) {
-                let identity = known_backends[&id];
-                this.backends
-                    .entry(identity)
-                    .or_insert(BackendEntry {
-                        id,
+            for id in programmed.iter_mut().filter(|id| **id != 0) {
+                let entry = this.backends.get_or_insert(
+                    known_backends[id],
+                    BackendEntry {
+                        id: *id,
                         refs: 0,
-                        local: local_of.get(&id).copied().unwrap_or(false),
-                    })
-                    .refs += 1;
-                this.backend_by_id.insert(id, identity);
+                        local: local_of.get(id).copied().unwrap_or(false),
+                    },
+                );
+                if entry.id == *id {
+                    entry.refs += 1;
+                } else {
+                    // Another id holds the same backend: this slot is rewritten, and
+                    // its id, never adopted, deleted as garbage.
+                    *id = 0;
+                }
             }
             this.frontends.insert(
                 frontend_key,
@@ -738,7 +738,7 @@ impl Reconciler {
                 .extend(by_slot.keys().map(|slot| ServiceKey { slot: *slot, ..key }));
         }
         for id in known_backends.keys() {
-            if !this.backend_by_id.contains_key(id) {
+            if !this.backends.contains_id(*id) {
                 this.garbage_backends.push(*id);
             }
         }
@@ -810,7 +810,7 @@ impl Reconciler {
         self.frontends.get(key).map(|p| {
             p.slots
                 .iter()
-                .filter_map(|id| self.backend_by_id.get(id).copied())
+                .filter_map(|id| self.backends.identity(*id))
                 .collect()
         })
     }
@@ -873,7 +873,7 @@ impl Reconciler {
             .backends
             .iter()
             .filter(|addr| {
-                !self.backends.contains_key(&BackendIdentity {
+                !self.backends.contains(&BackendIdentity {
                     addr: **addr,
                     protocol: key.protocol,
                 })
@@ -1071,8 +1071,7 @@ impl Reconciler {
                             .context("reconciler invariant: admission counted the backend ids")?;
                         new_backends.push((id, identity.to_map_value(local)));
                         self.backends
-                            .insert(identity, BackendEntry { id, refs: 1, local });
-                        self.backend_by_id.insert(id, identity);
+                            .get_or_insert(identity, BackendEntry { id, refs: 1, local });
                         id
                     }
                 };
@@ -1155,7 +1154,7 @@ impl Reconciler {
             // Backends that may still have sockets: in rotation before, or draining.
             let mut known: BTreeSet<BackendAddr> = old_slots
                 .iter()
-                .filter_map(|id| self.backend_by_id.get(id).map(|b| b.addr))
+                .filter_map(|id| self.backends.identity(*id).map(|b| b.addr))
                 .collect();
             known.extend(old_draining);
             let in_rotation: BTreeSet<BackendAddr> = frontend.backends.iter().copied().collect();
@@ -1290,7 +1289,7 @@ impl Reconciler {
             let in_rotation = programmed
                 .slots
                 .iter()
-                .filter_map(|id| self.backend_by_id.get(id).map(|b| b.addr));
+                .filter_map(|id| self.backends.identity(*id).map(|b| b.addr));
             let known: BTreeSet<BackendAddr> = in_rotation
                 .chain(programmed.draining.iter().copied())
                 .collect();
@@ -1340,18 +1339,13 @@ impl Reconciler {
         let garbage_backends = std::mem::take(&mut self.garbage_backends);
         let mut dead_backends = garbage_backends.clone();
         for id in released {
-            let Some(identity) = self.backend_by_id.get(&id).copied() else {
+            let Some(entry) = self.backends.get_by_id_mut(id) else {
                 continue;
             };
-            let entry = self
-                .backends
-                .get_mut(&identity)
-                .context("reconciler invariant: backend_by_id and backends agree")?;
             entry.refs -= 1;
             if entry.refs == 0 {
                 dead_backends.push(id);
-                self.backends.remove(&identity);
-                self.backend_by_id.remove(&id);
+                self.backends.remove_id(id);
                 self.backend_ids.release(id);
             }
         }

@@ -323,6 +323,37 @@ fn a_backend_left_in_two_slots_is_counted_once() {
     assert!(maps.unreachable().is_empty());
 }
 
+/// Two backend ids holding the same pod, each in a slot of one frontend (another
+/// writer's leftovers): adoption keeps the first slot's id, rewrites the other slot
+/// and deletes its id, so the frontend ends with each of its pods once.
+#[test]
+fn a_backend_under_two_ids_is_adopted_once() {
+    let (mut maps, _, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
+    let first = maps.services[&service_key(&key, 1)].backend_id;
+    let twin = 77;
+    maps.backends.insert(twin, maps.backends[&first]);
+    maps.services
+        .get_mut(&service_key(&key, 2))
+        .unwrap()
+        .backend_id = twin;
+    let mut adopted = adopt(&maps);
+    let desired = BTreeMap::from([(
+        key,
+        Arc::new(frontend(key, &["10.244.1.11", "10.244.1.12"])),
+    )]);
+    let changes = adopted.diff_all(&desired);
+    assert_eq!(changes.len(), 1, "the frontend is rewritten");
+    adopted.apply(&mut maps, &changes).unwrap();
+    assert_eq!(
+        reachable_ips(&maps, &key),
+        ips(&["10.244.1.11", "10.244.1.12"])
+    );
+    assert!(!maps.backends.contains_key(&twin), "{:?}", maps.backends);
+    assert_eq!(maps.backends.len(), 2);
+    assert!(maps.unreachable().is_empty());
+    assert!(adopted.diff_all(&desired).is_empty());
+}
+
 #[test]
 fn adoption_cleans_leftovers_of_an_interrupted_update() {
     let (mut maps, _, key) = programmed(&["10.244.1.11", "10.244.1.12"]);
