@@ -275,9 +275,10 @@ fn endpoints_of<'a>(
                 ready: ep.ready,
                 serving: ep.serving,
                 terminating: ep.terminating,
-                local: !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str()),
-                zone_hints: &ep.zone_hints,
-                node_hints: &ep.node_hints,
+                local: !node.name.is_empty()
+                    && ep.placement.node_name.as_deref() == Some(node.name.as_str()),
+                zone_hints: &ep.placement.zone_hints,
+                node_hints: &ep.placement.node_hints,
             };
             match merged.get(&addr) {
                 Some(existing) if existing.candidate.ready || !candidate.ready => {}
@@ -470,7 +471,7 @@ pub fn local_ready_endpoints(slices: &[&SliceSpec], node: &NodeContext) -> usize
         for ep in &slice.endpoints {
             if ep.ready
                 && !node.name.is_empty()
-                && ep.node_name.as_deref() == Some(node.name.as_str())
+                && ep.placement.node_name.as_deref() == Some(node.name.as_str())
             {
                 addresses.insert(ep.address);
             }

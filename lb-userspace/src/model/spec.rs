@@ -7,9 +7,10 @@
 //! operator everything to fix.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashSet},
     fmt,
     net::IpAddr,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -290,12 +291,51 @@ pub struct SliceEndpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// Shared with every endpoint placed alike ([`Placement::interned`]).
+    pub placement: Arc<Placement>,
+}
+
+/// Where an endpoint runs and the topology hints it carries. A million endpoints name
+/// a few hundred nodes and zones, so each distinct placement is held once: 32 bytes
+/// an endpoint instead of about 150.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Placement {
     pub node_name: Option<String>,
     pub zone: Option<String>,
     /// `hints.forZones[].name`; empty = no zone hints.
     pub zone_hints: Vec<String>,
     /// `hints.forNodes[].name`; empty = no node hints.
     pub node_hints: Vec<String>,
+}
+
+/// The placements in use, each once.
+static PLACEMENTS: Mutex<Option<Interned>> = Mutex::new(None);
+
+#[derive(Default)]
+struct Interned {
+    set: HashSet<Arc<Placement>>,
+    /// Size after the last sweep of placements no endpoint holds any more.
+    swept: usize,
+}
+
+impl Placement {
+    /// The shared copy of `self`.
+    pub fn interned(self) -> Arc<Placement> {
+        let mut guard = PLACEMENTS.lock().unwrap_or_else(|e| e.into_inner());
+        let interned = guard.get_or_insert_with(Interned::default);
+        if let Some(shared) = interned.set.get(&self) {
+            return shared.clone();
+        }
+        // Amortized: sweep once the set has doubled since the last sweep, so nodes
+        // that came and went do not pile up.
+        if interned.set.len() >= 2 * interned.swept.max(512) {
+            interned.set.retain(|p| Arc::strong_count(p) > 1);
+            interned.swept = interned.set.len();
+        }
+        let shared = Arc::new(self);
+        interned.set.insert(shared.clone());
+        shared
+    }
 }
 
 /// A validated EndpointSlice.
@@ -804,16 +844,19 @@ impl SliceSpec {
                     ready,
                     serving: conditions.serving.unwrap_or(ready),
                     terminating: conditions.terminating.unwrap_or(false),
-                    node_name: endpoint.node_name.clone().filter(|n| !n.is_empty()),
-                    zone: endpoint.zone.clone().filter(|z| !z.is_empty()),
-                    zone_hints: hints
-                        .and_then(|h| h.for_zones.as_ref())
-                        .map(|z| z.iter().map(|z| z.name.clone()).collect())
-                        .unwrap_or_default(),
-                    node_hints: hints
-                        .and_then(|h| h.for_nodes.as_ref())
-                        .map(|n| n.iter().map(|n| n.name.clone()).collect())
-                        .unwrap_or_default(),
+                    placement: Placement {
+                        node_name: endpoint.node_name.clone().filter(|n| !n.is_empty()),
+                        zone: endpoint.zone.clone().filter(|z| !z.is_empty()),
+                        zone_hints: hints
+                            .and_then(|h| h.for_zones.as_ref())
+                            .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                            .unwrap_or_default(),
+                        node_hints: hints
+                            .and_then(|h| h.for_nodes.as_ref())
+                            .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                            .unwrap_or_default(),
+                    }
+                    .interned(),
                 });
             }
         }

@@ -421,7 +421,7 @@ endpoints:
   hints: {forZones: [{name: zone-a}], forNodes: [{name: node-a}]}
 "#,
     );
-    let ep = &s.endpoints[0];
+    let ep = &s.endpoints[0].placement;
     assert_eq!(ep.node_name.as_deref(), Some("node-a"));
     assert_eq!(ep.zone.as_deref(), Some("zone-a"));
     assert_eq!(ep.zone_hints, vec!["zone-a"]);
@@ -1100,4 +1100,45 @@ fn node_ports_without_a_node_address_are_reported_once_and_cleared() {
             .keys()
             .any(|k| k.to_string() == "10.253.0.2:30002/TCP (external)")
     );
+}
+
+/// Endpoints placed alike share one placement, across slices; placements no endpoint
+/// holds any more are swept as new ones arrive.
+#[test]
+fn endpoint_placements_are_shared_and_swept() {
+    let on_node = |name: &str, node: &str| {
+        slice(&format!(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}, namespace: pods, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:
+- addresses: [10.244.1.40]
+  nodeName: {node}
+- addresses: [10.244.1.41]
+  nodeName: {node}
+"#
+        ))
+    };
+    let a = on_node("a", "placement-test-node");
+    let b = on_node("b", "placement-test-node");
+    let shared = &a.endpoints[0].placement;
+    assert!(Arc::ptr_eq(shared, &a.endpoints[1].placement));
+    assert!(Arc::ptr_eq(shared, &b.endpoints[0].placement));
+    // A placement dropped by its last endpoint is gone after enough new ones.
+    let weak = Arc::downgrade(&on_node("c", "placement-test-gone").endpoints[0].placement);
+    for i in 0..2048 {
+        spec::Placement {
+            node_name: Some(format!("placement-test-{i}")),
+            ..Default::default()
+        }
+        .interned();
+    }
+    assert!(weak.upgrade().is_none(), "an unused placement was kept");
+    assert!(Arc::ptr_eq(
+        shared,
+        &on_node("d", "placement-test-node").endpoints[0].placement
+    ));
 }

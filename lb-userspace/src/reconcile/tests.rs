@@ -735,10 +735,7 @@ fn follow_the_model(isolating: bool) {
                     ready: true,
                     serving: true,
                     terminating: false,
-                    node_name: None,
-                    zone: None,
-                    zone_hints: Vec::new(),
-                    node_hints: Vec::new(),
+                    placement: Default::default(),
                 })
                 .collect(),
             trigger_time: None,
