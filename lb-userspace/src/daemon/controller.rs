@@ -407,10 +407,10 @@ impl Controller {
                 Event::Remove(Kind::Service, id) => self.model.remove_service(&id),
                 Event::Remove(Kind::EndpointSlice, id) => self.model.remove_slice(&id),
                 Event::Remove(Kind::Node, id) => {
-                    if id.name == self.node_name {
+                    if *id.name == *self.node_name {
                         node_changed |= self.node.take().is_some();
                     } else {
-                        others_changed |= self.other_nodes.remove(&id.name).is_some();
+                        others_changed |= self.other_nodes.remove(&*id.name).is_some();
                     }
                 }
                 Event::Listed(kind) => {

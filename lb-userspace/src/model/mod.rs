@@ -17,6 +17,7 @@
 
 pub mod endpoints;
 pub mod frontends;
+mod small_set;
 pub mod spec;
 
 use std::{
@@ -26,6 +27,7 @@ use std::{
     time::SystemTime,
 };
 
+use self::small_set::SmallSet;
 pub use self::{
     endpoints::{Exclusion, Topology},
     frontends::{
@@ -139,10 +141,10 @@ pub struct Model {
     // Shared with the source that parsed them: one copy of every object in memory.
     services: HashMap<ObjectRef, Arc<ServiceSpec>>,
     slices: HashMap<ObjectRef, Arc<SliceSpec>>,
-    slices_by_service: HashMap<ObjectRef, BTreeSet<ObjectRef>>,
+    slices_by_service: HashMap<ObjectRef, SmallSet<ObjectRef>>,
     frontends: BTreeMap<FrontendKey, Arc<Frontend>>,
     /// Keys each Service holds.
-    owned: HashMap<ObjectRef, BTreeSet<FrontendKey>>,
+    owned: HashMap<ObjectRef, SmallSet<FrontendKey>>,
     /// Services that want a key another Service holds, and the reverse index.
     waiting: HashMap<FrontendKey, BTreeSet<ObjectRef>>,
     waits: HashMap<ObjectRef, BTreeSet<FrontendKey>>,
@@ -457,7 +459,7 @@ impl Model {
 
         let wanted_keys: BTreeSet<FrontendKey> = wanted.iter().map(|f| f.key).collect();
         let previously = self.owned.remove(id).unwrap_or_default();
-        for key in previously.difference(&wanted_keys) {
+        for key in previously.iter().filter(|k| !wanted_keys.contains(k)) {
             self.work += 1;
             self.frontends.remove(key);
             changes.frontends.insert(*key, None);
@@ -468,7 +470,7 @@ impl Model {
             }
         }
 
-        let mut owned = BTreeSet::new();
+        let mut owned = SmallSet::default();
         for frontend in wanted {
             let key = frontend.key;
             match self.frontends.get(&key) {

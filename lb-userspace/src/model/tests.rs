@@ -665,7 +665,7 @@ fn duplicate_cluster_ip_port_goes_to_the_older_service_until_it_leaves() {
     );
     assert_eq!(changes.conflicts[0].reason, "the older Service wins");
     assert_eq!(
-        model.frontends().values().next().unwrap().service.name,
+        &*model.frontends().values().next().unwrap().service.name,
         "redis-master"
     );
     // The incumbent leaves: the waiting Service takes over in the same recompute.
@@ -714,11 +714,7 @@ fn the_winner_of_a_contested_address_does_not_depend_on_arrival_order() {
             restarted.upsert_service(order[0].clone());
             restarted.recompute();
             for m in [&model, &restarted] {
-                let owners: Vec<&str> = m
-                    .frontends()
-                    .values()
-                    .map(|f| f.service.name.as_str())
-                    .collect();
+                let owners: Vec<&str> = m.frontends().values().map(|f| &*f.service.name).collect();
                 assert_eq!(owners, vec![winner], "order {:?}", order.map(|s| &s.id));
             }
         }
@@ -755,14 +751,14 @@ fn an_external_ip_never_takes_another_services_cluster_ip() {
             model.upsert_service(second);
             let changes = model.recompute();
             let key = FrontendKey::internal("10.96.0.10".parse().unwrap(), 53, Protocol::Udp);
-            assert_eq!(model.frontends()[&key].service.name, "kube-dns");
+            assert_eq!(&*model.frontends()[&key].service.name, "kube-dns");
             assert_eq!(model.frontends()[&key].kind, FrontendKind::ClusterIp);
             let conflict = changes
                 .conflicts
                 .iter()
                 .find(|c| c.key == key)
                 .expect("the hijack is reported");
-            assert_eq!(conflict.service.name, "hijack");
+            assert_eq!(&*conflict.service.name, "hijack");
             assert!(conflict.reason.contains("ClusterIP wins"), "{conflict}");
         }
     }

@@ -516,7 +516,7 @@ mod tests {
             &mut batch,
             &mut summary,
         );
-        assert!(matches!(&batch[0], Event::Upsert(Object::Service(s)) if s.id.name == "web"));
+        assert!(matches!(&batch[0], Event::Upsert(Object::Service(s)) if &*s.id.name == "web"));
         // The Service is handed to another proxy: it must stop being served.
         let mut foreign = svc.clone();
         foreign
