@@ -231,7 +231,7 @@ fn node_port(ip: IpAddr, backend: IpAddr, source_ranges: &[&str]) -> Frontend {
             ip: backend,
             port: 6379,
         }],
-        local_backends: Vec::new(),
+        local: Default::default(),
         excluded: Vec::new(),
         affinity_timeout: None,
         created: None,

@@ -506,7 +506,10 @@ fn node_ports_are_served_on_every_node_address_in_both_scopes() {
         fe[2].excluded,
         vec![(backend("10.244.2.11", 8080), Exclusion::NotLocal)]
     );
-    assert_eq!(fe[0].local_backends, vec![backend("10.244.1.11", 8080)]);
+    assert_eq!(
+        fe[0].local_backends().collect::<Vec<_>>(),
+        vec![&backend("10.244.1.11", 8080)]
+    );
 }
 
 #[test]
@@ -1137,4 +1140,30 @@ endpoints:
         shared,
         &on_node("d", "placement-test-node").endpoints[0].placement
     ));
+}
+
+#[test]
+fn local_masks_cover_any_number_of_backends() {
+    use frontends::LocalMask;
+    let backends: Vec<BackendAddr> = (0..130u32)
+        .map(|i| BackendAddr {
+            ip: std::net::Ipv4Addr::from(0x0af4_0000 + i).into(),
+            port: 80,
+        })
+        .collect();
+    let index = |b: &BackendAddr| match b.ip {
+        IpAddr::V4(ip) => u32::from(ip) - 0x0af4_0000,
+        IpAddr::V6(_) => unreachable!(),
+    };
+    let mask = LocalMask::of(&backends, |b| index(b) % 3 == 0 || index(b) == 129);
+    for at in 0..140 {
+        assert_eq!(
+            mask.contains(at),
+            at < 130 && (at % 3 == 0 || at == 129),
+            "{at}"
+        );
+    }
+    assert_eq!(LocalMask::of(&backends, |_| false), LocalMask::default());
+    let all = LocalMask::all(130);
+    assert!((0..130).all(|at| all.contains(at)) && !all.contains(130));
 }

@@ -24,7 +24,7 @@ fn frontend(key: FrontendKey, backends: &[&str]) -> Frontend {
                 port: 6379,
             })
             .collect(),
-        local_backends: Vec::new(),
+        local: Default::default(),
         excluded: Vec::new(),
         affinity_timeout: None,
         created: None,
@@ -965,7 +965,7 @@ fn a_backends_locality_follows_its_endpoint() {
     assert_eq!(maps.backends[&id].flags & BACKEND_F_LOCAL, 0);
     // The endpoint's nodeName arrives (or the Node is renamed): the same backend id,
     // now local, so the TC path stops SNATing to it.
-    f.local_backends = f.backends.clone();
+    f.local = crate::model::frontends::LocalMask::all(f.backends.len());
     r.apply(&mut maps, &change(f.clone())).unwrap();
     assert_eq!(maps.services[&service_key(&f.key, 1)].backend_id, id);
     assert_ne!(maps.backends[&id].flags & BACKEND_F_LOCAL, 0);
