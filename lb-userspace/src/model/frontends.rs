@@ -181,7 +181,7 @@ impl LocalMask {
     #[cfg(test)]
     pub fn all(count: usize) -> Self {
         let mut words = vec![u64::MAX; count.div_ceil(64)];
-        if count % 64 != 0
+        if !count.is_multiple_of(64)
             && let Some(last) = words.last_mut()
         {
             *last = (1 << (count % 64)) - 1;
