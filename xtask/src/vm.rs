@@ -34,6 +34,7 @@ const UNIT_TESTS: &[&str] = &[
     "datapath::tc_tests::tc_programs_track_tcp_state_and_refuse_what_they_cannot_serve",
     "datapath::features::tests::probes_answer_on_this_kernel",
     "datapath::sockets::tests::destroys_only_matching_sockets_by_cookie_and_peer",
+    "datapath::batch::tests::large_batches_are_written_and_deleted_whole",
 ];
 
 /// End-to-end tests run in the guest: the socket path (TCP, connected and

@@ -40,8 +40,12 @@ use crate::{
     warnings::Summary,
 };
 
-/// Frontend changes written per chunk (between stop checks).
-const CHUNK: usize = 1024;
+/// A chunk (written between stop checks) ends at this many frontend changes, or at
+/// this many map entries they write (a frontend and one slot per backend): big enough
+/// that a large sync writes its batches on every core (see `datapath::batch`), small
+/// enough to bound the chunk's working memory and the wait for a stop.
+const CHUNK: usize = 16384;
+const CHUNK_ENTRIES: usize = 131_072;
 /// Retry delays after a failed sync.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -725,7 +729,15 @@ impl Controller {
             if self.stopping() {
                 return Err(SyncError::Stopped);
             }
-            let chunk: BTreeMap<_, _> = rest.by_ref().take(CHUNK).collect();
+            let mut chunk = BTreeMap::new();
+            let mut entries = 0;
+            while chunk.len() < CHUNK && entries < CHUNK_ENTRIES {
+                let Some((key, change)) = rest.next() else {
+                    break;
+                };
+                entries += 1 + change.as_ref().map_or(0, |f| f.backends.len());
+                chunk.insert(key, change);
+            }
             let stats = self
                 .reconciler
                 .apply_isolating(&mut self.maps, &chunk, refusals_left)

@@ -430,7 +430,11 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 
 impl KernelMaps {
     /// One batch syscall where the kernel has them, element by element otherwise.
-    fn put_batch<K: Pod, V: Pod>(&mut self, which: MapFdKind, entries: &[(K, V)]) -> Result<()> {
+    fn put_batch<K: Pod + Sync, V: Pod + Sync>(
+        &mut self,
+        which: MapFdKind,
+        entries: &[(K, V)],
+    ) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -455,7 +459,7 @@ impl KernelMaps {
         Ok(())
     }
 
-    fn delete_batch<K: Pod>(&mut self, which: MapFdKind, keys: &[K]) -> Result<()> {
+    fn delete_batch<K: Pod + Sync>(&mut self, which: MapFdKind, keys: &[K]) -> Result<()> {
         if keys.is_empty() {
             return Ok(());
         }
