@@ -65,6 +65,9 @@ pub struct BenchArgs {
     /// Service counts to measure at (comma-separated).
     #[arg(long, value_delimiter = ',')]
     services: Option<Vec<usize>>,
+    /// Services (10 endpoints each) the Kubernetes-source run creates in the API server.
+    #[arg(long)]
+    kube_services: Option<usize>,
     /// Where results.json, report.md and latency.svg go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -164,6 +167,9 @@ impl Plan {
         };
         if let Some(services) = &args.services {
             plan.services = services.clone();
+        }
+        if let Some(services) = args.kube_services {
+            plan.kube_services = services;
         }
         plan
     }

@@ -70,7 +70,11 @@ pub fn scale(lb: &Path, topo: &Topology, plan: &Plan) -> Result<Vec<ScaleRow>> {
             );
             let dir = topo.work_dir.join(format!("scale-{n}-{duplicates}"));
             fs::create_dir_all(&dir)?;
-            let mut text = rules::manifests(n, plan.cp_endpoints, &SERVER_IPS);
+            // Files of at most 10 000 Services (about 9 MB): the daemon refuses a
+            // manifest file over 64 MiB, as an operator's folder would be split.
+            let all = rules::manifests(n, plan.cp_endpoints, &SERVER_IPS);
+            write_split(&dir, "services", &all)?;
+            let mut text = String::new();
             for d in 0..duplicates {
                 // dup-d wants svc-(d % n)'s ClusterIP:port, which that Service holds.
                 let i = d % n;
@@ -85,13 +89,21 @@ pub fn scale(lb: &Path, topo: &Topology, plan: &Plan) -> Result<Vec<ScaleRow>> {
                     &endpoints,
                 );
             }
-            fs::write(dir.join("services.yaml"), text)?;
+            write_split(&dir, "duplicates", &text)?;
             let daemon =
                 Daemon::start_with(lb, topo, &dir, &format!("scale-{n}-{duplicates}"), &BIG)?;
             let log = daemon.log_text();
             let (peak, current) = memory_mb(daemon.pid())?;
             let sync_s =
                 log_number(&log, "controller: ready", "elapsed_ms").context("ready line")? / 1000.0;
+            // A row for an empty sync would be a lie (a manifest refused, say).
+            let served = log_number(&log, "controller: ready", "services").unwrap_or(0.0);
+            if served as usize != n + duplicates {
+                bail!(
+                    "the daemon served {served} Services of {}; its log:\n{log}",
+                    n + duplicates
+                );
+            }
             daemon.stop()?;
             let _ = fs::remove_dir_all(&dir);
             rows.push(ScaleRow {
@@ -105,6 +117,21 @@ pub fn scale(lb: &Path, topo: &Topology, plan: &Plan) -> Result<Vec<ScaleRow>> {
         }
     }
     Ok(rows)
+}
+
+/// Writes `text` (Service and EndpointSlice pairs, each Service starting a
+/// `---\napiVersion: v1\nkind: Service` document) as `<stem>-<n>.yaml` files of at
+/// most 10 000 Services each.
+fn write_split(dir: &Path, stem: &str, text: &str) -> Result<()> {
+    const PER_FILE: usize = 10_000;
+    let marker = "---\napiVersion: v1\nkind: Service\n";
+    let starts: Vec<usize> = text.match_indices(marker).map(|(at, _)| at).collect();
+    for (n, first) in starts.chunks(PER_FILE).enumerate() {
+        let from = first[0];
+        let to = starts.get((n + 1) * PER_FILE).copied().unwrap_or(text.len());
+        fs::write(dir.join(format!("{stem}-{n}.yaml")), &text[from..to])?;
+    }
+    Ok(())
 }
 
 /// New connections every 5 ms through the target ClusterIP while the daemon is
