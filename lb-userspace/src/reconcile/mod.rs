@@ -289,7 +289,9 @@ impl ApplyStats {
 #[derive(Debug)]
 pub struct Reconciler {
     limits: Limits,
-    frontends: BTreeMap<FrontendKey, Programmed>,
+    // Boxed: a B-tree node holds eleven values, half of them empty after in-order
+    // inserts, and a Programmed is 136 bytes.
+    frontends: BTreeMap<FrontendKey, Box<Programmed>>,
     backends: BackendTable,
     svc_ids: IdAllocator,
     backend_ids: IdAllocator,
@@ -601,7 +603,7 @@ impl Reconciler {
                 .frontends
                 .iter()
                 .filter(|(key, _)| key.scope == Scope::External)
-                .map(|(_, programmed)| (programmed.svc_id, programmed))
+                .map(|(_, programmed)| (programmed.svc_id, &**programmed))
                 .collect(),
             backends: &self.backends,
         }
@@ -718,7 +720,7 @@ impl Reconciler {
             }
             this.frontends.insert(
                 frontend_key,
-                Programmed {
+                Box::new(Programmed {
                     svc_id: value.svc_id,
                     name: names.get(&value.svc_id).cloned().unwrap_or_default(),
                     attrs: FrontendAttrs {
@@ -729,7 +731,7 @@ impl Reconciler {
                     slots: programmed,
                     table_for: None,
                     ranges: BTreeSet::new(),
-                },
+                }),
             );
         }
         // Slots whose frontend is gone.
@@ -1234,7 +1236,7 @@ impl Reconciler {
             released.extend(old_slots.iter().copied().filter(|id| *id != 0));
             self.frontends.insert(
                 *key,
-                Programmed {
+                Box::new(Programmed {
                     svc_id,
                     name,
                     attrs,
@@ -1242,7 +1244,7 @@ impl Reconciler {
                     slots: new_slots,
                     table_for,
                     ranges,
-                },
+                }),
             );
         }
         maps.reset_frontend_stats(&new_svc_ids)?;

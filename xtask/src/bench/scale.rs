@@ -128,7 +128,10 @@ fn write_split(dir: &Path, stem: &str, text: &str) -> Result<()> {
     let starts: Vec<usize> = text.match_indices(marker).map(|(at, _)| at).collect();
     for (n, first) in starts.chunks(PER_FILE).enumerate() {
         let from = first[0];
-        let to = starts.get((n + 1) * PER_FILE).copied().unwrap_or(text.len());
+        let to = starts
+            .get((n + 1) * PER_FILE)
+            .copied()
+            .unwrap_or(text.len());
         fs::write(dir.join(format!("{stem}-{n}.yaml")), &text[from..to])?;
     }
     Ok(())
