@@ -47,6 +47,10 @@ pub fn trials() -> Vec<Trial> {
             node_port_edits_in_place_are_followed_from_outside,
         ),
         trial(
+            "external::dns_node_port_edits_over_tcp_and_udp_from_outside",
+            dns_node_port_edits_over_tcp_and_udp_from_outside,
+        ),
+        trial(
             "external::session_affinity_from_outside_is_the_same_on_both_nodes",
             session_affinity_from_outside_is_the_same_on_both_nodes,
         ),
@@ -374,6 +378,110 @@ spec:
     patch(r#"{"spec":{"type":"ClusterIP","ports":[{"port":6379}]}}"#)?;
     cluster.wait("the node port gone", Duration::from_secs(20), || {
         Ok((connect(new_np)? == "refused").then_some(()))
+    })?;
+    Ok(())
+}
+
+/// A DNS Service edited as upstream's protocol and UDP node-port specs edit theirs,
+/// seen from another machine through node A: a ClusterIP Service on TCP 53 becomes a
+/// NodePort, then gains UDP 53 on the same node port number, and both protocols
+/// answer through it; the UDP port's number changes (the new one answers, the old
+/// one refuses at once, port unreachable, while TCP goes on); back to ClusterIP, both
+/// refuse.
+fn dns_node_port_edits_over_tcp_and_udp_from_outside() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let node_a = cluster.nodes[0].name.clone();
+    let a_ip = cluster.nodes[0].net().ipv4.to_string();
+    let world = cluster.nodes[0].world().clone();
+    let client = world.add_outside("outside")?;
+    let _daemon_a = cluster.daemon(0, &[])?;
+    let dns = dns_deployment(&node_a);
+    cluster.apply(&format!(
+        r#"{dns}apiVersion: v1
+kind: Service
+metadata: {{name: dns-edit}}
+spec:
+  selector: {{app: dns}}
+  ports: [{{name: tcp, port: 53, protocol: TCP}}]
+"#
+    ))?;
+    let pod = cluster.wait_ready("app=dns", 1)?.remove(0);
+    let pod_ip = pod_ips_of(&cluster, "app=dns", std::slice::from_ref(&pod))?
+        .into_iter()
+        .next()
+        .context("the DNS pod's address")?;
+    // A JSON patch: a strategic merge keys ports by number alone, and both are 53.
+    let patch =
+        |ops: &str| cluster.kubectl(&["patch", "service", "dns-edit", "--type=json", "-p", ops]);
+    patch(r#"[{"op":"replace","path":"/spec/type","value":"NodePort"}]"#)?;
+    let np = node_port_of(&cluster, "dns-edit")?;
+    patch(&format!(
+        r#"[{{"op":"add","path":"/spec/ports/-","value":{{"name":"udp","port":53,"protocol":"UDP","nodePort":{np}}}}}]"#
+    ))?;
+    // The answer of `whoami.test` through node A's `port`, over TCP or UDP.
+    let ask = |tcp: bool, port: &str| -> Result<String> {
+        let mut argv = vec!["dig", "+short", "+time=1", "+tries=1"];
+        if tcp {
+            argv.push("+tcp");
+        }
+        let at = format!("@{a_ip}");
+        argv.extend(["-p", port, &at, "whoami.test"]);
+        outside(&world, &client, &argv, Duration::from_secs(5))
+    };
+    // How a UDP query to node A's `port` ends: "answered", "refused" (port
+    // unreachable, measured in seconds) or "timeout".
+    let udp_outcome = |port: &str| -> Result<String> {
+        let script = format!(
+            r#"import socket, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+u.connect(('{a_ip}', {port})); t = time.time()
+try:
+    u.send(b'\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x06whoami\x04test\x00\x00\x01\x00\x01')
+    u.recv(512); print('answered')
+except ConnectionRefusedError: print('refused %.2f' % (time.time() - t))
+except socket.timeout: print('timeout')
+"#
+        );
+        outside(
+            &world,
+            &client,
+            &["python3", "-c", &script],
+            Duration::from_secs(10),
+        )
+    };
+    cluster.wait(
+        "TCP and UDP on one node port",
+        Duration::from_secs(30),
+        || {
+            let both = ask(true, &np).ok() == Some(pod_ip.clone())
+                && ask(false, &np).ok() == Some(pod_ip.clone());
+            Ok(both.then_some(()))
+        },
+    )?;
+
+    let new_np = if np == "30995" { "30994" } else { "30995" };
+    patch(&format!(
+        r#"[{{"op":"replace","path":"/spec/ports/1/nodePort","value":{new_np}}}]"#
+    ))?;
+    cluster.wait("UDP on the new node port", Duration::from_secs(20), || {
+        Ok((ask(false, new_np).ok() == Some(pod_ip.clone())).then_some(()))
+    })?;
+    let old = udp_outcome(&np)?;
+    ensure!(
+        old.strip_prefix("refused ")
+            .and_then(|s| s.parse::<f64>().ok())
+            .is_some_and(|s| s < 1.0),
+        "UDP to the old node port {np}: {old}"
+    );
+    ensure!(
+        ask(true, &np)? == pod_ip,
+        "TCP on node port {np} stopped with the UDP change"
+    );
+
+    patch(r#"[{"op":"replace","path":"/spec/type","value":"ClusterIP"}]"#)?;
+    cluster.wait("both node ports gone", Duration::from_secs(20), || {
+        let gone = udp_outcome(new_np)?.starts_with("refused") && ask(true, &np).is_err();
+        Ok(gone.then_some(()))
     })?;
     Ok(())
 }
