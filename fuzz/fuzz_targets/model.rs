@@ -103,10 +103,7 @@ fn slice(id: u8, endpoints: &[(u8, bool, bool)]) -> Arc<SliceSpec> {
                 ready: *ready,
                 serving: true,
                 terminating: *terminating,
-                node_name: None,
-                zone: None,
-                zone_hints: Vec::new(),
-                node_hints: Vec::new(),
+                placement: Default::default(),
             })
             .collect(),
         trigger_time: None,

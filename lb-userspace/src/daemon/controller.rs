@@ -43,9 +43,9 @@ use crate::{
 /// A chunk (written between stop checks) ends at this many frontend changes, or at
 /// this many map entries they write (a frontend and one slot per backend): big enough
 /// that a large sync writes its batches on every core (see `datapath::batch`), small
-/// enough to bound the chunk's working memory and the wait for a stop.
-const CHUNK: usize = 16384;
-const CHUNK_ENTRIES: usize = 131_072;
+/// enough to bound the chunk's working memory and a SIGTERM's wait (about 0.1 s).
+const CHUNK: usize = 4096;
+const CHUNK_ENTRIES: usize = 65_536;
 /// Retry delays after a failed sync.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);

@@ -183,7 +183,7 @@ pub fn update<K: Copy + Sync, V: Copy + Sync>(
 /// 2 s on one core), and inserts into different buckets do not contend. Batches are
 /// still written one after another, so the ordering between them holds; within one
 /// batch no order is needed (a phase writes only entries nothing points at yet).
-const PARALLEL_FROM: usize = 65_536;
+const PARALLEL_FROM: usize = 16_384;
 
 /// Runs `write` over `entries` in one piece, or in one piece per core (at most four)
 /// when there are many; the first error wins.
