@@ -191,8 +191,12 @@ fn in_parallel<T: Sync>(
     entries: &[T],
     write: impl Fn(&[T]) -> io::Result<()> + Sync,
 ) -> io::Result<()> {
+    if entries.len() < PARALLEL_FROM {
+        return write(entries);
+    }
+    // (Reads the cgroup's CPU quota: only asked for large batches.)
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    if entries.len() < PARALLEL_FROM || workers < 2 {
+    if workers < 2 {
         return write(entries);
     }
     let write = &write;
