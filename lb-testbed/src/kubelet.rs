@@ -6,16 +6,21 @@
 //! runs the preStop sleep, sends SIGTERM, waits the grace period, removes the
 //! namespace and deletes the Pod object, as the real kubelet does.
 //!
-//! The container process is chosen from the first container's image:
+//! Every container runs (restartable init containers, the sidecars, first; other init
+//! containers are skipped), each as a process chosen from its image:
 //!
 //! | image        | process                               | default port |
 //! |--------------|---------------------------------------|--------------|
 //! | `redis*`     | redis-server (`GET whoami` = pod name) | 6379         |
 //! | `nginx*`, `httpd*` | HTTP server answering `/` and `/whoami` with the pod name | 80 |
 //! | `coredns*`   | dnsmasq (`whoami.test` = pod's addresses) | 53      |
+//! | `agnhost*`   | upstream's agnhost with the container's `args` (`netexec`, ...) | - |
 //! | anything else | `sleep infinity` (a client pod)      | -            |
 //!
-//! The port is the first `containerPort` when one is declared.
+//! The port is the container's first `containerPort` when one is declared. A pod has
+//! its own UTS namespace with its name as hostname (what agnhost answers to
+//! `hostname`), unless it uses the host's network; it is ready once every container
+//! is.
 
 use std::{
     collections::BTreeMap,
@@ -27,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, ensure};
 use futures::StreamExt as _;
 use k8s_openapi::{
     api::core::v1::{Container, Node, Pod as KubePod},
@@ -62,7 +67,8 @@ struct Running {
     net: Pod,
     /// `hostNetwork: true`: `net` is the node's own namespace (never removed here).
     host_network: bool,
-    child: Option<Child>,
+    /// One process per container.
+    children: Vec<Child>,
     terminating: bool,
 }
 
@@ -98,6 +104,8 @@ fn image_kind(container: &Container) -> &'static str {
         "http"
     } else if base.starts_with("coredns") {
         "dns"
+    } else if base.starts_with("agnhost") {
+        "agnhost"
     } else {
         "sleep"
     }
@@ -109,6 +117,31 @@ fn container_port(container: &Container) -> Option<u16> {
         .as_ref()?
         .first()
         .map(|p| p.container_port as u16)
+}
+
+/// agnhost's arguments for a container: its `args`, after the rest of a `command`
+/// that names agnhost itself (images run `/agnhost` as their entry point).
+fn agnhost_args(container: &Container) -> Vec<String> {
+    let mut argv: Vec<String> = match container.command.as_deref() {
+        Some([program, rest @ ..]) if program.ends_with("agnhost") => rest.to_vec(),
+        _ => Vec::new(),
+    };
+    argv.extend(container.args.iter().flatten().cloned());
+    argv
+}
+
+/// The value of `--name=V` or `--name V` in `args`.
+fn flag_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let long = format!("--{name}");
+    args.iter().enumerate().find_map(|(i, arg)| {
+        if let Some(value) = arg.strip_prefix(&long).and_then(|r| r.strip_prefix('=')) {
+            Some(value)
+        } else if *arg == long {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            None
+        }
+    })
 }
 
 /// What readiness means for a container: a TCP port that must accept, an HTTP path
@@ -146,6 +179,22 @@ fn readiness(container: &Container, kind: &str) -> Readiness {
         }
     }
     match (kind, container_port(container)) {
+        ("agnhost", _) => {
+            let args = agnhost_args(container);
+            if args.first().map(String::as_str) == Some("netexec") {
+                let port = flag_value(&args, "http-port").map_or(Some(8080), |p| p.parse().ok());
+                // `/healthz` answers 200 once the UDP server runs too (never
+                // without one: then `/`).
+                let path = if flag_value(&args, "udp-port") == Some("-1") {
+                    "/"
+                } else {
+                    "/healthz"
+                };
+                port.map_or(Readiness::Started, |p| Readiness::Http(p, path.into()))
+            } else {
+                Readiness::Started
+            }
+        }
         ("dns", _) => Readiness::Tcp(53),
         ("redis", port) => Readiness::Tcp(port.unwrap_or(6379)),
         ("http", port) => Readiness::Tcp(port.unwrap_or(80)),
@@ -154,7 +203,7 @@ fn readiness(container: &Container, kind: &str) -> Readiness {
     }
 }
 
-/// Seconds of the first container's preStop sleep (`sleep` action, or an exec of
+/// Seconds of a container's preStop sleep (`sleep` action, or an exec of
 /// `sleep N`).
 fn pre_stop_sleep(container: &Container) -> Duration {
     let Some(handler) = container
@@ -347,6 +396,43 @@ impl SimNode {
         output_with_timeout(cmd, timeout)
     }
 
+    /// Evicts a running pod as the kubelet does under resource pressure: its containers
+    /// are killed and its phase becomes `Failed` (reason `Evicted`); the Pod object
+    /// stays, so the EndpointSlice controller drops it as an endpoint.
+    pub fn evict(&self, namespace: &str, name: &str) -> Result<()> {
+        let running = {
+            let mut pods = self.pods.lock().expect("lock");
+            let uid = pods
+                .iter()
+                .find(|(_, r)| r.namespace == namespace && r.name == name)
+                .map(|(uid, _)| uid.clone())
+                .with_context(|| format!("pod {namespace}/{name} does not run on {}", self.name))?;
+            pods.remove(&uid)
+        };
+        if let Some(mut running) = running {
+            self.runtime
+                .block_on(stop_process(&mut running, Duration::ZERO));
+            remove_pod(&self.world, &running);
+        }
+        let status = json!({"status": {
+            "phase": "Failed",
+            "reason": "Evicted",
+            "message": "The node was low on resource: ephemeral-storage.",
+            "conditions": [
+                {"type": "Ready", "status": "False", "lastTransitionTime": now()},
+                {"type": "ContainersReady", "status": "False", "lastTransitionTime": now()},
+            ],
+        }});
+        self.runtime.block_on(
+            Api::<KubePod>::namespaced(self.client.clone(), namespace).patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            ),
+        )?;
+        Ok(())
+    }
+
     /// The node's Node object, as the API server has it.
     pub fn node_object(&self) -> Result<Node> {
         Ok(self
@@ -513,16 +599,21 @@ async fn start_pod(
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let container = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.containers.first())
+    let spec = pod.spec.as_ref().context("pod has no spec")?;
+    // Sidecars (restartable init containers) start first, as the kubelet starts them.
+    let containers: Vec<Container> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+        .chain(&spec.containers)
         .cloned()
-        .context("pod has no container")?;
+        .collect();
+    ensure!(!containers.is_empty(), "pod has no container");
     let node = world.node(net);
     // hostNetwork: the node's own namespace and addresses, the node's cgroup (so the
     // node's socket hooks apply), as a kubelet runs such a pod.
-    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    let host_network = spec.host_network == Some(true);
     let pod_net = if host_network {
         Pod {
             name: name.clone(),
@@ -533,31 +624,30 @@ async fn start_pod(
     } else {
         world.add_pod(node, &name)?
     };
-    let kind = image_kind(&container);
     let work = pod_dir(&pod_net);
     std::fs::create_dir_all(&work)?;
-    let argv: Vec<String> = match kind {
-        "redis" => servers::redis(&pod_net, container_port(&container).unwrap_or(6379), &work),
-        "http" => {
-            servers::http_root(&work, &name)?;
-            servers::http(&work, container_port(&container).unwrap_or(80))
+    let mut children = Vec::new();
+    let mut readiness_checks = Vec::new();
+    for container in &containers {
+        let kind = image_kind(container);
+        match start_container(world, node, &pod_net, host_network, &work, container, kind) {
+            Ok(child) => children.push(child),
+            Err(err) => {
+                for mut child in children {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                if !host_network {
+                    world.remove_pod(&pod_net);
+                }
+                return Err(err.context(format!(
+                    "starting container {} of pod {namespace}/{name}",
+                    container.name
+                )));
+            }
         }
-        "dns" => servers::dnsmasq(&pod_net, &[]),
-        _ => vec!["sleep".into(), "infinity".into()],
-    };
-    let mut cmd = world.command(&pod_net, Some(&node.cgroup.path), &argv[0])?;
-    let log = std::fs::File::create(work.join("container.log"))?;
-    use std::os::unix::process::CommandExt as _;
-    // Its own process group, as a container would be: a terminal's Ctrl-C stops the
-    // demo, which stops the pods.
-    cmd.process_group(0);
-    cmd.args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {} for pod {namespace}/{name}", argv[0]))?;
+        readiness_checks.push((readiness(container, kind), kind));
+    }
     pods.lock().expect("lock").insert(
         uid.clone(),
         Running {
@@ -565,7 +655,7 @@ async fn start_pod(
             name: name.clone(),
             net: pod_net.clone(),
             host_network,
-            child: Some(child),
+            children,
             terminating: false,
         },
     );
@@ -573,10 +663,10 @@ async fn start_pod(
     let api = Api::<KubePod>::namespaced(client.clone(), &namespace);
     let (host_v4, host_v6) = (node.ipv4.to_string(), node.ipv6.to_string());
     let (pod_v4, pod_v6) = (pod_net.ipv4.to_string(), pod_net.ipv6.to_string());
-    let (container_name, image) = (
-        container.name.clone(),
-        container.image.clone().unwrap_or_default(),
-    );
+    let names_and_images: Vec<(String, String)> = containers
+        .iter()
+        .map(|c| (c.name.clone(), c.image.clone().unwrap_or_default()))
+        .collect();
     let status = move |ready: bool| {
         let ready_s = if ready { "True" } else { "False" };
         json!({"status": {
@@ -592,11 +682,11 @@ async fn start_pod(
                 {"type": "ContainersReady", "status": ready_s},
                 {"type": "Ready", "status": ready_s, "lastTransitionTime": now()},
             ],
-            "containerStatuses": [{
-                "name": container_name, "image": image,
+            "containerStatuses": names_and_images.iter().map(|(name, image)| json!({
+                "name": name, "image": image,
                 "imageID": "", "ready": ready, "started": true, "restartCount": 0,
                 "state": {"running": {"startedAt": started}},
-            }],
+            })).collect::<Vec<_>>(),
         }})
     };
     api.patch_status(
@@ -606,12 +696,18 @@ async fn start_pod(
     )
     .await?;
 
-    // Readiness, then the identity redis answers with.
-    let readiness = readiness(&container, kind);
+    // Readiness of every container (after the longest `initialDelaySeconds`, as the
+    // kubelet probes no container before its delay), then the identity redis answers.
+    let initial_delay = containers
+        .iter()
+        .filter_map(|c| c.readiness_probe.as_ref()?.initial_delay_seconds)
+        .max()
+        .map_or(Duration::ZERO, |s| Duration::from_secs(s.max(0) as u64));
     let prober = prober.clone();
     let pods = pods.clone();
     let world = world.clone();
     tokio::spawn(async move {
+        tokio::time::sleep(initial_delay).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let alive = pods
@@ -624,27 +720,84 @@ async fn start_pod(
             }
             let ip = IpAddr::V4(pod_net.ipv4);
             let probe = prober.clone();
-            let check = readiness.clone();
-            let ready = tokio::task::spawn_blocking(move || probe.check(ip, &check))
-                .await
-                .unwrap_or(false);
+            let checks: Vec<Readiness> = readiness_checks.iter().map(|(r, _)| r.clone()).collect();
+            let ready = tokio::task::spawn_blocking(move || {
+                checks.iter().all(|check| probe.check(ip, check))
+            })
+            .await
+            .unwrap_or(false);
             if ready {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if kind == "redis" {
-            let port = match readiness {
-                Readiness::Tcp(p) => p,
-                _ => 6379,
-            };
-            set_redis_identity(&world, &pod_net, port, &name);
+        for (readiness, kind) in &readiness_checks {
+            if *kind == "redis" {
+                let port = match readiness {
+                    Readiness::Tcp(p) => *p,
+                    _ => 6379,
+                };
+                set_redis_identity(&world, &pod_net, port, &name);
+            }
         }
         let _ = api
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status(true)))
             .await;
     });
     Ok(())
+}
+
+/// Starts one container's process in the pod's network namespace and the node's
+/// cgroup, logging to `<pod dir>/<container>.log`.
+fn start_container(
+    world: &World,
+    node: &NodeNet,
+    pod_net: &Pod,
+    host_network: bool,
+    work: &std::path::Path,
+    container: &Container,
+    kind: &str,
+) -> Result<Child> {
+    let argv: Vec<String> = match kind {
+        "redis" => servers::redis(pod_net, container_port(container).unwrap_or(6379), work),
+        "http" => {
+            servers::http_root(work, &pod_net.name)?;
+            servers::http(work, container_port(container).unwrap_or(80))
+        }
+        "dns" => servers::dnsmasq(pod_net, &[]),
+        "agnhost" => {
+            let agnhost = crate::k8s::extra_binary("agnhost")?;
+            std::iter::once(agnhost.to_string_lossy().into_owned())
+                .chain(agnhost_args(container))
+                .collect()
+        }
+        _ => vec!["sleep".into(), "infinity".into()],
+    };
+    let mut cmd = world.command(pod_net, Some(&node.cgroup.path), &argv[0])?;
+    let log = std::fs::File::create(work.join(format!("{}.log", container.name)))?;
+    use std::os::unix::process::CommandExt as _;
+    // Its own process group, as a container would be: a terminal's Ctrl-C stops the
+    // demo, which stops the pods.
+    cmd.process_group(0);
+    if !host_network {
+        let hostname = std::ffi::CString::new(pod_net.name.clone())?;
+        // SAFETY: unshare and sethostname only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::unshare(libc::CLONE_NEWUTS) != 0
+                    || libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    cmd.spawn().with_context(|| format!("starting {}", argv[0]))
 }
 
 fn set_redis_identity(world: &World, pod: &Pod, port: u16, name: &str) {
@@ -675,20 +828,23 @@ fn remove_pod(world: &World, running: &Running) {
     let _ = std::fs::remove_dir_all(pod_dir(&running.net));
 }
 
-/// SIGTERM, then SIGKILL after `grace`.
+/// SIGTERM to every container, then SIGKILL after `grace`.
 async fn stop_process(running: &mut Running, grace: Duration) {
-    let Some(mut child) = running.child.take() else {
-        return;
-    };
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut children = std::mem::take(&mut running.children);
+    for child in &children {
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    }
     let deadline = Instant::now() + grace.max(Duration::from_millis(100));
     loop {
-        if let Ok(Some(_)) = child.try_wait() {
+        children.retain_mut(|child| !matches!(child.try_wait(), Ok(Some(_))));
+        if children.is_empty() {
             return;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            for mut child in children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -708,9 +864,15 @@ async fn terminate(client: Client, world: Arc<World>, pods: Pods, pod: KubePod) 
             .max(0) as u64,
     );
     let started = Instant::now();
-    if let Some(container) = pod.spec.as_ref().and_then(|s| s.containers.first()) {
-        tokio::time::sleep(pre_stop_sleep(container).min(grace)).await;
-    }
+    // Every container's preStop hook runs at once.
+    let pre_stop = pod
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .map(pre_stop_sleep)
+        .max()
+        .unwrap_or_default();
+    tokio::time::sleep(pre_stop.min(grace)).await;
     let running = pods.lock().expect("lock").remove(&uid);
     if let Some(mut running) = running {
         stop_process(&mut running, grace.saturating_sub(started.elapsed())).await;
@@ -778,5 +940,29 @@ mod tests {
             r#"{"name": "s", "image": "redis", "lifecycle": {"preStop": {"sleep": {"seconds": 2}}}}"#,
         );
         assert_eq!(pre_stop_sleep(&sleep), Duration::from_secs(2));
+        // agnhost: its args (after a command naming agnhost); netexec is ready when
+        // its /healthz answers, on the default or the given HTTP port.
+        let netexec = container(
+            r#"{"name": "a", "image": "registry.k8s.io/e2e-test-images/agnhost:2.63.0", "args": ["netexec", "--http-port", "8081", "--udp-port=81"], "ports": [{"containerPort": 81, "protocol": "UDP"}]}"#,
+        );
+        assert_eq!(image_kind(&netexec), "agnhost");
+        assert_eq!(agnhost_args(&netexec)[3], "--udp-port=81");
+        assert!(
+            matches!(readiness(&netexec, "agnhost"), Readiness::Http(8081, ref p) if p == "/healthz")
+        );
+        let command = container(
+            r#"{"name": "a", "image": "agnhost", "command": ["/agnhost", "netexec"], "args": ["--udp-port=80"]}"#,
+        );
+        assert_eq!(agnhost_args(&command), ["netexec", "--udp-port=80"]);
+        assert!(matches!(
+            readiness(&command, "agnhost"),
+            Readiness::Http(8080, _)
+        ));
+        let http_only = container(
+            r#"{"name": "a", "image": "agnhost", "args": ["netexec", "--http-port=80", "--udp-port=-1"]}"#,
+        );
+        assert!(matches!(readiness(&http_only, "agnhost"), Readiness::Http(80, ref p) if p == "/"));
+        let pause = container(r#"{"name": "a", "image": "agnhost", "args": ["pause"]}"#);
+        assert!(matches!(readiness(&pause, "agnhost"), Readiness::Started));
     }
 }
