@@ -418,24 +418,24 @@ fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-/// Why kube-proxy would not serve this Service at all (another proxy owns it), if so.
+/// Why kube-proxy would not serve this Service or read this EndpointSlice, if so:
+/// another proxy owns it, or it is marked headless. kube-proxy filters Services and
+/// slices alike by both labels (the EndpointSlice controller puts the headless one
+/// on slices of headless Services; on a Service it hides a ClusterIP from proxies).
 pub fn service_ignored(meta: &ObjectMeta) -> Option<String> {
-    label(meta, SERVICE_PROXY_NAME_LABEL).map(|proxy| {
-        format!("has label {SERVICE_PROXY_NAME_LABEL}={proxy:?}: another proxy serves it; ignored")
-    })
-}
-
-/// Why kube-proxy would not read this EndpointSlice, if so.
-pub fn slice_ignored(meta: &ObjectMeta) -> Option<String> {
-    if label(meta, HEADLESS_LABEL).is_some() {
-        return Some(format!(
-            "has label {HEADLESS_LABEL}: it belongs to a headless Service; ignored"
-        ));
-    }
     if let Some(proxy) = label(meta, SERVICE_PROXY_NAME_LABEL) {
         return Some(format!(
             "has label {SERVICE_PROXY_NAME_LABEL}={proxy:?}: another proxy serves it; ignored"
         ));
+    }
+    label(meta, HEADLESS_LABEL)
+        .map(|_| format!("has label {HEADLESS_LABEL}: proxies leave it to DNS; ignored"))
+}
+
+/// Why kube-proxy would not read this EndpointSlice, if so.
+pub fn slice_ignored(meta: &ObjectMeta) -> Option<String> {
+    if let Some(why) = service_ignored(meta) {
+        return Some(why);
     }
     match label(meta, SERVICE_NAME_LABEL) {
         Some(name) if !name.is_empty() => None,

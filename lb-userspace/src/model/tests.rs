@@ -256,7 +256,7 @@ fn headless_and_external_name_services_have_no_frontends() {
 }
 
 #[test]
-fn services_and_slices_of_other_proxies_and_headless_slices_are_ignored() {
+fn services_and_slices_of_other_proxies_and_headless_ones_are_ignored() {
     let owned_elsewhere: Service = crate::source::manifests::from_yaml(
         "apiVersion: v1\nkind: Service\nmetadata: {name: x, labels: {service.kubernetes.io/service-proxy-name: other}}\n\
          spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}",
@@ -268,6 +268,14 @@ fn services_and_slices_of_other_proxies_and_headless_slices_are_ignored() {
             .unwrap()
             .contains("another proxy serves it")
     );
+    // kube-proxy hides a Service labelled headless too, though it has a ClusterIP.
+    let marked_headless: Service = crate::source::manifests::from_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x, labels: {service.kubernetes.io/headless: \"\"}}\n\
+         spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}",
+    )
+    .unwrap();
+    assert_eq!(ServiceSpec::from_k8s(&marked_headless), Ok(None));
+    assert!(spec::service_ignored(&marked_headless.metadata).is_some());
     for labels in [
         "{kubernetes.io/service-name: x, service.kubernetes.io/headless: \"\"}",
         "{kubernetes.io/service-name: x, service.kubernetes.io/service-proxy-name: other}",

@@ -1,8 +1,8 @@
 //! The Kubernetes API source: kube-rs watchers on Services, EndpointSlices and this
 //! node's Node, turned into the source events of [`super`].
 //!
-//! - Server-side selectors skip what kube-proxy skips (Services another proxy owns,
-//!   slices of headless Services); the same rules are applied again to every object
+//! - Server-side selectors skip what kube-proxy skips (Services and slices another
+//!   proxy owns or marked headless); the same rules are applied again to every object
 //!   (unit-tested in the model), so nothing depends on the server honouring them.
 //! - Objects are converted to the model's compact specs as they arrive and the API
 //!   objects dropped at once (no reflector store, no managedFields in memory).
@@ -296,13 +296,14 @@ fn node(node: &Node) -> Result<Option<Object>, Vec<String>> {
 /// Starts the three watchers on the current tokio runtime.
 pub fn spawn(client: Client, sink: Sink) -> Arc<ApiStatus> {
     let status = Arc::new(ApiStatus::default());
-    let services =
-        watcher::Config::default().labels(&format!("!{}", spec::SERVICE_PROXY_NAME_LABEL));
-    let slices = watcher::Config::default().labels(&format!(
+    // kube-proxy's selector, on Services and slices alike.
+    let not_ours = format!(
         "!{},!{}",
         spec::HEADLESS_LABEL,
         spec::SERVICE_PROXY_NAME_LABEL
-    ));
+    );
+    let services = watcher::Config::default().labels(&not_ours);
+    let slices = watcher::Config::default().labels(&not_ours);
     // Every Node: this one for its name, zone and addresses, the others so that no
     // Service's external IP can take their addresses.
     let nodes = watcher::Config::default();
