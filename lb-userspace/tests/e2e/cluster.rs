@@ -197,10 +197,20 @@ impl Cluster {
 
     /// Runs `argv` inside pod `name` (its network namespace, its node's cgroup).
     pub fn exec(&self, pod: &str, argv: &[&str]) -> Result<std::process::Output> {
+        self.exec_within(pod, argv, Duration::from_secs(10))
+    }
+
+    /// [`Self::exec`] for a command that runs longer than 10 s.
+    pub fn exec_within(
+        &self,
+        pod: &str,
+        argv: &[&str],
+        timeout: Duration,
+    ) -> Result<std::process::Output> {
         let node = self
             .pod_node(pod)
             .with_context(|| format!("pod {pod} runs on none of this test's nodes"))?;
-        node.exec(&self.namespace, pod, argv, Duration::from_secs(10))
+        node.exec(&self.namespace, pod, argv, timeout)
     }
 
     /// Pods of the namespace matching `selector`, as (name, podIP, ready).

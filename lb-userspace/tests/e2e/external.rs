@@ -17,7 +17,7 @@ use libtest_mimic::Trial;
 
 use crate::{
     cluster::{Cluster, shared_control_plane, trial},
-    kube::{pod_ips_of, whoami_at},
+    kube::{pod_ips_of, whoami, whoami_at},
 };
 
 pub fn trials() -> Vec<Trial> {
@@ -58,7 +58,275 @@ pub fn trials() -> Vec<Trial> {
             "external::tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse",
             tracked_flows_expire_follow_their_backend_and_empty_node_ports_refuse,
         ),
+        trial(
+            "external::udp_flow_follows_a_target_port_change_from_outside",
+            udp_flow_follows_a_target_port_change_from_outside,
+        ),
+        trial(
+            "external::type_changes_through_external_name_are_followed",
+            type_changes_through_external_name_are_followed,
+        ),
     ]
+}
+
+/// Upstream's agnhost image: the kubelet stand-in runs the real program.
+pub(crate) const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.63.0";
+
+/// A UDP NodePort Service's targetPort changes from 80 to 81 while an outside client
+/// sends a datagram every 100 ms from one source port through node A to a pod on node
+/// B that serves both ports (two agnhost netexec containers, each answering
+/// `serverport` with its own port). kube-proxy deletes the conntrack entries of the
+/// removed endpoint; lb flushes its tracked UDP flows: the same flow reaches port 81
+/// soon after the change, although port 80 still answers and the flow never idles
+/// (without the flush it would stay on 80 for as long as it lives).
+fn udp_flow_follows_a_target_port_change_from_outside() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
+    let node_b = cluster.nodes[1].name.clone();
+    let a_ip = cluster.nodes[0].net().ipv4.to_string();
+    let world = cluster.nodes[0].world().clone();
+    let client = world.add_outside("outside")?;
+    let daemon_a = cluster.daemon(0, &[])?;
+    cluster.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: udp-server, labels: {{app: udp-server}}}}
+spec:
+  nodeSelector: {{kubernetes.io/hostname: {node_b}}}
+  containers:
+  - name: udp80
+    image: {AGNHOST}
+    args: [netexec, --http-port=8080, --udp-port=80]
+    ports: [{{containerPort: 80, protocol: UDP}}]
+  - name: udp81
+    image: {AGNHOST}
+    args: [netexec, --http-port=8081, --udp-port=81]
+    ports: [{{containerPort: 81, protocol: UDP}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: udp-target}}
+spec:
+  type: NodePort
+  selector: {{app: udp-server}}
+  ports: [{{port: 80, targetPort: 80, protocol: UDP}}]
+"#
+    ))?;
+    cluster.wait_ready("app=udp-server", 1)?;
+    let pod_ip = pod_ip_of(&cluster, "app=udp-server", "udp-server")?;
+    let np = node_port_of(&cluster, "udp-target")?;
+    let backend_is = |port: u16| -> Result<Option<()>> {
+        let backends = daemon_a.backends_of(&a_ip, np.parse()?, "UDP")?;
+        Ok((backends == Some(vec![format!("{pod_ip}:{port}")])).then_some(()))
+    };
+    cluster.wait(
+        "node A serves the node port",
+        Duration::from_secs(30),
+        || backend_is(80),
+    )?;
+
+    // One flow, 12 s of datagrams; the change after 4 s.
+    let stream = {
+        let (world, client, a_ip, np) = (world.clone(), client.clone(), a_ip.clone(), np.clone());
+        std::thread::spawn(move || outside_udp_stream(&world, &client, &a_ip, &np, 46000, 12.0))
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    let changed_at = unix_seconds();
+    cluster.kubectl(&[
+        "patch",
+        "service",
+        "udp-target",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/ports/0/targetPort","value":81}]"#,
+    ])?;
+    cluster.wait("node A's new backend", Duration::from_secs(10), || {
+        backend_is(81)
+    })?;
+    let programmed_after = unix_seconds() - changed_at;
+    let answers = stream
+        .join()
+        .map_err(|_| anyhow::anyhow!("the UDP stream panicked"))??;
+    let before: Vec<&str> = answers
+        .iter()
+        .filter(|(t, _)| *t < changed_at)
+        .map(|(_, a)| a.as_str())
+        .collect();
+    let first_81 = answers
+        .iter()
+        .find(|(_, a)| a == "81")
+        .map(|(t, _)| t - changed_at);
+    let after: Vec<&str> = answers
+        .iter()
+        .filter(|(t, _)| *t > changed_at + programmed_after + 0.5)
+        .map(|(_, a)| a.as_str())
+        .collect();
+    eprintln!(
+        "targetPort 80 -> 81: programmed after {programmed_after:.2} s, first answer from 81 \
+         after {first_81:?} s; {} answers before, {} after",
+        before.len(),
+        after.len()
+    );
+    ensure!(
+        before.len() >= 20 && before.iter().all(|a| *a == "80"),
+        "before the change: {before:?}"
+    );
+    ensure!(
+        after.len() >= 20 && after.iter().all(|a| *a == "81"),
+        "the flow did not move to port 81 within 0.5 s of the new backend: {answers:?}"
+    );
+    Ok(())
+}
+
+/// Upstream's type changes through ExternalName, as the proxy sees them: ClusterIP ->
+/// ExternalName (the API server releases the ClusterIP; lb stops serving it at once),
+/// ExternalName -> NodePort (a new ClusterIP and a node port, both served, the node
+/// port from another machine) and NodePort -> ExternalName (both go: the node port
+/// refuses from outside, the ClusterIP leaves the maps). The DNS side of ExternalName
+/// (a CNAME) is cluster DNS's, not the proxy's.
+fn type_changes_through_external_name_are_followed() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let node_a = cluster.nodes[0].name.clone();
+    let a_ip = cluster.nodes[0].net().ipv4.to_string();
+    let world = cluster.nodes[0].world().clone();
+    let outside_client = world.add_outside("outside")?;
+    let daemon = cluster.daemon(0, &[])?;
+    let pods_yaml = pinned_redis("xn", 1, &node_a);
+    cluster.apply(&format!(
+        r#"{pods_yaml}apiVersion: v1
+kind: Service
+metadata: {{name: xn}}
+spec:
+  selector: {{app: xn}}
+  ports: [{{port: 6379}}]
+"#
+    ))?;
+    let pod = cluster.wait_ready("app=xn", 1)?.remove(0);
+    cluster.run_client("client")?;
+    let served = |vip: &str| -> Result<Option<()>> {
+        Ok((whoami(&cluster, "client", vip)? == pod).then_some(()))
+    };
+    // The daemon serves every test's namespace: only this one's frontends count.
+    let ours = format!("{}/", cluster.namespace);
+    let our_frontends = || -> Result<Vec<serde_json::Value>> {
+        Ok(daemon
+            .list()?
+            .into_iter()
+            .filter(|fe| fe["service"].as_str().is_some_and(|s| s.starts_with(&ours)))
+            .collect())
+    };
+    let listed =
+        |vip: &str| -> Result<bool> { Ok(our_frontends()?.iter().any(|fe| fe["address"] == vip)) };
+    let first_vip = cluster.cluster_ip("xn")?;
+    cluster.wait("the ClusterIP served", Duration::from_secs(30), || {
+        served(&first_vip)
+    })?;
+    let to_external_name = || {
+        cluster.kubectl(&[
+            "patch",
+            "service",
+            "xn",
+            "-p",
+            r#"{"spec":{"type":"ExternalName","externalName":"redis.example.com"}}"#,
+        ])
+    };
+
+    to_external_name()?;
+    let spec = cluster.kubectl(&["get", "service", "xn", "-o", "jsonpath={.spec.clusterIP}"])?;
+    ensure!(
+        spec.trim().is_empty(),
+        "an ExternalName Service kept clusterIP {spec}"
+    );
+    cluster.wait("the old ClusterIP dropped", Duration::from_secs(10), || {
+        Ok((!listed(&first_vip)?).then_some(()))
+    })?;
+    let answer = whoami(&cluster, "client", &first_vip)?;
+    ensure!(
+        answer != pod,
+        "the released ClusterIP {first_vip} still reaches {pod}"
+    );
+
+    cluster.kubectl(&[
+        "patch",
+        "service",
+        "xn",
+        "-p",
+        r#"{"spec":{"type":"NodePort","externalName":null,"ports":[{"port":6379}]}}"#,
+    ])?;
+    let vip = cluster.cluster_ip("xn")?;
+    let np = node_port_of(&cluster, "xn")?;
+    cluster.wait("the new ClusterIP served", Duration::from_secs(10), || {
+        served(&vip)
+    })?;
+    cluster.wait(
+        "the node port served from outside",
+        Duration::from_secs(10),
+        || {
+            Ok(
+                (outside_whoami(&world, &outside_client, &a_ip, &np, 0).ok() == Some(pod.clone()))
+                    .then_some(()),
+            )
+        },
+    )?;
+
+    to_external_name()?;
+    cluster.wait("both dropped", Duration::from_secs(10), || {
+        let refused = outside_whoami(&world, &outside_client, &a_ip, &np, 0)
+            .is_err_and(|e| format!("{e:#}").contains("ConnectionRefused"));
+        Ok((refused && !listed(&vip)?).then_some(()))
+    })?;
+    let left = our_frontends()?;
+    ensure!(
+        left.is_empty(),
+        "an ExternalName Service still has frontends: {left:?}"
+    );
+    Ok(())
+}
+
+/// Seconds since the Unix epoch (the clock python's `time.time()` reads).
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// One UDP flow (fixed `source_port`) from the outside client to `host:port` for
+/// `seconds`: a `serverport` request every 100 ms, each answer (or "timeout" after
+/// 300 ms) with the time it was sent.
+fn outside_udp_stream(
+    world: &World,
+    client: &Pod,
+    host: &str,
+    port: &str,
+    source_port: u16,
+    seconds: f64,
+) -> Result<Vec<(f64, String)>> {
+    let script = format!(
+        r#"import socket, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(0.3)
+u.bind(('{source}', {source_port})); u.connect(('{host}', {port}))
+end = time.time() + {seconds}
+while time.time() < end:
+    t = time.time()
+    try:
+        u.send(b'serverport'); print(t, u.recv(100).decode())
+    except ConnectionRefusedError: print(t, 'refused')
+    except socket.timeout: print(t, 'timeout')
+    time.sleep(max(0, t + 0.1 - time.time()))
+"#,
+        source = client.ipv4
+    );
+    let out = outside(
+        world,
+        client,
+        &["python3", "-c", &script],
+        Duration::from_secs_f64(seconds + 10.0),
+    )?;
+    out.lines()
+        .map(|line| {
+            let (t, answer) = line.split_once(' ').context("a line without answer")?;
+            Ok((t.parse()?, answer.to_string()))
+        })
+        .collect()
 }
 
 /// `kubectl rollout restart` of a 3-replica Deployment (on node A; a 3 s preStop, no

@@ -8,6 +8,7 @@
 //! Tests run in parallel (each on its own cgroup subtree and pin directory); the number
 //! of threads defaults to 2 to keep timing assertions honest on small machines.
 
+mod agnhost;
 mod cluster;
 mod clusterip;
 mod examples;
@@ -53,6 +54,7 @@ fn main() {
     trials.extend(udp::trials());
     trials.extend(sockets::trials());
     trials.extend(semantics::trials());
+    trials.extend(agnhost::trials());
     trials.extend(external::trials());
     trials.extend(kernel::trials());
     trials.extend(kube::trials());

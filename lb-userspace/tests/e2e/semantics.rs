@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::{
     cluster::{Cluster, shared_control_plane, trial},
-    external::{dns_deployment, pinned_redis},
+    external::{AGNHOST, dns_deployment, pinned_redis},
     kube::{pod_ips_of, refused_at_once, whoami},
     support::Daemon,
 };
@@ -41,7 +41,232 @@ pub fn trials() -> Vec<Trial> {
             "semantics::prefer_close_keeps_traffic_in_the_zone",
             prefer_close_keeps_traffic_in_the_zone,
         ),
+        trial(
+            "semantics::services_of_other_proxies_and_headless_ones_are_not_served",
+            services_of_other_proxies_and_headless_ones_are_not_served,
+        ),
+        trial(
+            "semantics::evicted_pods_are_rejected_at_once",
+            evicted_pods_are_rejected_at_once,
+        ),
+        trial(
+            "semantics::udp_client_started_before_its_endpoint_is_ready",
+            udp_client_started_before_its_endpoint_is_ready,
+        ),
     ]
+}
+
+/// The only pod of a Service is evicted (the kubelet kills it and marks it `Failed`,
+/// reason `Evicted`; the object stays): the EndpointSlice controller drops it, and a
+/// connection to the ClusterIP is refused at once, not left to time out (upstream's
+/// "should be rejected for evicted pods").
+fn evicted_pods_are_rejected_at_once() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let node_a = cluster.nodes[0].name.clone();
+    let daemon = cluster.daemon(0, &[])?;
+    let pods_yaml = pinned_redis("redis", 1, &node_a);
+    cluster.apply(&format!("{pods_yaml}{}", redis_service("")))?;
+    let pod = cluster.wait_ready("app=redis", 1)?.remove(0);
+    cluster.run_client("client")?;
+    let vip = cluster.cluster_ip("redis")?;
+    cluster.wait("the pod served", Duration::from_secs(20), || {
+        Ok((whoami(&cluster, "client", &vip)? == pod).then_some(()))
+    })?;
+    cluster.nodes[0].evict(&cluster.namespace, &pod)?;
+    let phase = cluster.kubectl(&[
+        "get",
+        "pod",
+        &pod,
+        "-o",
+        "jsonpath={.status.phase}/{.status.reason}",
+    ])?;
+    ensure!(
+        phase.trim() == "Failed/Evicted",
+        "evicted pod's status: {phase}"
+    );
+    cluster.wait("no backend left", Duration::from_secs(20), || {
+        Ok(listed(&daemon, &vip)?
+            .is_some_and(|fe| fe["backends"].as_array().is_some_and(Vec::is_empty))
+            .then_some(()))
+    })?;
+    refused_at_once(&cluster, "client", &vip)
+}
+
+/// A client pod sends a UDP datagram every 200 ms (each from a new socket on one source
+/// port, as upstream's `nc -u -p` loop does) to a Service whose only endpoint turns
+/// ready 6 s after it started (`initialDelaySeconds`): refused while there is no
+/// endpoint, then answered by the pod, every datagram from then on (upstream's
+/// "preserve UDP traffic when initial unready endpoints get ready": no stale state
+/// from the refused ones).
+fn udp_client_started_before_its_endpoint_is_ready() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let _daemon = cluster.daemon(0, &[])?;
+    cluster.run_client("client")?;
+    cluster.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: late, labels: {{app: late}}}}
+spec:
+  containers:
+  - name: netexec
+    image: {AGNHOST}
+    args: [netexec, --http-port=8080, --udp-port=8081]
+    ports: [{{containerPort: 8081, protocol: UDP}}]
+    readinessProbe: {{httpGet: {{path: /healthz, port: 8080}}, initialDelaySeconds: 6, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: late}}
+spec:
+  selector: {{app: late}}
+  ports: [{{port: 80, targetPort: 8081, protocol: UDP}}]
+"#
+    ))?;
+    let vip = cluster.cluster_ip("late")?;
+    let script = format!(
+        r#"import socket, time
+end = time.time() + 16
+while time.time() < end:
+    t = time.time()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(0.3)
+    u.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); u.bind(('0.0.0.0', 47000))
+    try:
+        u.sendto(b'hostname', ('{vip}', 80)); print(t, u.recvfrom(100)[0].decode())
+    except socket.timeout: print(t, 'timeout')
+    except OSError as e: print(t, type(e).__name__)
+    u.close(); time.sleep(max(0, t + 0.2 - time.time()))
+"#
+    );
+    let out = cluster.exec_within(
+        "client",
+        &["python3", "-c", &script],
+        Duration::from_secs(30),
+    )?;
+    let answers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(_, a)| a.to_string()))
+        .collect();
+    let first_answer = answers
+        .iter()
+        .position(|a| a == "late")
+        .with_context(|| format!("the pod never answered: {answers:?}"))?;
+    let (before, after) = answers.split_at(first_answer);
+    eprintln!(
+        "{} datagrams before the endpoint was ready ({:?}), {} after",
+        before.len(),
+        before.iter().collect::<BTreeSet<_>>(),
+        after.len()
+    );
+    ensure!(
+        before.len() >= 10,
+        "the client did not start before the endpoint was ready: {answers:?}"
+    );
+    // kube-proxy REJECTs while a Service has no endpoint: refused at once, no timeout.
+    ensure!(
+        before.iter().all(|a| a == "ConnectionRefusedError"),
+        "datagrams before the endpoint was ready: {before:?}"
+    );
+    ensure!(
+        after.len() >= 10 && after.iter().all(|a| a == "late"),
+        "datagrams lost once the endpoint was ready: {after:?}"
+    );
+    Ok(())
+}
+
+/// The labels that hand a Service to another proxy
+/// (`service.kubernetes.io/service-proxy-name`) or mark it headless
+/// (`service.kubernetes.io/headless`), on Services that have a ClusterIP and a ready
+/// endpoint: not served while labelled, served once the label goes, and no longer
+/// served when a served Service gets one (upstream's two label specs, both ways).
+fn services_of_other_proxies_and_headless_ones_are_not_served() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let node_a = cluster.nodes[0].name.clone();
+    let daemon = cluster.daemon(0, &[])?;
+    let pods_yaml = pinned_redis("redis", 1, &node_a);
+    let service = |name: &str, labels: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, labels: {{{labels}}}}}
+spec:
+  selector: {{app: redis}}
+  ports: [{{port: 6379}}]
+---
+"#
+        )
+    };
+    cluster.apply(&format!(
+        "{pods_yaml}{}{}{}",
+        service("plain", ""),
+        service(
+            "other-proxy",
+            "service.kubernetes.io/service-proxy-name: foo-bar"
+        ),
+        service("headless-label", "service.kubernetes.io/headless: \"\""),
+    ))?;
+    let pod = cluster.wait_ready("app=redis", 1)?.remove(0);
+    cluster.run_client("client")?;
+    let vips: Vec<String> = ["plain", "other-proxy", "headless-label"]
+        .iter()
+        .map(|name| cluster.cluster_ip(name))
+        .collect::<Result<_>>()?;
+    // Served: the pod answers. Not served: not in the maps, and the client's
+    // connection never reaches the pod (its namespace blackholes the service range).
+    let served = |vip: &str| -> Result<bool> {
+        let in_maps = listed(&daemon, vip)?.is_some();
+        let answer = whoami(&cluster, "client", vip)?;
+        ensure!(
+            in_maps == (answer == pod),
+            "{vip}: in the maps {in_maps}, answered {answer:?}"
+        );
+        Ok(in_maps)
+    };
+    let wait_served = |vip: &str, want: bool| {
+        cluster.wait(
+            &format!("{vip} served: {want}"),
+            Duration::from_secs(20),
+            || Ok((served(vip)? == want).then_some(())),
+        )
+    };
+    wait_served(&vips[0], true)?;
+    ensure!(!served(&vips[1])?, "a Service of another proxy is served");
+    ensure!(!served(&vips[2])?, "a Service labelled headless is served");
+
+    cluster.kubectl(&[
+        "label",
+        "service",
+        "other-proxy",
+        "service.kubernetes.io/service-proxy-name-",
+    ])?;
+    cluster.kubectl(&[
+        "label",
+        "service",
+        "headless-label",
+        "service.kubernetes.io/headless-",
+    ])?;
+    wait_served(&vips[1], true)?;
+    wait_served(&vips[2], true)?;
+
+    cluster.kubectl(&[
+        "label",
+        "service",
+        "plain",
+        "service.kubernetes.io/service-proxy-name=foo-bar",
+    ])?;
+    cluster.kubectl(&[
+        "label",
+        "service",
+        "other-proxy",
+        "service.kubernetes.io/headless=",
+    ])?;
+    wait_served(&vips[0], false)?;
+    wait_served(&vips[1], false)?;
+    ensure!(
+        served(&vips[2])?,
+        "an unrelated label change stopped {}",
+        vips[2]
+    );
+    Ok(())
 }
 
 /// A redis Deployment part (`app: redis`, `part: <name>`), optionally pinned to a node,
