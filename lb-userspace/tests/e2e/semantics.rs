@@ -53,7 +53,181 @@ pub fn trials() -> Vec<Trial> {
             "semantics::udp_client_started_before_its_endpoint_is_ready",
             udp_client_started_before_its_endpoint_is_ready,
         ),
+        trial(
+            "semantics::udp_traffic_follows_its_server_pod_being_replaced",
+            udp_traffic_follows_its_server_pod_being_replaced,
+        ),
     ]
+}
+
+/// A datagram every 200 ms from pod `pod` to `host:80`, each from a new socket on
+/// `source_port` (as upstream's `nc -u -p` loop sends), for `seconds`: each answer
+/// to `hostname` (or the error's name, or "timeout" after 300 ms) with the time it
+/// was sent.
+fn udp_stream_from_pod(
+    cluster: &Cluster,
+    pod: &str,
+    host: &str,
+    source_port: u16,
+    seconds: f64,
+) -> Result<Vec<(f64, String)>> {
+    let script = format!(
+        r#"import socket, time
+end = time.time() + {seconds}
+while time.time() < end:
+    t = time.time()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(0.3)
+    u.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); u.bind(('0.0.0.0', {source_port}))
+    try:
+        u.sendto(b'hostname', ('{host}', 80)); print(t, u.recvfrom(100)[0].decode())
+    except socket.timeout: print(t, 'timeout')
+    except OSError as e: print(t, type(e).__name__)
+    u.close(); time.sleep(max(0, t + 0.2 - time.time()))
+"#
+    );
+    let out = cluster.exec_within(
+        pod,
+        &["python3", "-c", &script],
+        Duration::from_secs_f64(seconds + 15.0),
+    )?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let (t, answer) = line.split_once(' ').context("a line without answer")?;
+            Ok((t.parse()?, answer.to_string()))
+        })
+        .collect()
+}
+
+/// A UDP server pod behind a ClusterIP is replaced (deleted, a new one created) while
+/// three clients send a datagram every 200 ms from a fixed source port (upstream's
+/// three "preserve UDP traffic when server pod cycles" specs): a pod through the
+/// Service, a hostNetwork pod through it, and a pod through a Service with
+/// `internalTrafficPolicy: Local`. Each stream reaches the old pod, then the new
+/// one, every datagram from half a second after the new pod is programmed.
+fn udp_traffic_follows_its_server_pod_being_replaced() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let daemon = cluster.daemon(0, &[])?;
+    let server = |name: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: cycle}}}}
+spec:
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: netexec
+    image: {AGNHOST}
+    args: [netexec, --http-port=8080, --udp-port=80]
+    ports: [{{containerPort: 80, protocol: UDP}}]
+---
+"#
+        )
+    };
+    cluster.apply(&format!(
+        r#"{}apiVersion: v1
+kind: Service
+metadata: {{name: cycle}}
+spec:
+  selector: {{app: cycle}}
+  ports: [{{port: 80, protocol: UDP}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: cycle-local}}
+spec:
+  internalTrafficPolicy: Local
+  selector: {{app: cycle}}
+  ports: [{{port: 80, protocol: UDP}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: hostnet, labels: {{role: client}}}}
+spec:
+  hostNetwork: true
+  containers: [{{name: sleep, image: busybox, command: [sleep, infinity]}}]
+"#,
+        server("server-1")
+    ))?;
+    cluster.wait_ready("app=cycle", 1)?;
+    cluster.wait_ready("role=client", 1)?;
+    cluster.run_client("client")?;
+    let (vip, local_vip) = (
+        cluster.cluster_ip("cycle")?,
+        cluster.cluster_ip("cycle-local")?,
+    );
+    let backend_is = |vip: &str, pod: &str| -> Result<Option<()>> {
+        let ip = pod_ips_of(&cluster, "app=cycle", &[pod.to_string()])?;
+        let want = ip.first().map(|ip| vec![format!("{ip}:80")]);
+        Ok((want.is_some() && daemon.backends_of(vip, 80, "UDP")? == want).then_some(()))
+    };
+    for service in [&vip, &local_vip] {
+        cluster.wait("server-1 programmed", Duration::from_secs(20), || {
+            backend_is(service, "server-1")
+        })?;
+    }
+    let streams = [
+        ("client", vip.as_str(), 47001),
+        ("hostnet", vip.as_str(), 47002),
+        ("client", local_vip.as_str(), 47003),
+    ];
+    let (results, replaced_at) = std::thread::scope(|scope| -> Result<_> {
+        let handles: Vec<_> = streams
+            .iter()
+            .map(|&(pod, host, port)| {
+                let cluster = &cluster;
+                scope.spawn(move || udp_stream_from_pod(cluster, pod, host, port, 16.0))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(4));
+        cluster.kubectl(&["delete", "pod", "server-1", "--wait=false"])?;
+        cluster.apply(&server("server-2"))?;
+        cluster.wait_ready("app=cycle", 1)?;
+        for service in [&vip, &local_vip] {
+            cluster.wait("server-2 programmed", Duration::from_secs(20), || {
+                backend_is(service, "server-2")
+            })?;
+        }
+        let replaced_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
+        let results: Vec<_> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a UDP stream panicked"))?
+            })
+            .collect::<Result<_>>()?;
+        Ok((results, replaced_at))
+    })?;
+    for ((pod, host, _), answers) in streams.iter().zip(&results) {
+        let first_new = answers.iter().position(|(_, a)| a == "server-2");
+        let old: Vec<&str> = answers
+            .iter()
+            .take_while(|(_, a)| a != "timeout" && a != "ConnectionRefusedError")
+            .map(|(_, a)| a.as_str())
+            .collect();
+        let settled: Vec<&str> = answers
+            .iter()
+            .filter(|(t, _)| *t > replaced_at + 0.5)
+            .map(|(_, a)| a.as_str())
+            .collect();
+        eprintln!(
+            "{pod} -> {host}: {} answers from server-1 first, server-2 from datagram {first_new:?}, \
+             {} after it was programmed",
+            old.len(),
+            settled.len()
+        );
+        ensure!(
+            old.len() >= 10 && old.iter().all(|a| *a == "server-1"),
+            "{pod} -> {host} before the replacement: {answers:?}"
+        );
+        ensure!(
+            settled.len() >= 10 && settled.iter().all(|a| *a == "server-2"),
+            "{pod} -> {host} after the new pod was programmed: {answers:?}"
+        );
+    }
+    Ok(())
 }
 
 /// The only pod of a Service is evicted (the kubelet kills it and marks it `Failed`,
@@ -123,28 +297,9 @@ spec:
 "#
     ))?;
     let vip = cluster.cluster_ip("late")?;
-    let script = format!(
-        r#"import socket, time
-end = time.time() + 16
-while time.time() < end:
-    t = time.time()
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(0.3)
-    u.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); u.bind(('0.0.0.0', 47000))
-    try:
-        u.sendto(b'hostname', ('{vip}', 80)); print(t, u.recvfrom(100)[0].decode())
-    except socket.timeout: print(t, 'timeout')
-    except OSError as e: print(t, type(e).__name__)
-    u.close(); time.sleep(max(0, t + 0.2 - time.time()))
-"#
-    );
-    let out = cluster.exec_within(
-        "client",
-        &["python3", "-c", &script],
-        Duration::from_secs(30),
-    )?;
-    let answers: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once(' ').map(|(_, a)| a.to_string()))
+    let answers: Vec<String> = udp_stream_from_pod(&cluster, "client", &vip, 47000, 16.0)?
+        .into_iter()
+        .map(|(_, answer)| answer)
         .collect();
     let first_answer = answers
         .iter()
