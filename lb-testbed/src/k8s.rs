@@ -25,6 +25,9 @@ use crate::PREFIX;
 pub const ADMIN_TOKEN: &str = "lb-test-admin-token";
 /// Service ClusterIP range the API server allocates from (blackholed in every pod).
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The IPv6 service range of the simulated-node control plane (dual-stack: IPv4 first,
+/// so Services stay IPv4 unless they ask), inside the range every pod blackholes.
+pub const SERVICE_CIDR_V6: &str = "fd00:96::/108";
 pub const NODE_PORT_RANGE: &str = "30000-32767";
 /// Namespace annotation that makes every pod of the namespace select nodes by label
 /// (the PodNodeSelector admission plugin); tests use it to keep verbatim manifests on
@@ -269,7 +272,11 @@ impl ControlPlane {
             format!("--cert-dir={}", d("certs")),
             format!("--token-auth-file={}", d("tokens.csv")),
             "--authorization-mode=RBAC".into(),
-            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            if real_nodes {
+                format!("--service-cluster-ip-range={SERVICE_CIDR}")
+            } else {
+                format!("--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR_V6}")
+            },
             format!("--service-node-port-range={NODE_PORT_RANGE}"),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
             format!("--service-account-key-file={}", d("sa.pub")),

@@ -57,6 +57,14 @@ pub fn trials() -> Vec<Trial> {
             "semantics::udp_traffic_follows_its_server_pod_being_replaced",
             udp_traffic_follows_its_server_pod_being_replaced,
         ),
+        trial(
+            "semantics::prefer_same_node_keeps_traffic_on_the_node",
+            prefer_same_node_keeps_traffic_on_the_node,
+        ),
+        trial(
+            "semantics::dual_stack_services_serve_both_families",
+            dual_stack_services_serve_both_families,
+        ),
     ]
 }
 
@@ -731,14 +739,16 @@ fn clients(cluster: &Cluster, names: &[&str], node: &str) -> Result<()> {
         cluster.apply(&format!(
             r#"apiVersion: v1
 kind: Pod
-metadata: {{name: {name}, labels: {{role: client}}}}
+metadata: {{name: {name}, labels: {{role: client, client: {name}}}}}
 spec:
   nodeName: {node}
   containers: [{{name: sleep, image: busybox, command: [sleep, infinity]}}]
 "#
         ))?;
     }
-    cluster.wait_ready("role=client", names.len())?;
+    for name in names {
+        cluster.wait_ready(&format!("client={name}"), 1)?;
+    }
     Ok(())
 }
 
@@ -1004,5 +1014,159 @@ fn prefer_close_keeps_traffic_in_the_zone() -> Result<()> {
         reached == z2_names.iter().collect(),
         "without zone-1 endpoints: {reached:?}, zone-2 runs {z2_names:?}"
     );
+    Ok(())
+}
+
+/// trafficDistribution on three nodes: A and B in zone-1, C in zone-2; one endpoint
+/// on B, one on C; a client and a daemon on A and on B; three Services on those
+/// endpoints, PreferSameNode, PreferSameZone and PreferClose. The controller hints
+/// each endpoint for its node and zone. PreferSameNode: B's client reaches only B's
+/// endpoint (same node); A's, with none on its node, only B's too (same zone, never
+/// C's). PreferSameZone and PreferClose: both clients reach only B's (the zone's
+/// endpoint on another node). With B's endpoint gone, every Service falls back to
+/// C's (upstream's PreferSameNode specs and the multi-node PreferSameZone and
+/// PreferClose ones).
+fn prefer_same_node_keeps_traffic_on_the_node() -> Result<()> {
+    let cluster = Cluster::new(
+        shared_control_plane()?,
+        &[Some("zone-1"), Some("zone-1"), Some("zone-2")],
+    )?;
+    let [node_a, node_b, node_c] = [0, 1, 2].map(|i| cluster.nodes[i].name.clone());
+    let daemons = [cluster.daemon(0, &[])?, cluster.daemon(1, &[])?];
+    cluster.apply(&redis_part("redis-b", 1, Some(&node_b), 1))?;
+    cluster.apply(&redis_part("redis-c", 1, Some(&node_c), 1))?;
+    let services = [
+        ("same-node", "PreferSameNode"),
+        ("same-zone", "PreferSameZone"),
+        ("close", "PreferClose"),
+    ];
+    for (name, distribution) in services {
+        cluster.apply(&format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  selector: {{app: redis}}
+  trafficDistribution: {distribution}
+  ports: [{{port: 6379}}]
+"#
+        ))?;
+    }
+    clients(&cluster, &["on-a"], &node_a)?;
+    clients(&cluster, &["on-b"], &node_b)?;
+    let (b_names, b_ips) = ready_ips(&cluster, "part=redis-b", 1)?;
+    let (c_names, c_ips) = ready_ips(&cluster, "part=redis-c", 1)?;
+    let vips = services
+        .iter()
+        .map(|(name, _)| cluster.cluster_ip(name))
+        .collect::<Result<Vec<_>>>()?;
+    let reach_only = |names: &[String], what: &str| -> Result<()> {
+        for ((service, _), vip) in services.iter().zip(&vips) {
+            for client in ["on-b", "on-a"] {
+                let seen = answers(&cluster, client, vip, 10)?;
+                ensure!(
+                    seen.iter().all(|who| names.contains(who)),
+                    "{service} from {client} reached {:?}; {what} runs {names:?}",
+                    distinct(&seen)
+                );
+            }
+        }
+        Ok(())
+    };
+    for daemon in &daemons {
+        for vip in &vips {
+            if let Err(err) = wait_backends(&cluster, daemon, vip, &b_ips) {
+                bail!(
+                    "{err:#}; slices: {}",
+                    cluster.kubectl(&["get", "endpointslices", "-o", "yaml"])?
+                );
+            }
+        }
+    }
+    reach_only(&b_names, "node B")?;
+    let on_b = listed(&daemons[1], &vips[0])?.context("frontend listed on node B")?;
+    ensure!(on_b["topology"] == "PreferSameNode", "node B lists {on_b}");
+
+    // Node B's endpoint goes: no hint covers either node or zone-1, so every Service
+    // falls back to every endpoint: C's.
+    cluster.kubectl(&["scale", "deployment", "redis-b", "--replicas=0"])?;
+    for daemon in &daemons {
+        for vip in &vips {
+            wait_backends(&cluster, daemon, vip, &c_ips)?;
+        }
+    }
+    reach_only(&c_names, "node C")
+}
+
+/// Dual-stack Services from the real allocator (the control plane has an IPv4 and an
+/// IPv6 service range; the kubelet stand-in reports both pod addresses):
+/// RequireDualStack and PreferDualStack get a ClusterIP of each family, an IPv6-only
+/// Service one IPv6 ClusterIP, a Service that asks nothing stays IPv4. Every one of
+/// those addresses is served from a client pod and reaches both pods, whose IPv6
+/// addresses the EndpointSlice controller lists in the Services' IPv6 slices.
+fn dual_stack_services_serve_both_families() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let node_a = cluster.nodes[0].name.clone();
+    let daemon = cluster.daemon(0, &[])?;
+    let pods_yaml = pinned_redis("redis", 2, &node_a);
+    let services = [
+        ("require", "ipFamilyPolicy: RequireDualStack", 2),
+        ("prefer", "ipFamilyPolicy: PreferDualStack", 2),
+        ("v6-only", "ipFamilies: [IPv6]", 1),
+        ("default", "", 1),
+    ];
+    let mut yaml = pods_yaml;
+    for (name, family, _) in services {
+        yaml.push_str(&format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  {family}
+  selector: {{app: redis}}
+  ports: [{{port: 6379}}]
+---
+"#
+        ));
+    }
+    cluster.apply(&yaml)?;
+    let pods: BTreeSet<String> = cluster.wait_ready("app=redis", 2)?.into_iter().collect();
+    cluster.run_client("client")?;
+    for (name, _, families) in services {
+        let ips = cluster.kubectl(&[
+            "get",
+            "service",
+            name,
+            "-o",
+            "jsonpath={.spec.clusterIPs[*]}",
+        ])?;
+        let ips: Vec<&str> = ips.split_whitespace().collect();
+        let v6 = ips.iter().filter(|ip| ip.contains(':')).count();
+        let expected_v6 = usize::from(name != "default");
+        ensure!(
+            ips.len() == families && v6 == expected_v6,
+            "Service {name}: clusterIPs {ips:?}"
+        );
+        for ip in ips {
+            let reached = cluster.wait(
+                &format!("{name} at {ip} reaching both pods"),
+                Duration::from_secs(30),
+                || {
+                    let seen: BTreeSet<String> =
+                        answers(&cluster, "client", ip, 20)?.into_iter().collect();
+                    Ok((seen == pods).then_some(seen))
+                },
+            )?;
+            let listed = listed(&daemon, ip)?.context("frontend listed")?;
+            let backends_of_its_family = listed["backends"].as_array().is_some_and(|b| {
+                b.len() == 2
+                    && b.iter().all(|be| {
+                        be["address"].as_str().unwrap_or("").contains(':') == ip.contains(':')
+                    })
+            });
+            ensure!(backends_of_its_family, "{name} at {ip}: {listed}");
+            eprintln!("{name} at {ip}: {reached:?}");
+        }
+    }
     Ok(())
 }
