@@ -20,7 +20,7 @@ pub const IPPROTO_SCTP: u8 = 132;
 /// Version of the layout of every map below (keys, values, types, meaning). A daemon
 /// adopts pinned maps only of its own version; any change to a map's layout or
 /// meaning must bump it (the loader also compares types and sizes as a safety net).
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Kernel map types used (`enum bpf_map_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,8 +222,24 @@ pub mod maps {
         max_entries: DEFAULT_FLOWS * 2,
         flags: 0,
         capacity: Capacity::Flows,
-        help: "TC connection tracking: both directions of every external flow -> how its packets \
-               are rewritten (least recently used evicted first)",
+        help: "TC connection tracking, flows not answered yet (and answered ones LB_CT_EST had no \
+               room for): both directions -> how their packets are rewritten (least recently \
+               used evicted first)",
+    };
+    /// Flows move here from `LB_CT` on their first answer: a burst of new flows (a SYN
+    /// flood) evicts only unanswered ones, as Linux conntrack's early drop spares
+    /// assured connections. Only the daemon's collector removes entries (idle past
+    /// their timeout, or closing: moved back to `LB_CT`).
+    pub const CT_ESTABLISHED: MapDef = MapDef {
+        name: "LB_CT_EST",
+        kind: MapKind::Hash,
+        key_size: size_of::<CtKey>() as u32,
+        value_size: size_of::<CtValue>() as u32,
+        max_entries: DEFAULT_FLOWS * 2,
+        flags: BPF_F_NO_PREALLOC,
+        capacity: Capacity::Flows,
+        help: "TC connection tracking, answered flows: both directions -> how their packets are \
+               rewritten (never evicted by new flows; the collector expires them)",
     };
     pub const MAGLEV: MapDef = MapDef {
         name: "LB_MAGLEV",
@@ -257,7 +273,7 @@ pub mod maps {
     };
 
     /// Every map the object declares.
-    pub const ALL: [MapDef; 15] = [
+    pub const ALL: [MapDef; 16] = [
         SERVICES,
         BACKENDS,
         AFFINITY,
@@ -270,6 +286,7 @@ pub mod maps {
         BACKEND_STATS,
         FRONTEND_NAMES,
         CT,
+        CT_ESTABLISHED,
         MAGLEV,
         SOURCE_RANGES,
         NODE_ADDRS,
@@ -292,6 +309,7 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = maps::BACKEND_STATS.name;
     pub const FRONTEND_NAMES: &str = maps::FRONTEND_NAMES.name;
     pub const CT: &str = maps::CT.name;
+    pub const CT_ESTABLISHED: &str = maps::CT_ESTABLISHED.name;
     pub const MAGLEV: &str = maps::MAGLEV.name;
     pub const SOURCE_RANGES: &str = maps::SOURCE_RANGES.name;
     pub const NODE_ADDRS: &str = maps::NODE_ADDRS.name;
@@ -780,8 +798,13 @@ pub mod stat {
     pub const TC_CT_STALE_REMOVED: u32 = 30;
     /// TC: SNAT needed but the node has no address of the packet's family: dropped.
     pub const TC_SNAT_NO_ADDRESS: u32 = 31;
+    /// TC: a flow's first answer moved it to the established table (`LB_CT_EST`).
+    pub const TC_CT_ESTABLISHED: u32 = 32;
+    /// TC: the established table was full: the answered flow stays in `LB_CT`, where
+    /// new flows may evict it (raise `--max-flows`).
+    pub const TC_CT_ESTABLISHED_FULL: u32 = 33;
     /// Number of counters.
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 34;
 
     /// Human names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -817,6 +840,8 @@ pub mod stat {
         "tc_icmp_translated",
         "tc_ct_stale_removed",
         "tc_snat_no_address",
+        "tc_ct_established",
+        "tc_ct_established_full",
     ];
 }
 

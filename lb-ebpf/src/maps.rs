@@ -15,8 +15,9 @@ use lb_common::{
     Addr, AffinityKey, AffinityMember, AffinityValue, Backend, CtKey, CtValue, FrontendName,
     FrontendStats, ServiceKey, ServiceValue, SockLocal, SockRevKey, SockRevValue,
     maps::{
-        AFFINITY, AFFINITY_MEMBERS, BACKEND_STATS, BACKENDS, CT, DEFAULT_FRONTENDS, FRONTEND_NAMES,
-        FRONTEND_STATS, NODE_ADDRS, SERVICES, SOCK_REVNAT, SOCK_REVNAT_LRU, SOURCE_RANGES, STATS,
+        AFFINITY, AFFINITY_MEMBERS, BACKEND_STATS, BACKENDS, CT, CT_ESTABLISHED, DEFAULT_FRONTENDS,
+        FRONTEND_NAMES, FRONTEND_STATS, NODE_ADDRS, SERVICES, SOCK_REVNAT, SOCK_REVNAT_LRU,
+        SOURCE_RANGES, STATS,
     },
 };
 
@@ -110,10 +111,17 @@ impl PinnedSockStorage {
 #[btf_map]
 pub static LB_SOCK_LOCAL: PinnedSockStorage = PinnedSockStorage::new();
 
-/// TC connection tracking: both directions of every flow from another machine, each
-/// keyed by the tuple as it arrives, valued by the tuple to rewrite it to.
+/// TC connection tracking: both directions of every flow from another machine not
+/// answered yet, each keyed by the tuple as it arrives, valued by the tuple to rewrite
+/// it to.
 #[map]
 pub static LB_CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT.max_entries, CT.flags);
+
+/// TC connection tracking of answered flows (moved from `LB_CT` on their first
+/// answer): never evicted by new flows.
+#[map]
+pub static LB_CT_EST: HashMap<CtKey, CtValue> =
+    HashMap::pinned(CT_ESTABLISHED.max_entries, CT_ESTABLISHED.flags);
 
 /// `loadBalancerSourceRanges`: (frontend id, client prefix) -> 1.
 #[map]

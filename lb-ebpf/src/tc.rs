@@ -45,7 +45,8 @@ use lb_common::{
 
 use crate::{
     maps::{
-        LB_BACKENDS, LB_CT, LB_NODE_ADDRS, LB_SOURCE_RANGES, count, count_backend, count_frontend,
+        LB_BACKENDS, LB_CT, LB_CT_EST, LB_NODE_ADDRS, LB_SOURCE_RANGES, count, count_backend,
+        count_frontend,
     },
     select::{Selection, flow_hash, frontend, select_external},
 };
@@ -422,11 +423,12 @@ fn now() -> u64 {
 #[inline(always)]
 fn translate_tracked(
     ctx: &mut TcContext,
-    packet: &Packet,
+    scratch: &Scratch,
     entry: *mut CtValue,
     ingress: bool,
     reply: bool,
 ) -> i32 {
+    let packet = &scratch.packet;
     count(stat::TC_CT_HIT);
     let t = now();
     // SAFETY: an LRU value, valid for this program run (RCU).
@@ -507,7 +509,7 @@ fn icmp_error(ctx: &mut TcContext, scratch: &mut Scratch, ingress: bool) -> i32 
         dir: CT_REPLY,
         _pad: 0,
     };
-    let Some(entry) = (unsafe { LB_CT.get(&scratch.reply_key) }) else {
+    let Some(entry) = ct_get(&scratch.reply_key) else {
         return TC_ACT_OK;
     };
     scratch.reply_value = *entry;
@@ -609,7 +611,7 @@ fn icmp6_error(ctx: &mut TcContext, scratch: &mut Scratch, ingress: bool) -> i32
         dir: CT_REPLY,
         _pad: 0,
     };
-    let Some(entry) = (unsafe { LB_CT.get(&scratch.reply_key) }) else {
+    let Some(entry) = ct_get(&scratch.reply_key) else {
         return TC_ACT_OK;
     };
     scratch.reply_value = *entry;
@@ -693,7 +695,7 @@ fn snat_port(packet: &Packet, backend: &CtValue, node: &Addr, hash: u32) -> Opti
     };
     // The flow's earlier SNAT port if it had one to this backend (a retransmitted SYN,
     // a client reusing its port): the backend then sees the same connection.
-    if let Some(previous) = unsafe { LB_CT.get(&packet.key(CT_FORWARD)) }
+    if let Some(previous) = ct_get(&packet.key(CT_FORWARD))
         && previous.flags & CT_F_SNAT != 0
         && previous.dst == backend.dst
         && previous.dport == backend.dport
@@ -707,7 +709,7 @@ fn snat_port(packet: &Packet, backend: &CtValue, node: &Addr, hash: u32) -> Opti
         // Independent probes (no clustering of taken ports).
         let port = first + crate::select::fmix32(hash.wrapping_add(attempt)) % count;
         reply.dport = (port as u16).to_be();
-        if unsafe { LB_CT.get(&reply) }.is_none() {
+        if ct_get(&reply).is_none() {
             return Some(reply.dport);
         }
     }
@@ -731,12 +733,107 @@ fn forget_stale_reply(scratch: &mut Scratch) {
         dir: CT_REPLY,
         _pad: 0,
     };
-    if let Some(entry) = unsafe { LB_CT.get(&scratch.reply_key) }
-        && entry.flags & CT_F_SNAT == 0
-        && LB_CT.remove(&scratch.reply_key).is_ok()
-    {
+    let key = &scratch.reply_key;
+    let removed = if let Some(entry) = unsafe { LB_CT_EST.get(key) } {
+        entry.flags & CT_F_SNAT == 0 && LB_CT_EST.remove(key).is_ok()
+    } else if let Some(entry) = unsafe { LB_CT.get(key) } {
+        entry.flags & CT_F_SNAT == 0 && LB_CT.remove(key).is_ok()
+    } else {
+        false
+    };
+    if removed {
         count(stat::TC_CT_STALE_REMOVED);
     }
+}
+
+/// A tracked entry: the established table first (answered flows live there), then
+/// the table of new flows. The pointer is valid for this program run (RCU).
+#[inline(always)]
+fn ct_entry(key: &CtKey) -> Option<(*mut CtValue, bool)> {
+    if let Some(entry) = LB_CT_EST.get_ptr_mut(key) {
+        return Some((entry, true));
+    }
+    LB_CT.get_ptr_mut(key).map(|entry| (entry, false))
+}
+
+#[inline(always)]
+fn ct_get(key: &CtKey) -> Option<&'static CtValue> {
+    // SAFETY: a map value, valid for this program run (RCU).
+    ct_entry(key).map(|(entry, _)| unsafe { &*entry })
+}
+
+/// A new flow on a tuple whose earlier flow is in the established table (a client
+/// reusing its port, a backend id reused): that flow is over, and its entries would
+/// be found before the new ones, so they go.
+#[inline(always)]
+fn forget_established(packet: &Packet) {
+    let key = packet.key(CT_FORWARD);
+    let Some(old) = (unsafe { LB_CT_EST.get(&key) }) else {
+        return;
+    };
+    let reply = CtKey {
+        src: old.dst,
+        dst: old.src,
+        sport: old.dport,
+        dport: old.sport,
+        proto: packet.proto,
+        dir: CT_REPLY,
+        _pad: 0,
+    };
+    let _ = LB_CT_EST.remove(&reply);
+    let _ = LB_CT_EST.remove(&key);
+}
+
+/// The client's packet after its flow's first answer (TCP: the handshake's last ACK)
+/// moves the flow to the established table, where new flows cannot evict it. A
+/// spoofed source never gets here: it never sees the answer. With the table full the
+/// flow stays where it is (counted; tried again on its next packet).
+#[inline(never)]
+fn establish(scratch: &mut Scratch) {
+    let Scratch {
+        packet,
+        forward,
+        reply_key,
+        reply_value,
+        ..
+    } = scratch;
+    let forward_key = packet.key(CT_FORWARD);
+    let Some(tracked) = (unsafe { LB_CT.get(&forward_key) }) else {
+        return;
+    };
+    *forward = *tracked;
+    *reply_key = CtKey {
+        src: forward.dst,
+        dst: forward.src,
+        sport: forward.dport,
+        dport: forward.sport,
+        proto: packet.proto,
+        dir: CT_REPLY,
+        _pad: 0,
+    };
+    let Some(reply) = (unsafe { LB_CT.get(&*reply_key) }) else {
+        return;
+    };
+    // Not answered yet, or ending: a closing flow the daemon moved back stays.
+    if reply.flags & CT_F_REPLIED == 0 || (forward.flags | reply.flags) & (CT_F_FIN | CT_F_RST) != 0
+    {
+        return;
+    }
+    *reply_value = *reply;
+    // Reply first, as for a new flow; lookups try this table first, so every packet
+    // finds its entry in one table or the other throughout.
+    if LB_CT_EST.insert(&*reply_key, &*reply_value, 0).is_err() {
+        count(stat::TC_CT_ESTABLISHED_FULL);
+        return;
+    }
+    if LB_CT_EST.insert(&forward_key, &*forward, 0).is_err() {
+        let _ = LB_CT_EST.remove(&*reply_key);
+        count(stat::TC_CT_ESTABLISHED_FULL);
+        return;
+    }
+    let _ = LB_CT.remove(&forward_key);
+    let _ = LB_CT.remove(&*reply_key);
+    count(stat::TC_CT_ESTABLISHED);
 }
 
 /// Per-CPU room for the parsed packet and a new flow's entries (too large for the
@@ -1023,6 +1120,7 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
         dport: packet.sport,
         ..*forward
     };
+    forget_established(packet);
     // Reply first: the first answer may come back before we return.
     if LB_CT
         .insert(&scratch.reply_key, &scratch.reply_value, 0)
@@ -1047,14 +1145,13 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
 /// terminating) keeps its flows draining: the daemon removes flows whose backend is
 /// gone altogether (right after the sync that removes it).
 #[inline(always)]
-fn tracked(packet: &Packet) -> Option<*mut CtValue> {
-    let entry = LB_CT.get_ptr_mut(&packet.key(CT_FORWARD))?;
+fn tracked(packet: &Packet) -> Option<(*mut CtValue, bool)> {
+    let (entry, established) = ct_entry(&packet.key(CT_FORWARD))?;
     let value = unsafe { &*entry };
     match unsafe { LB_BACKENDS.get(value.backend_id) } {
-        Some(backend) => {
-            (backend.addr == value.dst && backend.port == value.dport).then_some(entry)
-        }
-        None => Some(entry),
+        Some(backend) => (backend.addr == value.dst && backend.port == value.dport)
+            .then_some((entry, established)),
+        None => Some((entry, established)),
     }
 }
 
@@ -1098,14 +1195,21 @@ fn ingress(ctx: &mut TcContext) -> i32 {
         }
     }
     let packet = &scratch.packet;
-    if let Some(entry) = LB_CT.get_ptr_mut(&packet.key(CT_REPLY)) {
-        return translate_tracked(ctx, packet, entry, true, true);
+    if let Some((entry, _)) = ct_entry(&packet.key(CT_REPLY)) {
+        return translate_tracked(ctx, scratch, entry, true, true);
     }
     // A SYN starts afresh (a client reusing its port gets a current choice).
     if !packet.is_syn()
-        && let Some(entry) = tracked(packet)
+        && let Some((mut entry, established)) = tracked(packet)
     {
-        return translate_tracked(ctx, packet, entry, true, false);
+        if !established {
+            establish(scratch);
+            // This packet's state goes to the entry that now serves the flow.
+            if let Some((moved, true)) = ct_entry(&scratch.packet.key(CT_FORWARD)) {
+                entry = moved;
+            }
+        }
+        return translate_tracked(ctx, scratch, entry, true, false);
     }
     new_flow(ctx, scratch)
 }
@@ -1121,9 +1225,8 @@ fn egress(ctx: &mut TcContext) -> i32 {
         Parsed::Icmp6 => return icmp6_error(ctx, scratch, false),
         _ => return TC_ACT_OK,
     }
-    let packet = &scratch.packet;
-    match LB_CT.get_ptr_mut(&packet.key(CT_REPLY)) {
-        Some(entry) => translate_tracked(ctx, packet, entry, false, true),
+    match ct_entry(&scratch.packet.key(CT_REPLY)) {
+        Some((entry, _)) => translate_tracked(ctx, scratch, entry, false, true),
         None => TC_ACT_OK,
     }
 }

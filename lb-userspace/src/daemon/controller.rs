@@ -275,10 +275,13 @@ impl Controller {
         if !self.initialized || self.full_sync_needed {
             return;
         }
+        if let Err(err) = self.maps.demote_closing_flows() {
+            warn!("moving closing flows out of LB_CT_EST failed: {err:#}");
+        }
         let entries = match self.maps.ct_entries() {
             Ok(entries) => entries,
             Err(err) => {
-                warn!("reading LB_CT for expiry failed: {err:#}");
+                warn!("reading the tracked flows for expiry failed: {err:#}");
                 return;
             }
         };

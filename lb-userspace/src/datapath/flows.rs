@@ -1,5 +1,6 @@
-//! The TC connection tracker's flows (`LB_CT`) as pairs of entries, their state, and
-//! their expiry: the daemon's garbage collector and `lb ct` read them the same way.
+//! The TC connection tracker's flows (`LB_CT_EST` and `LB_CT`) as pairs of entries,
+//! their state, and their expiry: the daemon's garbage collector and `lb ct` read them
+//! the same way.
 //!
 //! The programs keep two entries per flow (forward: the client's packets; reply: the
 //! backend's) and mark each with what its direction saw (`CT_F_REPLIED`, `CT_F_FIN`,
@@ -105,6 +106,11 @@ impl FlowState {
         } else {
             Self::Unreplied
         }
+    }
+
+    /// A FIN or a reset seen: the flow is ending.
+    pub fn is_closing(self) -> bool {
+        matches!(self, Self::Closing | Self::Reset)
     }
 
     pub fn timeout(self, proto: u8, t: &CtTimeouts) -> Duration {

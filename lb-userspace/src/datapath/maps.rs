@@ -42,6 +42,7 @@ pub struct KernelMaps {
     source_ranges: OwnedFd,
     node_addrs: Array<MapData, Addr>,
     ct: OwnedFd,
+    ct_established: OwnedFd,
     /// Entries of the Maglev tables this daemon writes.
     pub maglev_size: u32,
     fds: MapFds,
@@ -168,6 +169,7 @@ impl KernelMaps {
             _ => anyhow::bail!("{} is not an LPM trie", map_names::SOURCE_RANGES),
         };
         let ct = dup_fd(&get(map_names::CT)?)?;
+        let ct_established = dup_fd(&get(map_names::CT_ESTABLISHED)?)?;
         let fds = MapFds {
             services: dup_fd(&services)?,
             backends: dup_fd(&backends)?,
@@ -192,6 +194,7 @@ impl KernelMaps {
             source_ranges,
             node_addrs: get(map_names::NODE_ADDRS)?.try_into()?,
             ct,
+            ct_established,
             maglev_size: lb_common::DEFAULT_MAGLEV_TABLE_SIZE,
             fds,
             batch_ops: true,
@@ -278,31 +281,90 @@ impl KernelMaps {
         self.ct.as_fd()
     }
 
-    /// Every tracked external flow (`lb ct list`).
-    pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
-        Ok(batch::lookup_all::<CtKey, CtValue>(self.ct.as_fd())?)
+    /// The keys of the established table alone.
+    #[cfg(test)]
+    pub fn ct_established_keys(&self) -> Vec<CtKey> {
+        batch::lookup_all::<CtKey, CtValue>(self.ct_established.as_fd())
+            .unwrap()
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect()
     }
 
-    /// Removes `flow`'s entries; with `only_if_idle`, not if either was seen again
-    /// since `flow` was read (the programs keep using entries while we decide).
-    /// Returns whether they were removed.
+    /// Every tracked external flow (`lb ct list`): the established table's entries,
+    /// then the new flows' (an entry caught in both while it moves counts once, as the
+    /// programs see it: the established one).
+    pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        let mut entries = batch::lookup_all::<CtKey, CtValue>(self.ct_established.as_fd())?;
+        let established: std::collections::HashSet<CtKey> =
+            entries.iter().map(|(key, _)| *key).collect();
+        entries.extend(
+            batch::lookup_all::<CtKey, CtValue>(self.ct.as_fd())?
+                .into_iter()
+                .filter(|(key, _)| !established.contains(key)),
+        );
+        Ok(entries)
+    }
+
+    /// The entry the programs use for `key`: the established table's first.
+    fn ct_lookup(&self, key: &CtKey) -> Result<Option<CtValue>> {
+        match batch::lookup_one::<CtKey, CtValue>(self.ct_established.as_fd(), key)? {
+            Some(value) => Ok(Some(value)),
+            None => Ok(batch::lookup_one::<CtKey, CtValue>(self.ct.as_fd(), key)?),
+        }
+    }
+
+    /// Removes `flow`'s entries from both tables; with `only_if_idle`, not if either
+    /// was seen again since `flow` was read (the programs keep using entries while we
+    /// decide). Returns whether they were removed.
     pub fn remove_flow(&self, flow: &super::flows::Flow, only_if_idle: bool) -> Result<bool> {
         let entries = flow.forward.iter().chain(flow.reply.iter());
         if only_if_idle {
             for (key, value) in entries.clone() {
-                let now = batch::lookup_one::<CtKey, CtValue>(self.ct.as_fd(), key)?;
+                let now = self.ct_lookup(key)?;
                 if now.is_some_and(|now| now.last_seen_ns != value.last_seen_ns) {
                     return Ok(false);
                 }
             }
         }
         for (key, _) in entries {
-            match batch::delete_one(self.ct.as_fd(), key) {
-                Err(err) if err.raw_os_error() != Some(libc::ENOENT) => return Err(err.into()),
-                _ => {}
+            for table in [self.ct_established.as_fd(), self.ct.as_fd()] {
+                match batch::delete_one(table, key) {
+                    Err(err) if err.raw_os_error() != Some(libc::ENOENT) => {
+                        return Err(err.into());
+                    }
+                    _ => {}
+                }
             }
         }
         Ok(true)
+    }
+
+    /// Moves the closing flows (a FIN or a reset seen) of the established table back
+    /// to the table of new flows: what protects live flows from eviction should not
+    /// fill up with finished ones (the programs never move a closing flow back).
+    /// Returns how many flows moved.
+    pub fn demote_closing_flows(&self) -> Result<usize> {
+        let entries = batch::lookup_all::<CtKey, CtValue>(self.ct_established.as_fd())?;
+        let mut moved = 0;
+        for flow in super::flows::pair_up(entries) {
+            if !flow.state().is_closing() {
+                continue;
+            }
+            for (key, value) in flow.forward.iter().chain(flow.reply.iter()) {
+                // Into the new flows' table first: a packet finds the entry in one
+                // table or the other throughout.
+                batch::update_one(self.ct.as_fd(), key, value)?;
+                match batch::delete_one(self.ct_established.as_fd(), key) {
+                    Err(err) if err.raw_os_error() != Some(libc::ENOENT) => {
+                        return Err(err.into());
+                    }
+                    _ => {}
+                }
+            }
+            moved += 1;
+        }
+        Ok(moved)
     }
 
     /// Removes the reverse-translation entries of sockets translated to backends that

@@ -316,6 +316,13 @@ fn loaded() -> (Datapath, KernelMaps) {
 }
 
 fn loaded_with(snat_ports: super::uplink::SnatPorts) -> (Datapath, KernelMaps) {
+    loaded_with_capacities(snat_ports, Default::default())
+}
+
+fn loaded_with_capacities(
+    snat_ports: super::uplink::SnatPorts,
+    capacities: super::pins::Capacities,
+) -> (Datapath, KernelMaps) {
     // One datapath per test: tests run in parallel.
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let pin_dir = std::path::PathBuf::from(format!(
@@ -326,7 +333,7 @@ fn loaded_with(snat_ports: super::uplink::SnatPorts) -> (Datapath, KernelMaps) {
     let mut datapath = Datapath::load(DatapathOptions {
         cgroup: super::cgroup2_root().unwrap(),
         pin_dir,
-        capacities: Default::default(),
+        capacities,
         devices: Some(Vec::new()),
         netns: None,
         maglev_size: 251,
@@ -740,6 +747,132 @@ fn tc_programs_track_tcp_state_and_refuse_what_they_cannot_serve() {
                 TC_ACT_SHOT
             );
         }
+    }));
+    drop(maps);
+    drop(datapath);
+    let _ = super::cleanup(&pin_dir, None);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+#[ignore = "needs root (loads the datapath); cargo xtask test runs it with --include-ignored"]
+fn tc_programs_keep_answered_flows_from_floods_of_new_ones() {
+    use lb_common::{CT_FORWARD, CT_REPLY};
+    // 64 flows: 128 entries in each table.
+    let (datapath, maps) = loaded_with_capacities(
+        Default::default(),
+        super::pins::Capacities {
+            flows: 64,
+            ..Default::default()
+        },
+    );
+    let pin_dir = datapath.options.pin_dir.clone();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let node_port = (IpAddr::from(NODE4), NODE_PORT);
+        // A handshake from `port`: returns the flow's SNAT port.
+        let handshake = |port: u16| -> u16 {
+            let client = (IpAddr::from(CLIENT4), port);
+            let syn = frame(client, node_port, Some(0x02), 0);
+            let (_, out) = datapath.test_run_tc("lb_tc_ingress", &syn).unwrap();
+            let (_, snat_port, _, _) = tuple_checked(&out);
+            let syn_ack = frame(
+                (POD4.into(), 6379),
+                (NODE4.into(), snat_port),
+                Some(0x12),
+                0,
+            );
+            datapath.test_run_tc("lb_tc_ingress", &syn_ack).unwrap();
+            let ack = frame(client, node_port, Some(0x10), 0);
+            datapath.test_run_tc("lb_tc_ingress", &ack).unwrap();
+            snat_port
+        };
+        let established = |port: u16| {
+            maps.ct_established_keys()
+                .iter()
+                .any(|k| k.dir == CT_FORWARD && k.sport == port.to_be())
+        };
+
+        // Answered and acknowledged: both entries move to the established table. A
+        // SYN and its answer alone do not move a flow (a spoofed client never sends
+        // the last ACK).
+        let client = (IpAddr::from(CLIENT4), 42000);
+        let syn = frame(client, node_port, Some(0x02), 0);
+        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &syn).unwrap();
+        let (_, snat_port, _, _) = tuple_checked(&out);
+        let syn_ack = frame(
+            (POD4.into(), 6379),
+            (NODE4.into(), snat_port),
+            Some(0x12),
+            0,
+        );
+        datapath.test_run_tc("lb_tc_ingress", &syn_ack).unwrap();
+        assert!(maps.ct_established_keys().is_empty());
+        let ack = frame(client, node_port, Some(0x10), 0);
+        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &ack).unwrap();
+        assert_eq!(
+            tuple_checked(&out),
+            (NODE4.into(), snat_port, POD4.into(), 6379)
+        );
+        assert_eq!(maps.ct_established_keys().len(), 2);
+        assert_eq!(maps.stat(stat::TC_CT_ESTABLISHED), 1);
+
+        // 1 000 spoofed SYNs, eight times the table of new flows: the established
+        // flow still translates both ways.
+        for port in 50000..51000 {
+            let spoofed = frame((CLIENT4.into(), port), node_port, Some(0x02), 0);
+            datapath.test_run_tc("lb_tc_ingress", &spoofed).unwrap();
+        }
+        let data = frame(client, node_port, Some(0x18), 0);
+        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &data).unwrap();
+        assert_eq!(
+            tuple_checked(&out),
+            (NODE4.into(), snat_port, POD4.into(), 6379)
+        );
+        let answer = frame(
+            (POD4.into(), 6379),
+            (NODE4.into(), snat_port),
+            Some(0x18),
+            0,
+        );
+        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &answer).unwrap();
+        assert_eq!(
+            tuple_checked(&out),
+            (NODE4.into(), NODE_PORT, CLIENT4.into(), 42000)
+        );
+
+        // Completed handshakes beyond the established table's room: counted, and
+        // still served from the table of new flows.
+        for port in 43000..43080 {
+            handshake(port);
+        }
+        assert_eq!(maps.ct_established_keys().len(), 128);
+        assert!(maps.stat(stat::TC_CT_ESTABLISHED_FULL) > 0);
+        let late = frame((CLIENT4.into(), 43079), node_port, Some(0x18), 0);
+        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &late).unwrap();
+        assert_eq!(tuple_checked(&out).2, IpAddr::from(POD4));
+        assert!(established(42000));
+
+        // The client closes: the daemon moves the flow back, and its next packet does
+        // not move it again.
+        let fin = frame(client, node_port, Some(0x11), 0);
+        datapath.test_run_tc("lb_tc_ingress", &fin).unwrap();
+        assert!(maps.demote_closing_flows().unwrap() >= 1);
+        assert!(!established(42000));
+        let last_ack = frame(client, node_port, Some(0x10), 0);
+        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &last_ack).unwrap();
+        assert_eq!(
+            tuple_checked(&out),
+            (NODE4.into(), snat_port, POD4.into(), 6379)
+        );
+        assert!(!established(42000));
+        let reply_tracked = maps
+            .ct_entries()
+            .unwrap()
+            .iter()
+            .any(|(k, _)| k.dir == CT_REPLY && k.dport == snat_port.to_be());
+        assert!(reply_tracked, "the closing flow's reply entry");
     }));
     drop(maps);
     drop(datapath);
