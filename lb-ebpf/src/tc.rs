@@ -423,12 +423,12 @@ fn now() -> u64 {
 #[inline(always)]
 fn translate_tracked(
     ctx: &mut TcContext,
-    scratch: &Scratch,
+    scratch: &mut Scratch,
     entry: *mut CtValue,
     ingress: bool,
     reply: bool,
+    established: bool,
 ) -> i32 {
-    let packet = &scratch.packet;
     count(stat::TC_CT_HIT);
     let t = now();
     // SAFETY: an LRU value, valid for this program run (RCU).
@@ -442,17 +442,21 @@ fn translate_tracked(
     if reply {
         state |= CT_F_REPLIED;
     }
-    if packet.proto == IPPROTO_TCP {
-        if packet.tcp_flags & TCP_FLAG_FIN != 0 {
+    if scratch.packet.proto == IPPROTO_TCP {
+        if scratch.packet.tcp_flags & TCP_FLAG_FIN != 0 {
             state |= CT_F_FIN;
         }
-        if packet.tcp_flags & TCP_FLAG_RST != 0 {
+        if scratch.packet.tcp_flags & TCP_FLAG_RST != 0 {
             state |= CT_F_RST;
         }
     }
     if state != to.flags {
         to.flags = state;
+        if established && state & (CT_F_FIN | CT_F_RST) != 0 {
+            finish_established(scratch, reply);
+        }
     }
+    let packet = &scratch.packet;
     if rewrite(ctx, packet, to) != 0 {
         return TC_ACT_SHOT;
     }
@@ -784,6 +788,74 @@ fn forget_established(packet: &Packet) {
     let _ = LB_CT_EST.remove(&key);
 }
 
+/// A flow of the established table that ends (a reset, or a FIN from each side) goes
+/// back to the table of new flows at once, where its last packets still find it but
+/// it holds no room live flows need. One flow per closing packet: never a burst.
+#[inline(never)]
+fn finish_established(scratch: &mut Scratch, reply: bool) {
+    let Scratch {
+        packet,
+        forward,
+        reply_value,
+        ..
+    } = scratch;
+    let (forward_key, reply_key) = if reply {
+        let reply_key = packet.key(CT_REPLY);
+        let Some(value) = (unsafe { LB_CT_EST.get(&reply_key) }) else {
+            return;
+        };
+        *reply_value = *value;
+        let forward_key = CtKey {
+            src: reply_value.dst,
+            dst: reply_value.src,
+            sport: reply_value.dport,
+            dport: reply_value.sport,
+            proto: packet.proto,
+            dir: CT_FORWARD,
+            _pad: 0,
+        };
+        let Some(value) = (unsafe { LB_CT_EST.get(&forward_key) }) else {
+            return;
+        };
+        *forward = *value;
+        (forward_key, reply_key)
+    } else {
+        let forward_key = packet.key(CT_FORWARD);
+        let Some(value) = (unsafe { LB_CT_EST.get(&forward_key) }) else {
+            return;
+        };
+        *forward = *value;
+        let reply_key = CtKey {
+            src: forward.dst,
+            dst: forward.src,
+            sport: forward.dport,
+            dport: forward.sport,
+            proto: packet.proto,
+            dir: CT_REPLY,
+            _pad: 0,
+        };
+        let Some(value) = (unsafe { LB_CT_EST.get(&reply_key) }) else {
+            return;
+        };
+        *reply_value = *value;
+        (forward_key, reply_key)
+    };
+    let flags = forward.flags | reply_value.flags;
+    let both_fins = forward.flags & reply_value.flags & CT_F_FIN != 0;
+    if flags & CT_F_RST == 0 && !both_fins {
+        return;
+    }
+    // Into the new flows' table first: every packet finds the flow in one table or
+    // the other throughout.
+    if LB_CT.insert(&reply_key, &*reply_value, 0).is_err()
+        || LB_CT.insert(&forward_key, &*forward, 0).is_err()
+    {
+        return;
+    }
+    let _ = LB_CT_EST.remove(&forward_key);
+    let _ = LB_CT_EST.remove(&reply_key);
+}
+
 /// The client's packet after its flow's first answer (TCP: the handshake's last ACK)
 /// moves the flow to the established table, where new flows cannot evict it. A
 /// spoofed source never gets here: it never sees the answer. With the table full the
@@ -814,7 +886,7 @@ fn establish(scratch: &mut Scratch) {
     let Some(reply) = (unsafe { LB_CT.get(&*reply_key) }) else {
         return;
     };
-    // Not answered yet, or ending: a closing flow the daemon moved back stays.
+    // Not answered yet, or ending (a finished flow moved back stays).
     if reply.flags & CT_F_REPLIED == 0 || (forward.flags | reply.flags) & (CT_F_FIN | CT_F_RST) != 0
     {
         return;
@@ -1195,21 +1267,23 @@ fn ingress(ctx: &mut TcContext) -> i32 {
         }
     }
     let packet = &scratch.packet;
-    if let Some((entry, _)) = ct_entry(&packet.key(CT_REPLY)) {
-        return translate_tracked(ctx, scratch, entry, true, true);
+    if let Some((entry, established)) = ct_entry(&packet.key(CT_REPLY)) {
+        return translate_tracked(ctx, scratch, entry, true, true, established);
     }
     // A SYN starts afresh (a client reusing its port gets a current choice).
     if !packet.is_syn()
         && let Some((mut entry, established)) = tracked(packet)
     {
+        let mut established = established;
         if !established {
             establish(scratch);
             // This packet's state goes to the entry that now serves the flow.
             if let Some((moved, true)) = ct_entry(&scratch.packet.key(CT_FORWARD)) {
                 entry = moved;
+                established = true;
             }
         }
-        return translate_tracked(ctx, scratch, entry, true, false);
+        return translate_tracked(ctx, scratch, entry, true, false, established);
     }
     new_flow(ctx, scratch)
 }
@@ -1226,7 +1300,9 @@ fn egress(ctx: &mut TcContext) -> i32 {
         _ => return TC_ACT_OK,
     }
     match ct_entry(&scratch.packet.key(CT_REPLY)) {
-        Some((entry, _)) => translate_tracked(ctx, scratch, entry, false, true),
+        Some((entry, established)) => {
+            translate_tracked(ctx, scratch, entry, false, true, established)
+        }
         None => TC_ACT_OK,
     }
 }

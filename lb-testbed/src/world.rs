@@ -7,7 +7,8 @@
 //! - node uplink: 10.253.w.(10+n)/24 and fd00:253:w::(10+n)/64 on the fabric;
 //! - node podCIDR: 10.244.(4w+n).0/24 and fd00:244:(4w+n)::/64, gateway .1 on the
 //!   node's bridge; each node routes the other nodes' podCIDRs over the fabric;
-//! - outside client: 10.253.w.100 and fd00:253:w::100, routes to the fabric only.
+//! - outside client: 10.253.w.100 and fd00:253:w::100, routes to the fabric only;
+//!   ephemeral ports 50000-60999 (tests bind lower ones themselves).
 //!
 //! No namespace has a default route, and the service ranges are blackholed in all
 //! of them, so nothing can leave the machine. Everything is removed on drop.
@@ -357,6 +358,10 @@ impl World {
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         self.plug_into_fabric(&netns, "out", pod.ipv4, pod.ipv6)?;
         blackhole(&netns)?;
+        // Tests bind source ports below 50000 explicitly (with SO_REUSEADDR); an
+        // ephemeral connection of the client's in TIME_WAIT on one of them would make
+        // that bind fail.
+        sysctl(&netns, "net.ipv4.ip_local_port_range", "50000 60999")?;
         self.pods.lock().expect("lock").push(pod.clone());
         Ok(pod)
     }

@@ -478,6 +478,8 @@ pub struct ListedFlow {
     /// The flow's state, from both its entries (`syn-sent`, `established`, `closing`,
     /// `reset`, `unreplied`, `replied`; `unknown` for entries of an older program).
     pub state: &'static str,
+    /// `established` (answered and acknowledged: never evicted by new flows) or `new`.
+    pub table: &'static str,
     pub idle_seconds: u64,
 }
 
@@ -489,7 +491,11 @@ pub fn run_ct(pin_dir: &Path, json: bool) -> Result<()> {
     let cell = |addr: &lb_common::Addr, port: u16| {
         endpoint(&addr_to_ip(addr).to_string(), port_from_net(port))
     };
-    let mut flows: Vec<ListedFlow> = crate::datapath::flows::pair_up(maps.ct_entries()?)
+    let (established, new) = maps.ct_tables()?;
+    let established_keys: std::collections::HashSet<lb_common::CtKey> =
+        established.iter().map(|(key, _)| *key).collect();
+    let entries = established.into_iter().chain(new).collect();
+    let mut flows: Vec<ListedFlow> = crate::datapath::flows::pair_up(entries)
         .into_iter()
         .flat_map(|flow| {
             let state = flow.state().name();
@@ -513,6 +519,11 @@ pub fn run_ct(pin_dir: &Path, json: bool) -> Result<()> {
             frontend_id: value.svc_id,
             snat: value.flags & CT_F_SNAT != 0,
             state,
+            table: if established_keys.contains(&key) {
+                "established"
+            } else {
+                "new"
+            },
             idle_seconds: now.saturating_sub(value.last_seen_ns) / 1_000_000_000,
         })
         .collect();
@@ -525,19 +536,27 @@ pub fn run_ct(pin_dir: &Path, json: bool) -> Result<()> {
     }
     writeln!(
         out,
-        "{:<5} {:<8} {:<46} {:<46} {:>5} {:<11} {:>5}",
-        "PROTO", "DIR", "PACKET (from -> to)", "REWRITTEN TO (from -> to)", "FE", "STATE", "IDLE"
+        "{:<5} {:<8} {:<46} {:<46} {:>5} {:<11} {:<11} {:>5}",
+        "PROTO",
+        "DIR",
+        "PACKET (from -> to)",
+        "REWRITTEN TO (from -> to)",
+        "FE",
+        "STATE",
+        "TABLE",
+        "IDLE"
     )?;
     for flow in &flows {
         writeln!(
             out,
-            "{:<5} {:<8} {:<46} {:<46} {:>5} {:<11} {:>4}s{}",
+            "{:<5} {:<8} {:<46} {:<46} {:>5} {:<11} {:<11} {:>4}s{}",
             flow.protocol,
             flow.direction,
             format!("{} -> {}", flow.from, flow.to),
             format!("{} -> {}", flow.rewritten_from, flow.rewritten_to),
             flow.frontend_id,
             flow.state,
+            flow.table,
             flow.idle_seconds,
             if flow.snat { "  snat" } else { "" }
         )?;

@@ -275,9 +275,6 @@ impl Controller {
         if !self.initialized || self.full_sync_needed {
             return;
         }
-        if let Err(err) = self.maps.demote_closing_flows() {
-            warn!("moving closing flows out of LB_CT_EST failed: {err:#}");
-        }
         let entries = match self.maps.ct_entries() {
             Ok(entries) => entries,
             Err(err) => {

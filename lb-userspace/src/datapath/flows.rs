@@ -108,11 +108,6 @@ impl FlowState {
         }
     }
 
-    /// A FIN or a reset seen: the flow is ending.
-    pub fn is_closing(self) -> bool {
-        matches!(self, Self::Closing | Self::Reset)
-    }
-
     pub fn timeout(self, proto: u8, t: &CtTimeouts) -> Duration {
         match self {
             Self::SynSent => t.tcp_syn,

@@ -295,15 +295,21 @@ impl KernelMaps {
     /// then the new flows' (an entry caught in both while it moves counts once, as the
     /// programs see it: the established one).
     pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
-        let mut entries = batch::lookup_all::<CtKey, CtValue>(self.ct_established.as_fd())?;
-        let established: std::collections::HashSet<CtKey> =
-            entries.iter().map(|(key, _)| *key).collect();
-        entries.extend(
-            batch::lookup_all::<CtKey, CtValue>(self.ct.as_fd())?
-                .into_iter()
-                .filter(|(key, _)| !established.contains(key)),
-        );
+        let (mut entries, new) = self.ct_tables()?;
+        entries.extend(new);
         Ok(entries)
+    }
+
+    /// The tracked entries by table: (established, new flows), each key once.
+    pub fn ct_tables(&self) -> Result<(CtEntries, CtEntries)> {
+        let established = batch::lookup_all::<CtKey, CtValue>(self.ct_established.as_fd())?;
+        let keys: std::collections::HashSet<CtKey> =
+            established.iter().map(|(key, _)| *key).collect();
+        let new = batch::lookup_all::<CtKey, CtValue>(self.ct.as_fd())?
+            .into_iter()
+            .filter(|(key, _)| !keys.contains(key))
+            .collect();
+        Ok((established, new))
     }
 
     /// The entry the programs use for `key`: the established table's first.
@@ -338,33 +344,6 @@ impl KernelMaps {
             }
         }
         Ok(true)
-    }
-
-    /// Moves the closing flows (a FIN or a reset seen) of the established table back
-    /// to the table of new flows: what protects live flows from eviction should not
-    /// fill up with finished ones (the programs never move a closing flow back).
-    /// Returns how many flows moved.
-    pub fn demote_closing_flows(&self) -> Result<usize> {
-        let entries = batch::lookup_all::<CtKey, CtValue>(self.ct_established.as_fd())?;
-        let mut moved = 0;
-        for flow in super::flows::pair_up(entries) {
-            if !flow.state().is_closing() {
-                continue;
-            }
-            for (key, value) in flow.forward.iter().chain(flow.reply.iter()) {
-                // Into the new flows' table first: a packet finds the entry in one
-                // table or the other throughout.
-                batch::update_one(self.ct.as_fd(), key, value)?;
-                match batch::delete_one(self.ct_established.as_fd(), key) {
-                    Err(err) if err.raw_os_error() != Some(libc::ENOENT) => {
-                        return Err(err.into());
-                    }
-                    _ => {}
-                }
-            }
-            moved += 1;
-        }
-        Ok(moved)
     }
 
     /// Removes the reverse-translation entries of sockets translated to backends that
@@ -463,6 +442,9 @@ impl KernelMaps {
         })
     }
 }
+
+/// Entries of a connection-tracking table.
+pub type CtEntries = Vec<(CtKey, CtValue)>;
 
 /// Collects a map iteration, skipping entries deleted while we iterated.
 fn collect_entries<K, V>(

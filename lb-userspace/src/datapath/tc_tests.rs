@@ -854,11 +854,23 @@ fn tc_programs_keep_answered_flows_from_floods_of_new_ones() {
         assert_eq!(tuple_checked(&out).2, IpAddr::from(POD4));
         assert!(established(42000));
 
-        // The client closes: the daemon moves the flow back, and its next packet does
-        // not move it again.
+        // The client closes: still established until the pod closes too; then the
+        // flow goes back to the table of new flows, and its last ACK does not move
+        // it again.
         let fin = frame(client, node_port, Some(0x11), 0);
         datapath.test_run_tc("lb_tc_ingress", &fin).unwrap();
-        assert!(maps.demote_closing_flows().unwrap() >= 1);
+        assert!(established(42000));
+        let pod_fin = frame(
+            (POD4.into(), 6379),
+            (NODE4.into(), snat_port),
+            Some(0x11),
+            0,
+        );
+        let (_, out) = datapath.test_run_tc("lb_tc_ingress", &pod_fin).unwrap();
+        assert_eq!(
+            tuple_checked(&out),
+            (NODE4.into(), NODE_PORT, CLIENT4.into(), 42000)
+        );
         assert!(!established(42000));
         let last_ack = frame(client, node_port, Some(0x10), 0);
         let (_, out) = datapath.test_run_tc("lb_tc_ingress", &last_ack).unwrap();
@@ -873,6 +885,12 @@ fn tc_programs_keep_answered_flows_from_floods_of_new_ones() {
             .iter()
             .any(|(k, _)| k.dir == CT_REPLY && k.dport == snat_port.to_be());
         assert!(reply_tracked, "the closing flow's reply entry");
+        // A reset ends an established flow at once.
+        let reset_port = 43000;
+        assert!(established(reset_port));
+        let rst = frame((CLIENT4.into(), reset_port), node_port, Some(0x04), 0);
+        datapath.test_run_tc("lb_tc_ingress", &rst).unwrap();
+        assert!(!established(reset_port));
     }));
     drop(maps);
     drop(datapath);

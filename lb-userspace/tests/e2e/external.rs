@@ -1313,8 +1313,12 @@ for i in range(4096):
 print('flooded')
 "#
     );
+    const CREATED: &str = "lb_datapath_decisions_total{decision=\"tc_ct_created\"}";
+    const ESTABLISHED: &str = "lb_datapath_decisions_total{decision=\"tc_ct_established\"}";
+    // Returns how many flows moved to the established table meanwhile.
     let flood_during_transfer = |what: &str, flood: &str, source_port: u16, least: f64| {
-        let created = daemon_b.metric("lb_datapath_decisions_total{decision=\"tc_ct_created\"}")?;
+        let created = daemon_b.metric(CREATED)?;
+        let established = daemon_b.metric(ESTABLISHED)?;
         let (intact, flooded) = std::thread::scope(|scope| {
             let transfer =
                 scope.spawn(|| outside_transfer(&world, &client, &b_ip, &redis_np, source_port));
@@ -1332,22 +1336,29 @@ print('flooded')
             intact?,
             "100 MB through node B arrived corrupted during the flood of {what}"
         );
-        let churn =
-            daemon_b.metric("lb_datapath_decisions_total{decision=\"tc_ct_created\"}")? - created;
+        let churn = daemon_b.metric(CREATED)? - created;
         ensure!(
             churn > least,
             "only {churn} flows were created by the flood of {what}: it did not outgrow the table"
         );
+        let established = daemon_b.metric(ESTABLISHED)? - established;
         eprintln!(
-            "100 MB intact through node B while {churn} flows of {what} churned a 1024-flow table"
+            "100 MB intact through node B while {churn} flows of {what} churned a 1024-flow \
+             table; {established} flows became established"
         );
-        Ok::<_, anyhow::Error>(())
+        Ok::<_, anyhow::Error>(established)
     };
     flood_during_transfer("new connections", &connections, 47000, 2000.0)?;
     // (Before the spoofed SYNs: the pod's SYN-ACKs to those, retransmitted after
     // their flows were evicted, meet node B's stack, which rightly resets them.)
     out_of_window_segments_reach_no_stack_untranslated(&cluster, &world, &client, &redis_np)?;
-    flood_during_transfer("spoofed SYNs", &spoofed, 47001, 4000.0)?;
+    // Only the transfer's own flow is established: a spoofed source never
+    // acknowledges the answer, so its flows stay where new ones may evict them.
+    let established = flood_during_transfer("spoofed SYNs", &spoofed, 47001, 4000.0)?;
+    ensure!(
+        established == 1.0,
+        "{established} flows became established during the spoofed SYNs (only the transfer's should)"
+    );
 
     // Node ports without endpoints (the node's stack answers), and an external IP
     // without endpoints (the TC program answers port unreachable): refused at once.

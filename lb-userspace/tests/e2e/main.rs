@@ -26,9 +26,23 @@ mod udp;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
+/// Tests run beside each other under the read side; a test that loads the machine
+/// enough to upset others' timing (two real kubelets with containerd) takes the write
+/// side and runs alone.
+static SHARED_MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// Wraps a test body returning anyhow::Result.
 fn trial(name: &'static str, body: fn() -> anyhow::Result<()>) -> Trial {
     Trial::test(name, move || {
+        let _beside_others = SHARED_MACHINE.read().unwrap_or_else(|e| e.into_inner());
+        body().map_err(|e| Failed::from(format!("{e:#}")))
+    })
+}
+
+/// [`trial`] for a test that runs with no other test beside it.
+fn trial_alone(name: &'static str, body: fn() -> anyhow::Result<()>) -> Trial {
+    Trial::test(name, move || {
+        let _alone = SHARED_MACHINE.write().unwrap_or_else(|e| e.into_inner());
         body().map_err(|e| Failed::from(format!("{e:#}")))
     })
 }

@@ -35,8 +35,10 @@ fn trial(name: &'static str, body: fn() -> Result<()>) -> Trial {
         Some(reason) if std::env::var_os("CI").is_some() => {
             Trial::test(name, move || Err(reason.clone().into()))
         }
-        Some(_) => crate::trial(name, body).with_ignored_flag(true),
-        None => crate::trial(name, body),
+        // Two kubelets, containerd and a control plane: alone, so that the timing of
+        // the test beside it does not depend on this one.
+        Some(_) => crate::trial_alone(name, body).with_ignored_flag(true),
+        None => crate::trial_alone(name, body),
     }
 }
 

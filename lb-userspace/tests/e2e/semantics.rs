@@ -1060,9 +1060,24 @@ spec:
         .iter()
         .map(|(name, _)| cluster.cluster_ip(name))
         .collect::<Result<Vec<_>>>()?;
+    let all_pods: Vec<String> = b_names.iter().chain(&c_names).cloned().collect();
     let reach_only = |names: &[String], what: &str| -> Result<()> {
         for ((service, _), vip) in services.iter().zip(&vips) {
             for client in ["on-b", "on-a"] {
+                // The first connection may wait for the path to a node no traffic went
+                // to yet (it timed out in two full-suite runs, never alone); the wrong pod fails
+                // at once.
+                cluster.wait(
+                    &format!("{service} from {client} reaching {what}"),
+                    Duration::from_secs(30),
+                    || match whoami(&cluster, client, vip) {
+                        Ok(who) if names.contains(&who) => Ok(Some(())),
+                        Ok(who) if all_pods.contains(&who) => {
+                            bail!("{service} from {client} reached {who}; {what} runs {names:?}")
+                        }
+                        _ => Ok(None),
+                    },
+                )?;
                 let seen = answers(&cluster, client, vip, 10)?;
                 ensure!(
                     seen.iter().all(|who| names.contains(who)),
