@@ -158,8 +158,9 @@ struct DaemonArgs {
     /// times the frontend's backends (each table costs 4 bytes per entry in the kernel).
     #[arg(long, value_name = "M", default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE)]
     maglev_table_size: u32,
-    /// External flows (node ports, external and load-balancer IPs) tracked at once,
-    /// least recently used forgotten first.
+    /// External flows (node ports, external and load-balancer IPs) tracked at once, in
+    /// each of two tables: new flows (least recently used forgotten first) and
+    /// established ones (acknowledged answers; never pushed out by new flows).
     #[arg(long, value_name = "N", default_value_t = lb_common::maps::DEFAULT_FLOWS)]
     max_flows: u32,
     /// Source ports for flows from other machines SNATed to this node's address (their
