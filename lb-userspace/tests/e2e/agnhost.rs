@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use libtest_mimic::Trial;
 
 use crate::{
@@ -22,7 +22,102 @@ pub fn trials() -> Vec<Trial> {
             "agnhost::udp_http_and_large_requests_from_pods_and_endpoints",
             udp_http_and_large_requests_from_pods_and_endpoints,
         ),
+        trial(
+            "agnhost::endpoints_in_several_slices_written_by_hand",
+            endpoints_in_several_slices_written_by_hand,
+        ),
     ]
+}
+
+/// Services without a selector whose EndpointSlices a user writes (upstream's
+/// "multiple endpoint IPs / multiple ports specified in multiple EndpointSlices"),
+/// for two agnhost pods: one port whose two endpoints sit in two slices reaches both
+/// pods; two named ports, each in a slice of its own naming a different pod, reach
+/// each its own pod, on the target port its slice gives.
+fn endpoints_in_several_slices_written_by_hand() -> Result<()> {
+    let cluster = Cluster::new(shared_control_plane()?, &[None])?;
+    let _daemon = cluster.daemon(0, &[])?;
+    let pod = |name: &str, port: u16| {
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: by-hand}}}}
+spec:
+  containers:
+  - name: netexec
+    image: {AGNHOST}
+    args: [netexec, --http-port={port}, --udp-port=-1]
+---
+"#
+        )
+    };
+    cluster.apply(&format!("{}{}", pod("one", 8090), pod("two", 8091)))?;
+    let names = cluster.wait_ready("app=by-hand", 2)?;
+    let ips = crate::kube::pod_ips_of(&cluster, "app=by-hand", &names)?;
+    let ip_of = |pod: &str| -> Result<String> {
+        names
+            .iter()
+            .zip(&ips)
+            .find(|(name, _)| *name == pod)
+            .map(|(_, ip)| ip.clone())
+            .with_context(|| format!("the address of pod {pod}"))
+    };
+    let (one, two) = (ip_of("one")?, ip_of("two")?);
+    let slice = |name: &str, service: &str, ip: &str, port_name: &str, port: u16| {
+        format!(
+            r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}
+  labels: {{kubernetes.io/service-name: {service}, endpointslice.kubernetes.io/managed-by: lb.test}}
+addressType: IPv4
+endpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]
+ports: [{{name: {port_name}, port: {port}, protocol: TCP}}]
+---
+"#
+        )
+    };
+    cluster.apply(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: multi-ip}}
+spec:
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: multi-port}}
+spec:
+  ports: [{{name: a, port: 80}}, {{name: b, port: 81}}]
+---
+{}{}{}{}"#,
+        slice("multi-ip-1", "multi-ip", &one, "http", 8090),
+        slice("multi-ip-2", "multi-ip", &two, "http", 8091),
+        slice("multi-port-a", "multi-port", &one, "a", 8090),
+        slice("multi-port-b", "multi-port", &two, "b", 8091),
+    ))?;
+    cluster.run_client("client")?;
+    let reached = |service: &str, port: u16, want: &[&str]| -> Result<()> {
+        let vip = cluster.cluster_ip(service)?;
+        let url = format!("http://{vip}:{port}/hostname");
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        let seen = cluster.wait(
+            &format!("{service}:{port} reaching {want:?}"),
+            Duration::from_secs(30),
+            || {
+                let seen = (0..20)
+                    .map(|_| curl(&cluster, "client", &url))
+                    .collect::<Result<BTreeSet<_>>>()?;
+                Ok((seen == want).then_some(seen))
+            },
+        )?;
+        eprintln!("{service}:{port}: {seen:?}");
+        Ok(())
+    };
+    reached("multi-ip", 80, &["one", "two"])?;
+    reached("multi-port", 80, &["one"])?;
+    reached("multi-port", 81, &["two"])?;
+    Ok(())
 }
 
 /// A pod whose server is a sidecar (a restartable init container: agnhost netexec on
