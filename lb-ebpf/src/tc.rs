@@ -766,6 +766,21 @@ fn ct_get(key: &CtKey) -> Option<&'static CtValue> {
     ct_entry(key).map(|(entry, _)| unsafe { &*entry })
 }
 
+/// The key of the other direction's entry of a flow, from this direction's value (a
+/// packet rewritten to `value` is answered with the addresses and ports swapped).
+#[inline(always)]
+fn other_direction(value: &CtValue, proto: u8, dir: u8) -> CtKey {
+    CtKey {
+        src: value.dst,
+        dst: value.src,
+        sport: value.dport,
+        dport: value.sport,
+        proto,
+        dir,
+        _pad: 0,
+    }
+}
+
 /// A new flow on a tuple whose earlier flow is in the established table (a client
 /// reusing its port, a backend id reused): that flow is over, and its entries would
 /// be found before the new ones, so they go.
@@ -775,15 +790,7 @@ fn forget_established(packet: &Packet) {
     let Some(old) = (unsafe { LB_CT_EST.get(&key) }) else {
         return;
     };
-    let reply = CtKey {
-        src: old.dst,
-        dst: old.src,
-        sport: old.dport,
-        dport: old.sport,
-        proto: packet.proto,
-        dir: CT_REPLY,
-        _pad: 0,
-    };
+    let reply = other_direction(old, packet.proto, CT_REPLY);
     let _ = LB_CT_EST.remove(&reply);
     let _ = LB_CT_EST.remove(&key);
 }
@@ -805,15 +812,7 @@ fn finish_established(scratch: &mut Scratch, reply: bool) {
             return;
         };
         *reply_value = *value;
-        let forward_key = CtKey {
-            src: reply_value.dst,
-            dst: reply_value.src,
-            sport: reply_value.dport,
-            dport: reply_value.sport,
-            proto: packet.proto,
-            dir: CT_FORWARD,
-            _pad: 0,
-        };
+        let forward_key = other_direction(reply_value, packet.proto, CT_FORWARD);
         let Some(value) = (unsafe { LB_CT_EST.get(&forward_key) }) else {
             return;
         };
@@ -825,15 +824,7 @@ fn finish_established(scratch: &mut Scratch, reply: bool) {
             return;
         };
         *forward = *value;
-        let reply_key = CtKey {
-            src: forward.dst,
-            dst: forward.src,
-            sport: forward.dport,
-            dport: forward.sport,
-            proto: packet.proto,
-            dir: CT_REPLY,
-            _pad: 0,
-        };
+        let reply_key = other_direction(forward, packet.proto, CT_REPLY);
         let Some(value) = (unsafe { LB_CT_EST.get(&reply_key) }) else {
             return;
         };
@@ -874,15 +865,7 @@ fn establish(scratch: &mut Scratch) {
         return;
     };
     *forward = *tracked;
-    *reply_key = CtKey {
-        src: forward.dst,
-        dst: forward.src,
-        sport: forward.dport,
-        dport: forward.sport,
-        proto: packet.proto,
-        dir: CT_REPLY,
-        _pad: 0,
-    };
+    *reply_key = other_direction(forward, packet.proto, CT_REPLY);
     let Some(reply) = (unsafe { LB_CT.get(&*reply_key) }) else {
         return;
     };
@@ -1176,15 +1159,7 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
         forward.flags |= CT_F_SNAT;
         count(stat::TC_SNAT);
     }
-    scratch.reply_key = CtKey {
-        src: forward.dst,
-        dst: forward.src,
-        sport: forward.dport,
-        dport: forward.sport,
-        proto: packet.proto,
-        dir: CT_REPLY,
-        _pad: 0,
-    };
+    scratch.reply_key = other_direction(forward, packet.proto, CT_REPLY);
     scratch.reply_value = CtValue {
         src: packet.dst,
         dst: packet.src,
