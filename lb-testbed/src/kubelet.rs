@@ -780,18 +780,7 @@ fn start_container(
     // demo, which stops the pods.
     cmd.process_group(0);
     if !host_network {
-        let hostname = std::ffi::CString::new(pod_net.name.clone())?;
-        // SAFETY: unshare and sethostname only, between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::unshare(libc::CLONE_NEWUTS) != 0
-                    || libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::with_hostname(&mut cmd, &pod_net.name)?;
     }
     cmd.args(&argv[1..])
         .stdin(Stdio::null())

@@ -404,6 +404,25 @@ fn blackhole_service_ranges(netns: &str) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` in a UTS namespace of its own with `hostname`, as a container runtime
+/// gives a pod (or a machine) its name.
+pub fn with_hostname(cmd: &mut Command, hostname: &str) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let hostname = std::ffi::CString::new(hostname)?;
+    // SAFETY: only async-signal-safe calls (unshare, sethostname) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWUTS) != 0
+                || libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// A command whose child enters `/run/netns/<netns>` and optionally joins `cgroup`
 /// before exec.
 pub fn netns_command(netns: &str, cgroup: Option<&Path>, program: &str) -> Result<Command> {

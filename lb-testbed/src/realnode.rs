@@ -531,19 +531,7 @@ impl RealNode {
         let mut cmd = netns_command(&self.netns, None, program)?;
         // A UTS namespace named after the node: hostNetwork pods (which share the
         // runtime's) report the node's name as their hostname, as on a real machine.
-        let hostname = std::ffi::CString::new(self.name.as_str())?;
-        // SAFETY: only async-signal-safe calls (unshare, sethostname) between fork and
-        // exec, after netns_command's setns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::unshare(libc::CLONE_NEWUTS) != 0
-                    || libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::with_hostname(&mut cmd, &self.name)?;
         cmd.args(args)
             .process_group(0)
             .stdin(Stdio::null())
