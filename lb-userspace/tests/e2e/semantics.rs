@@ -246,8 +246,18 @@ fn evicted_pods_are_rejected_at_once() -> Result<()> {
     let cluster = Cluster::new(shared_control_plane()?, &[None])?;
     let node_a = cluster.nodes[0].name.clone();
     let daemon = cluster.daemon(0, &[])?;
-    let pods_yaml = pinned_redis("redis", 1, &node_a);
-    cluster.apply(&format!("{pods_yaml}{}", redis_service("")))?;
+    // A bare pod, as upstream's: a Deployment would replace the evicted one.
+    cluster.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: evictable, labels: {{app: redis}}}}
+spec:
+  nodeName: {node_a}
+  containers: [{{name: redis, image: redis, ports: [{{containerPort: 6379}}]}}]
+---
+{}"#,
+        redis_service("")
+    ))?;
     let pod = cluster.wait_ready("app=redis", 1)?.remove(0);
     cluster.run_client("client")?;
     let vip = cluster.cluster_ip("redis")?;
