@@ -283,7 +283,7 @@ spec:
 }
 
 /// Seconds since the Unix epoch (the clock python's `time.time()` reads).
-fn unix_seconds() -> f64 {
+pub(crate) fn unix_seconds() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
@@ -321,6 +321,11 @@ while time.time() < end:
         &["python3", "-c", &script],
         Duration::from_secs_f64(seconds + 10.0),
     )?;
+    timed_answers(&out)
+}
+
+/// Lines of "<unix time> <answer>", as the UDP stream scripts print them.
+pub(crate) fn timed_answers(out: &str) -> Result<Vec<(f64, String)>> {
     out.lines()
         .map(|line| {
             let (t, answer) = line.split_once(' ').context("a line without answer")?;

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::{
     cluster::{Cluster, shared_control_plane, trial},
-    external::{AGNHOST, dns_deployment, pinned_redis},
+    external::{AGNHOST, dns_deployment, pinned_redis, timed_answers, unix_seconds},
     kube::{pod_ips_of, refused_at_once, whoami},
     support::Daemon,
 };
@@ -98,13 +98,7 @@ while time.time() < end:
         &["python3", "-c", &script],
         Duration::from_secs_f64(seconds + 15.0),
     )?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|line| {
-            let (t, answer) = line.split_once(' ').context("a line without answer")?;
-            Ok((t.parse()?, answer.to_string()))
-        })
-        .collect()
+    timed_answers(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// A UDP server pod behind a ClusterIP is replaced (deleted, a new one created) while
@@ -196,9 +190,7 @@ spec:
                 backend_is(service, "server-2")
             })?;
         }
-        let replaced_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs_f64();
+        let replaced_at = unix_seconds();
         let results: Vec<_> = handles
             .into_iter()
             .map(|h| {
