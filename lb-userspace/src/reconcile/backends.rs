@@ -2,15 +2,21 @@
 //!
 //! Ids are dense (handed out from 1 by an [`IdAllocator`](super::ids::IdAllocator)),
 //! so the entries live in a slab indexed by id, and the identity index is a hash
-//! table of bare ids that hashes the identity stored in the slab. At a million
-//! backends that is about 42 bytes per backend; two hash maps (identity to entry, id
-//! to identity) took about 180.
+//! table of bare ids that hashes the identity stored in the slab. A slot is 24 bytes
+//! (the address, port, protocol, flags and reference count; its id is its index), so
+//! a million backends take about 29 bytes each with the index; two hash maps
+//! (identity to entry, id to identity) took about 180, an `Option` of the identity
+//! and a full entry 41.
 
-use std::hash::{BuildHasher as _, RandomState};
+use std::{
+    hash::{BuildHasher as _, RandomState},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use hashbrown::HashTable;
 
 use super::BackendIdentity;
+use crate::model::{BackendAddr, Protocol};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendEntry {
@@ -21,15 +27,119 @@ pub struct BackendEntry {
     pub local: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
+const IN_USE: u8 = 1;
+const IPV6: u8 = 2;
+const LOCAL: u8 = 4;
+
+/// One backend, packed: `IpAddr` alone takes 17 bytes and aligns nothing.
+#[derive(Debug, Clone, Copy, Default)]
 struct Slot {
-    identity: BackendIdentity,
-    entry: BackendEntry,
+    /// IPv4 addresses in the first four bytes.
+    addr: [u8; 16],
+    port: u16,
+    protocol: u8,
+    flags: u8,
+    refs: u32,
+}
+
+impl Slot {
+    fn new(identity: &BackendIdentity, refs: u32, local: bool) -> Self {
+        let mut addr = [0; 16];
+        let mut flags = IN_USE;
+        match identity.addr.ip {
+            IpAddr::V4(ip) => addr[..4].copy_from_slice(&ip.octets()),
+            IpAddr::V6(ip) => {
+                addr = ip.octets();
+                flags |= IPV6;
+            }
+        }
+        if local {
+            flags |= LOCAL;
+        }
+        Self {
+            addr,
+            port: identity.addr.port,
+            protocol: identity.protocol as u8,
+            flags,
+            refs,
+        }
+    }
+
+    fn in_use(&self) -> bool {
+        self.flags & IN_USE != 0
+    }
+
+    fn identity(&self) -> BackendIdentity {
+        let ip = if self.flags & IPV6 != 0 {
+            IpAddr::V6(Ipv6Addr::from(self.addr))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(
+                self.addr[0],
+                self.addr[1],
+                self.addr[2],
+                self.addr[3],
+            ))
+        };
+        let protocol = match self.protocol {
+            p if p == Protocol::Udp as u8 => Protocol::Udp,
+            p if p == Protocol::Sctp as u8 => Protocol::Sctp,
+            _ => Protocol::Tcp,
+        };
+        BackendIdentity {
+            addr: BackendAddr {
+                ip,
+                port: self.port,
+            },
+            protocol,
+        }
+    }
+
+    fn matches(&self, identity: &BackendIdentity) -> bool {
+        self.in_use() && *self == Slot::new(identity, self.refs, self.local())
+    }
+
+    fn local(&self) -> bool {
+        self.flags & LOCAL != 0
+    }
+}
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Self) -> bool {
+        // The identity: flags other than the family, and the count, are state.
+        self.addr == other.addr
+            && self.port == other.port
+            && self.protocol == other.protocol
+            && (self.flags & IPV6) == (other.flags & IPV6)
+    }
+}
+
+/// A programmed backend, to read and update in place.
+pub struct EntryMut<'a> {
+    id: u32,
+    slot: &'a mut Slot,
+}
+
+impl EntryMut<'_> {
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn refs_mut(&mut self) -> &mut u32 {
+        &mut self.slot.refs
+    }
+
+    pub fn local(&self) -> bool {
+        self.slot.local()
+    }
+
+    pub fn set_local(&mut self, local: bool) {
+        self.slot.flags = (self.slot.flags & !LOCAL) | if local { LOCAL } else { 0 };
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct BackendTable {
-    by_id: Vec<Option<Slot>>,
+    by_id: Vec<Slot>,
     index: HashTable<u32>,
     /// Seeded per process: pod addresses are chosen by whoever writes EndpointSlices.
     hasher: RandomState,
@@ -41,34 +151,41 @@ impl BackendTable {
     }
 
     fn slot(&self, id: u32) -> Option<&Slot> {
-        self.by_id.get(id as usize)?.as_ref()
+        self.by_id.get(id as usize).filter(|slot| slot.in_use())
     }
 
     fn find(&self, identity: &BackendIdentity) -> Option<u32> {
         let hash = self.hasher.hash_one(identity);
         self.index
-            .find(hash, |&id| {
-                self.slot(id).is_some_and(|slot| &slot.identity == identity)
-            })
+            .find(hash, |&id| self.by_id[id as usize].matches(identity))
             .copied()
+    }
+
+    fn entry_mut(&mut self, id: u32) -> Option<EntryMut<'_>> {
+        let slot = self
+            .by_id
+            .get_mut(id as usize)
+            .filter(|slot| slot.in_use())?;
+        Some(EntryMut { id, slot })
     }
 
     #[cfg(test)]
     pub fn get(&self, identity: &BackendIdentity) -> Option<BackendEntry> {
         let id = self.find(identity)?;
-        self.slot(id).map(|slot| slot.entry)
+        self.slot(id).map(|slot| BackendEntry {
+            id,
+            refs: slot.refs,
+            local: slot.local(),
+        })
     }
 
-    pub fn get_mut(&mut self, identity: &BackendIdentity) -> Option<&mut BackendEntry> {
+    pub fn get_mut(&mut self, identity: &BackendIdentity) -> Option<EntryMut<'_>> {
         let id = self.find(identity)?;
-        self.by_id[id as usize].as_mut().map(|slot| &mut slot.entry)
+        self.entry_mut(id)
     }
 
-    pub fn get_by_id_mut(&mut self, id: u32) -> Option<&mut BackendEntry> {
-        self.by_id
-            .get_mut(id as usize)?
-            .as_mut()
-            .map(|slot| &mut slot.entry)
+    pub fn get_by_id_mut(&mut self, id: u32) -> Option<EntryMut<'_>> {
+        self.entry_mut(id)
     }
 
     pub fn contains(&self, identity: &BackendIdentity) -> bool {
@@ -77,7 +194,7 @@ impl BackendTable {
 
     /// The identity behind `id`, if it is programmed.
     pub fn identity(&self, id: u32) -> Option<BackendIdentity> {
-        self.slot(id).map(|slot| slot.identity)
+        self.slot(id).map(Slot::identity)
     }
 
     pub fn contains_id(&self, id: u32) -> bool {
@@ -89,7 +206,7 @@ impl BackendTable {
         &mut self,
         identity: BackendIdentity,
         entry: BackendEntry,
-    ) -> &mut BackendEntry {
+    ) -> EntryMut<'_> {
         let id = match self.find(&identity) {
             Some(id) => id,
             None => {
@@ -97,38 +214,37 @@ impl BackendTable {
                 let at = id as usize;
                 if at >= self.by_id.len() {
                     // Grow by a quarter, not double: at a million backends the slab is
-                    // the largest thing the daemon holds.
-                    let wanted = (at + 1).max(self.by_id.len() + self.by_id.len() / 4);
-                    self.by_id.reserve_exact(wanted - self.by_id.len());
-                    self.by_id.resize(wanted, None);
+                    // among the largest things the daemon holds. Only the slots up to
+                    // the highest id are written: the spare capacity of a large
+                    // (mapped) block stays untouched and takes no memory.
+                    if at >= self.by_id.capacity() {
+                        let wanted = (at + 1).max(self.by_id.len() + self.by_id.len() / 4);
+                        self.by_id.reserve_exact(wanted - self.by_id.len());
+                    }
+                    self.by_id.resize(at + 1, Slot::default());
                 }
-                debug_assert!(self.by_id[at].is_none(), "backend id {id} in use twice");
-                self.by_id[at] = Some(Slot { identity, entry });
+                debug_assert!(!self.by_id[at].in_use(), "backend id {id} in use twice");
+                self.by_id[at] = Slot::new(&identity, entry.refs, entry.local);
                 let hash = self.hasher.hash_one(identity);
                 let (by_id, hasher) = (&self.by_id, &self.hasher);
                 self.index.insert_unique(hash, id, |&other| {
-                    let slot = by_id[other as usize]
-                        .as_ref()
-                        .expect("indexed ids have slots");
-                    hasher.hash_one(slot.identity)
+                    hasher.hash_one(by_id[other as usize].identity())
                 });
                 id
             }
         };
-        &mut self.by_id[id as usize]
-            .as_mut()
-            .expect("found ids have slots")
-            .entry
+        self.entry_mut(id).expect("found ids have slots")
     }
 
     /// Forgets `id`; returns its identity if it was programmed.
     pub fn remove_id(&mut self, id: u32) -> Option<BackendIdentity> {
-        let slot = self.by_id.get_mut(id as usize)?.take()?;
-        let hash = self.hasher.hash_one(slot.identity);
+        let identity = self.slot(id)?.identity();
+        self.by_id[id as usize] = Slot::default();
+        let hash = self.hasher.hash_one(identity);
         if let Ok(found) = self.index.find_entry(hash, |&other| other == id) {
             found.remove();
         }
-        Some(slot.identity)
+        Some(identity)
     }
 }
 
@@ -156,11 +272,12 @@ mod tests {
                 refs: 1,
                 local: id % 2 == 0,
             };
-            assert_eq!(*table.get_or_insert(identity(id), entry), entry);
+            assert_eq!(table.get_or_insert(identity(id), entry).id(), id);
+            assert_eq!(table.get(&identity(id)), Some(entry));
         }
         assert_eq!(table.len(), 1000);
         // Inserting a known identity returns its entry, whatever id is offered.
-        let again = table.get_or_insert(
+        let mut again = table.get_or_insert(
             identity(7),
             BackendEntry {
                 id: 5000,
@@ -168,8 +285,8 @@ mod tests {
                 local: false,
             },
         );
-        assert_eq!(again.id, 7);
-        again.refs += 1;
+        assert_eq!(again.id(), 7);
+        *again.refs_mut() += 1;
         assert_eq!(table.get(&identity(7)).map(|e| e.refs), Some(2));
         assert!(!table.contains_id(5000));
         for id in (1..=1000u32).step_by(3) {
@@ -195,5 +312,63 @@ mod tests {
         );
         assert_eq!(table.identity(1), Some(identity(4000)));
         assert!(!table.contains(&identity(1)));
+    }
+
+    #[test]
+    fn packed_slots_keep_family_protocol_and_locality_apart() {
+        let v4 = BackendIdentity {
+            addr: BackendAddr {
+                ip: "10.0.0.1".parse().unwrap(),
+                port: 53,
+            },
+            protocol: Protocol::Udp,
+        };
+        // The same 16 bytes as an IPv6 address, and the same address over TCP.
+        let v6 = BackendIdentity {
+            addr: BackendAddr {
+                ip: "a00:1::".parse().unwrap(),
+                port: 53,
+            },
+            protocol: Protocol::Udp,
+        };
+        let tcp = BackendIdentity {
+            protocol: Protocol::Tcp,
+            ..v4
+        };
+        let sctp = BackendIdentity {
+            protocol: Protocol::Sctp,
+            ..v6
+        };
+        let mut table = BackendTable::default();
+        for (id, identity) in [(1, v4), (2, v6), (3, tcp), (4, sctp)] {
+            let entry = BackendEntry {
+                id,
+                refs: 1,
+                local: id == 2,
+            };
+            assert_eq!(table.get_or_insert(identity, entry).id(), id);
+        }
+        assert_eq!(table.len(), 4);
+        for (id, identity) in [(1, v4), (2, v6), (3, tcp), (4, sctp)] {
+            assert_eq!(table.identity(id), Some(identity));
+            assert_eq!(
+                table.get(&identity).map(|e| (e.id, e.local)),
+                Some((id, id == 2))
+            );
+        }
+        let mut entry = table.get_mut(&v4).unwrap();
+        entry.set_local(true);
+        *entry.refs_mut() += 2;
+        assert_eq!(
+            table.get(&v4),
+            Some(BackendEntry {
+                id: 1,
+                refs: 3,
+                local: true
+            })
+        );
+        table.get_by_id_mut(2).unwrap().set_local(false);
+        assert_eq!(table.get(&v6).map(|e| e.local), Some(false));
+        assert_eq!(std::mem::size_of::<Slot>(), 24);
     }
 }

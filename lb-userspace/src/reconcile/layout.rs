@@ -31,5 +31,9 @@ pub fn layout(old: &[u32], wanted: &[u32]) -> Vec<u32> {
             None => break,
         }
     }
-    slots.into_iter().flatten().collect()
+    // Collected anew, not in place: in place would keep the capacity of twice as many
+    // u32s (the slots of a million endpoints stay in memory).
+    let mut ids = Vec::with_capacity(slots.len());
+    ids.extend(slots.into_iter().flatten());
+    ids
 }

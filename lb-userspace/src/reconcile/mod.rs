@@ -702,7 +702,7 @@ impl Reconciler {
                 this.garbage_slots.push(ServiceKey { slot, ..key });
             }
             for id in programmed.iter_mut().filter(|id| **id != 0) {
-                let entry = this.backends.get_or_insert(
+                let mut entry = this.backends.get_or_insert(
                     known_backends[id],
                     BackendEntry {
                         id: *id,
@@ -710,8 +710,8 @@ impl Reconciler {
                         local: local_of.get(id).copied().unwrap_or(false),
                     },
                 );
-                if entry.id == *id {
-                    entry.refs += 1;
+                if entry.id() == *id {
+                    *entry.refs_mut() += 1;
                 } else {
                     // Another id holds the same backend: this slot is rewritten, and
                     // its id, never adopted, deleted as garbage.
@@ -1056,13 +1056,13 @@ impl Reconciler {
                 };
                 let local = frontend.is_local(addr);
                 let id = match self.backends.get_mut(&identity) {
-                    Some(entry) => {
-                        entry.refs += 1;
-                        if entry.local != local {
-                            entry.local = local;
-                            relocated.push((entry.id, identity.to_map_value(local)));
+                    Some(mut entry) => {
+                        *entry.refs_mut() += 1;
+                        if entry.local() != local {
+                            entry.set_local(local);
+                            relocated.push((entry.id(), identity.to_map_value(local)));
                         }
-                        entry.id
+                        entry.id()
                     }
                     None => {
                         // Invariant breaches are errors, never panics: the caller
@@ -1341,11 +1341,11 @@ impl Reconciler {
         let garbage_backends = std::mem::take(&mut self.garbage_backends);
         let mut dead_backends = garbage_backends.clone();
         for id in released {
-            let Some(entry) = self.backends.get_by_id_mut(id) else {
+            let Some(mut entry) = self.backends.get_by_id_mut(id) else {
                 continue;
             };
-            entry.refs -= 1;
-            if entry.refs == 0 {
+            *entry.refs_mut() -= 1;
+            if *entry.refs_mut() == 0 {
                 dead_backends.push(id);
                 self.backends.remove_id(id);
                 self.backend_ids.release(id);
