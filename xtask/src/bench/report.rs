@@ -211,6 +211,33 @@ fn targets(results: &Results) -> Vec<(String, String, bool)> {
         ),
         cp.endpoint_change.p99_ms < 10.0,
     ));
+    // The largest scale row without duplicates: the DaemonSet's sizing target.
+    if let Some(largest) = results
+        .scale
+        .iter()
+        .filter(|r| r.duplicates == 0)
+        .max_by_key(|r| r.services)
+    {
+        lines.push((
+            format!(
+                "{} Services / {} endpoints from manifests: peak RSS under 300 MB",
+                largest.services, largest.endpoints
+            ),
+            format!(
+                "peak {:.0} MB, {:.0} MB after sync",
+                largest.peak_rss_mb, largest.rss_after_sync_mb
+            ),
+            largest.peak_rss_mb < 300.0,
+        ));
+        lines.push((
+            format!(
+                "{} Services / {} endpoints from manifests: ready under 3 s",
+                largest.services, largest.endpoints
+            ),
+            format!("{:.1} s", largest.sync_s),
+            largest.sync_s < 3.0,
+        ));
+    }
     if let Some(k) = &results.kubernetes {
         lines.push((
             format!(
