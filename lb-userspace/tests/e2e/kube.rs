@@ -270,10 +270,11 @@ fn client_pod(cluster: &Cluster) -> Result<()> {
 }
 
 /// The seed's kube-dns shape: 53/UDP and 53/TCP with named target ports, reached on
-/// both ports through the ClusterIP, every replica answering.
+/// both ports through the ClusterIP, every replica answering. With the UDP port
+/// removed from the Service, UDP to the ClusterIP gets no answer while TCP still does.
 fn multi_port_named_target_ports() -> Result<()> {
     let cluster = Cluster::new(shared_control_plane()?, &[None])?;
-    let _daemon = cluster.daemon(0, &[])?;
+    let daemon = cluster.daemon(0, &[])?;
     cluster.apply(&app(
         "kube-dns",
         "registry.k8s.io/coredns/coredns:v1.11.1",
@@ -316,6 +317,45 @@ fn multi_port_named_target_ports() -> Result<()> {
             },
         )?;
     }
+
+    // The same port number, one protocol less.
+    cluster.kubectl(&[
+        "patch",
+        "service",
+        "kube-dns",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/ports/0"}]"#,
+    ])?;
+    cluster.wait("53/UDP out of the maps", Duration::from_secs(10), || {
+        Ok(daemon.backends_of(&vip, 53, "UDP")?.is_none().then_some(()))
+    })?;
+    let dig = |transport: &str| -> Result<String> {
+        let out = cluster.exec(
+            "web",
+            &[
+                "dig",
+                "+short",
+                "+time=1",
+                "+tries=1",
+                transport,
+                &format!("@{vip}"),
+                "whoami.test",
+                "A",
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let udp = dig("+notcp")?;
+    ensure!(
+        !ips.contains(&udp),
+        "UDP answered {udp:?} after its port was removed"
+    );
+    let tcp = dig("+tcp")?;
+    ensure!(
+        ips.contains(&tcp),
+        "TCP answered {tcp:?} after the UDP port was removed, pods {names:?}"
+    );
     Ok(())
 }
 

@@ -2,7 +2,12 @@
 //! nodes and the daemon on node A: session affinity, internalTrafficPolicy Local and
 //! topology (trafficDistribution PreferClose).
 
-use std::{collections::BTreeSet, thread, time::Duration};
+use std::{
+    collections::BTreeSet,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use libtest_mimic::Trial;
@@ -793,7 +798,8 @@ const AFFINITY_HIT: &str = "lb_datapath_decisions_total{decision=\"affinity_hit\
 
 /// sessionAffinity ClientIP with a 5 s timeout: one client pod sticks to one backend,
 /// another pod has its own choice, an idle client chooses afresh, a deleted backend
-/// moves its clients at once, and switching affinity off spreads them again.
+/// moves its clients at once, switching affinity off spreads them again and switching it
+/// back on makes them stick again.
 fn session_affinity_client_ip() -> Result<()> {
     let cluster = Cluster::new(shared_control_plane()?, &[None, None])?;
     let node_a = cluster.nodes[0].name.clone();
@@ -895,6 +901,28 @@ fn session_affinity_client_ip() -> Result<()> {
         "without affinity: {:?}",
         distinct(&spread)
     );
+
+    // And on again (default timeout, 3 hours): each client sticks to one backend again.
+    cluster.kubectl(&[
+        "patch",
+        "service",
+        "redis",
+        "-p",
+        r#"{"spec":{"sessionAffinity":"ClientIP","sessionAffinityConfig":null}}"#,
+    ])?;
+    cluster.wait("affinity on in the maps", Duration::from_secs(10), || {
+        Ok(listed(&daemon, &vip)?
+            .is_some_and(|fe| fe["affinity_timeout"] == 10800)
+            .then_some(()))
+    })?;
+    for client in ["web-1", "web-2"] {
+        let sticky = answers(&cluster, client, &vip, 30)?;
+        ensure!(
+            distinct(&sticky).len() == 1,
+            "{client} with affinity switched back on: {:?}",
+            distinct(&sticky)
+        );
+    }
     Ok(())
 }
 
@@ -1010,6 +1038,8 @@ fn prefer_close_keeps_traffic_in_the_zone() -> Result<()> {
     // ignored and traffic spreads over zone-2.
     cluster.kubectl(&["scale", "deployment", "redis-z1", "--replicas=0"])?;
     wait_backends(&cluster, &daemon, &vip, &z2_ips)?;
+    let all_pods: Vec<String> = z1_names.iter().chain(&z2_names).cloned().collect();
+    first_answer_from(&cluster, "web", &vip, &z2_names, &all_pods, "zone-2")?;
     let spread = answers(&cluster, "web", &vip, 30)?;
     let reached: BTreeSet<&String> = distinct(&spread);
     ensure!(
@@ -1017,6 +1047,67 @@ fn prefer_close_keeps_traffic_in_the_zone() -> Result<()> {
         "without zone-1 endpoints: {reached:?}, zone-2 runs {z2_names:?}"
     );
     Ok(())
+}
+
+/// Waits (up to 30 s) for a first answer from `client` through `vip` from one of
+/// `names`; an answer from another of `all_pods` fails at once. The first connection
+/// to a node no traffic went to yet timed out (10 s) in three full-suite runs on other
+/// machines, never alone; the cause is not known (in a passing full run here the
+/// neighbour tables held under 50 entries and no CPU's backlog dropped a packet). A
+/// first answer that takes over a second is printed with the backlog drops meanwhile
+/// and the client node's neighbours, so that the next occurrence says more.
+fn first_answer_from(
+    cluster: &Cluster,
+    client: &str,
+    vip: &str,
+    names: &[String],
+    all_pods: &[String],
+    what: &str,
+) -> Result<()> {
+    let started = Instant::now();
+    let drops_before = backlog_drops();
+    cluster.wait(
+        &format!("{vip} from {client} reaching {what}"),
+        Duration::from_secs(30),
+        || match whoami(cluster, client, vip) {
+            Ok(who) if names.contains(&who) => Ok(Some(())),
+            Ok(who) if all_pods.contains(&who) => {
+                bail!("{vip} from {client} reached {who}; {what} runs {names:?}")
+            }
+            _ => Ok(None),
+        },
+    )?;
+    if started.elapsed() > Duration::from_secs(1) {
+        let neighbours = cluster
+            .pod_node(client)
+            .map(|node| {
+                Command::new("ip")
+                    .args(["-n", &node.net().netns, "neigh"])
+                    .output()
+                    .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "first answer from {client} via {vip} to {what} after {:?}; backlog drops {} -> {}; \
+             neighbours of its node:\n{neighbours}",
+            started.elapsed(),
+            drops_before,
+            backlog_drops()
+        );
+    }
+    Ok(())
+}
+
+/// Packets every CPU's input backlog dropped (`/proc/net/softnet_stat`, column 2),
+/// machine-wide: namespaces share it.
+fn backlog_drops() -> u64 {
+    std::fs::read_to_string("/proc/net/softnet_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
+        .sum()
 }
 
 /// trafficDistribution on three nodes: A and B in zone-1, C in zone-2; one endpoint
@@ -1066,20 +1157,7 @@ spec:
     let reach_only = |names: &[String], what: &str| -> Result<()> {
         for ((service, _), vip) in services.iter().zip(&vips) {
             for client in ["on-b", "on-a"] {
-                // The first connection may wait for the path to a node no traffic went
-                // to yet (it timed out in two full-suite runs, never alone); the wrong pod fails
-                // at once.
-                cluster.wait(
-                    &format!("{service} from {client} reaching {what}"),
-                    Duration::from_secs(30),
-                    || match whoami(&cluster, client, vip) {
-                        Ok(who) if names.contains(&who) => Ok(Some(())),
-                        Ok(who) if all_pods.contains(&who) => {
-                            bail!("{service} from {client} reached {who}; {what} runs {names:?}")
-                        }
-                        _ => Ok(None),
-                    },
-                )?;
+                first_answer_from(&cluster, client, vip, names, &all_pods, what)?;
                 let seen = answers(&cluster, client, vip, 10)?;
                 ensure!(
                     seen.iter().all(|who| names.contains(who)),
