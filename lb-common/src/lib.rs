@@ -20,7 +20,7 @@ pub const IPPROTO_SCTP: u8 = 132;
 /// Version of the layout of every map below (keys, values, types, meaning). A daemon
 /// adopts pinned maps only of its own version; any change to a map's layout or
 /// meaning must bump it (the loader also compares types and sizes as a safety net).
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Kernel map types used (`enum bpf_map_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -325,6 +325,12 @@ pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16381;
 
 /// `BPF_F_INNER_MAP`: Maglev tables of any size fit the outer map (kernel >= 5.10).
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: a Maglev table is filled through a shared mapping, one copy
+/// instead of a syscall's worth of work per entry (kernel >= 5.5).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// The flags of every Maglev table (the outer map accepts only tables like its
+/// template).
+pub const MAGLEV_TABLE_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 
 /// `CtKey::dir`: a packet from the client towards the frontend.
 pub const CT_FORWARD: u8 = 0;

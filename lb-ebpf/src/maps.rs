@@ -141,7 +141,7 @@ pub struct MaglevTableDef {
     key: *const u32,
     value: *const u32,
     max_entries: *const [i32; lb_common::DEFAULT_MAGLEV_TABLE_SIZE as usize],
-    map_flags: *const [i32; lb_common::BPF_F_INNER_MAP as usize],
+    map_flags: *const [i32; lb_common::MAGLEV_TABLE_FLAGS as usize],
 }
 
 /// BTF definition of `LB_MAGLEV`: a pinned hash of maps, frontend id -> its table.

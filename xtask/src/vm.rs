@@ -33,6 +33,7 @@ const UNIT_TESTS: &[&str] = &[
     "datapath::tc_tests::tc_programs_translate_crafted_packets",
     "datapath::tc_tests::tc_programs_track_tcp_state_and_refuse_what_they_cannot_serve",
     "datapath::tc_tests::tc_programs_keep_answered_flows_from_floods_of_new_ones",
+    "datapath::tc_tests::tc_programs_maglev_tables_read_back_as_written",
     "datapath::features::tests::probes_answer_on_this_kernel",
     "datapath::sockets::tests::destroys_only_matching_sockets_by_cookie_and_peer",
     "datapath::batch::tests::large_batches_are_written_and_deleted_whole",

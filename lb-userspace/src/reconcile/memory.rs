@@ -265,20 +265,24 @@ impl MapSet for MemoryMaps {
         Ok(())
     }
 
-    fn put_maglev(&mut self, svc_id: u32, table: &[u32]) -> Result<()> {
-        self.put()?;
-        if let Some(limits) = self.limits
-            && !self.tables.contains_key(&svc_id)
-        {
-            let bytes: usize = self.tables.values().map(|t| t.len() * 4).sum();
-            if (bytes + table.len() * 4) as u64 > limits.maglev_bytes {
-                bail!("the Maglev tables' memory is exhausted (ENOMEM)");
+    fn put_maglev(&mut self, tables: &[(u32, Vec<u32>)]) -> Result<()> {
+        // In order, as the kernel's batch: the tables before a failure stay installed.
+        for (svc_id, table) in tables {
+            self.put()?;
+            if let Some(limits) = self.limits
+                && !self.tables.contains_key(svc_id)
+            {
+                let entries: usize = self.tables.values().map(Vec::len).sum();
+                if (entries + table.len()) as u64 * super::MAGLEV_ENTRY_BYTES > limits.maglev_bytes
+                {
+                    bail!("the Maglev tables' memory is exhausted (ENOMEM)");
+                }
             }
+            self.tables.insert(*svc_id, table.clone());
+            let op = format!("put_table {svc_id}");
+            self.check_invariant(&op);
+            self.log.push(op);
         }
-        self.tables.insert(svc_id, table.to_vec());
-        let op = format!("put_table {svc_id}");
-        self.check_invariant(&op);
-        self.log.push(op);
         Ok(())
     }
 

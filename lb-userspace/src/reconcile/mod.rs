@@ -67,8 +67,8 @@ pub trait MapSet {
     fn delete_frontend_names(&mut self, svc_ids: &[u32]) -> Result<()>;
     fn put_affinity_members(&mut self, members: &[AffinityMember]) -> Result<()>;
     fn delete_affinity_members(&mut self, members: &[AffinityMember]) -> Result<()>;
-    /// Replaces frontend `svc_id`'s Maglev table (entries are backend ids) at once.
-    fn put_maglev(&mut self, svc_id: u32, table: &[u32]) -> Result<()>;
+    /// Replaces these frontends' Maglev tables (entries are backend ids), each at once.
+    fn put_maglev(&mut self, tables: &[(u32, Vec<u32>)]) -> Result<()>;
     fn delete_maglev(&mut self, svc_ids: &[u32]) -> Result<()>;
     fn put_source_ranges(&mut self, keys: &[SourceRangeKey]) -> Result<()>;
     fn delete_source_ranges(&mut self, keys: &[SourceRangeKey]) -> Result<()>;
@@ -386,7 +386,11 @@ pub struct Limits {
 }
 
 /// Default of `--max-maglev-memory`: 8192 tables of the default size (64 KiB each).
-pub const DEFAULT_MAGLEV_BYTES: u64 = 512 << 20;
+pub const DEFAULT_MAGLEV_BYTES: u64 = 1024 << 20;
+
+/// Kernel memory per Maglev table entry: an array stores its elements 8 bytes apart,
+/// so a `u32` entry takes 8 (a table of the default 16 381 entries, 128 KiB).
+pub const MAGLEV_ENTRY_BYTES: u64 = 8;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -902,7 +906,7 @@ impl Reconciler {
         }
         // A new external frontend brings a table (an update replaces its own).
         let table_growth = usize::from(is_new && key.scope == Scope::External);
-        let table_bytes = u64::from(self.maglev_size) * 4;
+        let table_bytes = u64::from(self.maglev_size) * MAGLEV_ENTRY_BYTES;
         if (budget.tables_held + budget.tables + table_growth) as u64 * table_bytes
             > self.limits.maglev_bytes
         {
@@ -1249,9 +1253,7 @@ impl Reconciler {
         }
         maps.reset_frontend_stats(&new_svc_ids)?;
         // Tables and source ranges before the frontend entry that makes them used.
-        for (svc_id, table) in &table_writes {
-            maps.put_maglev(*svc_id, table)?;
-        }
+        maps.put_maglev(&table_writes)?;
         stats.tables_written += table_writes.len();
         maps.put_source_ranges(&range_puts)?;
         maps.put_frontend_names(&names)?;

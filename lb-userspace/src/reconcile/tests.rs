@@ -1043,9 +1043,9 @@ fn source_ranges_past_capacity_leave_the_frontend_unserved_and_others_untouched(
 
 #[test]
 fn maglev_tables_past_the_memory_budget_are_refused_and_cluster_ips_still_fit() {
-    // Tables of 251 entries (1 004 bytes): the budget holds two.
+    // Tables of 251 entries (2 008 bytes of kernel memory): the budget holds two.
     let limits = Limits {
-        maglev_bytes: 2 * 1004 + 500,
+        maglev_bytes: 2 * 2008 + 1000,
         ..Limits::default()
     };
     let mut maps = MemoryMaps::with_limits(limits);
