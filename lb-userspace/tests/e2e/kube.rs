@@ -288,26 +288,30 @@ fn multi_port_named_target_ports() -> Result<()> {
     let ips: BTreeSet<String> = pods.iter().map(|p| p.1.clone()).collect();
     let vip = cluster.cluster_ip("kube-dns")?;
     cluster.wait_slice_ready("kube-dns", &ips.iter().cloned().collect::<Vec<_>>())?;
+    // `whoami.test` answers with the answering pod's address.
+    let dig = |transport: &str| -> Result<String> {
+        let out = cluster.exec(
+            "web",
+            &[
+                "dig",
+                "+short",
+                "+time=1",
+                "+tries=1",
+                transport,
+                &format!("@{vip}"),
+                "whoami.test",
+                "A",
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
     for transport in ["+notcp", "+tcp"] {
         let mut seen = BTreeSet::new();
         cluster.wait(
             &format!("both replicas answering over {transport}"),
             Duration::from_secs(10),
             || {
-                let out = cluster.exec(
-                    "web",
-                    &[
-                        "dig",
-                        "+short",
-                        "+time=1",
-                        "+tries=1",
-                        transport,
-                        &format!("@{vip}"),
-                        "whoami.test",
-                        "A",
-                    ],
-                )?;
-                let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                let answer = dig(transport)?;
                 ensure!(
                     ips.contains(&answer),
                     "dig {transport} @{vip} answered {answer:?}, pods {names:?}"
@@ -330,22 +334,6 @@ fn multi_port_named_target_ports() -> Result<()> {
     cluster.wait("53/UDP out of the maps", Duration::from_secs(10), || {
         Ok(daemon.backends_of(&vip, 53, "UDP")?.is_none().then_some(()))
     })?;
-    let dig = |transport: &str| -> Result<String> {
-        let out = cluster.exec(
-            "web",
-            &[
-                "dig",
-                "+short",
-                "+time=1",
-                "+tries=1",
-                transport,
-                &format!("@{vip}"),
-                "whoami.test",
-                "A",
-            ],
-        )?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
     let udp = dig("+notcp")?;
     ensure!(
         !ips.contains(&udp),
