@@ -907,19 +907,28 @@ fn tc_programs_keep_answered_flows_from_floods_of_new_ones() {
 #[test]
 #[ignore = "needs root (loads the datapath); cargo xtask test runs it with --include-ignored"]
 fn tc_programs_maglev_tables_read_back_as_written() {
-    let (_datapath, mut maps) = loaded();
-    let table_a: Vec<u32> = (0..251).map(|i| 1000 + i * 7).collect();
-    let table_b: Vec<u32> = (0..13).map(|i| u32::MAX - i).collect();
-    maps.put_maglev(&[(7, table_a.clone()), (8, table_b.clone())])
-        .expect("installing two tables");
-    assert_eq!(maps.maglev_table(7, 251).unwrap(), Some(table_a));
-    assert_eq!(maps.maglev_table(8, 13).unwrap(), Some(table_b));
-    let replaced: Vec<u32> = (0..251).rev().collect();
-    maps.put_maglev(&[(7, replaced.clone())])
-        .expect("replacing a table");
-    assert_eq!(maps.maglev_table(7, 251).unwrap(), Some(replaced));
-    maps.delete_maglev(&[7, 8, 9])
-        .expect("deleting, one of them unknown");
-    assert_eq!(maps.maglev_table(7, 251).unwrap(), None);
-    assert_eq!(maps.maglev_table(8, 13).unwrap(), None);
+    let (datapath, mut maps) = loaded();
+    let pin_dir = datapath.options.pin_dir.clone();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let table_a: Vec<u32> = (0..251).map(|i| 1000 + i * 7).collect();
+        let table_b: Vec<u32> = (0..13).map(|i| u32::MAX - i).collect();
+        maps.put_maglev(&[(7, table_a.clone()), (8, table_b.clone())])
+            .expect("installing two tables");
+        assert_eq!(maps.maglev_table(7, 251).unwrap(), Some(table_a));
+        assert_eq!(maps.maglev_table(8, 13).unwrap(), Some(table_b));
+        let replaced: Vec<u32> = (0..251).rev().collect();
+        maps.put_maglev(&[(7, replaced.clone())])
+            .expect("replacing a table");
+        assert_eq!(maps.maglev_table(7, 251).unwrap(), Some(replaced));
+        maps.delete_maglev(&[7, 8, 9])
+            .expect("deleting, one of them unknown");
+        assert_eq!(maps.maglev_table(7, 251).unwrap(), None);
+        assert_eq!(maps.maglev_table(8, 13).unwrap(), None);
+    }));
+    drop(maps);
+    drop(datapath);
+    let _ = super::cleanup(&pin_dir, None);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }
