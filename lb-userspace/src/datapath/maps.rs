@@ -704,6 +704,55 @@ fn fill_mapped_array(fd: BorrowedFd<'_>, values: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// Maglev tables created and installed together: one grace period per group.
+const MAGLEV_INSTALL_GROUP: usize = 256;
+
+impl KernelMaps {
+    fn install_maglev_group(&mut self, tables: &[(u32, Vec<u32>)]) -> Result<()> {
+        let mut inner = Vec::with_capacity(tables.len());
+        for (svc_id, table) in tables {
+            let def = aya_obj::Map::new_from_params(
+                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+                size_of::<u32>() as u32,
+                size_of::<u32>() as u32,
+                table.len() as u32,
+                MAGLEV_TABLE_FLAGS,
+            );
+            let map =
+                MapData::create(def, "lb_maglev_table", None).context("creating a Maglev table")?;
+            fill_mapped_array(map.fd().as_fd(), table)
+                .with_context(|| format!("filling the Maglev table of frontend {svc_id}"))?;
+            inner.push((*svc_id, map));
+        }
+        let entries: Vec<(u32, u32)> = inner
+            .iter()
+            .map(|(svc_id, map)| {
+                use std::os::fd::AsRawFd as _;
+                (*svc_id, map.fd().as_fd().as_raw_fd() as u32)
+            })
+            .collect();
+        if self.maglev_batch_ops {
+            match batch::update(self.maglev_fd.as_fd(), &entries) {
+                Ok(()) => return Ok(()),
+                Err(err) if batch::unsupported(&err) => {
+                    debug!("batched Maglev table installs unavailable ({err}); one at a time");
+                    self.maglev_batch_ops = false;
+                }
+                Err(err) => {
+                    return Err(err)
+                        .with_context(|| format!("installing {} Maglev tables", tables.len()));
+                }
+            }
+        }
+        for (svc_id, map) in &inner {
+            self.maglev
+                .insert(svc_id, map, 0)
+                .with_context(|| format!("installing the Maglev table of frontend {svc_id}"))?;
+        }
+        Ok(())
+    }
+}
+
 impl MapSet for KernelMaps {
     fn put_backends(&mut self, entries: &[(u32, Backend)]) -> Result<()> {
         self.put_batch(MapFdKind::Backends, entries)
@@ -756,52 +805,13 @@ impl MapSet for KernelMaps {
     }
 
     fn put_maglev(&mut self, tables: &[(u32, Vec<u32>)]) -> Result<()> {
-        if tables.is_empty() {
-            return Ok(());
-        }
-        // New tables, filled, then swapped in by one batched update: a reader sees a
+        // New tables, filled, then swapped in by batched updates: a reader sees a
         // frontend's old table or its new one. Every update of a map of maps waits for
         // an RCU grace period (programs must stop using the old table), about 5 ms
         // here: one update per table made 2 766 NodePort Services take 27 s to sync.
-        let mut inner = Vec::with_capacity(tables.len());
-        for (svc_id, table) in tables {
-            let def = aya_obj::Map::new_from_params(
-                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
-                size_of::<u32>() as u32,
-                size_of::<u32>() as u32,
-                table.len() as u32,
-                MAGLEV_TABLE_FLAGS,
-            );
-            let map =
-                MapData::create(def, "lb_maglev_table", None).context("creating a Maglev table")?;
-            fill_mapped_array(map.fd().as_fd(), table)
-                .with_context(|| format!("filling the Maglev table of frontend {svc_id}"))?;
-            inner.push((*svc_id, map));
-        }
-        let entries: Vec<(u32, u32)> = inner
-            .iter()
-            .map(|(svc_id, map)| {
-                use std::os::fd::AsRawFd as _;
-                (*svc_id, map.fd().as_fd().as_raw_fd() as u32)
-            })
-            .collect();
-        if self.maglev_batch_ops {
-            match batch::update(self.maglev_fd.as_fd(), &entries) {
-                Ok(()) => return Ok(()),
-                Err(err) if batch::unsupported(&err) => {
-                    debug!("batched Maglev table installs unavailable ({err}); one at a time");
-                    self.maglev_batch_ops = false;
-                }
-                Err(err) => {
-                    return Err(err)
-                        .with_context(|| format!("installing {} Maglev tables", tables.len()));
-                }
-            }
-        }
-        for (svc_id, map) in &inner {
-            self.maglev
-                .insert(svc_id, map, 0)
-                .with_context(|| format!("installing the Maglev table of frontend {svc_id}"))?;
+        // Groups bound the descriptors held at once (a soft limit of 1 024 is common).
+        for group in tables.chunks(MAGLEV_INSTALL_GROUP) {
+            self.install_maglev_group(group)?;
         }
         Ok(())
     }

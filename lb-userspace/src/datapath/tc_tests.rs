@@ -924,6 +924,15 @@ fn tc_programs_maglev_tables_read_back_as_written() {
             .expect("deleting, one of them unknown");
         assert_eq!(maps.maglev_table(7, 251).unwrap(), None);
         assert_eq!(maps.maglev_table(8, 13).unwrap(), None);
+        // More tables than one install group.
+        let many: Vec<(u32, Vec<u32>)> = (100..400).map(|id| (id, vec![id; 7])).collect();
+        maps.put_maglev(&many).expect("installing 300 tables");
+        for id in [100, 355, 399] {
+            assert_eq!(maps.maglev_table(id, 7).unwrap(), Some(vec![id; 7]));
+        }
+        let ids: Vec<u32> = (100..400).collect();
+        maps.delete_maglev(&ids).expect("deleting 300 tables");
+        assert_eq!(maps.maglev_table(399, 7).unwrap(), None);
     }));
     drop(maps);
     drop(datapath);
