@@ -505,19 +505,10 @@ impl KernelMaps {
             return Ok(());
         }
         let fd = self.checked_fd(which, size_of::<K>(), Some(size_of::<V>()))?;
-        if self.batch_ops {
-            match batch::update(fd, entries) {
-                Ok(()) => return Ok(()),
-                Err(err) if batch::unsupported(&err) => {
-                    debug!("batched map updates unavailable ({err}); writing one entry at a time");
-                    self.batch_ops = false;
-                }
-                Err(err) => {
-                    return Err(err).with_context(|| {
-                        format!("writing {} entries to {which:?}", entries.len())
-                    });
-                }
-            }
+        let what = || format!("writing {} entries to {which:?}", entries.len());
+        match batched(self.batch_ops, || batch::update(fd, entries), what)? {
+            Batch::Done => return Ok(()),
+            Batch::Unavailable => self.batch_ops = false,
         }
         for (key, value) in entries {
             self.put_one(which, key, value)?;
@@ -530,19 +521,10 @@ impl KernelMaps {
             return Ok(());
         }
         self.checked_fd(which, size_of::<K>(), None)?;
-        if self.batch_ops {
-            match batch::delete(self.fd(which), keys) {
-                Ok(()) => return Ok(()),
-                Err(err) if batch::unsupported(&err) => {
-                    debug!("batched map deletes unavailable ({err}); deleting one entry at a time");
-                    self.batch_ops = false;
-                }
-                Err(err) => {
-                    return Err(err).with_context(|| {
-                        format!("deleting {} entries from {which:?}", keys.len())
-                    });
-                }
-            }
+        let what = || format!("deleting {} entries from {which:?}", keys.len());
+        match batched(self.batch_ops, || batch::delete(self.fd(which), keys), what)? {
+            Batch::Done => return Ok(()),
+            Batch::Unavailable => self.batch_ops = false,
         }
         for key in keys {
             self.delete_one(which, key)?;
@@ -704,6 +686,37 @@ fn fill_mapped_array(fd: BorrowedFd<'_>, values: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// How a batched map operation went when it did not fail.
+enum Batch {
+    Done,
+    /// The kernel takes no batches for this map: the caller goes one entry at a time
+    /// (and remembers it).
+    Unavailable,
+}
+
+/// Runs one batched map operation where batches are `enabled`; any error other than
+/// "unsupported" is returned with `what` was being done.
+fn batched(
+    enabled: bool,
+    operation: impl FnOnce() -> std::io::Result<()>,
+    what: impl Fn() -> String,
+) -> Result<Batch> {
+    if !enabled {
+        return Ok(Batch::Unavailable);
+    }
+    match operation() {
+        Ok(()) => Ok(Batch::Done),
+        Err(err) if batch::unsupported(&err) => {
+            debug!(
+                "batched map operations unavailable ({err}) {}: one entry at a time",
+                what()
+            );
+            Ok(Batch::Unavailable)
+        }
+        Err(err) => Err(err).with_context(what),
+    }
+}
+
 /// Maglev tables created and installed together: one grace period per group.
 const MAGLEV_INSTALL_GROUP: usize = 256;
 
@@ -731,18 +744,11 @@ impl KernelMaps {
                 (*svc_id, map.fd().as_fd().as_raw_fd() as u32)
             })
             .collect();
-        if self.maglev_batch_ops {
-            match batch::update(self.maglev_fd.as_fd(), &entries) {
-                Ok(()) => return Ok(()),
-                Err(err) if batch::unsupported(&err) => {
-                    debug!("batched Maglev table installs unavailable ({err}); one at a time");
-                    self.maglev_batch_ops = false;
-                }
-                Err(err) => {
-                    return Err(err)
-                        .with_context(|| format!("installing {} Maglev tables", tables.len()));
-                }
-            }
+        let install = || batch::update(self.maglev_fd.as_fd(), &entries);
+        let what = || format!("installing {} Maglev tables", tables.len());
+        match batched(self.maglev_batch_ops, install, what)? {
+            Batch::Done => return Ok(()),
+            Batch::Unavailable => self.maglev_batch_ops = false,
         }
         for (svc_id, map) in &inner {
             self.maglev
@@ -821,18 +827,11 @@ impl MapSet for KernelMaps {
             return Ok(());
         }
         // Batched for the same reason as installs: one grace period, not one per table.
-        if self.maglev_batch_ops {
-            match batch::delete(self.maglev_fd.as_fd(), svc_ids) {
-                Ok(()) => return Ok(()),
-                Err(err) if batch::unsupported(&err) => {
-                    debug!("batched Maglev table deletes unavailable ({err}); one at a time");
-                    self.maglev_batch_ops = false;
-                }
-                Err(err) => {
-                    return Err(err)
-                        .with_context(|| format!("deleting {} Maglev tables", svc_ids.len()));
-                }
-            }
+        let delete = || batch::delete(self.maglev_fd.as_fd(), svc_ids);
+        let what = || format!("deleting {} Maglev tables", svc_ids.len());
+        match batched(self.maglev_batch_ops, delete, what)? {
+            Batch::Done => return Ok(()),
+            Batch::Unavailable => self.maglev_batch_ops = false,
         }
         for svc_id in svc_ids {
             match self.maglev.remove(svc_id) {

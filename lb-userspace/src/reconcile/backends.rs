@@ -95,7 +95,8 @@ impl Slot {
     }
 
     fn matches(&self, identity: &BackendIdentity) -> bool {
-        self.in_use() && *self == Slot::new(identity, self.refs, self.local())
+        // Equality compares the identity only (not the count or locality).
+        self.in_use() && *self == Slot::new(identity, 0, false)
     }
 
     fn local(&self) -> bool {
