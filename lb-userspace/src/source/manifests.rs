@@ -142,14 +142,7 @@ impl Effective {
     }
 
     fn hash_object(hasher: &RandomState, object: &Object) -> u64 {
-        match object {
-            Object::Service(s) => hasher.hash_one((Kind::Service, &s.id)),
-            Object::Slice(s) => hasher.hash_one((Kind::EndpointSlice, &s.id)),
-            Object::Node(_) => {
-                let key = object.key();
-                hasher.hash_one((key.0, &key.1))
-            }
-        }
+        with_key(object, |kind, id| hasher.hash_one((kind, id)))
     }
 
     fn get(&self, key: &ObjectKey) -> Option<&Arc<Path>> {
@@ -190,13 +183,22 @@ impl Effective {
     }
 }
 
+/// Calls `f` with `object`'s key, borrowed where the object holds it (a Node's is
+/// built from its name).
+fn with_key<R>(object: &Object, f: impl FnOnce(Kind, &ObjectRef) -> R) -> R {
+    match object {
+        Object::Service(s) => f(Kind::Service, &s.id),
+        Object::Slice(s) => f(Kind::EndpointSlice, &s.id),
+        Object::Node(_) => {
+            let (kind, id) = object.key();
+            f(kind, &id)
+        }
+    }
+}
+
 /// How `object`'s key orders against `key`, without copying the key.
 fn cmp_key(object: &Object, key: &ObjectKey) -> std::cmp::Ordering {
-    match object {
-        Object::Service(s) => (Kind::Service, &s.id).cmp(&(key.0, &key.1)),
-        Object::Slice(s) => (Kind::EndpointSlice, &s.id).cmp(&(key.0, &key.1)),
-        Object::Node(_) => object.key().cmp(key),
-    }
+    with_key(object, |kind, id| (kind, id).cmp(&(key.0, &key.1)))
 }
 
 #[derive(Debug)]
