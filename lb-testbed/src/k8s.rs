@@ -168,8 +168,31 @@ pub enum Etcd {
     Debian,
 }
 
+/// A loopback port free now, below the kernel's ephemeral range: a port from that
+/// range (what binding port 0 gives) can be taken by any outgoing connection in the
+/// seconds before the server that was handed it binds it.
 fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_start = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u32 = 10_000;
+    let span = ephemeral_start.saturating_sub(LOWEST);
+    if span < 1_000 {
+        return Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    }
+    // Spread processes and calls apart so that concurrent test runs rarely try the
+    // same ports; the bind below settles it.
+    let seed = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let step = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = LOWEST + seed.wrapping_add(step.wrapping_mul(97)) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return Ok(port as u16);
+        }
+    }
+    bail!("no free loopback port in {LOWEST}..{ephemeral_start}")
 }
 
 struct Process {
@@ -217,8 +240,6 @@ impl ControlPlane {
         let etcd_port = free_port()?;
         let peer_port = free_port()?;
         let api_port = free_port()?;
-        let cm_port = free_port()?;
-        let sched_port = free_port()?;
         let this = Self {
             kubeconfig: dir.join("kubeconfig"),
             dir: dir.clone(),
@@ -301,8 +322,10 @@ impl ControlPlane {
             &bin.join("kube-controller-manager").display().to_string(),
             vec![
                 format!("--kubeconfig={}", this.kubeconfig.display()),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={cm_port}"),
+                // No serving port: nothing here reads it, and a port picked ahead of
+                // time can be taken (by an ephemeral connection) before the process
+                // binds it, which kills the controller.
+                "--secure-port=0".into(),
                 format!("--service-account-private-key-file={}", d("sa.key")),
                 format!("--root-ca-file={}", d("certs/apiserver.crt")),
                 "--leader-elect=false".into(),
@@ -319,8 +342,7 @@ impl ControlPlane {
             &bin.join("kube-scheduler").display().to_string(),
             vec![
                 format!("--kubeconfig={}", this.kubeconfig.display()),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={sched_port}"),
+                "--secure-port=0".into(),
                 "--leader-elect=false".into(),
             ],
         )?;
@@ -390,6 +412,25 @@ impl ControlPlane {
             }
             thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Control-plane processes that have exited, each with its status and log tail;
+    /// empty while all run. For error messages: a dead scheduler leaves pods Pending
+    /// with no other sign.
+    pub fn exited_processes(&self) -> String {
+        let mut report = String::new();
+        for process in self.processes.lock().expect("lock").iter_mut() {
+            if let Some(child) = process.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                report.push_str(&format!(
+                    "{} exited ({status}); its log ends:\n{}\n",
+                    process.name,
+                    self.log_tail(process.name)
+                ));
+            }
+        }
+        report
     }
 
     pub fn log_tail(&self, name: &str) -> String {
@@ -544,4 +585,31 @@ pub fn cleanup_leftovers() -> Vec<String> {
         removed.push(format!("control plane {name}"));
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handed_out_ports_are_bindable_and_outside_the_ephemeral_range() {
+        let ephemeral_start: u16 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        for &port in &ports {
+            assert!(port < ephemeral_start, "{port} is in the ephemeral range");
+            TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            ports.len(),
+            "one call after another: {ports:?}"
+        );
+    }
 }

@@ -1043,11 +1043,22 @@ pub fn wait_lb_ready(
         if pods.len() == nodes {
             return Ok(pods);
         }
-        if Instant::now() > deadline {
+        let exited = cp.exited_processes();
+        if !exited.is_empty() || Instant::now() > deadline {
             bail!(
-                "lb pods not Ready on {nodes} nodes within {timeout:?}:\n{}",
+                "lb pods not Ready on {nodes} nodes within {timeout:?}:\n{}\n\
+                 kube-system events:\n{}\n{exited}kube-scheduler's log ends:\n{}",
                 cp.kubectl(&["get", "pods", "-A", "-o", "wide"])
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                cp.kubectl(&[
+                    "get",
+                    "events",
+                    "-n",
+                    "kube-system",
+                    "--sort-by=.lastTimestamp"
+                ])
+                .unwrap_or_default(),
+                cp.log_tail("kube-scheduler"),
             );
         }
         thread::sleep(Duration::from_millis(250));
