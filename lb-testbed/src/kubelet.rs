@@ -1,7 +1,8 @@
 //! A kubelet stand-in: one per simulated node. It registers the node's `Node` (podCIDR,
 //! addresses, capacity, `Ready`, zone label; it lifts the `not-ready` taint the API
 //! server adds), watches the Pods bound to it and runs each as a real process in a pod
-//! network namespace of the node's [`World`], reports `podIP`/`podIPs`, `Running` and
+//! network namespace of the node's [`World`] and in a cgroup laid out as the kubelet's
+//! (`<node cgroup>/kubepods/<qos>/pod<uid>/<container>`), reports `podIP`/`podIPs`, `Running` and
 //! `Ready` (once the process listens, or its readiness probe passes), and on deletion
 //! runs the preStop sleep, sends SIGTERM, waits the grace period, removes the
 //! namespace and deletes the Pod object, as the real kubelet does.
@@ -26,6 +27,7 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
     process::{Child, Output, Stdio},
     sync::{Arc, Mutex},
     thread,
@@ -67,6 +69,11 @@ struct Running {
     net: Pod,
     /// `hostNetwork: true`: `net` is the node's own namespace (never removed here).
     host_network: bool,
+    /// The pod's cgroup, laid out as the kubelet's (`kubepods/<qos>/pod<uid>`, one
+    /// directory per container inside), below the node's.
+    cgroup: PathBuf,
+    /// Where `exec` runs: the first container's cgroup.
+    exec_cgroup: PathBuf,
     /// One process per container.
     children: Vec<Child>,
     terminating: bool,
@@ -377,9 +384,42 @@ impl SimNode {
             .collect()
     }
 
-    /// Runs `argv` in a pod's network namespace and in the node's cgroup (so this
-    /// node's daemon balances it), like `kubectl exec`.
+    /// The cgroup of a pod this node runs.
+    pub fn pod_cgroup(&self, namespace: &str, name: &str) -> Option<PathBuf> {
+        self.pods
+            .lock()
+            .expect("lock")
+            .values()
+            .find(|r| r.namespace == namespace && r.name == name)
+            .map(|r| r.cgroup.clone())
+    }
+
+    /// Runs `argv` in a pod's network namespace and in its first container's cgroup
+    /// (below the node's, so this node's daemon balances it), like `kubectl exec`.
     pub fn exec(
+        &self,
+        namespace: &str,
+        pod: &str,
+        argv: &[&str],
+        timeout: Duration,
+    ) -> Result<Output> {
+        let (net, cgroup) = self
+            .pods
+            .lock()
+            .expect("lock")
+            .values()
+            .find(|r| r.namespace == namespace && r.name == pod)
+            .map(|r| (r.net.clone(), r.exec_cgroup.clone()))
+            .with_context(|| format!("pod {namespace}/{pod} does not run on node {}", self.name))?;
+        let mut cmd = self.world.command(&net, Some(&cgroup), argv[0])?;
+        cmd.args(&argv[1..]);
+        output_with_timeout(cmd, timeout)
+    }
+
+    /// Runs `argv` in a pod's network namespace but in none of the node's cgroups: as
+    /// a VM guest's processes (Kata, KubeVirt) send from a kernel of their own, no
+    /// socket hook of the node sees their connections.
+    pub fn exec_as_guest(
         &self,
         namespace: &str,
         pod: &str,
@@ -389,9 +429,7 @@ impl SimNode {
         let net = self
             .pod(namespace, pod)
             .with_context(|| format!("pod {namespace}/{pod} does not run on node {}", self.name))?;
-        let mut cmd = self
-            .world
-            .command(&net, Some(&self.net().cgroup.path), argv[0])?;
+        let mut cmd = self.world.command(&net, None, argv[0])?;
         cmd.args(&argv[1..]);
         output_with_timeout(cmd, timeout)
     }
@@ -611,8 +649,8 @@ async fn start_pod(
         .collect();
     ensure!(!containers.is_empty(), "pod has no container");
     let node = world.node(net);
-    // hostNetwork: the node's own namespace and addresses, the node's cgroup (so the
-    // node's socket hooks apply), as a kubelet runs such a pod.
+    // hostNetwork: the node's own namespace and addresses (and a pod cgroup below the
+    // node's, like every pod, so the node's socket hooks apply), as a kubelet runs it.
     let host_network = spec.host_network == Some(true);
     let pod_net = if host_network {
         Pod {
@@ -626,17 +664,33 @@ async fn start_pod(
     };
     let work = pod_dir(&pod_net);
     std::fs::create_dir_all(&work)?;
+    let cgroup = pod_cgroup_path(&node.cgroup.path, &pod, &uid);
     let mut children = Vec::new();
     let mut readiness_checks = Vec::new();
     for container in &containers {
         let kind = image_kind(container);
-        match start_container(world, node, &pod_net, host_network, &work, container, kind) {
+        let container_cgroup = cgroup.join(&container.name);
+        let started = std::fs::create_dir_all(&container_cgroup)
+            .with_context(|| format!("creating cgroup {}", container_cgroup.display()))
+            .and_then(|()| {
+                start_container(
+                    world,
+                    &container_cgroup,
+                    &pod_net,
+                    host_network,
+                    &work,
+                    container,
+                    kind,
+                )
+            });
+        match started {
             Ok(child) => children.push(child),
             Err(err) => {
                 for mut child in children {
                     let _ = child.kill();
                     let _ = child.wait();
                 }
+                crate::remove_cgroup_tree(&cgroup);
                 if !host_network {
                     world.remove_pod(&pod_net);
                 }
@@ -655,6 +709,8 @@ async fn start_pod(
             name: name.clone(),
             net: pod_net.clone(),
             host_network,
+            exec_cgroup: cgroup.join(&containers[0].name),
+            cgroup,
             children,
             terminating: false,
         },
@@ -747,11 +803,25 @@ async fn start_pod(
     Ok(())
 }
 
-/// Starts one container's process in the pod's network namespace and the node's
+/// Where the kubelet (cgroupfs driver) puts a pod's cgroup: `kubepods/pod<uid>` for
+/// Guaranteed pods, `kubepods/burstable/...` and `kubepods/besteffort/...` for the
+/// others, below the node's cgroup.
+fn pod_cgroup_path(node_cgroup: &Path, pod: &KubePod, uid: &str) -> PathBuf {
+    let qos = pod.status.as_ref().and_then(|s| s.qos_class.as_deref());
+    let kubepods = node_cgroup.join("kubepods");
+    let parent = match qos {
+        Some("Guaranteed") => kubepods,
+        Some("Burstable") => kubepods.join("burstable"),
+        _ => kubepods.join("besteffort"),
+    };
+    parent.join(format!("pod{uid}"))
+}
+
+/// Starts one container's process in the pod's network namespace and the container's
 /// cgroup, logging to `<pod dir>/<container>.log`.
 fn start_container(
     world: &World,
-    node: &NodeNet,
+    cgroup: &Path,
     pod_net: &Pod,
     host_network: bool,
     work: &std::path::Path,
@@ -773,7 +843,7 @@ fn start_container(
         }
         _ => vec!["sleep".into(), "infinity".into()],
     };
-    let mut cmd = world.command(pod_net, Some(&node.cgroup.path), &argv[0])?;
+    let mut cmd = world.command(pod_net, Some(cgroup), &argv[0])?;
     let log = std::fs::File::create(work.join(format!("{}.log", container.name)))?;
     use std::os::unix::process::CommandExt as _;
     // Its own process group, as a container would be: a terminal's Ctrl-C stops the
@@ -811,6 +881,9 @@ fn pod_dir(pod: &Pod) -> std::path::PathBuf {
 
 /// Removes a stopped pod's network namespace and files.
 fn remove_pod(world: &World, running: &Running) {
+    // Anything its containers left behind (forked daemons) goes with the cgroup.
+    let _ = std::fs::write(running.cgroup.join("cgroup.kill"), "1");
+    crate::remove_cgroup_tree(&running.cgroup);
     if !running.host_network {
         world.remove_pod(&running.net);
     }

@@ -130,10 +130,23 @@ impl Drop for Cgroup {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
+        remove_cgroup_tree(&self.path);
+    }
+}
+
+/// Removes a cgroup directory tree (its processes must be gone or going), children
+/// first.
+pub fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
         }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dir.exists() && fs::remove_dir(dir).is_err() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

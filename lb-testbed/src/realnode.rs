@@ -39,7 +39,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     PREFIX, SERVICE_RANGE_V4, SERVICE_RANGE_V6, cgroup2_root, forward::Forwarder, ip,
-    k8s::ControlPlane, netns_command, world::NodeNet,
+    k8s::ControlPlane, netns_command, remove_cgroup_tree, world::NodeNet,
 };
 
 /// The machine's side of every node's management veth: link-local, so it cannot be
@@ -633,21 +633,6 @@ fn collect_pids(dir: &Path, pids: &mut Vec<i32>) {
                 collect_pids(&entry.path(), pids);
             }
         }
-    }
-}
-
-/// Removes a cgroup directory tree, children first.
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&entry.path());
-            }
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while dir.exists() && fs::remove_dir(dir).is_err() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
     }
 }
 
