@@ -20,7 +20,7 @@ pub const IPPROTO_SCTP: u8 = 132;
 /// Version of the layout of every map below (keys, values, types, meaning). A daemon
 /// adopts pinned maps only of its own version; any change to a map's layout or
 /// meaning must bump it (the loader also compares types and sizes as a safety net).
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Kernel map types used (`enum bpf_map_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,8 +272,46 @@ pub mod maps {
         help: "this node's SNAT source addresses: [0] IPv4 (mapped), [1] IPv6; zero = none",
     };
 
+    /// Pods on one node with a load-balancing mode other than `socket` (the kubelet's
+    /// default limit is 110 pods per node; memory follows use).
+    pub const MAX_WORKLOADS: u32 = 4096;
+
+    pub const WORKLOADS: MapDef = MapDef {
+        name: "LB_WORKLOADS",
+        kind: MapKind::Hash,
+        key_size: size_of::<u64>() as u32,
+        value_size: size_of::<u32>() as u32,
+        max_entries: MAX_WORKLOADS,
+        flags: BPF_F_NO_PREALLOC,
+        capacity: Capacity::Fixed,
+        help: "pod cgroup id -> its load-balancing mode (lb_common::workload_mode) when not \
+               socket: the socket hooks leave those pods' connections untranslated",
+    };
+    pub const POD_INTERFACES: MapDef = MapDef {
+        name: "LB_POD_INTERFACES",
+        kind: MapKind::Hash,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<u32>() as u32,
+        max_entries: MAX_WORKLOADS,
+        flags: BPF_F_NO_PREALLOC,
+        capacity: Capacity::Fixed,
+        help: "host-side ifindex of each packet-mode pod -> 1: lb_tc_pod_ingress starts new \
+               flows there (flows it tracks go on after a pod leaves packet mode)",
+    };
+    pub const WORKLOAD_COUNT: MapDef = MapDef {
+        name: "LB_WORKLOAD_COUNT",
+        kind: MapKind::Array,
+        key_size: size_of::<u32>() as u32,
+        value_size: size_of::<u32>() as u32,
+        max_entries: 1,
+        flags: 0,
+        capacity: Capacity::Fixed,
+        help: "entries in LB_WORKLOADS: while 0 (no pod opted out) the socket hooks skip the \
+               lookup of the caller's cgroups",
+    };
+
     /// Every map the object declares.
-    pub const ALL: [MapDef; 16] = [
+    pub const ALL: [MapDef; 19] = [
         SERVICES,
         BACKENDS,
         AFFINITY,
@@ -290,6 +328,9 @@ pub mod maps {
         MAGLEV,
         SOURCE_RANGES,
         NODE_ADDRS,
+        WORKLOADS,
+        WORKLOAD_COUNT,
+        POD_INTERFACES,
     ];
 }
 
@@ -313,6 +354,24 @@ pub mod map_names {
     pub const MAGLEV: &str = maps::MAGLEV.name;
     pub const SOURCE_RANGES: &str = maps::SOURCE_RANGES.name;
     pub const NODE_ADDRS: &str = maps::NODE_ADDRS.name;
+    pub const WORKLOADS: &str = maps::WORKLOADS.name;
+    pub const WORKLOAD_COUNT: &str = maps::WORKLOAD_COUNT.name;
+    pub const POD_INTERFACES: &str = maps::POD_INTERFACES.name;
+}
+
+/// Load-balancing modes of a pod (`LB_WORKLOADS` values). Pods absent from the map are
+/// balanced at `connect()` by the socket hooks.
+pub mod workload_mode {
+    /// Socket-level balancing (the default; never stored).
+    pub const SOCKET: u32 = 0;
+    /// Balanced per packet on the pod's host-side interface: the pod itself sees the
+    /// ClusterIP (a sidecar proxy's SO_ORIGINAL_DST, a VM guest's packets).
+    pub const PACKET: u32 = 1;
+    /// Never translated by lb (a mesh that balances itself).
+    pub const OFF: u32 = 2;
+    /// Deepest cgroup2 level of a pod's cgroup the socket hooks look at (the kubelet's
+    /// are at 2-4, below a cgroupRoot or systemd slice or two).
+    pub const MAX_LEVEL: i32 = 16;
 }
 
 /// First port of the default SNAT range (`--snat-ports 61000-65535`): above Linux's
@@ -809,8 +868,11 @@ pub mod stat {
     /// TC: the established table was full: the answered flow stays in `LB_CT`, where
     /// new flows may evict it (raise `--max-flows`).
     pub const TC_CT_ESTABLISHED_FULL: u32 = 33;
+    /// A connect or send from a pod in `packet` or `off` mode: the socket hooks left it
+    /// alone (whatever its destination).
+    pub const WORKLOAD_SKIPPED: u32 = 34;
     /// Number of counters.
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 35;
 
     /// Human names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -848,6 +910,7 @@ pub mod stat {
         "tc_snat_no_address",
         "tc_ct_established",
         "tc_ct_established_full",
+        "workload_skipped",
     ];
 }
 

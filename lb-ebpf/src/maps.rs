@@ -16,8 +16,8 @@ use lb_common::{
     FrontendStats, ServiceKey, ServiceValue, SockLocal, SockRevKey, SockRevValue,
     maps::{
         AFFINITY, AFFINITY_MEMBERS, BACKEND_STATS, BACKENDS, CT, CT_ESTABLISHED, DEFAULT_FRONTENDS,
-        FRONTEND_NAMES, FRONTEND_STATS, NODE_ADDRS, SERVICES, SOCK_REVNAT, SOCK_REVNAT_LRU,
-        SOURCE_RANGES, STATS,
+        FRONTEND_NAMES, FRONTEND_STATS, NODE_ADDRS, POD_INTERFACES, SERVICES, SOCK_REVNAT,
+        SOCK_REVNAT_LRU, SOURCE_RANGES, STATS, WORKLOAD_COUNT, WORKLOADS,
     },
 };
 
@@ -131,6 +131,22 @@ pub static LB_SOURCE_RANGES: LpmTrie<[u32; 5], u32> =
 /// The node's SNAT source per family: [0] IPv4 (mapped), [1] IPv6.
 #[map]
 pub static LB_NODE_ADDRS: Array<Addr> = Array::pinned(NODE_ADDRS.max_entries, NODE_ADDRS.flags);
+
+/// Pod cgroup id -> load-balancing mode, for pods not balanced by the socket hooks.
+#[map]
+pub static LB_WORKLOADS: HashMap<u64, u32> =
+    HashMap::pinned(WORKLOADS.max_entries, WORKLOADS.flags);
+
+/// Entries in `LB_WORKLOADS`, kept by userspace: zero while no pod opted out, so the
+/// socket hooks then pay one array read.
+#[map]
+pub static LB_WORKLOAD_COUNT: Array<u32> =
+    Array::pinned(WORKLOAD_COUNT.max_entries, WORKLOAD_COUNT.flags);
+
+/// Host-side ifindex of each packet-mode pod: where `lb_tc_pod_ingress` starts flows.
+#[map]
+pub static LB_POD_INTERFACES: HashMap<u32, u32> =
+    HashMap::pinned(POD_INTERFACES.max_entries, POD_INTERFACES.flags);
 
 /// BTF definition of one Maglev table (the inner map template): backend ids indexed by
 /// `flow hash % table size`. `BPF_F_INNER_MAP` lets tables of any `--maglev-table-size`

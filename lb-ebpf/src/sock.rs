@@ -21,7 +21,10 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_sock, bpf_sock_addr},
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
+        generated::bpf_get_current_ancestor_cgroup_id,
+    },
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
@@ -29,12 +32,13 @@ use aya_log_ebpf::warn;
 use lb_common::{
     Addr, AffinityKey, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, LOCAL_EMPTY, LOCAL_OVERFLOW,
     LOCAL_SENT, SCOPE_INTERNAL, SOCK_LOCAL_ENTRIES, SOCK_LOCAL_F_OVERFLOWED, ServiceKey, SockLocal,
-    SockLocalEntry, SockRevKey, SockRevValue, addr_from_v4_raw, addr_is_v4, stat,
+    SockLocalEntry, SockRevKey, SockRevValue, addr_from_v4_raw, addr_is_v4, stat, workload_mode,
 };
 
 use crate::{
     maps::{
-        LB_SOCK_LOCAL, LB_SOCK_REVNAT, LB_SOCK_REVNAT_LRU, count, count_backend, count_frontend,
+        LB_SOCK_LOCAL, LB_SOCK_REVNAT, LB_SOCK_REVNAT_LRU, LB_WORKLOAD_COUNT, LB_WORKLOADS, count,
+        count_backend, count_frontend,
     },
     select::{Selection, hash64, select_backend},
 };
@@ -280,6 +284,29 @@ fn record(
     }
 }
 
+/// Whether the calling task's pod is balanced here: not when one of its cgroup's
+/// ancestors (the pod's cgroup) is in `LB_WORKLOADS` with another mode. Ancestors are
+/// looked up by level from the top, so the daemon need not know at which level of
+/// the hierarchy (which its cgroup namespace may hide) pods sit.
+#[inline(always)]
+fn socket_balanced() -> bool {
+    if LB_WORKLOAD_COUNT.get(0).copied().unwrap_or(0) == 0 {
+        return true;
+    }
+    let mut level = 1;
+    while level <= workload_mode::MAX_LEVEL {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        if let Some(mode) = unsafe { LB_WORKLOADS.get(id) } {
+            return *mode == workload_mode::SOCKET;
+        }
+        level += 1;
+    }
+    true
+}
+
 /// Forward translation shared by the v4 and v6 hooks. `ipv4_socket` says whether the
 /// destination lives in `user_ip4` (AF_INET) or `user_ip6` (AF_INET6, possibly
 /// IPv4-mapped).
@@ -289,6 +316,10 @@ fn translate(ctx: &SockAddrContext, hook: Hook, ipv4_socket: bool) -> i32 {
     let Some(proto) = balanced_proto(sa) else {
         return ALLOW;
     };
+    if !socket_balanced() {
+        count(stat::WORKLOAD_SKIPPED);
+        return ALLOW;
+    }
     let dst = if ipv4_socket {
         addr_from_v4_raw(unsafe { read_volatile(addr_of!((*sa).user_ip4)) })
     } else {

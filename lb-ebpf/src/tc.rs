@@ -29,8 +29,8 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_redir_neigh},
     helpers::generated::{
-        bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
-        bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_csum_diff, bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
+        bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     macros::{classifier, map},
     maps::PerCpuArray,
@@ -39,16 +39,16 @@ use aya_ebpf::{
 use lb_common::{
     AFFINITY_CLIENT_IP, Addr, AffinityKey, BACKEND_F_LOCAL, CT_F_FIN, CT_F_LOCAL_BACKEND,
     CT_F_REPLIED, CT_F_RST, CT_F_SNAT, CT_F_STATEFUL, CT_FORWARD, CT_REPLY, CtKey, CtValue,
-    IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_LOCAL, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES,
-    ServiceKey, addr_from_v4_raw, stat,
+    IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_LOCAL, SVC_F_NODE_PORT,
+    SVC_F_SOURCE_RANGES, ServiceKey, addr_from_v4_raw, stat,
 };
 
 use crate::{
     maps::{
-        LB_BACKENDS, LB_CT, LB_CT_EST, LB_NODE_ADDRS, LB_SOURCE_RANGES, count, count_backend,
-        count_frontend,
+        LB_BACKENDS, LB_CT, LB_CT_EST, LB_NODE_ADDRS, LB_POD_INTERFACES, LB_SOURCE_RANGES, count,
+        count_backend, count_frontend,
     },
-    select::{Selection, flow_hash, frontend, select_external},
+    select::{Selection, flow_hash, frontend, select_backend, select_external},
 };
 
 const ETH_HLEN: usize = 14;
@@ -121,10 +121,17 @@ impl Packet {
         }
     }
 
-    /// The external-scope frontend entry key of the packet's destination.
+    /// The frontend entry key of the packet's destination: external scope for
+    /// packets from other machines, internal for a packet-mode pod's (it sees the
+    /// Services as the socket hooks' clients do).
     #[inline(always)]
-    fn frontend_key(&self) -> ServiceKey {
-        ServiceKey::new(self.dst, self.dport, self.proto, SCOPE_EXTERNAL, 0)
+    fn frontend_key(&self, from_pod: bool) -> ServiceKey {
+        let scope = if from_pod {
+            SCOPE_INTERNAL
+        } else {
+            SCOPE_EXTERNAL
+        };
+        ServiceKey::new(self.dst, self.dport, self.proto, scope, 0)
     }
 
     /// `bpf_l4_csum_replace` flags: a zero UDP checksum (IPv4: "none") stays zero.
@@ -1068,11 +1075,20 @@ fn unreachable6(ctx: &mut TcContext, packet: &Packet, buf: &mut RejectBuffer) ->
 #[map]
 static LB_TC_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// A new flow to an external frontend: choose, track, translate.
+/// A new flow to a frontend: choose, track, translate. `from_pod`: sent by a
+/// packet-mode pod (internal-scope frontends, chosen as the socket hooks choose, the
+/// source kept unless the pod reaches itself) rather than from another machine.
 #[inline(never)]
-fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
+fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch, from_pod: bool) -> i32 {
+    // A pod that left packet mode keeps its tracked flows, but starts none here.
+    if from_pod {
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        if unsafe { LB_POD_INTERFACES.get(ifindex) }.is_none() {
+            return TC_ACT_OK;
+        }
+    }
     let packet = &scratch.packet;
-    let key = &mut packet.frontend_key();
+    let key = &mut packet.frontend_key(from_pod);
     let Some(fe) = frontend(key) else {
         count(stat::TC_NOT_SERVICE);
         if packet.is_syn() {
@@ -1103,7 +1119,13 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
         _pad: [0; 3],
     };
     let client_hash = flow_hash(&packet.src, 0, packet.proto);
-    let (backend, backend_id, svc_id) = match select_external(key, hash, client_hash, &mut client) {
+    let selection = if from_pod {
+        // Like a connect() through the socket hooks: any backend, at random.
+        select_backend(key, unsafe { bpf_get_prandom_u32() }, &mut client)
+    } else {
+        select_external(key, hash, client_hash, &mut client)
+    };
+    let (backend, backend_id, svc_id) = match selection {
         Selection::Backend {
             backend,
             backend_id,
@@ -1120,7 +1142,8 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
             // (no socket there: TCP reset, ICMP port unreachable), on other addresses
             // with a port unreachable built here; under the Local policy without a
             // local endpoint, no answer (the load balancer's health check steers).
-            return if fe.flags & SVC_F_LOCAL != 0 {
+            // A pod is refused whatever the policy, as the socket hooks refuse.
+            return if !from_pod && fe.flags & SVC_F_LOCAL != 0 {
                 TC_ACT_SHOT
             } else if fe.flags & SVC_F_NODE_PORT != 0 {
                 TC_ACT_OK
@@ -1143,8 +1166,15 @@ fn new_flow(ctx: &mut TcContext, scratch: &mut Scratch) -> i32 {
         flags: CT_F_STATEFUL | if local { CT_F_LOCAL_BACKEND } else { 0 },
         last_seen_ns: now(),
     };
-    // Cluster policy to another node: the reply must come back through this node.
-    if !local && fe.flags & SVC_F_LOCAL == 0 {
+    // Cluster policy to another node: the reply must come back through this node. A
+    // pod's own flows need it only when the pod reaches itself (hairpin): a packet
+    // from its own address would be dropped as a martian.
+    let snat = if from_pod {
+        backend.addr == packet.src
+    } else {
+        !local && fe.flags & SVC_F_LOCAL == 0
+    };
+    if snat {
         let node = LB_NODE_ADDRS.get(u32::from(packet.v6)).copied();
         let Some(node) = node.filter(|a| a.iter().any(|w| *w != 0)) else {
             count(stat::TC_SNAT_NO_ADDRESS);
@@ -1213,7 +1243,7 @@ fn scratch() -> Option<&'static mut Scratch> {
 }
 
 #[inline(always)]
-fn ingress(ctx: &mut TcContext) -> i32 {
+fn ingress(ctx: &mut TcContext, from_pod: bool) -> i32 {
     let Some(scratch) = scratch() else {
         return TC_ACT_OK;
     };
@@ -1234,7 +1264,7 @@ fn ingress(ctx: &mut TcContext) -> i32 {
             count(stat::TC_FRAGMENT);
             // Ports travel in the first fragment only: a datagram for a frontend
             // cannot be translated, so it is dropped here rather than half-delivered.
-            return if frontend(&mut scratch.packet.frontend_key()).is_some() {
+            return if frontend(&mut scratch.packet.frontend_key(from_pod)).is_some() {
                 TC_ACT_SHOT
             } else {
                 TC_ACT_OK
@@ -1260,7 +1290,7 @@ fn ingress(ctx: &mut TcContext) -> i32 {
         }
         return translate_tracked(ctx, scratch, entry, true, false, established);
     }
-    new_flow(ctx, scratch)
+    new_flow(ctx, scratch, from_pod)
 }
 
 #[inline(always)]
@@ -1284,7 +1314,15 @@ fn egress(ctx: &mut TcContext) -> i32 {
 
 #[classifier]
 pub fn lb_tc_ingress(mut ctx: TcContext) -> i32 {
-    ingress(&mut ctx)
+    ingress(&mut ctx, false)
+}
+
+/// On the host side of a packet-mode pod's interface: what the pod sends. Its replies
+/// (`lb_tc_egress` on the same interface, or on the uplink they arrive by) are
+/// translated back by the same tracked flows.
+#[classifier]
+pub fn lb_tc_pod_ingress(mut ctx: TcContext) -> i32 {
+    ingress(&mut ctx, true)
 }
 
 #[classifier]

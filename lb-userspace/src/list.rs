@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::{
     daemon::status,
     datapath::{self, KernelMaps, MapSnapshot},
-    model::{FrontendKey, Protocol, Scope},
+    model::{FrontendKey, Protocol, Scope, workloads::Mode},
 };
 
 #[derive(Debug, Serialize)]
@@ -386,6 +386,7 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
             "daemon: none running; the datapath keeps serving what it was last given"
         )?,
     }
+    write_workloads(&mut out, &maps, daemon.as_ref())?;
     if let Some(daemon) = &daemon {
         write_kernel_section(&mut out, daemon)?;
         for note in daemon["unserved"].as_array().into_iter().flatten() {
@@ -412,6 +413,57 @@ pub fn run(pin_dir: &Path, json: bool) -> Result<()> {
              (left by an interrupted update; the daemon's next resync removes them)",
             snapshot.orphan_slots.len(),
             snapshot.unreferenced_backends.len()
+        )?;
+    }
+    Ok(())
+}
+
+/// Pods the socket hooks leave alone: the kernel's count by mode, then each pod as
+/// the daemon decided it.
+fn write_workloads(
+    out: &mut impl Write,
+    maps: &KernelMaps,
+    daemon: Option<&serde_json::Value>,
+) -> Result<()> {
+    let programmed = maps.workloads()?;
+    let pods = daemon
+        .and_then(|d| d["workloads"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    if programmed.is_empty() && pods.is_empty() {
+        return Ok(());
+    }
+    let by_mode: Vec<String> = Mode::ALL
+        .iter()
+        .filter_map(|mode| {
+            let n = programmed
+                .values()
+                .filter(|v| Mode::from_map_value(**v) == Some(*mode))
+                .count();
+            (n > 0).then(|| format!("{n} {mode}"))
+        })
+        .collect();
+    writeln!(
+        out,
+        "pods not balanced by the socket hooks: {} cgroups in the kernel ({})",
+        programmed.len(),
+        by_mode.join(", ")
+    )?;
+    for pod in &pods {
+        let cgroup = match (pod["cgroup"].as_str(), pod["interface"].as_str()) {
+            (None, _) => "WAITING for its cgroup (balanced by the socket hooks meanwhile)".into(),
+            (Some(path), Some(interface)) => format!("cgroup {path}; interface {interface}"),
+            (Some(path), None) if pod["mode"] == "packet" => format!(
+                "cgroup {path}; WAITING for its interface (balanced by the socket hooks meanwhile)"
+            ),
+            (Some(path), None) => format!("cgroup {path}"),
+        };
+        writeln!(
+            out,
+            "    {} mode {} ({}); {cgroup}",
+            pod["pod"].as_str().unwrap_or("?"),
+            pod["mode"].as_str().unwrap_or("?"),
+            pod["why"].as_str().unwrap_or("?"),
         )?;
     }
     Ok(())

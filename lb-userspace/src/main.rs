@@ -66,8 +66,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct DaemonArgs {
-    /// Folder of v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node manifests,
-    /// watched for changes, instead of the Kubernetes API.
+    /// Folder of v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Node, v1 Pod and v1
+    /// Namespace manifests, watched for changes, instead of the Kubernetes API.
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
     /// kubeconfig for the API server [default: $KUBECONFIG, else the in-cluster
@@ -196,6 +196,15 @@ struct DaemonArgs {
     /// failed (the interface may appear later).
     #[arg(long, value_name = "S", default_value_t = datapath::TC_RETRY.as_secs())]
     tc_retry_seconds: u64,
+    /// Give pods with an Istio or Linkerd sidecar and KubeVirt launcher pods the
+    /// `packet` load-balancing mode unless they (or their Namespace) say otherwise
+    /// with the lb.dev/mode annotation.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    workload_detection: bool,
+    /// Runtime classes whose pods get the `packet` mode unless annotated otherwise
+    /// (VM sandboxes such as Kata or gVisor, whose sockets no host hook sees).
+    #[arg(long, value_name = "CLASS[,CLASS...]", value_delimiter = ',')]
+    packet_runtime_classes: Vec<String>,
 }
 
 fn init_logging(level: &str) {
@@ -416,6 +425,10 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             udp: args.conntrack_udp_timeout,
             udp_stream: args.conntrack_udp_timeout_stream,
             ..Default::default()
+        },
+        workload_detection: lb::model::workloads::Detection {
+            enabled: args.workload_detection,
+            packet_runtime_classes: args.packet_runtime_classes,
         },
         detach_on_exit: args.detach_on_exit,
         node_name: node_name(args.node_name)?,

@@ -25,7 +25,10 @@ use anyhow::{Result, anyhow};
 use lb_common::stat;
 use tracing::{debug, error, info, warn};
 
-use super::{healthcheck::HealthCheckServers, http::Health, metrics::Metrics, status::StatusBoard};
+use super::{
+    healthcheck::HealthCheckServers, http::Health, metrics::Metrics, status::StatusBoard,
+    workloads::Workloads,
+};
 use crate::{
     datapath::{
         Datapath, KernelMaps,
@@ -141,6 +144,8 @@ pub struct Controller {
     ct_timeouts: CtTimeouts,
     /// When the tracked flows are next collected.
     flow_gc_at: Instant,
+    /// This node's pods' load-balancing modes.
+    workloads: Option<Workloads>,
 }
 
 impl Controller {
@@ -187,7 +192,7 @@ impl Controller {
             metrics,
             board,
             stop,
-            kinds: Kind::ALL.into_iter().collect(),
+            kinds: Kind::SERVICES.into_iter().collect(),
             node_expected: false,
             external_reported: BTreeSet::new(),
             node: None,
@@ -201,7 +206,15 @@ impl Controller {
             retry_at: None,
             created: Instant::now(),
             triggers: Vec::new(),
+            workloads: None,
         }
+    }
+
+    /// Keeps this node's pods' load-balancing modes (without, every pod is balanced
+    /// by the socket hooks and Pod events are ignored).
+    pub fn with_workloads(mut self, workloads: Workloads) -> Self {
+        self.workloads = Some(workloads);
+        self
     }
 
     fn stopping(&self) -> bool {
@@ -215,6 +228,9 @@ impl Controller {
         loop {
             let wait = self
                 .retry_at
+                .into_iter()
+                .chain(self.workloads.as_ref().and_then(Workloads::due_at))
+                .min()
                 .map_or(Duration::from_secs(3600), |at| {
                     at.saturating_duration_since(Instant::now())
                 })
@@ -243,6 +259,7 @@ impl Controller {
             if self.stopping() {
                 break;
             }
+            self.sync_workloads();
             self.watch_socket_map();
             if Instant::now() >= self.flow_gc_at {
                 self.collect_flows();
@@ -324,6 +341,27 @@ impl Controller {
                 "tracked external flows collected"
             );
         }
+    }
+
+    /// Writes the pods' modes when they changed (or cgroups awaited appeared).
+    fn sync_workloads(&mut self) {
+        let Some(workloads) = self.workloads.as_mut() else {
+            return;
+        };
+        if workloads.due_at().is_none_or(|at| at > Instant::now()) {
+            return;
+        }
+        let mut kernel = super::workloads::Kernel {
+            maps: &mut self.maps,
+            datapath: &mut self.datapath,
+        };
+        if let Err(err) = workloads.sync(&mut kernel) {
+            error!("writing the pods' load-balancing modes (retrying): {err:#}");
+        }
+        self.metrics
+            .sizes
+            .set_workloads(&workloads.counts(), workloads.waiting());
+        self.board.set_workloads(workloads.status());
     }
 
     fn node_context(&self) -> NodeContext {
@@ -408,6 +446,26 @@ impl Controller {
                         others_changed = true;
                     }
                 }
+                Event::Upsert(Object::Pod(spec)) => {
+                    if let Some(w) = &mut self.workloads {
+                        w.upsert_pod(spec)
+                    }
+                }
+                Event::Upsert(Object::Namespace(spec)) => {
+                    if let Some(w) = &mut self.workloads {
+                        w.upsert_namespace(&spec)
+                    }
+                }
+                Event::Remove(Kind::Pod, id) => {
+                    if let Some(w) = &mut self.workloads {
+                        w.remove_pod(&id)
+                    }
+                }
+                Event::Remove(Kind::Namespace, id) => {
+                    if let Some(w) = &mut self.workloads {
+                        w.remove_namespace(&id.name)
+                    }
+                }
                 Event::Remove(Kind::Service, id) => self.model.remove_service(&id),
                 Event::Remove(Kind::EndpointSlice, id) => self.model.remove_slice(&id),
                 Event::Remove(Kind::Node, id) => {
@@ -418,6 +476,9 @@ impl Controller {
                     }
                 }
                 Event::Listed(kind) => {
+                    if let Some(w) = &mut self.workloads {
+                        w.listed(kind);
+                    }
                     if self.listed.insert(kind) && self.kinds.is_subset(&self.listed) {
                         debug!("every kind has been listed: programming the datapath");
                     }

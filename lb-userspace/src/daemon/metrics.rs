@@ -48,6 +48,23 @@ pub struct Sizes {
     /// Interfaces with the TC programs attached, and those where attaching failed.
     pub tc_devices_attached: AtomicU64,
     pub tc_devices_failed: AtomicU64,
+    /// This node's pods by load-balancing mode (socket, packet, off).
+    pub workload_pods: [AtomicU64; 3],
+    /// Pods not in socket mode whose cgroup was not found yet.
+    pub workloads_waiting: AtomicU64,
+}
+
+impl Sizes {
+    pub fn set_workloads(
+        &self,
+        counts: &std::collections::BTreeMap<crate::model::workloads::Mode, u64>,
+        waiting: u64,
+    ) {
+        for (i, mode) in crate::model::workloads::Mode::ALL.iter().enumerate() {
+            self.workload_pods[i].store(counts.get(mode).copied().unwrap_or(0), Ordering::Relaxed);
+        }
+        self.workloads_waiting.store(waiting, Ordering::Relaxed);
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,6 +75,11 @@ struct FeatureLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -182,6 +204,30 @@ impl Collector for Live {
                     .encode(family.encode_family(&label)?)?;
             }
         }
+        {
+            let mut family = encoder.encode_descriptor(
+                "lb_pods",
+                "This node's pods by load-balancing mode (lb.dev/mode, or detected)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (mode, value) in crate::model::workloads::Mode::ALL
+                .iter()
+                .zip(&self.sizes.workload_pods)
+            {
+                let label = ModeLabel {
+                    mode: mode.to_string(),
+                };
+                ConstGauge::new(value.load(Ordering::Relaxed) as i64)
+                    .encode(family.encode_family(&label)?)?;
+            }
+        }
+        gauge(
+            &mut encoder,
+            "lb_pods_waiting_for_cgroup",
+            "Pods in packet or off mode whose cgroup was not found yet (the socket hooks balance them meanwhile)",
+            self.sizes.workloads_waiting.load(Ordering::Relaxed),
+        )?;
         if let Some(api) = &self.api {
             let metric = ConstCounter::new(api.errors.load(Ordering::Relaxed));
             let metric_encoder = encoder.encode_descriptor(

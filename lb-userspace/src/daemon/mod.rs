@@ -12,6 +12,7 @@ mod http;
 mod metrics;
 mod slots;
 pub mod status;
+pub mod workloads;
 
 use std::{
     net::SocketAddr,
@@ -61,6 +62,8 @@ pub struct DaemonOptions {
     pub maglev_bytes: u64,
     /// `--conntrack-*`: how long tracked external flows may stay idle.
     pub ct_timeouts: crate::datapath::flows::CtTimeouts,
+    /// `--workload-detection`, `--packet-runtime-classes`.
+    pub workload_detection: crate::model::workloads::Detection,
 }
 
 /// How long a shutdown waits for the sync to reach a stopping point.
@@ -103,7 +106,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         }
         (SourceOptions::Kubernetes { .. }, Some(client)) => {
             info!(node = %options.node_name, "watching the Kubernetes API");
-            Some(source::kube::spawn(client, sink))
+            Some(source::kube::spawn(client, sink, &options.node_name))
         }
         (SourceOptions::Kubernetes { .. }, None) => unreachable!("client built above"),
     };
@@ -146,7 +149,13 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
             ct_timeouts: options.ct_timeouts,
         },
         stop.clone(),
-    );
+    )
+    .with_workloads(workloads::Workloads::new(
+        options.node_name.clone(),
+        options.datapath.cgroup.clone(),
+        datapath::cgroup2_root().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup")),
+        options.workload_detection.clone(),
+    ));
     controller.node_expected = matches!(options.source, SourceOptions::Kubernetes { .. });
     let sync = std::thread::Builder::new()
         .name("sync".into())

@@ -53,6 +53,7 @@ pub struct Board {
     features: Option<KernelFeatures>,
     tc_devices: Vec<TcDevice>,
     unserved: Vec<UnservedService>,
+    workloads: Vec<super::workloads::WorkloadStatus>,
 }
 
 /// Something a Service asks that this node cannot serve, and why.
@@ -109,6 +110,8 @@ pub struct Status {
     pub tc_devices: Vec<TcDevice>,
     pub frontends: Vec<FrontendStatus>,
     pub unserved: Vec<UnservedService>,
+    /// This node's pods not in `socket` mode.
+    pub workloads: Vec<super::workloads::WorkloadStatus>,
 }
 
 impl StatusBoard {
@@ -155,6 +158,10 @@ impl StatusBoard {
 
     pub fn set_features(&self, features: KernelFeatures) {
         self.inner.lock().expect("lock").features = Some(features);
+    }
+
+    pub fn set_workloads(&self, workloads: Vec<super::workloads::WorkloadStatus>) {
+        self.inner.lock().expect("lock").workloads = workloads;
     }
 
     pub fn set_tc_devices(&self, devices: &[TcDevice]) {
@@ -211,6 +218,7 @@ impl StatusBoard {
             tc_devices: board.tc_devices.clone(),
             frontends,
             unserved: board.unserved.clone(),
+            workloads: board.workloads.clone(),
         }
     }
 }

@@ -45,6 +45,9 @@ pub struct KernelMaps {
     maglev_batch_ops: bool,
     source_ranges: OwnedFd,
     node_addrs: Array<MapData, Addr>,
+    workloads: HashMap<MapData, u64, u32>,
+    workload_count: Array<MapData, u32>,
+    pod_interfaces: HashMap<MapData, u32, u32>,
     ct: OwnedFd,
     ct_established: OwnedFd,
     /// Entries of the Maglev tables this daemon writes.
@@ -215,6 +218,9 @@ impl KernelMaps {
             maglev_batch_ops: true,
             source_ranges,
             node_addrs: get(map_names::NODE_ADDRS)?.try_into()?,
+            workloads: get(map_names::WORKLOADS)?.try_into()?,
+            workload_count: get(map_names::WORKLOAD_COUNT)?.try_into()?,
+            pod_interfaces: get(map_names::POD_INTERFACES)?.try_into()?,
             ct,
             ct_established,
             maglev_size: lb_common::DEFAULT_MAGLEV_TABLE_SIZE,
@@ -296,6 +302,55 @@ impl KernelMaps {
         self.node_addrs.set(0, v4.unwrap_or_default(), 0)?;
         self.node_addrs.set(1, v6.unwrap_or_default(), 0)?;
         Ok(())
+    }
+
+    /// Pods the socket hooks leave alone: cgroup id -> mode.
+    pub fn workloads(&self) -> Result<BTreeMap<u64, u32>> {
+        self.workloads
+            .iter()
+            .map(|entry| entry.map_err(Into::into))
+            .collect()
+    }
+
+    /// Makes `LB_WORKLOADS` hold exactly `wanted`. The count the hooks check first is
+    /// raised before entries are added and lowered after they are removed, so no
+    /// entry is ever skipped.
+    pub fn set_workloads(&mut self, wanted: &BTreeMap<u64, u32>) -> Result<()> {
+        let current = self.workloads()?;
+        let before = current.len() as u32;
+        let after = wanted.len() as u32;
+        self.workload_count.set(0, before.max(after), 0)?;
+        for (id, mode) in wanted {
+            if current.get(id) != Some(mode) {
+                self.workloads
+                    .insert(id, mode, 0)
+                    .with_context(|| format!("{} cgroup {id}", map_names::WORKLOADS))?;
+            }
+        }
+        for id in current.keys().filter(|id| !wanted.contains_key(id)) {
+            ignore_missing(self.workloads.remove(id))
+                .with_context(|| format!("{} cgroup {id}", map_names::WORKLOADS))?;
+        }
+        self.workload_count.set(0, after, 0)?;
+        Ok(())
+    }
+
+    /// The packet-mode pods' host-side interfaces (ifindexes).
+    pub fn pod_interfaces(&self) -> Result<std::collections::BTreeSet<u32>> {
+        self.pod_interfaces
+            .keys()
+            .map(|key| key.map_err(Into::into))
+            .collect()
+    }
+
+    /// Adds `ifindex` to, or removes it from, `LB_POD_INTERFACES`.
+    pub fn set_pod_interface(&mut self, ifindex: u32, packet: bool) -> Result<()> {
+        let result = if packet {
+            self.pod_interfaces.insert(ifindex, 1, 0)
+        } else {
+            ignore_missing(self.pod_interfaces.remove(&ifindex))
+        };
+        result.with_context(|| format!("{} ifindex {ifindex}", map_names::POD_INTERFACES))
     }
 
     #[cfg(test)]

@@ -15,6 +15,7 @@ mod links;
 mod maps;
 pub mod netns;
 pub mod pins;
+pub mod pods;
 pub mod sockets;
 mod sys;
 mod tc_netlink;
@@ -23,6 +24,7 @@ mod tc_tests;
 pub mod uplink;
 
 use std::{
+    collections::BTreeSet,
     fs,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
@@ -87,9 +89,20 @@ const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("lb_tc_ingress", TcAttachType::Ingress),
 ];
 
+/// The TC programs on a packet-mode pod's host-side interface: its replies (egress,
+/// as on an external interface) first, then what it sends.
+const POD_TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("lb_tc_egress", TcAttachType::Egress),
+    ("lb_tc_pod_ingress", TcAttachType::Ingress),
+];
+
 /// Pin-name prefix of a TC program attached through a netlink filter (the pin holds
 /// the program, so `lb cleanup` can find the filters that run it).
 const NETLINK_PIN_PREFIX: &str = "nl_";
+
+/// Pin-name prefix of the links on packet-mode pods' interfaces: the workloads keep
+/// those, not [`Datapath::activate`].
+const POD_PIN_PREFIX: &str = "pod_";
 
 /// How one interface's TC programs are attached, or why they are not.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -355,13 +368,27 @@ impl Datapath {
         links_dir: &Path,
         device: &str,
     ) -> Result<(usize, usize, &'static str)> {
-        let ifindex = ifindex(device)?;
         uplink::require_ethernet(device)?;
         // Checked where the programs attach (the devices' namespace), and again at
         // every retry: fixing the sysctl is enough.
         if let Some(why) = self.options.snat_ports.conflict_here() {
             bail!(why);
         }
+        let tcx = self.uses_tcx();
+        let (updated, attached) = self.attach_programs(links_dir, device, &TC_PROGRAMS, "")?;
+        Ok((updated, attached, if tcx { "tcx" } else { "netlink" }))
+    }
+
+    /// Attaches `programs` to `device` (in the current namespace), pinned under
+    /// `pin_prefix`: (updated, attached).
+    fn attach_programs(
+        &mut self,
+        links_dir: &Path,
+        device: &str,
+        programs: &[(&str, TcAttachType)],
+        pin_prefix: &str,
+    ) -> Result<(usize, usize)> {
+        let ifindex = ifindex(device)?;
         let tcx = self.uses_tcx();
         if !tcx {
             match aya::programs::tc::qdisc_add_clsact(device) {
@@ -373,16 +400,18 @@ impl Datapath {
             }
         }
         let (mut updated, mut attached) = (0, 0);
-        for (name, direction) in TC_PROGRAMS {
+        for &(name, direction) in programs {
             let program: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
+            let pin_name = format!("{pin_prefix}{}", tc_pin_name(name, device));
+            let names = (name, pin_name.as_str());
             let replaced = if tcx {
-                attach_tcx(program, links_dir, device, ifindex, name, direction)?
+                attach_tcx(program, links_dir, device, ifindex, names, direction)?
             } else {
-                attach_netlink(program, links_dir, device, ifindex, name, direction)?
+                attach_netlink(program, links_dir, device, ifindex, names, direction)?
             };
             if replaced {
                 updated += 1;
@@ -390,7 +419,64 @@ impl Datapath {
                 attached += 1;
             }
         }
-        Ok((updated, attached, if tcx { "tcx" } else { "netlink" }))
+        Ok((updated, attached))
+    }
+
+    /// Attaches the packet-mode programs to a pod's host-side interface `device` (in
+    /// the devices' namespace); returns its ifindex there. Pinned, so they outlive the
+    /// daemon like the others and a restart adopts them.
+    pub fn attach_pod_interface(&mut self, device: &str) -> Result<u32> {
+        let links_dir = self.options.pin_dir.join(LINKS_DIR);
+        sys::create_private_dir(&links_dir)?;
+        let _entered = netns::NetnsGuard::enter(self.options.netns.as_deref())?;
+        uplink::require_ethernet(device)?;
+        self.attach_programs(&links_dir, device, &POD_TC_PROGRAMS, POD_PIN_PREFIX)
+            .with_context(|| format!("attaching the packet-mode programs to {device}"))?;
+        ifindex(device)
+    }
+
+    /// The interfaces (as pinned: dots made underscores) that carry packet-mode
+    /// programs.
+    pub fn pod_interfaces_pinned(&self) -> BTreeSet<String> {
+        let links_dir = self.options.pin_dir.join(LINKS_DIR);
+        let Ok(entries) = fs::read_dir(&links_dir) else {
+            return BTreeSet::new();
+        };
+        let prefixes: Vec<String> = POD_TC_PROGRAMS
+            .iter()
+            .flat_map(|(name, _)| {
+                let pin = format!("{POD_PIN_PREFIX}{name}_");
+                [format!("{NETLINK_PIN_PREFIX}{pin}"), pin]
+            })
+            .collect();
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                prefixes
+                    .iter()
+                    .find_map(|p| name.strip_prefix(p.as_str()).map(str::to_string))
+            })
+            .filter(|device| !device.ends_with("_new"))
+            .collect()
+    }
+
+    /// Removes the packet-mode programs from `device` (gone already, or its pod left
+    /// packet mode for good).
+    pub fn detach_pod_interface(&mut self, device: &str) {
+        let links_dir = self.options.pin_dir.join(LINKS_DIR);
+        let pins: Vec<String> = POD_TC_PROGRAMS
+            .iter()
+            .flat_map(|(name, _)| {
+                let pin = format!("{POD_PIN_PREFIX}{}", tc_pin_name(name, device));
+                [format!("{NETLINK_PIN_PREFIX}{pin}"), pin]
+            })
+            .filter(|pin| links_dir.join(pin).exists())
+            .collect();
+        self.detach_stale_netlink(&links_dir, &pins);
+        for pin in pins {
+            let _ = fs::remove_file(links_dir.join(pin));
+        }
     }
 
     /// Tries again the interfaces whose TC programs failed to attach; returns whether
@@ -508,7 +594,11 @@ impl Datapath {
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|name| {
-                !names.contains(&name.as_str()) && !served.contains(name) && !name.ends_with("_new")
+                let pod = name.starts_with(POD_PIN_PREFIX)
+                    || name.starts_with(&format!("{NETLINK_PIN_PREFIX}{POD_PIN_PREFIX}"));
+                !pod && !names.contains(&name.as_str())
+                    && !served.contains(name)
+                    && !name.ends_with("_new")
             })
             .collect();
         self.detach_stale_netlink(&links_dir, &stale);
@@ -580,11 +670,10 @@ fn attach_tcx(
     links_dir: &Path,
     device: &str,
     ifindex: u32,
-    name: &str,
+    (name, pin_name): (&str, &str),
     direction: TcAttachType,
 ) -> Result<bool> {
-    let pin_name = tc_pin_name(name, device);
-    let pin = links_dir.join(&pin_name);
+    let pin = links_dir.join(pin_name);
     if let Ok(link) = links::open_pinned(&pin) {
         let info = links::link_info(link.as_fd())
             .with_context(|| format!("reading pinned link {}", pin.display()))?;
@@ -602,7 +691,7 @@ fn attach_tcx(
         )
         .with_context(|| format!("attaching {name} as a TCX link"))?;
     let link = FdLink::try_from(program.take_link(id)?).context("TCX link is not fd-based")?;
-    pin_link(link, links_dir, &pin_name)?;
+    pin_link(link, links_dir, pin_name)?;
     Ok(false)
 }
 
@@ -614,7 +703,7 @@ fn attach_netlink(
     links_dir: &Path,
     device: &str,
     ifindex: u32,
-    name: &str,
+    (name, pin_name): (&str, &str),
     direction: TcAttachType,
 ) -> Result<bool> {
     let hook = if direction == TcAttachType::Ingress {
@@ -663,7 +752,7 @@ fn attach_netlink(
     // Dropping the link would delete the filter: it stays when the daemon exits, like
     // a pinned link, and the next daemon replaces its program in place.
     std::mem::forget(program.take_link(id)?);
-    let pin_name = format!("{NETLINK_PIN_PREFIX}{}", tc_pin_name(name, device));
+    let pin_name = format!("{NETLINK_PIN_PREFIX}{pin_name}");
     let staging = links_dir.join(format!("{pin_name}_new"));
     let _ = fs::remove_file(&staging);
     links::pin(program.fd()?.as_fd(), &staging)
@@ -739,7 +828,11 @@ fn load_object(maps_dir: &Path, options: &DatapathOptions, has_set_retval: bool)
             );
         }
     }
-    let tc_names = TC_PROGRAMS.iter().map(|(name, _)| *name);
+    let tc_names = TC_PROGRAMS
+        .iter()
+        .chain(&POD_TC_PROGRAMS)
+        .map(|(name, _)| *name)
+        .collect::<BTreeSet<_>>();
     for name in programs(capacities).into_iter().chain(tc_names) {
         let program = ebpf
             .program_mut(name)

@@ -142,13 +142,14 @@ fn socket() -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-fn send(fd: &OwnedFd, request: &Request) -> io::Result<()> {
-    // SAFETY: `request` is plain old data of the length given.
+fn send<T: Copy>(fd: &OwnedFd, request: &T) -> io::Result<()> {
+    // SAFETY: `request` is one of the plain-old-data requests above, of the length
+    // given.
     let sent = unsafe {
         libc::send(
             fd.as_raw_fd(),
-            (request as *const Request).cast(),
-            size_of::<Request>(),
+            (request as *const T).cast(),
+            size_of::<T>(),
             0,
         )
     };
@@ -221,9 +222,14 @@ fn parse_filter(body: &[u8]) -> Option<Filter> {
     Some(filter)
 }
 
-/// Reads replies until the dump ends or the request is acknowledged, handing every
-/// `RTM_NEWTFILTER` body to `each`.
-fn receive(fd: &OwnedFd, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+/// Reads replies until the dump ends or the request is acknowledged, handing the body
+/// of every message of type `kind` to `each`.
+fn receive(
+    fd: &OwnedFd,
+    seq: u32,
+    kind_wanted: u16,
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: recv into a buffer we own, of the length given.
@@ -255,7 +261,7 @@ fn receive(fd: &OwnedFd, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<()
                             Err(io::Error::from_raw_os_error(-errno))
                         };
                     }
-                    RTM_NEWTFILTER => each(body),
+                    kind if kind == kind_wanted => each(body),
                     _ => {}
                 }
             }
@@ -284,7 +290,9 @@ pub fn filters(ifindex: u32, direction: TcAttachType) -> io::Result<Vec<Filter>>
     };
     send(&fd, &request)?;
     let mut found = Vec::new();
-    match receive(&fd, seq, |body| found.extend(parse_filter(body))) {
+    match receive(&fd, seq, RTM_NEWTFILTER, |body| {
+        found.extend(parse_filter(body))
+    }) {
         Ok(()) => {}
         // No clsact qdisc (or no such hook): nothing attached.
         Err(err) if matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {}
@@ -316,7 +324,65 @@ pub fn delete(ifindex: u32, direction: TcAttachType, priority: u16, handle: u32)
         },
     };
     send(&fd, &request)?;
-    receive(&fd, seq, |_| {})
+    receive(&fd, seq, RTM_NEWTFILTER, |_| {})
+}
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const IFLA_LINK: u16 = 5;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct IfInfoMsg {
+    family: u8,
+    _pad: u8,
+    kind: u16,
+    index: i32,
+    flags: u32,
+    change: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LinkRequest {
+    header: NlMsgHdr,
+    link: IfInfoMsg,
+}
+
+/// The peer of interface `ifindex` of the current namespace (`IFLA_LINK`: for a
+/// veth, its other end's index in the other end's namespace), if it has one. How a
+/// pod's host-side interface is found from inside the pod.
+pub fn link_peer(ifindex: u32) -> io::Result<Option<u32>> {
+    let fd = socket()?;
+    let seq = 3;
+    let request = LinkRequest {
+        header: NlMsgHdr {
+            len: size_of::<LinkRequest>() as u32,
+            kind: RTM_GETLINK,
+            flags: NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            pid: 0,
+        },
+        link: IfInfoMsg {
+            index: ifindex as i32,
+            ..Default::default()
+        },
+    };
+    send(&fd, &request)?;
+    let mut peer = None;
+    receive(&fd, seq, RTM_NEWLINK, |body| {
+        if body.len() < size_of::<IfInfoMsg>() {
+            return;
+        }
+        for (kind, payload) in attributes(&body[size_of::<IfInfoMsg>()..]) {
+            if kind == IFLA_LINK && payload.len() >= 4 {
+                peer = Some(read_u32(payload, 0));
+            }
+        }
+    })?;
+    // An interface that is its own link (most, when the attribute is present) has no
+    // peer.
+    Ok(peer.filter(|&p| p != ifindex && p != 0))
 }
 
 /// Every interface of the current network namespace (index, name).

@@ -19,6 +19,7 @@ pub mod endpoints;
 pub mod frontends;
 mod small_set;
 pub mod spec;
+pub mod workloads;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},

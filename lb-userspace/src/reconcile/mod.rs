@@ -597,22 +597,21 @@ impl Reconciler {
         self.refused().next().is_some()
     }
 
-    /// The frontends that did not fit, as changes to try again (after space freed
-    /// up). Those the kernel refused have their own retry, with backoff.
-    /// What tracked external flows are checked against: the frontends programmed in
-    /// external scope, by id.
+    /// What tracked flows are checked against: the frontends programmed, by id
+    /// (external scope for flows from other machines, internal for packet-mode pods').
     pub fn flow_check(&self) -> FlowCheck<'_> {
         FlowCheck {
             frontends: self
                 .frontends
-                .iter()
-                .filter(|(key, _)| key.scope == Scope::External)
-                .map(|(_, programmed)| (programmed.svc_id, &**programmed))
+                .values()
+                .map(|programmed| (programmed.svc_id, &**programmed))
                 .collect(),
             backends: &self.backends,
         }
     }
 
+    /// The frontends that did not fit, as changes to try again (after space freed
+    /// up). Those the kernel refused have their own retry, with backoff.
     pub fn pending(&self) -> BTreeMap<FrontendKey, Option<Arc<Frontend>>> {
         self.unprogrammed
             .iter()

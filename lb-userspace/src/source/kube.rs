@@ -30,7 +30,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -44,7 +44,10 @@ use tracing::{debug, info, warn};
 
 use super::{Event, Kind, Object, Relist, Sink};
 use crate::{
-    model::{NodeSpec, ObjectRef, ServiceSpec, SliceSpec, spec},
+    model::{
+        NodeSpec, ObjectRef, ServiceSpec, SliceSpec, spec,
+        workloads::{NamespaceSpec, PodSpec},
+    },
     warnings::Summary,
 };
 
@@ -206,6 +209,17 @@ fn streaming_lists_unsupported(err: &watcher::Error) -> bool {
         || message.contains("WatchList")
 }
 
+/// Whether a watch error is the API server refusing this daemon the kind (RBAC).
+fn forbidden(err: &watcher::Error) -> bool {
+    match err {
+        watcher::Error::WatchError(status) => status.code == 403,
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 403,
+        _ => false,
+    }
+}
+
 /// Converts one API object; `Ok(None)` when this proxy does not serve it.
 type Convert<K> = fn(&K) -> Result<Option<Object>, Vec<String>>;
 
@@ -293,8 +307,19 @@ fn node(node: &Node) -> Result<Option<Object>, Vec<String>> {
     Ok(Some(Object::Node(Arc::new(NodeSpec::from_k8s(node)?))))
 }
 
-/// Starts the three watchers on the current tokio runtime.
-pub fn spawn(client: Client, sink: Sink) -> Arc<ApiStatus> {
+fn pod(pod: &Pod) -> Result<Option<Object>, Vec<String>> {
+    Ok(PodSpec::from_k8s(pod).map(|p| Object::Pod(Arc::new(p))))
+}
+
+fn namespace(namespace: &Namespace) -> Result<Option<Object>, Vec<String>> {
+    Ok(Some(Object::Namespace(Arc::new(NamespaceSpec::from_k8s(
+        namespace,
+    )))))
+}
+
+/// Starts the watchers on the current tokio runtime: Services, EndpointSlices, Nodes,
+/// Namespaces and `node`'s own Pods.
+pub fn spawn(client: Client, sink: Sink, node_name: &str) -> Arc<ApiStatus> {
     let status = Arc::new(ApiStatus::default());
     // kube-proxy's selector, on Services and slices alike.
     let not_ours = format!(
@@ -330,6 +355,26 @@ pub fn spawn(client: Client, sink: Sink) -> Arc<ApiStatus> {
         nodes,
         Kind::Node,
         node as Convert<Node>,
+        client.clone(),
+        sink.clone(),
+        status.clone(),
+    ));
+    // Only this node's pods: memory follows the node, not the cluster.
+    let pods = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+    tokio::spawn(watch(
+        Api::<Decoded<Pod>>::all(client.clone()),
+        pods,
+        Kind::Pod,
+        pod as Convert<Pod>,
+        client.clone(),
+        sink.clone(),
+        status.clone(),
+    ));
+    tokio::spawn(watch(
+        Api::<Decoded<Namespace>>::all(client.clone()),
+        watcher::Config::default(),
+        Kind::Namespace,
+        namespace as Convert<Namespace>,
         client,
         sink,
         status.clone(),
@@ -339,7 +384,7 @@ pub fn spawn(client: Client, sink: Sink) -> Arc<ApiStatus> {
 
 fn id_of<K: Resource>(kind: Kind, object: &K) -> ObjectRef {
     let meta = object.meta();
-    let namespace = if kind == Kind::Node {
+    let namespace = if matches!(kind, Kind::Node | Kind::Namespace) {
         String::new()
     } else {
         meta.namespace.clone().unwrap_or_default()
@@ -362,6 +407,7 @@ async fn watch<K>(
 {
     let mut relist = Relist::default();
     let mut backoff = Backoff::new();
+    let mut refused_reported = false;
     'restart: loop {
         let streaming = !status.no_streaming_lists.load(Ordering::SeqCst);
         let config = if streaming {
@@ -388,6 +434,21 @@ async fn watch<K>(
                             );
                         }
                         continue 'restart;
+                    }
+                    if Kind::WORKLOADS.contains(&kind) && forbidden(&err) {
+                        // Older RBAC without pods or namespaces: Services are served
+                        // all the same; only the pods' modes wait for the permission.
+                        if !refused_reported {
+                            refused_reported = true;
+                            warn!(
+                                "listing {kind}s is forbidden ({err}): pods' load-balancing \
+                                 modes (lb.dev/mode) are not applied until the daemon's \
+                                 ClusterRole allows list and watch on pods and namespaces \
+                                 (deploy/rbac.yaml); retrying"
+                            );
+                        }
+                        tokio::time::sleep(Backoff::MAX).await;
+                        continue;
                     }
                     status.failed(&client, kind, &err);
                     backoff.wait(&status).await;

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use hashbrown::HashTable;
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use serde::de::DeserializeOwned;
@@ -30,7 +30,10 @@ use tracing::{debug, info, warn};
 
 use super::{Event, Kind, Object, ObjectKey, Sink};
 use crate::{
-    model::{NodeSpec, ObjectRef, ServiceSpec, SliceSpec, spec},
+    model::{
+        NodeSpec, ObjectRef, ServiceSpec, SliceSpec, spec,
+        workloads::{NamespaceSpec, PodSpec},
+    },
     warnings::Summary,
 };
 
@@ -189,7 +192,8 @@ fn with_key<R>(object: &Object, f: impl FnOnce(Kind, &ObjectRef) -> R) -> R {
     match object {
         Object::Service(s) => f(Kind::Service, &s.id),
         Object::Slice(s) => f(Kind::EndpointSlice, &s.id),
-        Object::Node(_) => {
+        Object::Pod(p) => f(Kind::Pod, &p.id),
+        Object::Node(_) | Object::Namespace(_) => {
             let (kind, id) = object.key();
             f(kind, &id)
         }
@@ -703,7 +707,7 @@ fn parse_object(value: Value) -> Result<Parsed, Invalid> {
         .to_string();
     let invalid = |kind: Kind, message: String| Invalid {
         key: name.as_ref().map(|name| {
-            let id = if kind == Kind::Node {
+            let id = if matches!(kind, Kind::Node | Kind::Namespace) {
                 ObjectRef::new("", name.clone())
             } else {
                 ObjectRef::new(namespace.clone(), name.clone())
@@ -740,11 +744,27 @@ fn parse_object(value: Value) -> Result<Parsed, Invalid> {
                 .map_err(|errors| invalid(Kind::Node, errors.join("; ")))?;
             Ok(Parsed::Object(Object::Node(Arc::new(spec))))
         }
-        (_, "Service") | (_, "EndpointSlice") | (_, "Node") => Err(Invalid {
+        ("v1", "Pod") => {
+            let pod: Pod = strict(value).map_err(|e| invalid(Kind::Pod, e))?;
+            match PodSpec::from_k8s(&pod) {
+                Some(spec) => Ok(Parsed::Object(Object::Pod(Arc::new(spec)))),
+                None => Ok(Parsed::Ignored(format!(
+                    "Pod {namespace}/{} has finished (phase Succeeded or Failed); ignored",
+                    name.as_deref().unwrap_or_default()
+                ))),
+            }
+        }
+        ("v1", "Namespace") => {
+            let ns: Namespace = strict(value).map_err(|e| invalid(Kind::Namespace, e))?;
+            Ok(Parsed::Object(Object::Namespace(Arc::new(
+                NamespaceSpec::from_k8s(&ns),
+            ))))
+        }
+        (_, "Service" | "EndpointSlice" | "Node" | "Pod" | "Namespace") => Err(Invalid {
             key: None,
             message: format!(
-                "apiVersion {api_version:?} is not supported for {kind} (use v1 for Service and \
-                 Node, discovery.k8s.io/v1 for EndpointSlice); skipped"
+                "apiVersion {api_version:?} is not supported for {kind} (use v1 for Service, \
+                 Node, Pod and Namespace, discovery.k8s.io/v1 for EndpointSlice); skipped"
             ),
         }),
         ("", _) | (_, "") => Err(Invalid {
@@ -756,7 +776,7 @@ fn parse_object(value: Value) -> Result<Parsed, Invalid> {
                 .into(),
         )),
         _ => Ok(Parsed::Ignored(format!(
-            "kind {kind} is not read (only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node); ignored"
+            "kind {kind} is not read (only v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Node, v1 Pod and v1 Namespace); ignored"
         ))),
     }
 }
@@ -1012,6 +1032,8 @@ endpoints:
                 Object::Service(s) => format!("Service {}", s.id),
                 Object::Slice(s) => format!("EndpointSlice {}", s.id),
                 Object::Node(n) => format!("Node {}", n.name),
+                Object::Pod(p) => format!("Pod {}", p.id),
+                Object::Namespace(n) => format!("Namespace {}", n.name),
             })
             .collect()
     }

@@ -1,4 +1,4 @@
-//! Where Services, EndpointSlices and Nodes come from: a folder of manifests
+//! Where Services, EndpointSlices, Nodes, this node's Pods and Namespaces come from: a folder of manifests
 //! ([`manifests`]) or the Kubernetes API ([`kube`]). Both speak the same contract, so
 //! the daemon drives the model and the reconciler without knowing which it has:
 //!
@@ -17,17 +17,35 @@ pub mod manifests;
 
 use std::{fmt, sync::Arc};
 
-use crate::model::{NodeSpec, ObjectRef, ServiceSpec, SliceSpec};
+use crate::model::{
+    NodeSpec, ObjectRef, ServiceSpec, SliceSpec,
+    workloads::{NamespaceSpec, PodSpec},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    /// This node's Pods, for their load-balancing modes.
+    Pod,
+    /// Namespaces, for their load-balancing-mode annotation.
+    Namespace,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    pub const ALL: [Kind; 5] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::Pod,
+        Kind::Namespace,
+    ];
+    /// What the Service maps are made of: nothing is programmed before each has
+    /// listed once.
+    pub const SERVICES: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    /// What the pods' modes are made of.
+    pub const WORKLOADS: [Kind; 2] = [Kind::Pod, Kind::Namespace];
 }
 
 impl fmt::Display for Kind {
@@ -36,6 +54,8 @@ impl fmt::Display for Kind {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::Node => "Node",
+            Self::Pod => "Pod",
+            Self::Namespace => "Namespace",
         })
     }
 }
@@ -48,6 +68,8 @@ pub enum Object {
     Service(Arc<ServiceSpec>),
     Slice(Arc<SliceSpec>),
     Node(Arc<NodeSpec>),
+    Pod(Arc<PodSpec>),
+    Namespace(Arc<NamespaceSpec>),
 }
 
 impl Object {
@@ -56,6 +78,8 @@ impl Object {
             Self::Service(s) => (Kind::Service, s.id.clone()),
             Self::Slice(s) => (Kind::EndpointSlice, s.id.clone()),
             Self::Node(n) => (Kind::Node, ObjectRef::new("", n.name.clone())),
+            Self::Pod(p) => (Kind::Pod, p.id.clone()),
+            Self::Namespace(n) => (Kind::Namespace, ObjectRef::new("", n.name.clone())),
         }
     }
 }

@@ -23,6 +23,7 @@ mod semantics;
 mod sockets;
 mod support;
 mod udp;
+mod workloads;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -75,6 +76,7 @@ fn main() {
     trials.extend(reliability::trials());
     trials.extend(security::trials());
     trials.extend(realnode::trials());
+    trials.extend(workloads::trials());
     // `LB_E2E_ONLY=a,b,c`: exactly these tests (libtest-mimic takes one filter; the
     // kernel-compatibility run names its subset this way).
     if let Ok(only) = std::env::var("LB_E2E_ONLY") {
