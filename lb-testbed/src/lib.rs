@@ -211,6 +211,11 @@ impl Testbed {
         &self.cgroup.path
     }
 
+    /// The node's network namespace (its bridge and the pods' veth peers).
+    pub fn node_netns(&self) -> &str {
+        &self.node_netns
+    }
+
     /// Adds a pod with address 10.244.1.`host` and fd00:244::`host`.
     pub fn add_pod(&mut self, name: &str, host: u8) -> Result<Pod> {
         let index = self.pods.len();

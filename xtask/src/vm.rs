@@ -34,6 +34,7 @@ const UNIT_TESTS: &[&str] = &[
     "datapath::tc_tests::tc_programs_track_tcp_state_and_refuse_what_they_cannot_serve",
     "datapath::tc_tests::tc_programs_keep_answered_flows_from_floods_of_new_ones",
     "datapath::tc_tests::tc_programs_maglev_tables_read_back_as_written",
+    "datapath::tc_tests::tc_programs_balance_packet_mode_pods",
     "datapath::features::tests::probes_answer_on_this_kernel",
     "datapath::sockets::tests::destroys_only_matching_sockets_by_cookie_and_peer",
     "datapath::batch::tests::large_batches_are_written_and_deleted_whole",
@@ -42,8 +43,9 @@ const UNIT_TESTS: &[&str] = &[
 /// End-to-end tests run in the guest: the socket path (TCP, connected and
 /// unconnected UDP, refusal, getpeername, stale-socket termination), the TC path
 /// (node ports from outside with both traffic policies and SNAT, IPv6), restarts and
-/// `kill -9` under load through both paths, and adoption or migration of pins left
-/// by a previous daemon.
+/// `kill -9` under load through both paths, adoption or migration of pins left by a
+/// previous daemon, and the per-workload modes (the cgroup-ancestor lookup, the packet
+/// path on a pod's interface through netlink filters).
 const E2E_TESTS: &[&str] = &[
     "clusterip::redis_cli_through_cluster_ip",
     "clusterip::scale_3_to_1_to_0_refuses_at_once",
@@ -57,6 +59,7 @@ const E2E_TESTS: &[&str] = &[
     "reliability::restarts_kill_9_and_upgrades_under_load_drop_nothing",
     "reliability::an_older_layout_is_migrated_while_it_serves",
     "reliability::cleanup_removes_everything_and_refuses_while_a_daemon_runs",
+    "workloads::modes_from_pod_manifests",
 ];
 
 /// How much longer the guest may take to start a daemon than the host.

@@ -28,6 +28,11 @@ const NODE_PORT: u16 = 30002;
 const EXTERNAL4: Ipv4Addr = Ipv4Addr::new(10, 111, 9, 2);
 const EXTERNAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x111, 9, 0, 0, 0, 0, 2);
 const TC_ACT_REDIRECT: u32 = 7;
+const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 10);
+/// A packet-mode pod on this node.
+const CLIENT_POD4: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 50);
+/// Where `BPF_PROG_TEST_RUN` says a packet came in: the test's loopback.
+const TEST_RUN_IFINDEX: u32 = 1;
 
 fn sum16(data: &[u8], mut sum: u32) -> u32 {
     for chunk in data.chunks(2) {
@@ -379,7 +384,27 @@ fn loaded_with_capacities(
         backends: Vec::new(),
         ..node_port(ip, POD4.into(), &[])
     };
+    // A ClusterIP, as packet-mode pods reach it: with one endpoint, and without.
+    let cluster_ip = |port: u16, backends: Vec<BackendAddr>| Frontend {
+        key: FrontendKey {
+            ip: VIP4.into(),
+            port,
+            protocol: Protocol::Tcp,
+            scope: Scope::Internal,
+        },
+        kind: FrontendKind::ClusterIp,
+        backends,
+        ..node_port(VIP4.into(), POD4.into(), &[])
+    };
     let changes: BTreeMap<_, _> = [
+        cluster_ip(
+            6379,
+            vec![BackendAddr {
+                ip: POD4.into(),
+                port: 6379,
+            }],
+        ),
+        cluster_ip(6380, Vec::new()),
         node_port(NODE4.into(), POD4.into(), &[]),
         node_port(NODE6.into(), POD6.into(), &[]),
         no_endpoints,
@@ -933,6 +958,87 @@ fn tc_programs_maglev_tables_read_back_as_written() {
         let ids: Vec<u32> = (100..400).collect();
         maps.delete_maglev(&ids).expect("deleting 300 tables");
         assert_eq!(maps.maglev_table(399, 7).unwrap(), None);
+    }));
+    drop(maps);
+    drop(datapath);
+    let _ = super::cleanup(&pin_dir, None);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+#[ignore = "needs root (loads the datapath); cargo xtask test runs it with --include-ignored"]
+fn tc_programs_balance_packet_mode_pods() {
+    let (datapath, mut maps) = loaded();
+    let pin_dir = datapath.options.pin_dir.clone();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (client, vip, pod, node) = (
+            IpAddr::from(CLIENT_POD4),
+            IpAddr::from(VIP4),
+            IpAddr::from(POD4),
+            IpAddr::from(NODE4),
+        );
+        let syn = frame((client, 40000), (vip, 6379), Some(0x02), 0);
+        // Not a packet-mode pod's interface: left alone.
+        let (verdict, out) = datapath.test_run_tc("lb_tc_pod_ingress", &syn).unwrap();
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, syn, "translated on an interface not in packet mode");
+
+        maps.set_pod_interface(TEST_RUN_IFINDEX, true).unwrap();
+        let (verdict, out) = datapath.test_run_tc("lb_tc_pod_ingress", &syn).unwrap();
+        assert_eq!(verdict, TC_ACT_OK, "routed by the stack in a test run");
+        assert_eq!(
+            tuple_checked(&out),
+            (client, 40000, pod, 6379),
+            "DNAT to the pod, the pod's own address kept"
+        );
+        // The pod's answer, on its way to the client pod: from the ClusterIP.
+        let answer = frame((pod, 6379), (client, 40000), Some(0x12), 0);
+        let (verdict, out) = datapath.test_run_tc("lb_tc_egress", &answer).unwrap();
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(tuple_checked(&out), (vip, 6379, client, 40000), "reply");
+        // The rest of the flow follows it.
+        let ack = frame((client, 40000), (vip, 6379), Some(0x10), 0);
+        let (_, out) = datapath.test_run_tc("lb_tc_pod_ingress", &ack).unwrap();
+        assert_eq!(tuple_checked(&out), (client, 40000, pod, 6379));
+
+        // The pod reaches itself through its Service: SNAT to the node, and back.
+        let hairpin = frame((pod, 40001), (vip, 6379), Some(0x02), 0);
+        let (_, out) = datapath.test_run_tc("lb_tc_pod_ingress", &hairpin).unwrap();
+        let (src, sport, dst, dport) = tuple_checked(&out);
+        assert_eq!((src, dst, dport), (node, pod, 6379), "hairpin SNAT");
+        let answer = frame((pod, 6379), (node, sport), Some(0x12), 0);
+        let (_, out) = datapath.test_run_tc("lb_tc_pod_ingress", &answer).unwrap();
+        assert_eq!(
+            tuple_checked(&out),
+            (vip, 6379, pod, 40001),
+            "hairpin reply"
+        );
+
+        // No endpoints: refused with a port unreachable from the ClusterIP.
+        let empty = frame((client, 40002), (vip, 6380), Some(0x02), 0);
+        let (verdict, out) = datapath.test_run_tc("lb_tc_pod_ingress", &empty).unwrap();
+        assert_eq!(verdict, TC_ACT_REDIRECT, "sent back to the pod");
+        let (outer_src, outer_dst, quoted) = icmp_checked(&out);
+        assert_eq!((outer_src, outer_dst), (VIP4, CLIENT_POD4));
+        assert_eq!(quoted, (client, 40002, vip, 6380));
+
+        // Out of packet mode: its tracked flow goes on, a new one is not started.
+        maps.set_pod_interface(TEST_RUN_IFINDEX, false).unwrap();
+        let (_, out) = datapath.test_run_tc("lb_tc_pod_ingress", &ack).unwrap();
+        assert_eq!(
+            tuple_checked(&out),
+            (client, 40000, pod, 6379),
+            "tracked flow"
+        );
+        let new = frame((client, 40003), (vip, 6379), Some(0x02), 0);
+        let (verdict, out) = datapath.test_run_tc("lb_tc_pod_ingress", &new).unwrap();
+        assert_eq!(
+            (verdict, out),
+            (TC_ACT_OK, new),
+            "a new flow after packet mode"
+        );
     }));
     drop(maps);
     drop(datapath);

@@ -10,7 +10,7 @@ use libtest_mimic::Trial;
 use crate::{
     cluster::{Cluster, shared_control_plane, trial},
     kube::pod_ips_of,
-    support::Daemon,
+    support::{Daemon, manifest_dir, redis_manifest, redis_world, write_manifest},
 };
 
 pub fn trials() -> Vec<Trial> {
@@ -27,6 +27,10 @@ pub fn trials() -> Vec<Trial> {
             "workloads::a_guest_no_socket_hook_sees_is_balanced_in_packet_mode",
             a_guest_no_socket_hook_sees_is_balanced_in_packet_mode,
         ),
+        trial(
+            "workloads::modes_from_pod_manifests",
+            modes_from_pod_manifests,
+        ),
     ]
 }
 
@@ -34,21 +38,7 @@ pub fn trials() -> Vec<Trial> {
 /// `answer <name> peer <address>` (the peer as `getpeername` shows it), or
 /// `error <what>`.
 fn dial(cluster: &Cluster, pod: &str, host: &str) -> Result<String> {
-    let script = format!(
-        "import socket\n\
-         s = socket.socket(); s.settimeout(2)\n\
-         try:\n    \
-             s.connect(('{host}', 6379))\n    \
-             s.sendall(b'GET whoami\\r\\n')\n    \
-             data = b''\n    \
-             while data.count(b'\\r\\n') < 2:\n        \
-                 chunk = s.recv(4096)\n        \
-                 if not chunk: break\n        \
-                 data += chunk\n    \
-             print('answer', data.split(b'\\r\\n')[1].decode(), 'peer', s.getpeername()[0])\n\
-         except OSError as e:\n    \
-             print('error', e)\n"
-    );
+    let script = dial_script(host);
     let out = cluster.exec(pod, &["python3", "-c", &script])?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -519,4 +509,159 @@ fn a_guest_no_socket_hook_sees_is_balanced_in_packet_mode() -> Result<()> {
         refused.1
     );
     Ok(())
+}
+
+/// `python3 -c` script: connects to `host`:6379 (2 s timeout) and asks redis who
+/// answers: `answer <name> peer <address>` (the peer as `getpeername` shows it), or
+/// `error <what>`.
+fn dial_script(host: &str) -> String {
+    format!(
+        "import socket\n\
+         s = socket.socket(); s.settimeout(2)\n\
+         try:\n    \
+             s.connect(('{host}', 6379))\n    \
+             s.sendall(b'GET whoami\\r\\n')\n    \
+             data = b''\n    \
+             while data.count(b'\\r\\n') < 2:\n        \
+                 chunk = s.recv(4096)\n        \
+                 if not chunk: break\n        \
+                 data += chunk\n    \
+             print('answer', data.split(b'\\r\\n')[1].decode(), 'peer', s.getpeername()[0])\n\
+         except OSError as e:\n    \
+             print('error', e)\n"
+    )
+}
+
+/// Standalone: a Pod manifest names its cgroup (`lb.dev/cgroup`) and mode. In packet
+/// mode a process of the pod's cgroup and one in no cgroup at all (a guest) are both
+/// balanced by the pod interface's programs, and see the ClusterIP as their peer;
+/// rewritten to off, neither reaches it; without the annotation, the socket hooks
+/// balance the pod's process again and the guest reaches nothing.
+fn modes_from_pod_manifests() -> Result<()> {
+    let (tb, backends, client) = redis_world(2)?;
+    let node = tb.node_netns().to_string();
+    // Routed as a real node: forwarding on, the service range sent to the node (which
+    // still blackholes it).
+    lb_testbed::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    )?;
+    let pod_cgroup = tb.cgroup().join("kubepods/podapp");
+    std::fs::create_dir_all(&pod_cgroup)?;
+    let mut sleeper = lb_testbed::netns_command(&client.netns, Some(&pod_cgroup), "sleep")?;
+    let mut sleeper = sleeper.arg("infinity").spawn()?;
+    let route = lb_testbed::run(
+        "ip",
+        &[
+            "-n",
+            &client.netns,
+            "route",
+            "replace",
+            "10.96.0.0/12",
+            "via",
+            "10.244.1.1",
+        ],
+    );
+    let result = (|| -> Result<()> {
+        route?;
+        let dir = manifest_dir(&tb)?;
+        let vip = "10.96.0.100";
+        write_manifest(
+            &dir,
+            "redis.yaml",
+            &redis_manifest(vip, &backends.iter().collect::<Vec<_>>()),
+        )?;
+        let pod = |mode: Option<&str>| {
+            let annotations = mode
+                // Quoted: YAML reads a bare `off` as a boolean.
+                .map(|m| format!("lb.dev/mode: '{m}', "))
+                .unwrap_or_default();
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: app, namespace: pods, annotations: \
+                 {{{annotations}lb.dev/cgroup: {}}}}}\nspec: {{containers: [{{name: app}}]}}\n\
+                 status: {{podIPs: [{{ip: {}}}]}}\n",
+                pod_cgroup.display(),
+                client.ipv4
+            )
+        };
+        write_manifest(&dir, "app.yaml", &pod(Some("packet")))?;
+        let daemon = Daemon::start_with(&tb, &dir, &["--netns", &format!("/run/netns/{node}")])?;
+        let inside = || -> Result<String> {
+            let mut cmd = lb_testbed::netns_command(&client.netns, Some(&pod_cgroup), "python3")?;
+            cmd.args(["-c", &dial_script(vip)]);
+            let out = lb_testbed::output_with_timeout(cmd, Duration::from_secs(10))?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let guest = || -> Result<String> {
+            let argv = ["python3", "-c", &dial_script(vip)];
+            let out = tb.output(&client, false, &argv, Duration::from_secs(10))?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let wait = |what: &str, check: &dyn Fn() -> Result<bool>| -> Result<()> {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while !check()? {
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "timed out waiting for {what}; lb list:\n{}\ndaemon log:\n{}",
+                    daemon.list_text().unwrap_or_default(),
+                    daemon.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        };
+        wait("the pod's interface", &|| {
+            Ok(daemon.list_text()?.contains("pods/app mode packet")
+                && daemon.list_text()?.contains("interface v"))
+        })?;
+        let names: Vec<String> = backends.iter().map(|p| p.name.clone()).collect();
+        let mut answered = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            for result in [inside()?, guest()?] {
+                let who = result
+                    .strip_prefix("answer ")
+                    .and_then(|r| r.strip_suffix(&format!(" peer {vip}")))
+                    .with_context(|| format!("packet mode: {result}"))?;
+                answered.insert(who.to_string());
+            }
+        }
+        ensure!(
+            answered.len() == 2 && answered.iter().all(|w| names.contains(w)),
+            "balanced over {names:?}: {answered:?}"
+        );
+
+        write_manifest(&dir, "app.yaml", &pod(Some("off")))?;
+        wait("off mode", &|| {
+            Ok(daemon.list_text()?.contains("pods/app mode off"))
+        })?;
+        for result in [inside()?, guest()?] {
+            ensure!(result.starts_with("error"), "off mode: {result}");
+        }
+
+        write_manifest(&dir, "app.yaml", &pod(None))?;
+        wait("socket mode", &|| {
+            Ok(!daemon.list_text()?.contains("pods/app mode"))
+        })?;
+        let socket = inside()?;
+        ensure!(
+            socket.ends_with(&format!(" peer {vip}")) && socket.starts_with("answer"),
+            "socket mode: {socket}"
+        );
+        let guest_now = guest()?;
+        ensure!(
+            guest_now.starts_with("error"),
+            "socket mode, unseen guest: {guest_now}"
+        );
+        Ok(())
+    })();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    result
 }
