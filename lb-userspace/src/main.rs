@@ -205,6 +205,14 @@ struct DaemonArgs {
     /// (VM sandboxes such as Kata or gVisor, whose sockets no host hook sees).
     #[arg(long, value_name = "CLASS[,CLASS...]", value_delimiter = ',')]
     packet_runtime_classes: Vec<String>,
+    /// The load-balancing mode of pods that neither an annotation nor detection
+    /// decides: socket, packet or off (hostNetwork pods keep socket unless annotated).
+    #[arg(long, value_name = "MODE", default_value = "socket", value_parser = parse_mode)]
+    default_workload_mode: lb::model::workloads::Mode,
+}
+
+fn parse_mode(value: &str) -> Result<lb::model::workloads::Mode, String> {
+    value.parse()
 }
 
 fn init_logging(level: &str) {
@@ -429,6 +437,7 @@ fn daemon(args: DaemonArgs) -> Result<()> {
         workload_detection: lb::model::workloads::Detection {
             enabled: args.workload_detection,
             packet_runtime_classes: args.packet_runtime_classes,
+            default_mode: args.default_workload_mode,
         },
         detach_on_exit: args.detach_on_exit,
         node_name: node_name(args.node_name)?,

@@ -190,13 +190,17 @@ impl NamespaceSpec {
     }
 }
 
-/// The auto-detection rules (`lb daemon --workload-detection`, `--packet-runtime-classes`).
+/// The rules after the annotations (`lb daemon --workload-detection`,
+/// `--packet-runtime-classes`, `--default-workload-mode`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Detection {
     /// Sidecar meshes and KubeVirt launchers get `packet`.
     pub enabled: bool,
     /// Pods of these runtime classes (Kata, gVisor) get `packet`.
     pub packet_runtime_classes: Vec<String>,
+    /// What every other pod gets; hostNetwork pods (no interface of their own, and
+    /// often the node's agents, lb's own among them) keep `socket` unless annotated.
+    pub default_mode: Mode,
 }
 
 impl Default for Detection {
@@ -204,6 +208,7 @@ impl Default for Detection {
         Self {
             enabled: true,
             packet_runtime_classes: Vec::new(),
+            default_mode: Mode::Socket,
         }
     }
 }
@@ -251,7 +256,11 @@ pub fn decide(pod: &PodSpec, namespace_mode: Option<&str>, detection: &Detection
                     )
                 })
         });
-    let (mode, why) = chosen.unwrap_or((Mode::Socket, "default".into()));
+    let (mode, why) = chosen.unwrap_or_else(|| match detection.default_mode {
+        Mode::Socket => (Mode::Socket, "default".into()),
+        _ if pod.host_network => (Mode::Socket, "default (hostNetwork)".into()),
+        mode => (mode, "--default-workload-mode".into()),
+    });
     Decision {
         mode,
         why,
@@ -333,14 +342,36 @@ mod tests {
             Mode::Socket
         );
         let listed = Detection {
-            enabled: true,
             packet_runtime_classes: vec!["gvisor".into(), "kata".into()],
+            ..Detection::default()
         };
         let d = decide(&kata, None, &listed);
         assert_eq!(d.mode, Mode::Packet);
         assert_eq!(
             d.why,
             "detected: runtime class kata (--packet-runtime-classes)"
+        );
+    }
+
+    #[test]
+    fn the_default_mode_applies_last_and_never_to_host_network_pods() {
+        let packet = Detection {
+            default_mode: Mode::Packet,
+            ..Detection::default()
+        };
+        let d = decide(&pod(PLAIN), None, &packet);
+        assert_eq!(
+            (d.mode, d.why.as_str()),
+            (Mode::Packet, "--default-workload-mode")
+        );
+        let d = decide(&pod(PLAIN), Some("socket"), &packet);
+        assert_eq!(d.mode, Mode::Socket, "a Namespace says otherwise");
+        let host =
+            pod("metadata: {name: agent}\nspec: {hostNetwork: true, containers: [{name: a}]}\n");
+        let d = decide(&host, None, &packet);
+        assert_eq!(
+            (d.mode, d.why.as_str()),
+            (Mode::Socket, "default (hostNetwork)")
         );
     }
 

@@ -10,7 +10,9 @@ use libtest_mimic::Trial;
 use crate::{
     cluster::{Cluster, shared_control_plane, trial},
     kube::pod_ips_of,
-    support::{Daemon, manifest_dir, redis_manifest, redis_world, write_manifest},
+    support::{
+        Daemon, manifest_dir, redis_manifest, redis_world, service_yaml, slice_yaml, write_manifest,
+    },
 };
 
 pub fn trials() -> Vec<Trial> {
@@ -636,6 +638,7 @@ fn modes_from_pod_manifests() -> Result<()> {
             answered.len() == 2 && answered.iter().all(|w| names.contains(w)),
             "balanced over {names:?}: {answered:?}"
         );
+        bulk_transfers_arrive_intact(&tb, &daemon, &client, &backends[0], &dir)?;
 
         write_manifest(&dir, "app.yaml", &pod(Some("off")))?;
         wait("off mode", &|| {
@@ -663,5 +666,113 @@ fn modes_from_pod_manifests() -> Result<()> {
     })();
     let _ = sleeper.kill();
     let _ = sleeper.wait();
+    result
+}
+
+/// Serves `bulk` (ClusterIP 10.96.0.101:9000) from `backend`: a connection that sends
+/// `D` gets argv[1] MiB of seeded random bytes, one that sends `U` and then bytes gets
+/// their SHA-256.
+const BULK_SERVER: &str = r#"
+import hashlib, random, socket, sys
+mib = int(sys.argv[1])
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(('0.0.0.0', 9000))
+server.listen(8)
+while True:
+    conn, _ = server.accept()
+    if conn.recv(1) == b'D':
+        rng = random.Random(7)
+        for _ in range(mib):
+            conn.sendall(rng.randbytes(1 << 20))
+    else:
+        digest = hashlib.sha256()
+        while True:
+            chunk = conn.recv(1 << 16)
+            if not chunk: break
+            digest.update(chunk)
+        conn.sendall(digest.hexdigest().encode())
+    conn.close()
+"#;
+
+/// The client side: the SHA-256 of the download, and whether the server's digest of
+/// the upload matches what was sent.
+const BULK_CLIENT: &str = r#"
+import hashlib, random, socket, sys
+mib = int(sys.argv[1])
+def connect():
+    s = socket.socket(); s.settimeout(30); s.connect(('10.96.0.101', 9000)); return s
+s = connect(); s.sendall(b'D'); digest = hashlib.sha256()
+while True:
+    chunk = s.recv(1 << 16)
+    if not chunk: break
+    digest.update(chunk)
+print('download', digest.hexdigest())
+s = connect(); s.sendall(b'U'); rng = random.Random(9); sent = hashlib.sha256()
+for _ in range(mib):
+    block = rng.randbytes(1 << 20); sent.update(block); s.sendall(block)
+s.shutdown(socket.SHUT_WR)
+print('upload', s.recv(100).decode() == sent.hexdigest())
+"#;
+
+/// 100 MiB each way (8 on an emulated CPU, `LB_E2E_SLOWDOWN`) between a guest of the
+/// packet-mode pod `client` and `backend` through the ClusterIP, compared by SHA-256.
+fn bulk_transfers_arrive_intact(
+    tb: &lb_testbed::Testbed,
+    daemon: &Daemon,
+    client: &lb_testbed::Pod,
+    backend: &lb_testbed::Pod,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let mib = if std::env::var_os("LB_E2E_SLOWDOWN").is_some() {
+        "8"
+    } else {
+        "100"
+    };
+    let mut server = tb.command(backend, false, "python3")?;
+    let mut server = server.args(["-c", BULK_SERVER, mib]).spawn()?;
+    let result = (|| -> Result<()> {
+        write_manifest(
+            dir,
+            "bulk.yaml",
+            &format!(
+                "{}---\n{}",
+                service_yaml("bulk", &["10.96.0.101"], &[("", 9000, "TCP", "9000")]),
+                slice_yaml(
+                    "bulk-1",
+                    "bulk",
+                    "IPv4",
+                    &[("", 9000, "TCP")],
+                    &[backend.ipv4.to_string()]
+                )
+            ),
+        )?;
+        let expected = {
+            let script = "import hashlib, random, sys\nrng = random.Random(7)\n\
+                          d = hashlib.sha256()\n\
+                          for _ in range(int(sys.argv[1])): d.update(rng.randbytes(1 << 20))\n\
+                          print(d.hexdigest())";
+            let out = std::process::Command::new("python3")
+                .args(["-c", script, mib])
+                .output()?;
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let backend_ip = format!("{}:9000", backend.ipv4);
+        daemon.wait_for_backends("10.96.0.101", 9000, "TCP", &[&backend_ip])?;
+        let argv = ["python3", "-c", BULK_CLIENT, mib];
+        let out = tb.output(client, false, &argv, Duration::from_secs(120))?;
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            out == format!("download {expected}\nupload True"),
+            "{mib} MiB each way through the packet path: {out}"
+        );
+        Ok(())
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
     result
 }
