@@ -979,17 +979,47 @@ pub fn lb_pin_dir(node: &str) -> String {
 /// with the operator's settings for these nodes: each node's pods at
 /// `<cgroup2>/$(NODE_NAME)` and its pins at [`lb_pin_dir`].
 pub fn deploy_lb(cp: &ControlPlane, daemonset: &str) -> Result<()> {
+    deploy_lb_with(cp, daemonset, &[])
+}
+
+/// [`deploy_lb`] with more `lb daemon` arguments (`--default-workload-mode=packet`);
+/// applied over a deployed DaemonSet, it rolls its pods.
+pub fn deploy_lb_with(cp: &ControlPlane, daemonset: &str, extra_args: &[&str]) -> Result<()> {
     let cgroup2 = cgroup2_root()?;
-    let daemonset = daemonset_for(
+    let mut daemonset = daemonset_for(
         daemonset,
         cp.api_port,
         &format!("{}/$(NODE_NAME)", cgroup2.display()),
         &lb_pin_dir("$(NODE_NAME)"),
     )?;
+    for arg in extra_args {
+        let pin = format!("- --pin-dir={}\n", lb_pin_dir("$(NODE_NAME)"));
+        let indent = daemonset
+            .lines()
+            .find(|l| l.trim_start().starts_with("- --pin-dir="))
+            .map(|l| &l[..l.len() - l.trim_start().len()])
+            .unwrap_or("")
+            .to_string();
+        daemonset = daemonset.replacen(&pin, &format!("{pin}{indent}- {arg}\n"), 1);
+    }
     let rbac = crate::k8s::workspace_root().join("deploy/rbac.yaml");
     cp.kubectl(&["apply", "-f", &rbac.display().to_string()])?;
     cp.kubectl_with_input(&["apply", "-f", "-"], Some(&daemonset))?;
     Ok(())
+}
+
+/// Waits until the lb DaemonSet's pods all run its current version (after
+/// [`deploy_lb_with`] changed it).
+pub fn wait_lb_rolled_out(cp: &ControlPlane, timeout: Duration) -> Result<()> {
+    cp.kubectl(&[
+        "-n",
+        "kube-system",
+        "rollout",
+        "status",
+        "daemonset/lb",
+        &format!("--timeout={}s", timeout.as_secs()),
+    ])
+    .map(|_| ())
 }
 
 /// Ready pods matching `selector` in `namespace`, with their nodes.

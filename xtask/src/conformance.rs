@@ -69,6 +69,11 @@ pub struct ConformanceArgs {
     /// The subset `cargo xtask test` runs (conformance/ci.txt) in place of `--focus`.
     #[arg(long, conflicts_with = "focus")]
     ci: bool,
+    /// lb's `--default-workload-mode` for the whole run (`packet`: every test pod's
+    /// Service traffic goes through the packet path). Without it, `--ci` runs
+    /// conformance/ci-packet.txt again in packet mode after the subset.
+    #[arg(long, value_name = "MODE")]
+    workload_mode: Option<String>,
 }
 
 impl ConformanceArgs {
@@ -80,20 +85,54 @@ impl ConformanceArgs {
             out: PathBuf::from("target/conformance-ci"),
             nodes: 2,
             ci: true,
+            workload_mode: None,
         }
     }
 }
 
+/// Upstream specs `cargo xtask test` runs again with every test pod in packet mode.
+const PACKET_SPECS: &str = "conformance/ci-packet.txt";
+
 /// The CI subset: the spec names conformance/ci.txt lists.
 fn ci_specs() -> Result<Vec<String>> {
-    let names: Vec<String> = annotated_list("conformance/ci.txt")?
+    spec_list("conformance/ci.txt")
+}
+
+/// The spec names a list of conformance/ names.
+fn spec_list(file: &str) -> Result<Vec<String>> {
+    let names: Vec<String> = annotated_list(file)?
         .into_iter()
         .map(|(name, _)| name)
         .collect();
     if names.is_empty() {
-        bail!("conformance/ci.txt lists no spec");
+        bail!("{file} lists no spec");
     }
     Ok(names)
+}
+
+/// Checks that `focus` matches exactly `wanted` specs (a typo in a list would drop one).
+fn check_focus(e2e: &Path, focus: &str, wanted: usize, file: &str) -> Result<()> {
+    let dry = Command::new(e2e)
+        .args([
+            &format!("--ginkgo.focus={focus}"),
+            "--ginkgo.dry-run",
+            "--ginkgo.no-color",
+        ])
+        .output()
+        .context("e2e.test --ginkgo.dry-run")?;
+    let text = String::from_utf8_lossy(&dry.stdout);
+    let matched = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Will run "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<usize>().ok());
+    if matched != Some(wanted) {
+        bail!(
+            "{file} names {wanted} specs; e2e.test matches {matched:?} (a name that is not \
+             upstream's, or one that matches several)"
+        );
+    }
+    Ok(())
 }
 
 /// A focus on exactly the Service specs `names`.
@@ -459,31 +498,24 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
     } else {
         args.focus.clone()
     };
+    // Each entry must name exactly one upstream spec (a typo would drop it); checked
+    // before any image or node is built.
     if args.ci {
-        // Each entry must name exactly one upstream spec (a typo would drop it);
-        // checked before any image or node is built.
-        let wanted = ci_specs.len();
-        let dry = Command::new(&e2e)
-            .args([
-                &format!("--ginkgo.focus={focus}"),
-                "--ginkgo.dry-run",
-                "--ginkgo.no-color",
-            ])
-            .output()
-            .context("e2e.test --ginkgo.dry-run")?;
-        let text = String::from_utf8_lossy(&dry.stdout);
-        let matched = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Will run "))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse::<usize>().ok());
-        if matched != Some(wanted) {
-            bail!(
-                "conformance/ci.txt names {wanted} specs; e2e.test matches {matched:?} (a name \
-                 that is not upstream's, or one that matches several)"
-            );
-        }
+        check_focus(&e2e, &focus, ci_specs.len(), "conformance/ci.txt")?;
     }
+    let packet_subset = args.ci && args.proxy == Proxy::Lb && args.workload_mode.is_none();
+    let packet_specs = if packet_subset {
+        let specs = spec_list(PACKET_SPECS)?;
+        check_focus(&e2e, &focus_on(&specs), specs.len(), PACKET_SPECS)?;
+        specs
+    } else {
+        Vec::new()
+    };
+    let lb_args: Vec<String> = args
+        .workload_mode
+        .iter()
+        .map(|m| format!("--default-workload-mode={m}"))
+        .collect();
 
     eprintln!("==> images");
     let images_dir = out.join("images");
@@ -531,7 +563,8 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
     let _kube_proxies = match args.proxy {
         Proxy::Lb => {
             eprintln!("==> lb from deploy/");
-            realnode::deploy_lb(&cp, &shipped)?;
+            let lb_args: Vec<&str> = lb_args.iter().map(String::as_str).collect();
+            realnode::deploy_lb_with(&cp, &shipped, &lb_args)?;
             realnode::wait_lb_ready(&cp, nodes.len(), Duration::from_secs(120))?;
             None
         }
@@ -539,46 +572,44 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
         Proxy::KubeProxyIptables => Some(start_kube_proxies(&nodes, "iptables", &out)?),
     };
 
-    eprintln!("==> e2e.test --ginkgo.focus={focus:?}");
-    let report_dir = out.join(format!("{:?}", args.proxy).to_lowercase());
-    let _ = fs::remove_dir_all(&report_dir);
-    fs::create_dir_all(&report_dir)?;
     let skip = skips
         .iter()
         .map(|(p, _)| p.as_str())
         .collect::<Vec<_>>()
         .join("|");
-    let started = Instant::now();
-    let status = Command::new(&e2e)
-        .args([
-            &format!("--kubeconfig={}", cp.kubeconfig.display()),
-            "--provider=local",
-            &format!("--kubectl-path={}", kubectl.display()),
-            &format!("--report-dir={}", report_dir.display()),
-            &format!("--ginkgo.focus={focus}"),
-            &format!("--ginkgo.skip={skip}"),
-            "--ginkgo.no-color",
-            "--ginkgo.timeout=2h",
-            "--allowed-not-ready-nodes=0",
-        ])
-        .stdout(fs::File::create(report_dir.join("e2e.log"))?)
-        .stderr(Stdio::inherit())
-        .status()
-        .context("running e2e.test")?;
-    let elapsed = started.elapsed();
-    let junit = junit_report(&report_dir)?.context("e2e.test wrote no JUnit report")?;
-    fs::write(out.join("table.md"), results_table(&out)?)?;
-    let (passed, failed, skipped, failures) = summarize(&junit, &ci_specs);
-    let mut summary = format!(
-        "{:?}: {passed} passed, {failed} failed, {skipped} skipped in {:.0} s (e2e.test exit {status})\n",
-        args.proxy,
-        elapsed.as_secs_f64()
-    );
-    for name in &failures {
-        summary.push_str(&format!("  FAILED {name}\n"));
+    let suite = Suite {
+        e2e: &e2e,
+        kubectl: &kubectl,
+        cp: &cp,
+        skip: &skip,
+    };
+    let mut name = format!("{:?}", args.proxy).to_lowercase();
+    if let Some(mode) = &args.workload_mode {
+        name.push_str(&format!("-{mode}"));
     }
-    fs::write(report_dir.join("summary.txt"), &summary)?;
-    println!("{summary}");
+    let report_dir = out.join(&name);
+    let mut failed = suite.run(&focus, &report_dir, &ci_specs, &name)?;
+    fs::write(out.join("table.md"), results_table(&out)?)?;
+    if !packet_specs.is_empty() {
+        eprintln!("==> lb again, every test pod in packet mode ({PACKET_SPECS})");
+        let before = packet_translations(&cp)?;
+        realnode::deploy_lb_with(&cp, &shipped, &["--default-workload-mode=packet"])?;
+        realnode::wait_lb_rolled_out(&cp, Duration::from_secs(120))?;
+        realnode::wait_lb_ready(&cp, nodes.len(), Duration::from_secs(120))?;
+        let packet_dir = out.join("lb-packet");
+        failed += suite.run(
+            &focus_on(&packet_specs),
+            &packet_dir,
+            &packet_specs,
+            "lb-packet",
+        )?;
+        // The specs pass through either path: make sure it was the packet path.
+        let flows = packet_translations(&cp)?.saturating_sub(before);
+        println!("lb-packet: the packet path translated {flows} new flows of pods");
+        if flows == 0 {
+            bail!("the packet-mode run passed without the packet path translating anything");
+        }
+    }
     let reasons: BTreeMap<&str, &str> = skips
         .iter()
         .map(|(p, r)| (p.as_str(), r.as_str()))
@@ -591,12 +622,82 @@ pub fn run(args: ConformanceArgs) -> Result<()> {
     drop(world);
     drop(cp);
     if failed > 0 {
-        bail!(
-            "{failed} upstream specs failed (see {})",
-            report_dir.display()
-        );
+        bail!("{failed} upstream specs failed (see {})", out.display());
     }
     Ok(())
+}
+
+/// How e2e.test runs against the cluster.
+struct Suite<'a> {
+    e2e: &'a Path,
+    kubectl: &'a Path,
+    cp: &'a ControlPlane,
+    skip: &'a str,
+}
+
+impl Suite<'_> {
+    /// Runs the specs `focus` matches, reports into `report_dir` (summary.txt, named
+    /// `name`) and prints the summary; returns how many failed (of `only`, if given).
+    fn run(&self, focus: &str, report_dir: &Path, only: &[String], name: &str) -> Result<usize> {
+        eprintln!("==> e2e.test --ginkgo.focus={focus:?}");
+        let _ = fs::remove_dir_all(report_dir);
+        fs::create_dir_all(report_dir)?;
+        let started = Instant::now();
+        let status = Command::new(self.e2e)
+            .args([
+                &format!("--kubeconfig={}", self.cp.kubeconfig.display()),
+                "--provider=local",
+                &format!("--kubectl-path={}", self.kubectl.display()),
+                &format!("--report-dir={}", report_dir.display()),
+                &format!("--ginkgo.focus={focus}"),
+                &format!("--ginkgo.skip={}", self.skip),
+                "--ginkgo.no-color",
+                "--ginkgo.timeout=2h",
+                "--allowed-not-ready-nodes=0",
+            ])
+            .stdout(fs::File::create(report_dir.join("e2e.log"))?)
+            .stderr(Stdio::inherit())
+            .status()
+            .context("running e2e.test")?;
+        let elapsed = started.elapsed();
+        let junit = junit_report(report_dir)?.context("e2e.test wrote no JUnit report")?;
+        let (passed, failed, skipped, failures) = summarize(&junit, only);
+        let mut summary = format!(
+            "{name}: {passed} passed, {failed} failed, {skipped} skipped in {:.0} s (e2e.test exit {status})\n",
+            elapsed.as_secs_f64()
+        );
+        for name in &failures {
+            summary.push_str(&format!("  FAILED {name}\n"));
+        }
+        fs::write(report_dir.join("summary.txt"), &summary)?;
+        println!("{summary}");
+        Ok(failed)
+    }
+}
+
+/// New flows the lb pods' TC programs translated so far (`tc_translated` summed over
+/// the nodes, from `lb list` in each lb pod). The packet-mode specs use no node port,
+/// so what this adds during them is pods' flows.
+fn packet_translations(cp: &ControlPlane) -> Result<u64> {
+    let mut total = 0;
+    for (pod, node) in realnode::ready_pods(cp, "kube-system", "app.kubernetes.io/name=lb") {
+        let list = cp.kubectl(&[
+            "-n",
+            "kube-system",
+            "exec",
+            &pod,
+            "--",
+            "/usr/local/bin/lb",
+            "list",
+            &format!("--pin-dir={}", realnode::lb_pin_dir(&node)),
+        ])?;
+        total += list
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("tc_translated="))
+            .and_then(|n| n.parse::<u64>().ok())
+            .with_context(|| format!("no tc_translated counter in lb list of {pod}:\n{list}"))?;
+    }
+    Ok(total)
 }
 
 #[cfg(test)]

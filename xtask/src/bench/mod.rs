@@ -189,12 +189,16 @@ pub enum Mode {
     LbNodePort,
     IptablesNftNodePort,
     IptablesLegacyNodePort,
+    /// lb, for a client pod in packet mode (`lb.dev/mode: packet`): translated per
+    /// packet on the pod's interface instead of at connect().
+    LbPacket,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 9] = [
+    pub const ALL: [Mode; 10] = [
         Mode::Direct,
         Mode::Lb,
+        Mode::LbPacket,
         Mode::LbAffinity,
         Mode::IptablesLegacy,
         Mode::IptablesNft,
@@ -225,6 +229,7 @@ impl Mode {
             Mode::LbNodePort => "lb-nodeport",
             Mode::IptablesNftNodePort => "iptables-nft-nodeport",
             Mode::IptablesLegacyNodePort => "iptables-legacy-nodeport",
+            Mode::LbPacket => "lb-packet",
         }
     }
 
@@ -245,8 +250,14 @@ impl Mode {
         }
     }
 
-    fn balanced(self) -> bool {
-        matches!(self, Mode::Lb | Mode::LbAffinity)
+    /// The cgroup its client runs in: the one lb is attached to for the socket path,
+    /// the packet-mode pod's for the packet path, none for the others.
+    fn cgroup(self, topo: &Topology) -> Option<&Path> {
+        match self {
+            Mode::Lb | Mode::LbAffinity => Some(&topo.cgroup.path),
+            Mode::LbPacket => Some(&topo.packet_cgroup),
+            _ => None,
+        }
     }
 }
 
@@ -287,6 +298,10 @@ pub struct Throughput {
     pub lb_ratio: f64,
     pub direct_runs_gbps: Vec<f64>,
     pub lb_runs_gbps: Vec<f64>,
+    /// The packet-mode pod through the ClusterIP.
+    pub lb_packet_gbps: f64,
+    pub lb_packet_ratio: f64,
+    pub lb_packet_runs_gbps: Vec<f64>,
     pub seconds_per_run: u32,
 }
 
@@ -310,7 +325,7 @@ fn measure(
     count: usize,
     concurrency: usize,
 ) -> Result<Summary> {
-    let mut cmd = topo.client_command(mode.balanced(), exe)?;
+    let mut cmd = topo.client_command(mode.cgroup(topo), exe)?;
     cmd.args([
         CLIENT_ARG,
         kind,
@@ -450,6 +465,28 @@ impl Daemon {
         })
     }
 
+    /// Waits until the packet-mode client pod's interface carries the packet path
+    /// (until then its connections would be balanced by the socket hooks).
+    fn wait_for_packet_mode(&self, lb: &Path, topo: &Topology) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new(lb)
+                .args(["list", "--pin-dir", &format!("/sys/fs/bpf/{}", topo.id)])
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout).contains("interface to-packet") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the packet-mode client pod was not given its packet path:\n{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -514,12 +551,12 @@ fn node_run(topo: &Topology, argv: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn iperf(topo: &Topology, balanced: bool, target: &str, seconds: u32) -> Result<f64> {
-    iperf_at(topo, balanced, target, IPERF_PORT, seconds)
+fn iperf(topo: &Topology, mode: Mode, target: &str, seconds: u32) -> Result<f64> {
+    iperf_at(topo, mode, target, IPERF_PORT, seconds)
 }
 
-fn iperf_at(topo: &Topology, balanced: bool, target: &str, port: u16, seconds: u32) -> Result<f64> {
-    let mut cmd = topo.client_command(balanced, Path::new("/usr/bin/iperf3"))?;
+fn iperf_at(topo: &Topology, mode: Mode, target: &str, port: u16, seconds: u32) -> Result<f64> {
+    let mut cmd = topo.client_command(mode.cgroup(topo), Path::new("/usr/bin/iperf3"))?;
     cmd.args([
         "-c",
         target,
@@ -543,7 +580,7 @@ fn node_port_iperf(topo: &Topology, plan: &Plan) -> Result<Vec<f64>> {
         .map(|_| {
             iperf_at(
                 topo,
-                false,
+                Mode::LbNodePort,
                 &NODE_IP.to_string(),
                 IPERF_NODE_PORT,
                 plan.iperf_seconds,
@@ -653,11 +690,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 dir.join("nodeports.yaml"),
                 rules::node_port_manifests(&rules::node_port_services(n, &SERVER_IPS)),
             )?;
+            fs::write(
+                dir.join("packet-pod.yaml"),
+                rules::packet_pod_manifest(&topo.packet_cgroup, topology::PACKET_CLIENT_IP),
+            )?;
             let daemon = Daemon::start(&lb, &topo, &dir, &n.to_string())?;
             setup.lb_ready_s.insert(n, daemon.ready_s);
+            daemon.wait_for_packet_mode(&lb, &topo)?;
             let mut modes = vec![
                 Mode::Direct,
                 Mode::Lb,
+                Mode::LbPacket,
                 Mode::LbNodePort,
                 Mode::UserspaceProxy,
             ];
@@ -714,17 +757,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     request.push(Row::new(mode, n, 1, &s));
                 }
                 bar.set_message("throughput (iperf3)");
-                let (mut direct, mut balanced) = (Vec::new(), Vec::new());
+                let (mut direct, mut balanced, mut packet) = (Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..plan.iperf_runs {
                     direct.push(iperf(
                         &topo,
-                        false,
+                        Mode::Direct,
                         &SERVER_IPS[0].to_string(),
                         plan.iperf_seconds,
                     )?);
                     balanced.push(iperf(
                         &topo,
-                        true,
+                        Mode::Lb,
+                        &IPERF_VIP.to_string(),
+                        plan.iperf_seconds,
+                    )?);
+                    packet.push(iperf(
+                        &topo,
+                        Mode::LbPacket,
                         &IPERF_VIP.to_string(),
                         plan.iperf_seconds,
                     )?);
@@ -734,6 +783,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     v[v.len() / 2]
                 };
                 let (d, l) = (median(&mut direct.clone()), median(&mut balanced.clone()));
+                let p = median(&mut packet.clone());
                 bar.set_message("throughput through a node port (iperf3)");
                 node_port_throughput.insert(Mode::LbNodePort, node_port_iperf(&topo, &plan)?);
                 node_port_throughput.insert(Mode::Direct, direct.clone());
@@ -743,6 +793,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     lb_ratio: l / d,
                     direct_runs_gbps: direct,
                     lb_runs_gbps: balanced,
+                    lb_packet_gbps: p,
+                    lb_packet_ratio: p / d,
+                    lb_packet_runs_gbps: packet,
                     seconds_per_run: plan.iperf_seconds,
                 });
             }

@@ -156,6 +156,15 @@ fn targets(results: &Results) -> Vec<(String, String, bool)> {
             p50 <= 1.05 && p99 <= 1.05,
         ));
     }
+    let (p50, p99) = worst_ratios(results, Mode::LbPacket);
+    if p50 > 0.0 {
+        lines.push((
+            "a client pod in packet mode: p50 and p99 within 10% of direct at every service count"
+                .into(),
+            format!("worst p50 {p50:.3}x, worst p99 {p99:.3}x of direct"),
+            p50 <= 1.10 && p99 <= 1.10,
+        ));
+    }
     let (p50, p99) = worst_ratios(results, Mode::LbNodePort);
     if p50 > 0.0 {
         lines.push((
@@ -181,6 +190,16 @@ fn targets(results: &Results) -> Vec<(String, String, bool)> {
                 t.direct_gbps
             ),
             t.lb_ratio >= 0.98,
+        ));
+        lines.push((
+            "throughput via ClusterIP from a packet-mode pod at least 95% of direct".into(),
+            format!(
+                "{:.1}% ({:.2} vs {:.2} Gbit/s, medians)",
+                t.lb_packet_ratio * 100.0,
+                t.lb_packet_gbps,
+                t.direct_gbps
+            ),
+            t.lb_packet_ratio >= 0.95,
         ));
     }
     let cp = &results.control_plane;
@@ -337,6 +356,7 @@ fn chart(results: &Results, path: &Path) -> Result<()> {
         RGBColor(23, 190, 207),
         RGBColor(140, 86, 75),
         RGBColor(227, 119, 194),
+        RGBColor(188, 189, 34),
     ];
     for (panel, (label, pick)) in panels.iter().zip([("p50", 50), ("p99", 99)]) {
         let value = |r: &Row| if pick == 50 { r.p50_us } else { r.p99_us };
@@ -393,7 +413,7 @@ fn markdown(
     let mut md = String::new();
     md.push_str("# Benchmarks\n\n");
     md.push_str("Produced by `cargo xtask bench` (method in `xtask/src/bench/`). Everything in one run, on the same namespaces and the same real servers: a client namespace, a node namespace routing to three server namespaces running `redis-server`. Compared side by side:\n\n");
-    md.push_str("- **direct**: the client dials the pod IPs itself, one picked at random per connection like the balancers do: the physical limit.\n- **lb**: this load balancer (cgroup `connect4` rewrite of the ClusterIP).\n- **lb-affinity**: the same, to a Service with `sessionAffinity: ClientIP` (at the largest service count; the client namespace sticks to one server, so this includes the affinity map lookup and refresh on every connect).\n- **iptables-legacy** / **iptables-nft**: kube-proxy's iptables mode, the same rule shapes (KUBE-SERVICES -> KUBE-SVC-* `statistic --mode random` -> KUBE-SEP-* DNAT, plus the masquerade marks), loaded with `iptables-restore` on each backend.\n- **userspace-proxy**: haproxy in TCP mode on the node (the old kube-proxy userspace mode's extra hop); configured with the target service only, so its numbers do not depend on the service count.\n\n");
+    md.push_str("- **direct**: the client dials the pod IPs itself, one picked at random per connection like the balancers do: the physical limit.\n- **lb**: this load balancer (cgroup `connect4` rewrite of the ClusterIP).\n- **lb-packet**: the same Service, from a client pod in lb's packet mode (`lb.dev/mode: packet`, its own namespace and veth to the node): every packet it sends and receives is translated by the TC programs on its interface, with connection tracking, as a sidecar mesh or VM pod is balanced.\n- **lb-affinity**: the same, to a Service with `sessionAffinity: ClientIP` (at the largest service count; the client namespace sticks to one server, so this includes the affinity map lookup and refresh on every connect).\n- **iptables-legacy** / **iptables-nft**: kube-proxy's iptables mode, the same rule shapes (KUBE-SERVICES -> KUBE-SVC-* `statistic --mode random` -> KUBE-SEP-* DNAT, plus the masquerade marks), loaded with `iptables-restore` on each backend.\n- **userspace-proxy**: haproxy in TCP mode on the node (the old kube-proxy userspace mode's extra hop); configured with the target service only, so its numbers do not depend on the service count.\n\n");
     let _ = writeln!(
         md,
         "Each service has 3 endpoints; the clients use the service in the middle of the table. A new connection is connect + one request/response (`PING`/`+PONG`) + close, like netperf TCP_CRR; {} connections per point and round, {} rounds interleaved between direct, lb and userspace-proxy. Whole run: {:.0} s.\n",
@@ -438,12 +458,14 @@ fn markdown(
     if let Some(t) = &results.throughput {
         let _ = writeln!(
             md,
-            "\n## Throughput (iperf3, {} s per run, median of {})\n\n| direct | lb | lb / direct |\n|---:|---:|---:|\n| {:.2} Gbit/s | {:.2} Gbit/s | {:.1}% |\n",
+            "\n## Throughput (iperf3, {} s per run, median of {})\n\n| direct | lb | lb / direct | lb-packet | lb-packet / direct |\n|---:|---:|---:|---:|---:|\n| {:.2} Gbit/s | {:.2} Gbit/s | {:.1}% | {:.2} Gbit/s | {:.1}% |\n",
             t.seconds_per_run,
             t.direct_runs_gbps.len(),
             t.direct_gbps,
             t.lb_gbps,
-            t.lb_ratio * 100.0
+            t.lb_ratio * 100.0,
+            t.lb_packet_gbps,
+            t.lb_packet_ratio * 100.0
         );
     }
     if !results.node_port_throughput.is_empty() {

@@ -311,6 +311,17 @@ pub fn affinity_manifest(servers: &[Ipv4Addr]) -> String {
     out
 }
 
+/// The packet-mode client pod as lb reads it from manifests: its mode, its cgroup and
+/// its address (how lb finds its interface).
+pub fn packet_pod_manifest(cgroup: &std::path::Path, ip: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: packet-client\n  namespace: bench\n  \
+         annotations:\n    lb.dev/mode: packet\n    lb.dev/cgroup: {}\nspec:\n  containers: \
+         [{{name: client}}]\nstatus:\n  podIPs: [{{ip: {ip}}}]\n",
+        cgroup.display()
+    )
+}
+
 /// haproxy in TCP mode on the node: a userspace proxy hop for the target service.
 pub fn haproxy_config(servers: &[Ipv4Addr]) -> String {
     let mut cfg = String::from(

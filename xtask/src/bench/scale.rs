@@ -153,7 +153,7 @@ pub fn restarts(lb: &Path, topo: &Topology, exe: &Path, plan: &Plan) -> Result<R
     // A client that runs through all restarts: about one connection per 5 ms.
     let count = plan.restarts * 150;
     let target = Mode::Lb.targets(plan.restart_services);
-    let mut cmd = topo.client_command(true, exe)?;
+    let mut cmd = topo.client_command(Mode::Lb.cgroup(topo), exe)?;
     cmd.args([
         super::CLIENT_ARG,
         "crr-paced",

@@ -1,6 +1,7 @@
 //! The benchmark network: client namespace -> node namespace (a router, where
 //! kube-proxy's rules and the userspace proxy live) -> three server namespaces running
-//! redis-server (and iperf3 on the first). Every route leads into these namespaces
+//! redis-server (and iperf3 on the first). A second client namespace, shaped the same,
+//! is the pod that lb balances in packet mode (its own veth to the node). Every route leads into these namespaces
 //! only; the service range is blackholed on the node, so nothing can leave the machine.
 
 use std::{
@@ -18,6 +19,8 @@ use lb_testbed::{Cgroup, PREFIX, netns_command, output_with_timeout, run};
 use super::rules::PROXY_VIP;
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+/// The packet-mode client pod's address.
+pub const PACKET_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 2);
 pub const SERVER_IPS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 244, 1, 11),
     Ipv4Addr::new(10, 244, 1, 12),
@@ -47,6 +50,10 @@ fn pinned(mut cmd: Command, cpu: usize, argv: &[&str]) -> Command {
 pub struct Topology {
     pub id: String,
     pub client_ns: String,
+    /// The packet-mode client pod's namespace.
+    pub packet_ns: String,
+    /// Its cgroup (below `cgroup`), which the daemon's Pod manifest names.
+    pub packet_cgroup: PathBuf,
     pub node_ns: String,
     pub server_ns: Vec<String>,
     /// Client processes of the `lb` mode run here; the daemon attaches to it.
@@ -78,13 +85,16 @@ impl Topology {
         let id = format!("{PREFIX}b{}", std::process::id());
         let work_dir = std::env::temp_dir().join(&id);
         fs::create_dir_all(&work_dir)?;
+        let cgroup = Cgroup::create(&id)?;
         let mut topo = Self {
             client_ns: format!("{id}-client"),
+            packet_ns: format!("{id}-packet"),
+            packet_cgroup: cgroup.path.join("packet-pod"),
             node_ns: format!("{id}-node"),
             server_ns: (1..=SERVER_IPS.len())
                 .map(|i| format!("{id}-srv{i}"))
                 .collect(),
-            cgroup: Cgroup::create(&id)?,
+            cgroup,
             id,
             work_dir,
             children: Vec::new(),
@@ -95,8 +105,8 @@ impl Topology {
 
     fn build(&mut self) -> Result<()> {
         let node = self.node_ns.clone();
-        for ns in std::iter::once(&self.client_ns)
-            .chain([&node])
+        for ns in [&self.client_ns, &self.packet_ns, &node]
+            .into_iter()
             .chain(&self.server_ns)
         {
             ip(&["netns", "add", ns])?;
@@ -133,68 +143,51 @@ impl Topology {
             "lo",
         ])?;
 
-        // Client <-> node.
-        ip(&[
-            "-n",
-            &node,
-            "link",
-            "add",
-            "to-client",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &self.client_ns,
-        ])?;
-        ip(&[
-            "-n",
-            &node,
-            "addr",
-            "add",
-            "10.244.2.1/24",
-            "dev",
-            "to-client",
-        ])?;
-        ip(&["-n", &node, "link", "set", "to-client", "up"])?;
-        ip(&[
-            "-n",
-            &self.client_ns,
-            "addr",
-            "add",
-            &format!("{CLIENT_IP}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &self.client_ns, "link", "set", "eth0", "up"])?;
-        // Only the sandbox's ranges, through the node.
-        ip(&[
-            "-n",
-            &self.client_ns,
-            "route",
-            "add",
-            "10.244.0.0/16",
-            "via",
-            "10.244.2.1",
-        ])?;
-        ip(&[
-            "-n",
-            &self.client_ns,
-            "route",
-            "add",
-            "10.96.0.0/12",
-            "via",
-            "10.244.2.1",
-        ])?;
-        // Tens of thousands of short connections a second: widen the port range and
-        // reuse TIME_WAIT ports (client namespace only).
-        sysctl(
-            &self.client_ns,
-            "net.ipv4.ip_local_port_range",
-            "1024 65535",
-        )?;
-        sysctl(&self.client_ns, "net.ipv4.tcp_tw_reuse", "1")?;
+        // Clients <-> node.
+        for (ns, link, subnet, addr) in [
+            (self.client_ns.clone(), "to-client", 2, CLIENT_IP),
+            (self.packet_ns.clone(), "to-packet", 3, PACKET_CLIENT_IP),
+        ] {
+            let gateway = format!("10.244.{subnet}.1");
+            ip(&[
+                "-n", &node, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
+            ip(&[
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gateway}/24"),
+                "dev",
+                link,
+            ])?;
+            ip(&["-n", &node, "link", "set", link, "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            // Only the sandbox's ranges, through the node.
+            ip(&["-n", &ns, "route", "add", "10.244.0.0/16", "via", &gateway])?;
+            ip(&["-n", &ns, "route", "add", "10.96.0.0/12", "via", &gateway])?;
+            // Tens of thousands of short connections a second: widen the port range and
+            // reuse TIME_WAIT ports (client namespaces only).
+            sysctl(&ns, "net.ipv4.ip_local_port_range", "1024 65535")?;
+            sysctl(&ns, "net.ipv4.tcp_tw_reuse", "1")?;
+        }
+        // The packet-mode pod: a process of its own (how lb finds its interface), in
+        // its own cgroup.
+        fs::create_dir_all(&self.packet_cgroup)?;
+        let mut pod = netns_command(&self.packet_ns, Some(&self.packet_cgroup), "sleep")?;
+        pod.arg("infinity").stdin(Stdio::null());
+        self.children
+            .push(pod.spawn().context("starting the packet-mode pod")?);
 
         // Servers on a bridge behind the node.
         ip(&["-n", &node, "link", "add", "br-srv", "type", "bridge"])?;
@@ -301,14 +294,15 @@ impl Topology {
         }
     }
 
-    /// A command in the client namespace; with `balanced`, inside the cgroup the load
-    /// balancer is attached to.
-    pub fn client_command(&self, balanced: bool, program: &Path) -> Result<Command> {
-        let cmd = netns_command(
-            &self.client_ns,
-            balanced.then_some(self.cgroup.path.as_path()),
-            "taskset",
-        )?;
+    /// A command in a client namespace (the packet-mode pod's for its cgroup), inside
+    /// `cgroup` if given (the cgroup the load balancer is attached to, or the pod's).
+    pub fn client_command(&self, cgroup: Option<&Path>, program: &Path) -> Result<Command> {
+        let ns = if cgroup == Some(self.packet_cgroup.as_path()) {
+            &self.packet_ns
+        } else {
+            &self.client_ns
+        };
+        let cmd = netns_command(ns, cgroup, "taskset")?;
         Ok(pinned(
             cmd,
             CLIENT_CPU,
@@ -327,8 +321,8 @@ impl Drop for Topology {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in std::iter::once(&self.client_ns)
-            .chain([&self.node_ns])
+        for ns in [&self.client_ns, &self.packet_ns, &self.node_ns]
+            .into_iter()
             .chain(&self.server_ns)
         {
             let _ = run("ip", &["netns", "del", ns]);
