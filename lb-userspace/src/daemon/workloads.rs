@@ -151,6 +151,8 @@ pub struct Workloads {
     retry_at: Option<Instant>,
     /// Problems already logged, so each is logged once.
     reported: BTreeSet<String>,
+    /// Interfaces of replaced pods, whose programs the next sync removes.
+    detach: Vec<String>,
 }
 
 impl Workloads {
@@ -173,6 +175,7 @@ impl Workloads {
             dirty: true,
             retry_at: None,
             reported: BTreeSet::new(),
+            detach: Vec::new(),
         }
     }
 
@@ -187,9 +190,11 @@ impl Workloads {
             return;
         }
         if self.pods.get(&spec.id) != Some(&spec) {
-            if self.pods.get(&spec.id).map(|p| &p.uid) != Some(&spec.uid) {
-                // A new pod of that name: its cgroup is another one.
-                self.states.remove(&spec.id);
+            if self.pods.get(&spec.id).map(|p| &p.uid) != Some(&spec.uid)
+                && let Some(state) = self.states.remove(&spec.id)
+            {
+                // A new pod of that name: its cgroup and interface are other ones.
+                self.detach.extend(state.interface.map(|i| i.device));
             }
             self.pods.insert(spec.id.clone(), spec);
             self.dirty = true;
@@ -254,9 +259,15 @@ impl Workloads {
             .cloned()
             .collect();
         for id in gone {
-            if let Some(interface) = self.states.remove(&id).and_then(|s| s.interface) {
-                kernel.detach_packet(&interface.device);
-            }
+            self.detach.extend(
+                self.states
+                    .remove(&id)
+                    .and_then(|s| s.interface)
+                    .map(|i| i.device),
+            );
+        }
+        for device in std::mem::take(&mut self.detach) {
+            kernel.detach_packet(&device);
         }
         let mut index: Option<HashMap<String, PathBuf>> = None;
         let mut wanted = BTreeMap::new();
@@ -326,6 +337,16 @@ impl Workloads {
                     ),
                 }),
             };
+            if state.mode == Mode::Packet && pod.host_network {
+                // The node's own interfaces are not the pod's: nothing to wait for.
+                problems.push(format!(
+                    "Pod {id}: mode packet, but it uses the node's network (hostNetwork): it \
+                     has no interface of its own to balance its packets on; the socket hooks \
+                     balance it"
+                ));
+                state.waiting_since = None;
+                continue;
+            }
             if let (Some(cgroup), Mode::Packet, None) =
                 (&state.cgroup, state.mode, &state.interface)
             {
@@ -594,6 +615,45 @@ mod tests {
         assert_eq!(index.len(), 2, "{index:?}");
         assert_eq!(index[UID], cgroupfs);
         assert_eq!(index[other], systemd);
+    }
+
+    #[test]
+    fn packet_mode_pods_enter_the_map_once_their_interface_is_attached_never_host_network_ones() {
+        let root = std::env::temp_dir().join(format!("lb-wl-packet-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let cgroup = root.join(format!("kubepods/pod{UID}"));
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let id = cgroup_id(&cgroup).unwrap();
+        let mut workloads = Workloads::new(
+            "node-a".into(),
+            root.clone(),
+            "/".into(),
+            Detection::default(),
+        );
+        workloads.listed(Kind::Pod);
+        workloads.listed(Kind::Namespace);
+        let mut kernel = Recorded::default();
+        workloads.upsert_pod(pod("vm", Some("packet"), None));
+        workloads.sync(&mut kernel).unwrap();
+        assert_eq!(kernel.interfaces, BTreeSet::from([7]));
+        assert_eq!(kernel.writes.last().unwrap(), &BTreeMap::from([(id, 1)]));
+        assert_eq!(workloads.status()[0].interface.as_deref(), Some("veth-pod"));
+        // Back to socket: out of the map, its interface starts no flow, programs kept.
+        workloads.upsert_pod(pod("vm", Some("socket"), None));
+        workloads.sync(&mut kernel).unwrap();
+        assert!(kernel.interfaces.is_empty());
+        assert_eq!(kernel.writes.last().unwrap(), &BTreeMap::new());
+        // A hostNetwork pod asking for packet mode: refused at once, no retry.
+        let host = Arc::new(PodSpec {
+            host_network: true,
+            ..(*pod("agent", Some("packet"), None)).clone()
+        });
+        workloads.upsert_pod(pod("vm", None, None));
+        workloads.upsert_pod(host);
+        workloads.sync(&mut kernel).unwrap();
+        assert_eq!(kernel.writes.last().unwrap(), &BTreeMap::new());
+        assert_eq!(workloads.due_at(), None, "nothing to wait for");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -398,18 +398,13 @@ fn a_guest_no_socket_hook_sees_is_balanced_in_packet_mode() -> Result<()> {
     let (vip, names) = redis_on_two_nodes(&cluster)?;
     client(&cluster, "vm", "")?;
     route_services_to_the_node(&cluster, "vm")?;
+    // Who answers a connection of the guest's (the pod's name), or `error ...`.
     let python = |host: &str| -> Result<String> {
-        let script = format!(
-            "import socket\n\
-             s = socket.socket(); s.settimeout(2)\n\
-             try:\n    \
-                 s.connect(('{host}', 6379))\n    \
-                 s.sendall(b'GET whoami\\r\\n')\n    \
-                 print(s.recv(4096).split(b'\\r\\n')[1].decode())\n\
-             except OSError as e:\n    \
-                 print('error', e)\n"
-        );
-        guest(&cluster, "vm", &["python3", "-c", &script])
+        let out = guest(&cluster, "vm", &["python3", "-c", &dial_script(host)])?;
+        Ok(match out.strip_prefix("answer ") {
+            Some(rest) => rest.split(" peer ").next().unwrap_or_default().to_string(),
+            None => out,
+        })
     };
     let before = python(&vip)?;
     ensure!(

@@ -66,6 +66,24 @@ fn ip(args: &[&str]) -> Result<()> {
     run("ip", args).map(|_| ())
 }
 
+/// A veth from the node (`link`, up) to namespace `ns` (`eth0`, up, `addr`/24).
+fn plug(node: &str, link: &str, ns: &str, addr: Ipv4Addr) -> Result<()> {
+    ip(&[
+        "-n", node, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    ip(&["-n", node, "link", "set", link, "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])
+}
+
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));
     let mut cmd = netns_command(ns, None, "sh")?;
@@ -149,10 +167,7 @@ impl Topology {
             (self.packet_ns.clone(), "to-packet", 3, PACKET_CLIENT_IP),
         ] {
             let gateway = format!("10.244.{subnet}.1");
-            ip(&[
-                "-n", &node, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ])?;
+            plug(&node, link, &ns, addr)?;
             ip(&[
                 "-n",
                 &node,
@@ -162,17 +177,6 @@ impl Topology {
                 "dev",
                 link,
             ])?;
-            ip(&["-n", &node, "link", "set", link, "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             // Only the sandbox's ranges, through the node.
             ip(&["-n", &ns, "route", "add", "10.244.0.0/16", "via", &gateway])?;
             ip(&["-n", &ns, "route", "add", "10.96.0.0/12", "via", &gateway])?;
@@ -195,21 +199,8 @@ impl Topology {
         ip(&["-n", &node, "link", "set", "br-srv", "up"])?;
         for (i, (ns, addr)) in self.server_ns.iter().zip(SERVER_IPS).enumerate() {
             let port = format!("s{i}");
-            ip(&[
-                "-n", &node, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                ns,
-            ])?;
-            ip(&["-n", &node, "link", "set", &port, "master", "br-srv", "up"])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            plug(&node, &port, ns, addr)?;
+            ip(&["-n", &node, "link", "set", &port, "master", "br-srv"])?;
             ip(&["-n", ns, "route", "add", "default", "via", "10.244.1.1"])?;
         }
         Ok(())
