@@ -29,6 +29,8 @@ const EXTERNAL4: Ipv4Addr = Ipv4Addr::new(10, 111, 9, 2);
 const EXTERNAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x111, 9, 0, 0, 0, 0, 2);
 const TC_ACT_REDIRECT: u32 = 7;
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 10);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 9, 0, 0, 0, 0, 0x10);
+const CLIENT_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 9, 0, 0, 0, 0, 0x50);
 /// A packet-mode pod on this node.
 const CLIENT_POD4: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 50);
 /// Where `BPF_PROG_TEST_RUN` says a packet came in: the test's loopback.
@@ -384,27 +386,25 @@ fn loaded_with_capacities(
         backends: Vec::new(),
         ..node_port(ip, POD4.into(), &[])
     };
-    // A ClusterIP, as packet-mode pods reach it: with one endpoint, and without.
-    let cluster_ip = |port: u16, backends: Vec<BackendAddr>| Frontend {
+    // ClusterIPs, as packet-mode pods reach them: with one endpoint, and without.
+    let cluster_ip = |vip: IpAddr, port: u16, backend: Option<IpAddr>| Frontend {
         key: FrontendKey {
-            ip: VIP4.into(),
+            ip: vip,
             port,
             protocol: Protocol::Tcp,
             scope: Scope::Internal,
         },
         kind: FrontendKind::ClusterIp,
-        backends,
-        ..node_port(VIP4.into(), POD4.into(), &[])
+        backends: backend
+            .map(|ip| BackendAddr { ip, port: 6379 })
+            .into_iter()
+            .collect(),
+        ..node_port(vip, POD4.into(), &[])
     };
     let changes: BTreeMap<_, _> = [
-        cluster_ip(
-            6379,
-            vec![BackendAddr {
-                ip: POD4.into(),
-                port: 6379,
-            }],
-        ),
-        cluster_ip(6380, Vec::new()),
+        cluster_ip(VIP4.into(), 6379, Some(POD4.into())),
+        cluster_ip(VIP4.into(), 6380, None),
+        cluster_ip(VIP6.into(), 6379, Some(POD6.into())),
         node_port(NODE4.into(), POD4.into(), &[]),
         node_port(NODE6.into(), POD6.into(), &[]),
         no_endpoints,
@@ -1023,6 +1023,27 @@ fn tc_programs_balance_packet_mode_pods() {
         let (outer_src, outer_dst, quoted) = icmp_checked(&out);
         assert_eq!((outer_src, outer_dst), (VIP4, CLIENT_POD4));
         assert_eq!(quoted, (client, 40002, vip, 6380));
+
+        // IPv6: the same translation, both ways, checksums right.
+        let (client6, vip6, pod6) = (
+            IpAddr::from(CLIENT_POD6),
+            IpAddr::from(VIP6),
+            IpAddr::from(POD6),
+        );
+        let syn6 = frame((client6, 40000), (vip6, 6379), Some(0x02), 0);
+        let (_, out) = datapath.test_run_tc("lb_tc_pod_ingress", &syn6).unwrap();
+        assert_eq!(
+            tuple_checked(&out),
+            (client6, 40000, pod6, 6379),
+            "IPv6 DNAT"
+        );
+        let answer6 = frame((pod6, 6379), (client6, 40000), Some(0x12), 0);
+        let (_, out) = datapath.test_run_tc("lb_tc_egress", &answer6).unwrap();
+        assert_eq!(
+            tuple_checked(&out),
+            (vip6, 6379, client6, 40000),
+            "IPv6 reply"
+        );
 
         // Out of packet mode: its tracked flow goes on, a new one is not started.
         maps.set_pod_interface(TEST_RUN_IFINDEX, false).unwrap();
