@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use lb::{
-    model::{Model, NodeContext},
+    model::{
+        Model, NodeContext,
+        workloads::{Detection, decide},
+    },
     source::{Object, manifests::parse_text},
 };
 use libfuzzer_sys::fuzz_target;
@@ -40,6 +43,13 @@ fuzz_target!(|data: &[u8]| {
                 node_port_range: Some((30000, 32767)),
                 ..Default::default()
             }),
+            // Whatever a Pod says, its mode is decided, and at most its own and its
+            // Namespace's annotations are reported.
+            Object::Pod(p) => {
+                let decision = decide(&p, Some("nonsense"), &Detection::default());
+                assert!(decision.problems.len() <= 2, "{:?}", decision.problems);
+            }
+            Object::Namespace(_) => {}
         }
     }
     let changes = model.recompute_until(&|| false);
