@@ -10,6 +10,9 @@
 //! own storage goes with it), so the state lives exactly as long as its socket.
 //! Kernels without `sock_release` (< 5.9) use `LB_SOCK_REVNAT_LRU` for everything.
 //!
+//! Pods in another load-balancing mode (`LB_WORKLOADS`, by cgroup) are left alone:
+//! the packet path or nothing translates their connections.
+//!
 //! TCP and SCTP pick a backend at random per connection; UDP hashes the socket cookie so
 //! every datagram of one socket goes to one backend (DNS clients rely on that).
 //!

@@ -14,6 +14,10 @@
 //! external interface; their `CT_REPLY` entry turns the pod's address back into the
 //! frontend's.
 //!
+//! Packet-mode pods (`LB_POD_INTERFACES`): `lb_tc_pod_ingress` on the host side of the
+//! pod's interface runs the same ingress path on internal-scope frontends (what the
+//! pod sends to a ClusterIP), and `lb_tc_egress` there translates the replies.
+//!
 //! Checksums are updated incrementally (IPv4 header, TCP/UDP with the pseudo header).
 //! Translated ingress packets are routed with `bpf_fib_lookup` and redirected rather
 //! than handed to the stack, which would drop a packet whose source is one of its own

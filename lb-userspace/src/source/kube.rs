@@ -1,5 +1,6 @@
-//! The Kubernetes API source: kube-rs watchers on Services, EndpointSlices and this
-//! node's Node, turned into the source events of [`super`].
+//! The Kubernetes API source: kube-rs watchers on Services, EndpointSlices, Nodes,
+//! Namespaces and this node's Pods (their load-balancing modes), turned into the
+//! source events of [`super`].
 //!
 //! - Server-side selectors skip what kube-proxy skips (Services and slices another
 //!   proxy owns or marked headless); the same rules are applied again to every object
@@ -318,7 +319,7 @@ fn namespace(namespace: &Namespace) -> Result<Option<Object>, Vec<String>> {
 }
 
 /// Starts the watchers on the current tokio runtime: Services, EndpointSlices, Nodes,
-/// Namespaces and `node`'s own Pods.
+/// Namespaces and the Pods of node `node_name`.
 pub fn spawn(client: Client, sink: Sink, node_name: &str) -> Arc<ApiStatus> {
     let status = Arc::new(ApiStatus::default());
     // kube-proxy's selector, on Services and slices alike.
