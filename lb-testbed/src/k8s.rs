@@ -168,17 +168,24 @@ pub enum Etcd {
     Debian,
 }
 
-/// A loopback port free now, below the kernel's ephemeral range: a port from that
-/// range (what binding port 0 gives) can be taken by any outgoing connection in the
-/// seconds before the server that was handed it binds it.
+/// A loopback port free now, below the kernel's ephemeral range and the node ports:
+/// a port from that range (what binding port 0 gives) can be taken by any outgoing
+/// connection in the seconds before the server that was handed it binds it, and a
+/// node port the API server hands a Service could equal it (kubelets reach the API
+/// server through a forwarder on their node's loopback).
 fn free_port() -> Result<u16> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let ephemeral_start = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
         .unwrap_or(32768);
+    let node_ports_start = NODE_PORT_RANGE
+        .split_once('-')
+        .and_then(|(first, _)| first.parse::<u32>().ok())
+        .unwrap_or(30000);
     const LOWEST: u32 = 10_000;
-    let span = ephemeral_start.saturating_sub(LOWEST);
+    let highest = ephemeral_start.min(node_ports_start);
+    let span = highest.saturating_sub(LOWEST);
     if span < 1_000 {
         return Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
     }
@@ -192,7 +199,7 @@ fn free_port() -> Result<u16> {
             return Ok(port as u16);
         }
     }
-    bail!("no free loopback port in {LOWEST}..{ephemeral_start}")
+    bail!("no free loopback port in {LOWEST}..{highest}")
 }
 
 struct Process {
@@ -592,7 +599,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn handed_out_ports_are_bindable_and_outside_the_ephemeral_range() {
+    fn handed_out_ports_are_bindable_and_outside_the_ephemeral_and_node_port_ranges() {
         let ephemeral_start: u16 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .unwrap()
             .split_whitespace()
@@ -603,6 +610,7 @@ mod tests {
         let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
         for &port in &ports {
             assert!(port < ephemeral_start, "{port} is in the ephemeral range");
+            assert!(port < 30000, "{port} is in the node port range");
             TcpListener::bind(("127.0.0.1", port)).unwrap();
         }
         let distinct: std::collections::HashSet<_> = ports.iter().collect();
