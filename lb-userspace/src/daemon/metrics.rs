@@ -50,7 +50,7 @@ pub struct Sizes {
     pub tc_devices_failed: AtomicU64,
     /// This node's pods by load-balancing mode (socket, packet, off).
     pub workload_pods: [AtomicU64; 3],
-    /// Pods not in socket mode whose cgroup was not found yet.
+    /// Pods not in socket mode whose cgroup (or interface) was not found yet.
     pub workloads_waiting: AtomicU64,
 }
 
@@ -225,7 +225,7 @@ impl Collector for Live {
         gauge(
             &mut encoder,
             "lb_pods_waiting_for_cgroup",
-            "Pods in packet or off mode whose cgroup was not found yet (the socket hooks balance them meanwhile)",
+            "Pods in packet or off mode not in effect yet: cgroup (or, in packet mode, interface) not found (the socket hooks balance them meanwhile)",
             self.sizes.workloads_waiting.load(Ordering::Relaxed),
         )?;
         if let Some(api) = &self.api {
