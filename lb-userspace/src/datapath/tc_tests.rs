@@ -318,6 +318,24 @@ fn loaded_local_flow(datapath: &Datapath, maps: &KernelMaps) -> (IpAddr, u16) {
     (NODE4.into(), NODE_PORT)
 }
 
+/// Runs `body` on a loaded datapath, then removes the datapath's pins, also when
+/// `body` panics (tests run in parallel, each on its own pin directory).
+fn removed_after(
+    datapath: Datapath,
+    mut maps: KernelMaps,
+    body: impl FnOnce(&Datapath, &mut KernelMaps),
+) {
+    let pin_dir = datapath.options.pin_dir.clone();
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&datapath, &mut maps)));
+    drop(maps);
+    drop(datapath);
+    let _ = super::cleanup(&pin_dir, None);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 fn loaded() -> (Datapath, KernelMaps) {
     loaded_with(Default::default())
 }
@@ -430,8 +448,7 @@ fn loaded_with_capacities(
 #[ignore = "needs root (loads the datapath); cargo xtask test runs it with --include-ignored"]
 fn tc_programs_translate_crafted_packets() {
     let (datapath, maps) = loaded();
-    let pin_dir = datapath.options.pin_dir.clone();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    removed_after(datapath, maps, |datapath, maps| {
         for (node, client, pod) in [
             (
                 IpAddr::from(NODE4),
@@ -574,7 +591,7 @@ fn tc_programs_translate_crafted_packets() {
 
         // A node-port flow to a local pod, then the same client port straight to the
         // pod: the old flow's reply entry must not rewrite the new connection's replies.
-        let local = loaded_local_flow(&datapath, &maps);
+        let local = loaded_local_flow(datapath, maps);
         let direct = frame((CLIENT4.into(), 40100), (POD4.into(), 6379), Some(0x02), 0);
         assert_eq!(
             datapath.test_run_tc("lb_tc_ingress", &direct).unwrap(),
@@ -594,13 +611,7 @@ fn tc_programs_translate_crafted_packets() {
             datapath.test_run_tc("lb_tc_egress", &not_tracked).unwrap(),
             (TC_ACT_OK, not_tracked)
         );
-    }));
-    drop(maps);
-    drop(datapath);
-    let _ = super::cleanup(&pin_dir, None);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    });
 }
 
 /// `frame` with `options` (a multiple of 4 bytes) after its IPv4 header: IHL, total
@@ -628,8 +639,7 @@ fn tc_programs_track_tcp_state_and_refuse_what_they_cannot_serve() {
         first: 20000,
         last: 21023,
     });
-    let pin_dir = datapath.options.pin_dir.clone();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    removed_after(datapath, maps, |datapath, maps| {
         let flags = |dir: u8, port: u16| -> u32 {
             maps.ct_entries()
                 .unwrap()
@@ -772,13 +782,7 @@ fn tc_programs_track_tcp_state_and_refuse_what_they_cannot_serve() {
                 TC_ACT_SHOT
             );
         }
-    }));
-    drop(maps);
-    drop(datapath);
-    let _ = super::cleanup(&pin_dir, None);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    });
 }
 
 #[test]
@@ -793,8 +797,7 @@ fn tc_programs_keep_answered_flows_from_floods_of_new_ones() {
             ..Default::default()
         },
     );
-    let pin_dir = datapath.options.pin_dir.clone();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    removed_after(datapath, maps, |datapath, maps| {
         let node_port = (IpAddr::from(NODE4), NODE_PORT);
         // A handshake from `port`: returns the flow's SNAT port.
         let handshake = |port: u16| -> u16 {
@@ -916,13 +919,7 @@ fn tc_programs_keep_answered_flows_from_floods_of_new_ones() {
         let rst = frame((CLIENT4.into(), reset_port), node_port, Some(0x04), 0);
         datapath.test_run_tc("lb_tc_ingress", &rst).unwrap();
         assert!(!established(reset_port));
-    }));
-    drop(maps);
-    drop(datapath);
-    let _ = super::cleanup(&pin_dir, None);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    });
 }
 
 /// Maglev tables go in through a shared mapping and one batched install: read back
@@ -932,9 +929,8 @@ fn tc_programs_keep_answered_flows_from_floods_of_new_ones() {
 #[test]
 #[ignore = "needs root (loads the datapath); cargo xtask test runs it with --include-ignored"]
 fn tc_programs_maglev_tables_read_back_as_written() {
-    let (datapath, mut maps) = loaded();
-    let pin_dir = datapath.options.pin_dir.clone();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let (datapath, maps) = loaded();
+    removed_after(datapath, maps, |_, maps| {
         let table_a: Vec<u32> = (0..251).map(|i| 1000 + i * 7).collect();
         let table_b: Vec<u32> = (0..13).map(|i| u32::MAX - i).collect();
         maps.put_maglev(&[(7, table_a.clone()), (8, table_b.clone())])
@@ -958,21 +954,14 @@ fn tc_programs_maglev_tables_read_back_as_written() {
         let ids: Vec<u32> = (100..400).collect();
         maps.delete_maglev(&ids).expect("deleting 300 tables");
         assert_eq!(maps.maglev_table(399, 7).unwrap(), None);
-    }));
-    drop(maps);
-    drop(datapath);
-    let _ = super::cleanup(&pin_dir, None);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    });
 }
 
 #[test]
 #[ignore = "needs root (loads the datapath); cargo xtask test runs it with --include-ignored"]
 fn tc_programs_balance_packet_mode_pods() {
-    let (datapath, mut maps) = loaded();
-    let pin_dir = datapath.options.pin_dir.clone();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let (datapath, maps) = loaded();
+    removed_after(datapath, maps, |datapath, maps| {
         let (client, vip, pod, node) = (
             IpAddr::from(CLIENT_POD4),
             IpAddr::from(VIP4),
@@ -1060,11 +1049,5 @@ fn tc_programs_balance_packet_mode_pods() {
             (TC_ACT_OK, new),
             "a new flow after packet mode"
         );
-    }));
-    drop(maps);
-    drop(datapath);
-    let _ = super::cleanup(&pin_dir, None);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    });
 }
