@@ -363,14 +363,19 @@ impl SimNode {
         &self.world
     }
 
-    /// The network namespace of a running pod.
-    pub fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
+    /// `f` of the running pod `namespace/name`, if this node runs it.
+    fn running<T>(&self, namespace: &str, name: &str, f: impl FnOnce(&Running) -> T) -> Option<T> {
         self.pods
             .lock()
             .expect("lock")
             .values()
             .find(|r| r.namespace == namespace && r.name == name)
-            .map(|r| r.net.clone())
+            .map(f)
+    }
+
+    /// The network namespace of a running pod.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
+        self.running(namespace, name, |r| r.net.clone())
     }
 
     /// Names of the pods this node runs in `namespace` (terminating ones included).
@@ -384,16 +389,6 @@ impl SimNode {
             .collect()
     }
 
-    /// The cgroup of a pod this node runs.
-    pub fn pod_cgroup(&self, namespace: &str, name: &str) -> Option<PathBuf> {
-        self.pods
-            .lock()
-            .expect("lock")
-            .values()
-            .find(|r| r.namespace == namespace && r.name == name)
-            .map(|r| r.cgroup.clone())
-    }
-
     /// Runs `argv` in a pod's network namespace and in its first container's cgroup
     /// (below the node's, so this node's daemon balances it), like `kubectl exec`.
     pub fn exec(
@@ -404,12 +399,7 @@ impl SimNode {
         timeout: Duration,
     ) -> Result<Output> {
         let (net, cgroup) = self
-            .pods
-            .lock()
-            .expect("lock")
-            .values()
-            .find(|r| r.namespace == namespace && r.name == pod)
-            .map(|r| (r.net.clone(), r.exec_cgroup.clone()))
+            .running(namespace, pod, |r| (r.net.clone(), r.exec_cgroup.clone()))
             .with_context(|| format!("pod {namespace}/{pod} does not run on node {}", self.name))?;
         let mut cmd = self.world.command(&net, Some(&cgroup), argv[0])?;
         cmd.args(&argv[1..]);
